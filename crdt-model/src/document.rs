@@ -1,0 +1,479 @@
+//! One canonical record as one Automerge document.
+//!
+//! Layout of the root map, chosen so that two sites creating the same record
+//! offline merge field by field instead of one site's record hiding the other's:
+//!
+//! | key              | value                                           |
+//! |------------------|-------------------------------------------------|
+//! | `collection`     | the collection name                             |
+//! | `key`            | the identity key                                |
+//! | `deleted`        | the tombstone: `true` once the record is deleted |
+//! | `x:<tool>`       | the record's external id in that tool           |
+//! | `f:<field>`      | a field value                                   |
+//!
+//! Every key lives directly in the root map, which exists in every replica, so no
+//! key is ever hidden by a concurrently created container. Decimals are stored as
+//! Automerge bytes tagged `d` followed by their canonical text, so they are never
+//! rounded through a float; timestamps are Automerge timestamps in microseconds.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use automerge::transaction::Transactable;
+use automerge::{ActorId, AutoCommit, Change, ChangeHash, ObjId, ObjType, ReadDoc, ScalarValue};
+use sha2::{Digest, Sha256};
+
+use crate::value::{Decimal, Record, Timestamp, Value};
+
+const KEY_COLLECTION: &str = "collection";
+const KEY_IDENTITY: &str = "key";
+const KEY_DELETED: &str = "deleted";
+const PREFIX_FIELD: &str = "f:";
+const PREFIX_EXTERNAL: &str = "x:";
+const DECIMAL_TAG: u8 = b'd';
+
+/// Bytes of an Automerge actor id: 16 random bytes chosen per store, never reused.
+pub type ActorBytes = [u8; 16];
+
+/// Errors from reading or changing a record document.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// Automerge refused an operation or the bytes of a document or change.
+    #[error("automerge: {0}")]
+    Automerge(#[from] automerge::AutomergeError),
+    /// Bytes received as a change are not an Automerge change.
+    #[error("malformed change: {0}")]
+    MalformedChange(#[from] automerge::LoadChangeError),
+    /// The document holds a value Concord does not know how to read.
+    #[error("field `{field}` holds a value of an unknown kind")]
+    UnknownValue {
+        /// The field holding it.
+        field: String,
+    },
+}
+
+/// The deterministic id of a record document, derived from (collection, identity key).
+///
+/// Two sites that create the same record key offline compute the same id, so they
+/// grow one document instead of two.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DocId(pub [u8; 16]);
+
+impl DocId {
+    /// The id of the record with identity `key` in `collection`.
+    pub fn of(collection: &str, key: &str) -> DocId {
+        let mut hasher = Sha256::new();
+        hasher.update(b"concord/doc/v1\0");
+        hasher.update((collection.len() as u64).to_be_bytes());
+        hasher.update(collection.as_bytes());
+        hasher.update(key.as_bytes());
+        let digest = hasher.finalize();
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&digest[..16]);
+        DocId(id)
+    }
+}
+
+impl fmt::Display for DocId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for byte in self.0 {
+            write!(f, "{byte:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A local edit of a record, as captured from one tool.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Edit {
+    /// Fields whose value the tool changed (only these are written).
+    pub fields: Record,
+    /// The tool and the record's id in it, recorded once known.
+    pub external_id: Option<(String, String)>,
+    /// `Some(true)` deletes the record, `Some(false)` revives it (the tool created it again).
+    pub deleted: Option<bool>,
+}
+
+/// The merged state of a record, as read from its document.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RecordState {
+    /// The collection the record belongs to.
+    pub collection: String,
+    /// The identity key of the record.
+    pub key: String,
+    /// The merged field values.
+    pub fields: Record,
+    /// Whether the record is deleted (its tombstone is set).
+    pub deleted: bool,
+    /// The record's external id in each tool it reached.
+    pub external_ids: BTreeMap<String, String>,
+    /// Fields edited concurrently to different values: every value, winner first.
+    pub conflicts: BTreeMap<String, Vec<Value>>,
+}
+
+/// What applying remote changes did to a document.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// The changes newly integrated, in causal order, as bytes (empty if none were new).
+    pub new_changes: Vec<Vec<u8>>,
+    /// True when some changes wait for dependencies this document lacks.
+    pub missing_deps: bool,
+}
+
+/// One record as an Automerge document.
+#[derive(Debug)]
+pub struct RecordDoc {
+    doc: AutoCommit,
+}
+
+impl RecordDoc {
+    /// An empty document whose local edits are made by `actor`.
+    pub fn new(actor: &ActorBytes) -> RecordDoc {
+        RecordDoc {
+            doc: AutoCommit::new().with_actor(ActorId::from(&actor[..])),
+        }
+    }
+
+    /// Loads a document from bytes made by [`RecordDoc::save`], or by appending change bytes
+    /// to those; local edits are made by `actor`.
+    pub fn load(bytes: &[u8], actor: &ActorBytes) -> Result<RecordDoc, ModelError> {
+        let doc = AutoCommit::load(bytes)?.with_actor(ActorId::from(&actor[..]));
+        Ok(RecordDoc { doc })
+    }
+
+    /// The whole document in compact form.
+    pub fn save(&mut self) -> Vec<u8> {
+        self.doc.save()
+    }
+
+    /// The document's current heads.
+    pub fn heads(&mut self) -> Vec<ChangeHash> {
+        self.doc.get_heads()
+    }
+
+    /// The underlying Automerge document, for the per-document sync protocol.
+    pub fn automerge(&mut self) -> &mut AutoCommit {
+        &mut self.doc
+    }
+
+    /// Applies a local edit of the record `key` in `collection`, writing only what
+    /// differs from the document. Returns the bytes of the new change, or `None`
+    /// when the document already held everything.
+    pub fn edit(
+        &mut self,
+        collection: &str,
+        key: &str,
+        edit: &Edit,
+    ) -> Result<Option<Vec<u8>>, ModelError> {
+        let root = ObjId::Root;
+        if self.doc.get(&root, KEY_COLLECTION)?.is_none() {
+            self.doc.put(&root, KEY_COLLECTION, collection)?;
+            self.doc.put(&root, KEY_IDENTITY, key)?;
+        }
+        for (name, value) in &edit.fields {
+            put_value(&mut self.doc, &root, format!("{PREFIX_FIELD}{name}"), value)?;
+        }
+        if let Some((tool, id)) = &edit.external_id {
+            put_value(
+                &mut self.doc,
+                &root,
+                format!("{PREFIX_EXTERNAL}{tool}"),
+                &Value::Text(id.clone()),
+            )?;
+        }
+        if let Some(deleted) = edit.deleted {
+            put_value(
+                &mut self.doc,
+                &root,
+                KEY_DELETED.to_owned(),
+                &Value::Bool(deleted),
+            )?;
+        }
+        if self.doc.commit().is_none() {
+            return Ok(None);
+        }
+        Ok(self
+            .doc
+            .get_last_local_change()
+            .map(|mut change| change.bytes().into_owned()))
+    }
+
+    /// Applies change bytes received from a peer. Applying changes the document
+    /// already holds does nothing, so replaying a message is harmless.
+    pub fn apply(&mut self, changes: &[Vec<u8>]) -> Result<Applied, ModelError> {
+        let before = self.doc.get_heads();
+        let decoded = changes
+            .iter()
+            .map(|bytes| Change::from_bytes(bytes.clone()))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.doc.apply_changes(decoded)?;
+        let after = self.doc.get_heads();
+        let mut applied = Applied::default();
+        if before != after {
+            applied.new_changes = self
+                .doc
+                .get_changes(&before)
+                .into_iter()
+                .map(|mut change| change.bytes().into_owned())
+                .collect();
+        }
+        applied.missing_deps = !self.doc.get_missing_deps(&[]).is_empty();
+        Ok(applied)
+    }
+
+    /// Reads the merged record and any concurrent values.
+    pub fn read(&self) -> Result<RecordState, ModelError> {
+        let mut state = RecordState::default();
+        for item in self.doc.map_range(ObjId::Root, ..) {
+            let name = item.key.to_string();
+            if name == KEY_COLLECTION {
+                state.collection = read_text(&self.doc, &name)?;
+            } else if name == KEY_IDENTITY {
+                state.key = read_text(&self.doc, &name)?;
+            } else if name == KEY_DELETED {
+                state.deleted = matches!(
+                    read_value(&self.doc, &ObjId::Root, &name)?,
+                    Value::Bool(true)
+                );
+            } else if let Some(tool) = name.strip_prefix(PREFIX_EXTERNAL) {
+                state
+                    .external_ids
+                    .insert(tool.to_owned(), read_text(&self.doc, &name)?);
+            } else if let Some(field) = name.strip_prefix(PREFIX_FIELD) {
+                let all = self.doc.get_all(ObjId::Root, name.as_str())?;
+                let mut values = Vec::with_capacity(all.len());
+                for (value, id) in all.iter().rev() {
+                    let value = to_value(&self.doc, value, id, field)?;
+                    if !values.contains(&value) {
+                        values.push(value);
+                    }
+                }
+                let winner = read_value(&self.doc, &ObjId::Root, &name)?;
+                if let Some(pos) = values.iter().position(|v| *v == winner) {
+                    values.swap(0, pos);
+                }
+                if values.len() > 1 {
+                    state.conflicts.insert(field.to_owned(), values);
+                }
+                state.fields.insert(field.to_owned(), winner);
+            }
+        }
+        Ok(state)
+    }
+}
+
+fn read_text(doc: &AutoCommit, name: &str) -> Result<String, ModelError> {
+    match read_value(doc, &ObjId::Root, name)? {
+        Value::Text(text) => Ok(text),
+        _ => Err(ModelError::UnknownValue {
+            field: name.to_owned(),
+        }),
+    }
+}
+
+fn read_value(doc: &AutoCommit, obj: &ObjId, prop: &str) -> Result<Value, ModelError> {
+    match doc.get(obj, prop)? {
+        Some((value, id)) => to_value(doc, &value, &id, prop),
+        None => Ok(Value::Null),
+    }
+}
+
+fn to_value(
+    doc: &AutoCommit,
+    value: &automerge::Value<'_>,
+    id: &ObjId,
+    field: &str,
+) -> Result<Value, ModelError> {
+    let unknown = || ModelError::UnknownValue {
+        field: field.to_owned(),
+    };
+    Ok(match value {
+        automerge::Value::Scalar(scalar) => match scalar.as_ref() {
+            ScalarValue::Null => Value::Null,
+            ScalarValue::Boolean(b) => Value::Bool(*b),
+            ScalarValue::Int(i) => Value::Int(*i),
+            ScalarValue::Uint(u) => Value::Int(i64::try_from(*u).map_err(|_| unknown())?),
+            ScalarValue::F64(f) => Value::Float(*f),
+            ScalarValue::Str(s) => Value::Text(s.to_string()),
+            ScalarValue::Timestamp(t) => Value::Timestamp(Timestamp::from_micros(*t)),
+            ScalarValue::Bytes(bytes) => match bytes.split_first() {
+                Some((&DECIMAL_TAG, text)) => {
+                    let text = std::str::from_utf8(text).map_err(|_| unknown())?;
+                    Value::Decimal(Decimal::parse(text).map_err(|_| unknown())?)
+                }
+                _ => return Err(unknown()),
+            },
+            ScalarValue::Counter(_) | ScalarValue::Unknown { .. } => return Err(unknown()),
+        },
+        automerge::Value::Object(ObjType::Map | ObjType::Table) => {
+            let mut map = BTreeMap::new();
+            for item in doc.map_range(id, ..) {
+                let key = item.key.to_string();
+                let value = read_value(doc, id, &key)?;
+                map.insert(key, value);
+            }
+            Value::Map(map)
+        }
+        automerge::Value::Object(ObjType::List) => {
+            let mut list = Vec::new();
+            for index in 0..doc.length(id) {
+                match doc.get(id, index)? {
+                    Some((value, child)) => list.push(to_value(doc, &value, &child, field)?),
+                    None => list.push(Value::Null),
+                }
+            }
+            Value::List(list)
+        }
+        automerge::Value::Object(ObjType::Text) => Value::Text(doc.text(id)?),
+    })
+}
+
+fn scalar_of(value: &Value) -> Option<ScalarValue> {
+    Some(match value {
+        Value::Null => ScalarValue::Null,
+        Value::Bool(b) => ScalarValue::Boolean(*b),
+        Value::Int(i) => ScalarValue::Int(*i),
+        Value::Float(f) => ScalarValue::F64(*f),
+        Value::Decimal(d) => {
+            let mut bytes = Vec::with_capacity(d.as_str().len() + 1);
+            bytes.push(DECIMAL_TAG);
+            bytes.extend_from_slice(d.as_str().as_bytes());
+            ScalarValue::Bytes(bytes)
+        }
+        Value::Text(s) => ScalarValue::Str(s.as_str().into()),
+        Value::Timestamp(t) => ScalarValue::Timestamp(t.micros()),
+        Value::List(_) | Value::Map(_) => return None,
+    })
+}
+
+/// Where a value goes: a key of a map or an index of a list.
+#[derive(Clone)]
+enum Slot {
+    Key(String),
+    Index(usize),
+}
+
+impl From<Slot> for automerge::Prop {
+    fn from(slot: Slot) -> automerge::Prop {
+        match slot {
+            Slot::Key(key) => automerge::Prop::Map(key),
+            Slot::Index(index) => automerge::Prop::Seq(index),
+        }
+    }
+}
+
+/// Writes `value` at `prop` of map `obj` unless the document already holds it there.
+fn put_value(
+    doc: &mut AutoCommit,
+    obj: &ObjId,
+    prop: String,
+    value: &Value,
+) -> Result<(), ModelError> {
+    let current = doc
+        .get(obj, prop.as_str())?
+        .map(|(value, id)| (value.into_owned(), id));
+    write_slot(doc, obj, Slot::Key(prop), value, current)
+}
+
+fn write_slot(
+    doc: &mut AutoCommit,
+    obj: &ObjId,
+    slot: Slot,
+    value: &Value,
+    current: Option<(automerge::Value<'static>, ObjId)>,
+) -> Result<(), ModelError> {
+    // Nested values are diffed in place so that concurrent edits of different
+    // entries merge; a change of kind replaces the whole value.
+    match (value, &current) {
+        (Value::Map(entries), Some((automerge::Value::Object(ObjType::Map), child))) => {
+            let child = child.clone();
+            let existing: Vec<String> = doc.keys(&child).collect();
+            for key in existing {
+                if !entries.contains_key(&key) {
+                    doc.delete(&child, key.as_str())?;
+                }
+            }
+            for (key, entry) in entries {
+                put_value(doc, &child, key.clone(), entry)?;
+            }
+            return Ok(());
+        }
+        (Value::List(items), Some((automerge::Value::Object(ObjType::List), child))) => {
+            let child = child.clone();
+            let len = doc.length(&child);
+            for index in (items.len()..len).rev() {
+                doc.delete(&child, index)?;
+            }
+            for (index, item) in items.iter().enumerate() {
+                if index < len {
+                    let current = doc.get(&child, index)?.map(|(v, id)| (v.into_owned(), id));
+                    write_slot(doc, &child, Slot::Index(index), item, current)?;
+                } else {
+                    insert_value(doc, &child, index, item)?;
+                }
+            }
+            return Ok(());
+        }
+        _ => {}
+    }
+    if let Some((current_value, id)) = &current {
+        let field = match &slot {
+            Slot::Key(key) => key.as_str(),
+            Slot::Index(_) => "",
+        };
+        if to_value(doc, current_value, id, field).ok().as_ref() == Some(value) {
+            return Ok(());
+        }
+    }
+    match scalar_of(value) {
+        Some(scalar) => doc.put(obj, slot, scalar)?,
+        None => {
+            let kind = if matches!(value, Value::List(_)) {
+                ObjType::List
+            } else {
+                ObjType::Map
+            };
+            let child = doc.put_object(obj, slot, kind)?;
+            fill_object(doc, &child, value)?;
+        }
+    }
+    Ok(())
+}
+
+fn insert_value(
+    doc: &mut AutoCommit,
+    list: &ObjId,
+    index: usize,
+    value: &Value,
+) -> Result<(), ModelError> {
+    match scalar_of(value) {
+        Some(scalar) => doc.insert(list, index, scalar)?,
+        None => {
+            let kind = if matches!(value, Value::List(_)) {
+                ObjType::List
+            } else {
+                ObjType::Map
+            };
+            let child = doc.insert_object(list, index, kind)?;
+            fill_object(doc, &child, value)?;
+        }
+    }
+    Ok(())
+}
+
+fn fill_object(doc: &mut AutoCommit, obj: &ObjId, value: &Value) -> Result<(), ModelError> {
+    match value {
+        Value::Map(entries) => {
+            for (key, entry) in entries {
+                write_slot(doc, obj, Slot::Key(key.clone()), entry, None)?;
+            }
+        }
+        Value::List(items) => {
+            for (index, item) in items.iter().enumerate() {
+                insert_value(doc, obj, index, item)?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}

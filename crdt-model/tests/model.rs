@@ -1,0 +1,258 @@
+//! Behaviour of record documents: identity, merging, conflicts, typed values.
+
+use std::collections::BTreeMap;
+
+use crdt_model::{Decimal, DocId, Edit, ModelError, Record, RecordDoc, Timestamp, Value};
+
+fn fields(pairs: &[(&str, Value)]) -> Record {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), v.clone()))
+        .collect()
+}
+
+fn edit(pairs: &[(&str, Value)]) -> Edit {
+    Edit {
+        fields: fields(pairs),
+        ..Edit::default()
+    }
+}
+
+fn text(s: &str) -> Value {
+    Value::Text(s.to_owned())
+}
+
+/// Exchanges all changes between two documents.
+fn sync(a: &mut RecordDoc, b: &mut RecordDoc) -> Result<(), ModelError> {
+    let a_changes: Vec<Vec<u8>> = a
+        .automerge()
+        .get_changes(&[])
+        .into_iter()
+        .map(|mut c| c.bytes().into_owned())
+        .collect();
+    let b_changes: Vec<Vec<u8>> = b
+        .automerge()
+        .get_changes(&[])
+        .into_iter()
+        .map(|mut c| c.bytes().into_owned())
+        .collect();
+    a.apply(&b_changes)?;
+    b.apply(&a_changes)?;
+    Ok(())
+}
+
+#[test]
+fn doc_id_is_deterministic_and_separates_collections() {
+    assert_eq!(DocId::of("customers", "42"), DocId::of("customers", "42"));
+    assert_ne!(DocId::of("customers", "42"), DocId::of("customers", "43"));
+    assert_ne!(DocId::of("customers", "42"), DocId::of("orders", "42"));
+    // The length prefix keeps ("ab", "c") and ("a", "bc") apart.
+    assert_ne!(DocId::of("ab", "c"), DocId::of("a", "bc"));
+}
+
+#[test]
+fn unchanged_edit_makes_no_change() -> Result<(), ModelError> {
+    let mut doc = RecordDoc::new(&[1; 16]);
+    let e = edit(&[("name", text("Ada")), ("age", Value::Int(36))]);
+    assert!(doc.edit("customers", "1", &e)?.is_some());
+    assert!(doc.edit("customers", "1", &e)?.is_none());
+    let state = doc.read()?;
+    assert_eq!(state.collection, "customers");
+    assert_eq!(state.key, "1");
+    assert_eq!(state.fields, e.fields);
+    Ok(())
+}
+
+#[test]
+fn concurrent_creation_of_one_key_merges_into_one_record() -> Result<(), ModelError> {
+    let mut a = RecordDoc::new(&[1; 16]);
+    let mut b = RecordDoc::new(&[2; 16]);
+    a.edit(
+        "customers",
+        "ada@example.com",
+        &edit(&[("name", text("Ada")), ("city", text("London"))]),
+    )?;
+    b.edit(
+        "customers",
+        "ada@example.com",
+        &edit(&[("name", text("Ada")), ("phone", text("555"))]),
+    )?;
+    sync(&mut a, &mut b)?;
+    let (sa, sb) = (a.read()?, b.read()?);
+    assert_eq!(sa, sb);
+    assert_eq!(sa.fields.len(), 3);
+    assert!(
+        sa.conflicts.is_empty(),
+        "equal values are no conflict: {:?}",
+        sa.conflicts
+    );
+    Ok(())
+}
+
+#[test]
+fn concurrent_edits_of_different_fields_merge_and_of_one_field_conflict() -> Result<(), ModelError>
+{
+    let mut a = RecordDoc::new(&[1; 16]);
+    a.edit(
+        "customers",
+        "1",
+        &edit(&[("name", text("Ada")), ("city", text("London"))]),
+    )?;
+    let mut b = RecordDoc::new(&[2; 16]);
+    sync(&mut a, &mut b)?;
+    a.edit("customers", "1", &edit(&[("name", text("Ada Lovelace"))]))?;
+    b.edit(
+        "customers",
+        "1",
+        &edit(&[("city", text("Paris")), ("name", text("A. Lovelace"))]),
+    )?;
+    sync(&mut a, &mut b)?;
+    let (sa, sb) = (a.read()?, b.read()?);
+    assert_eq!(sa, sb);
+    assert_eq!(sa.fields["city"], text("Paris"));
+    let values = &sa.conflicts["name"];
+    assert_eq!(values.len(), 2);
+    assert_eq!(values[0], sa.fields["name"], "the winner comes first");
+    assert!(values.contains(&text("Ada Lovelace")) && values.contains(&text("A. Lovelace")));
+    Ok(())
+}
+
+#[test]
+fn typed_values_round_trip() -> Result<(), ModelError> {
+    let decimal = Decimal::parse("12345678901234567890.123456789")
+        .map_err(|_| ModelError::UnknownValue { field: "d".into() })?;
+    let attendees = Value::List(vec![
+        Value::Map(BTreeMap::from([
+            ("email".to_owned(), text("a@x")),
+            ("rsvp".to_owned(), Value::Bool(true)),
+        ])),
+        Value::Map(BTreeMap::from([
+            ("email".to_owned(), text("b@x")),
+            ("rsvp".to_owned(), Value::Null),
+        ])),
+    ]);
+    let e = edit(&[
+        ("null", Value::Null),
+        ("flag", Value::Bool(true)),
+        ("count", Value::Int(-7)),
+        ("ratio", Value::Float(0.25)),
+        ("amount", Value::Decimal(decimal)),
+        ("note", text("héllo")),
+        (
+            "at",
+            Value::Timestamp(Timestamp::from_micros(1_700_000_000_123_456)),
+        ),
+        ("attendees", attendees),
+    ]);
+    let mut a = RecordDoc::new(&[1; 16]);
+    a.edit("events", "e1", &e)?;
+    let mut b = RecordDoc::load(&a.save(), &[2; 16])?;
+    assert_eq!(b.read()?.fields, e.fields);
+    assert!(
+        b.edit("events", "e1", &e)?.is_none(),
+        "an equal nested value is no change"
+    );
+    Ok(())
+}
+
+#[test]
+fn concurrent_edits_inside_a_nested_list_merge() -> Result<(), ModelError> {
+    let person = |email: &str, rsvp: bool| {
+        Value::Map(BTreeMap::from([
+            ("email".to_owned(), text(email)),
+            ("rsvp".to_owned(), Value::Bool(rsvp)),
+        ]))
+    };
+    let mut a = RecordDoc::new(&[1; 16]);
+    a.edit(
+        "events",
+        "e1",
+        &edit(&[(
+            "attendees",
+            Value::List(vec![person("a@x", false), person("b@x", false)]),
+        )]),
+    )?;
+    let mut b = RecordDoc::new(&[2; 16]);
+    sync(&mut a, &mut b)?;
+    a.edit(
+        "events",
+        "e1",
+        &edit(&[(
+            "attendees",
+            Value::List(vec![person("a@x", true), person("b@x", false)]),
+        )]),
+    )?;
+    b.edit(
+        "events",
+        "e1",
+        &edit(&[(
+            "attendees",
+            Value::List(vec![person("a@x", false), person("b@x", true)]),
+        )]),
+    )?;
+    sync(&mut a, &mut b)?;
+    assert_eq!(
+        a.read()?.fields["attendees"],
+        Value::List(vec![person("a@x", true), person("b@x", true)])
+    );
+    assert_eq!(a.read()?, b.read()?);
+    Ok(())
+}
+
+#[test]
+fn delete_wins_over_a_concurrent_field_edit_and_external_ids_accumulate() -> Result<(), ModelError>
+{
+    let mut a = RecordDoc::new(&[1; 16]);
+    let mut first = edit(&[("name", text("Ada"))]);
+    first.external_id = Some(("crm".into(), "17".into()));
+    a.edit("customers", "1", &first)?;
+    let mut b = RecordDoc::new(&[2; 16]);
+    sync(&mut a, &mut b)?;
+    a.edit(
+        "customers",
+        "1",
+        &Edit {
+            deleted: Some(true),
+            ..Edit::default()
+        },
+    )?;
+    let mut second = edit(&[("name", text("Ada L."))]);
+    second.external_id = Some(("erp".into(), "C-9".into()));
+    b.edit("customers", "1", &second)?;
+    sync(&mut a, &mut b)?;
+    let state = a.read()?;
+    assert!(state.deleted);
+    assert_eq!(state.external_ids.len(), 2);
+    assert_eq!(state, b.read()?);
+    Ok(())
+}
+
+#[test]
+fn applying_twice_is_harmless_and_reports_only_new_changes() -> Result<(), ModelError> {
+    let mut a = RecordDoc::new(&[1; 16]);
+    let c1 = a
+        .edit("customers", "1", &edit(&[("name", text("Ada"))]))?
+        .expect("change");
+    let c2 = a
+        .edit("customers", "1", &edit(&[("name", text("Ada L."))]))?
+        .expect("change");
+    let mut b = RecordDoc::new(&[2; 16]);
+    assert_eq!(b.apply(&[c1.clone()])?.new_changes.len(), 1);
+    assert!(b.apply(&[c1.clone()])?.new_changes.is_empty());
+    let out_of_order = b.apply(&[c2.clone()])?;
+    assert_eq!(out_of_order.new_changes.len(), 1);
+    let mut c = RecordDoc::new(&[3; 16]);
+    let waiting = c.apply(&[c2])?;
+    assert!(waiting.new_changes.is_empty() && waiting.missing_deps);
+    let both = c.apply(&[c1])?;
+    assert_eq!(both.new_changes.len(), 2);
+    assert!(!both.missing_deps);
+    assert_eq!(c.read()?.fields["name"], text("Ada L."));
+    Ok(())
+}
+
+#[test]
+fn garbage_change_bytes_are_an_error() {
+    let mut doc = RecordDoc::new(&[1; 16]);
+    assert!(doc.apply(&[vec![0xde, 0xad, 0xbe, 0xef]]).is_err());
+}
