@@ -1,0 +1,1 @@
+pub async fn run(_records: usize, _edits: usize) -> anyhow::Result<()> { Ok(()) }

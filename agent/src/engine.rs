@@ -1,0 +1,376 @@
+//! The agent's decisions, without threads or sockets: what a captured change, a
+//! remote change or a finished write-back does to the store.
+//!
+//! The core thread calls the engine with a [`Batch`] and commits it; the engine
+//! never commits by itself, so each step's writes land atomically.
+
+use std::collections::BTreeMap;
+
+use connectors::sqlite::{CapturedChange, RowState, WriteOp, WriteOutcome};
+use crdt_model::{DocId, Edit, Record, RecordState};
+
+use crate::store::{Batch, DeadLetter, Store, StoreError, StoreId, StoreReader, tool_cursor};
+
+/// One configured collection of the local tool.
+#[derive(Debug, Clone)]
+pub struct CollectionInfo {
+    /// The columns synced, by name (the fields of the canonical record).
+    pub columns: Vec<String>,
+}
+
+/// A change received from a peer, as it travels on the wire.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct WireEntry {
+    /// The entry's seq in the sender's log.
+    pub seq: u64,
+    /// The document.
+    pub doc: [u8; 16],
+    /// Automerge change bytes.
+    pub changes: Vec<Vec<u8>>,
+}
+
+/// What applying a peer's entries found.
+#[derive(Debug, Default)]
+pub struct ApplyOutcome {
+    /// Documents left with changes whose dependencies are missing: ask the peer for them.
+    pub missing: Vec<DocId>,
+}
+
+/// A peer sent something that cannot be right; its session is closed.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    /// The entry's changes are not valid Automerge changes.
+    #[error("document {doc}: {reason}")]
+    BadChange {
+        /// The document named by the entry.
+        doc: DocId,
+        /// What was wrong.
+        reason: String,
+    },
+    /// The changes describe a record whose id is not the document's.
+    #[error("document {doc} holds record ({collection:?}, {key:?}) whose id differs")]
+    WrongIdentity {
+        /// The document named by the entry.
+        doc: DocId,
+        /// The collection found in it.
+        collection: String,
+        /// The key found in it.
+        key: String,
+    },
+    /// The store failed (fatal).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// One write planned for the local tool, with what the tool will hold after it.
+#[derive(Debug, Clone)]
+pub struct PlannedWrite {
+    /// The document projected.
+    pub doc: DocId,
+    /// The operation for the connector.
+    pub op: WriteOp,
+    /// The record the tool holds once the op is done (`None` after a delete).
+    pub after: Option<Record>,
+}
+
+/// A batch of planned writes, stamped with the capture cursor it was planned at.
+#[derive(Debug, Clone)]
+pub struct WritePlan {
+    /// Everything up to this outbox seq was captured when the plan was made; if the
+    /// tool has newer edits, the plan is stale and must not run.
+    pub captured_upto: u64,
+    /// The writes.
+    pub writes: Vec<PlannedWrite>,
+}
+
+/// Counters of what the engine did, for status and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Captured row changes that changed a document.
+    pub captured: u64,
+    /// Remote log entries that brought new changes.
+    pub applied: u64,
+    /// Rows written, updated or deleted in the local tool.
+    pub writes: u64,
+    /// Records set aside as dead letters.
+    pub dead_letters: u64,
+}
+
+/// The agent's decision logic over its store.
+#[derive(Debug)]
+pub struct Engine {
+    store: Store,
+    reader: StoreReader,
+    tool: String,
+    collections: BTreeMap<String, CollectionInfo>,
+    captured_upto: u64,
+    stats: EngineStats,
+}
+
+impl Engine {
+    /// An engine over `store` for the local tool named `tool` with its collections.
+    pub fn new(store: Store, tool: String, collections: BTreeMap<String, CollectionInfo>) -> Result<Engine, StoreError> {
+        let reader = store.reader();
+        let captured_upto = reader.cursor(&tool_cursor(&tool))?;
+        Ok(Engine { store, reader, tool, collections, captured_upto, stats: EngineStats::default() })
+    }
+
+    /// The store, for commits.
+    pub fn store(&mut self) -> &mut Store {
+        &mut self.store
+    }
+
+    /// What the engine did so far.
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+
+    /// The outbox seq up to which the tool's changes are captured and committed.
+    pub fn captured_upto(&self) -> u64 {
+        self.captured_upto
+    }
+
+    /// Stages captured changes of the local tool and the new capture cursor.
+    ///
+    /// Only fields that differ from the shadow (what the tool was known to hold) are
+    /// written, so a capture never reverts a remote edit not yet written back.
+    pub fn capture(&mut self, batch: &mut Batch, changes: Vec<CapturedChange>, cursor: u64) -> Result<(), StoreError> {
+        for change in changes {
+            self.capture_one(batch, change)?;
+        }
+        self.store.stage_cursor(batch, &tool_cursor(&self.tool), cursor);
+        self.captured_upto = self.captured_upto.max(cursor);
+        Ok(())
+    }
+
+    fn capture_one(&mut self, batch: &mut Batch, change: CapturedChange) -> Result<(), StoreError> {
+        let CapturedChange { collection, key, state } = change;
+        let Some(info) = self.collections.get(&collection) else {
+            return Ok(());
+        };
+        let shadow = self.reader.shadow(&self.tool, &collection, &key)?;
+        let (edit, after) = match state {
+            RowState::Invalid(reason) => {
+                tracing::warn!(tool = %self.tool, %collection, %key, %reason, "row set aside as a dead letter");
+                let letter = DeadLetter { tool: self.tool.clone(), collection: collection.clone(), key: key.clone(), reason };
+                self.store.stage_dead_letter(batch, &self.tool, &collection, &key, Some(&letter));
+                self.stats.dead_letters += 1;
+                return Ok(());
+            }
+            RowState::Absent => match shadow {
+                None => return Ok(()),
+                Some(_) => (Edit { deleted: Some(true), ..Edit::default() }, None),
+            },
+            RowState::Present(record) => {
+                let fields: Record = record
+                    .iter()
+                    .filter(|(name, value)| shadow.as_ref().and_then(|s| s.get(*name)) != Some(*value))
+                    .map(|(name, value)| (name.clone(), value.clone()))
+                    .collect();
+                let created = shadow.is_none();
+                let edit = Edit {
+                    fields,
+                    external_id: created.then(|| (self.tool.clone(), key.clone())),
+                    deleted: created.then_some(false),
+                };
+                (edit, Some(record))
+            }
+        };
+        let id = DocId::of(&collection, &key);
+        self.store.stage_dead_letter(batch, &self.tool, &collection, &key, None);
+        if after.is_some() && edit.external_id.is_some() {
+            self.store.stage_external_id(batch, &self.tool, &collection, &key, id);
+        }
+        self.store.stage_shadow(batch, &self.tool, &collection, &key, after.as_ref());
+        let doc = self.store.doc(id)?;
+        let change = doc.edit(&collection, &key, &edit).map_err(|e| StoreError::Corrupt {
+            what: "document",
+            reason: format!("{id}: {e}"),
+        })?;
+        // The merged record may differ from what the tool holds (a concurrent remote
+        // edit won, or the record is deleted): then the tool needs a write-back.
+        let state = read_state(doc, id)?;
+        let projected = project(&state, info);
+        let differs = projected.as_ref() != after.as_ref();
+        self.store.stage_pending(batch, id, differs);
+        if let Some(change) = change {
+            self.store.stage_doc(batch, id, &collection, vec![change], None)?;
+            self.stats.captured += 1;
+        }
+        Ok(())
+    }
+
+    /// Stages entries of `origin`'s log of `collection` and, when every seq up to
+    /// `upto` was seen, the new cursor into that log (repairs come without one).
+    pub fn apply_remote(
+        &mut self,
+        batch: &mut Batch,
+        origin: StoreId,
+        collection: &str,
+        upto: Option<u64>,
+        entries: Vec<WireEntry>,
+    ) -> Result<ApplyOutcome, RemoteError> {
+        let mut outcome = ApplyOutcome::default();
+        for entry in entries {
+            let id = DocId(entry.doc);
+            let result = self.apply_entry(batch, origin, collection, id, &entry.changes);
+            match result {
+                Ok(missing) => {
+                    if missing {
+                        outcome.missing.push(id);
+                    }
+                }
+                Err(e) => {
+                    // Drop whatever the bad entry did to the cached document.
+                    self.store.forget(id);
+                    return Err(e);
+                }
+            }
+        }
+        if let Some(upto) = upto {
+            let cursor = crate::store::peer_cursor(&origin, collection);
+            if upto + 1 > self.reader.cursor(&cursor)? {
+                self.store.stage_cursor(batch, &cursor, upto + 1);
+            }
+        }
+        Ok(outcome)
+    }
+
+    fn apply_entry(
+        &mut self,
+        batch: &mut Batch,
+        origin: StoreId,
+        collection: &str,
+        id: DocId,
+        changes: &[Vec<u8>],
+    ) -> Result<bool, RemoteError> {
+        let doc = self.store.doc(id)?;
+        let applied = doc.apply(changes).map_err(|e| RemoteError::BadChange { doc: id, reason: e.to_string() })?;
+        if applied.new_changes.is_empty() {
+            return Ok(applied.missing_deps);
+        }
+        let state = doc.read().map_err(|e| RemoteError::BadChange { doc: id, reason: e.to_string() })?;
+        if DocId::of(&state.collection, &state.key) != id || state.collection != collection {
+            return Err(RemoteError::WrongIdentity { doc: id, collection: state.collection, key: state.key });
+        }
+        self.store.stage_doc(batch, id, collection, applied.new_changes, Some(origin))?;
+        if self.collections.contains_key(collection) {
+            self.store.stage_pending(batch, id, true);
+        }
+        self.stats.applied += 1;
+        Ok(applied.missing_deps)
+    }
+
+    /// All changes of document `id` that a peer with `heads` lacks (heads unknown here are ignored).
+    /// Returns the document's collection too; `None` if the document is unknown here.
+    pub fn changes_since(
+        &mut self,
+        id: DocId,
+        heads: &[crdt_model::ChangeHash],
+    ) -> Result<Option<(String, Vec<Vec<u8>>)>, StoreError> {
+        if !self.store.has_doc(id)? {
+            return Ok(None);
+        }
+        let doc = self.store.doc(id)?;
+        let collection = read_state(doc, id)?.collection;
+        let am = doc.automerge();
+        let known: Vec<_> = heads.iter().copied().filter(|h| am.get_change_by_hash(h).is_some()).collect();
+        let changes = am.get_changes(&known).into_iter().map(|mut c| c.bytes().into_owned()).collect();
+        Ok(Some((collection, changes)))
+    }
+
+    /// The heads of document `id` (empty if unknown).
+    pub fn heads(&mut self, id: DocId) -> Result<Vec<crdt_model::ChangeHash>, StoreError> {
+        if !self.store.has_doc(id)? {
+            return Ok(Vec::new());
+        }
+        Ok(self.store.doc(id)?.heads())
+    }
+
+    /// Plans up to `max` writes that bring the local tool in line with the merged
+    /// documents, skipping documents whose projection the tool already holds.
+    pub fn plan_writes(&mut self, batch: &mut Batch, max: usize) -> Result<WritePlan, StoreError> {
+        let mut writes = Vec::new();
+        for id in self.reader.pending(max)? {
+            let state = read_state(self.store.doc(id)?, id)?;
+            let Some(info) = self.collections.get(&state.collection) else {
+                self.store.stage_pending(batch, id, false);
+                continue;
+            };
+            let shadow = self.reader.shadow(&self.tool, &state.collection, &state.key)?;
+            let projected = project(&state, info);
+            let op = match (&projected, &shadow) {
+                (None, None) => None,
+                (None, Some(_)) => Some(WriteOp::Delete { collection: state.collection.clone(), key: state.key.clone() }),
+                (Some(record), shadow) => {
+                    let fields: Record = record
+                        .iter()
+                        .filter(|(name, value)| shadow.as_ref().and_then(|s| s.get(*name)) != Some(*value))
+                        .map(|(name, value)| (name.clone(), value.clone()))
+                        .collect();
+                    (!fields.is_empty()).then(|| WriteOp::Upsert {
+                        collection: state.collection.clone(),
+                        key: state.key.clone(),
+                        fields,
+                    })
+                }
+            };
+            match op {
+                Some(op) => writes.push(PlannedWrite { doc: id, op, after: projected }),
+                None => self.store.stage_pending(batch, id, false),
+            }
+        }
+        Ok(WritePlan { captured_upto: self.captured_upto, writes })
+    }
+
+    /// Stages the result of a write-back: shadows of written records, dead letters of
+    /// rejected ones. A stale plan (the tool had uncaptured edits) leaves all pending.
+    pub fn writes_done(&mut self, batch: &mut Batch, plan: WritePlan, outcome: WriteOutcome) -> Result<(), StoreError> {
+        let rejected: BTreeMap<usize, String> = match outcome {
+            WriteOutcome::CaptureFirst => return Ok(()),
+            WriteOutcome::Written { rejected } => rejected.into_iter().collect(),
+        };
+        for (index, write) in plan.writes.into_iter().enumerate() {
+            let (collection, key) = match &write.op {
+                WriteOp::Upsert { collection, key, .. } | WriteOp::Delete { collection, key } => (collection, key),
+            };
+            match rejected.get(&index) {
+                Some(reason) => {
+                    tracing::warn!(tool = %self.tool, %collection, %key, %reason, "write-back set aside as a dead letter");
+                    let letter = DeadLetter {
+                        tool: self.tool.clone(),
+                        collection: collection.clone(),
+                        key: key.clone(),
+                        reason: reason.clone(),
+                    };
+                    self.store.stage_dead_letter(batch, &self.tool, collection, key, Some(&letter));
+                    self.stats.dead_letters += 1;
+                }
+                None => {
+                    self.store.stage_shadow(batch, &self.tool, collection, key, write.after.as_ref());
+                    self.stats.writes += 1;
+                }
+            }
+            self.store.stage_pending(batch, write.doc, false);
+        }
+        Ok(())
+    }
+}
+
+fn read_state(doc: &crdt_model::RecordDoc, id: DocId) -> Result<RecordState, StoreError> {
+    doc.read().map_err(|e| StoreError::Corrupt { what: "document", reason: format!("{id}: {e}") })
+}
+
+/// The record the local tool should hold for `state`: its configured columns, or
+/// `None` when the record is deleted.
+fn project(state: &RecordState, info: &CollectionInfo) -> Option<Record> {
+    if state.deleted {
+        return None;
+    }
+    Some(
+        info.columns
+            .iter()
+            .filter_map(|column| state.fields.get(column).map(|value| (column.clone(), value.clone())))
+            .collect(),
+    )
+}

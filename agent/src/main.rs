@@ -1,0 +1,111 @@
+//! The `concord` command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use concord_agent::config::{Config, LogFormat};
+use concord_agent::identity::Identity;
+
+/// Concord keeps records in two-way sync between tools, peer to peer.
+#[derive(Debug, Parser)]
+#[command(name = "concord", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Creates this agent's key, prints its peer id and writes a commented config.
+    Init {
+        /// The folder for the key and the config.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// The UDP address peers will reach this agent at.
+        #[arg(long, default_value = "127.0.0.1:7400")]
+        listen: SocketAddr,
+    },
+    /// Runs the agent until interrupted.
+    Run {
+        /// The configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Runs two agents on loopback over two sample SQLite databases and shows them converge.
+    Demo,
+    /// Measures initial sync, edit latency and wire bytes, and prints the figures.
+    Bench {
+        /// Records in the initial sync.
+        #[arg(long, default_value_t = 100_000)]
+        records: usize,
+        /// Single-field edits timed for latency.
+        #[arg(long, default_value_t = 1_000)]
+        edits: usize,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Init { dir, listen } => init(dir, listen),
+        Command::Run { config } => {
+            let config = Config::load(&config)?;
+            init_logging(config.log.format, "info");
+            runtime()?.block_on(run(config))
+        }
+        Command::Demo => {
+            init_logging(LogFormat::Text, "warn");
+            runtime()?.block_on(concord_agent::demo::run())
+        }
+        Command::Bench { records, edits } => {
+            init_logging(LogFormat::Text, "warn");
+            runtime()?.block_on(concord_agent::bench::run(records, edits))
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+fn init_logging(format: LogFormat, default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn init(dir: PathBuf, listen: SocketAddr) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let key = dir.join("concord.key");
+    let config = dir.join("concord.toml");
+    let identity = Identity::generate()?;
+    identity.save(&key)?;
+    if config.exists() {
+        eprintln!("{} exists; left as it is", config.display());
+    } else {
+        std::fs::write(&config, concord_agent::config::template(listen, &identity.peer_id()))
+            .with_context(|| format!("writing {}", config.display()))?;
+        eprintln!("wrote {}", config.display());
+    }
+    println!("{}", identity.peer_id());
+    Ok(())
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let agent = concord_agent::agent::start(config).await?;
+    println!("concord agent {} listening on {}", agent.peer_id(), agent.local_addr());
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("stopping");
+    agent.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,315 @@
+//! Peer connections: dialing, accepting, and one driver task per connection that
+//! owns that peer's [`Session`] and feeds it frames, time and the store's answers.
+//!
+//! Two agents that dial each other at once end up with two connections; both sides
+//! keep the one dialed by the smaller peer id and close the other.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crdt_model::{ChangeHash, DocId};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::core::{CoreHandle, CoreRequest};
+use crate::engine::{ApplyOutcome, WireEntry};
+use crate::identity::PeerId;
+use crate::replication::{Event, ProtocolError, Session};
+use crate::store::{StoreId, StoreReader};
+use crate::transport::{FrameError, Transport, read_frame, write_frame};
+
+/// Frames read ahead of the session per connection at most.
+pub const INBOUND_FRAMES_MAX: usize = 16;
+/// Entry batches handed to the core and not yet durable, per connection, at most.
+pub const APPLIES_IN_FLIGHT_MAX: usize = 8;
+/// Shortest and longest wait between dial attempts.
+pub const DIAL_RETRY_MIN_MS: u64 = 100;
+/// See [`DIAL_RETRY_MIN_MS`].
+pub const DIAL_RETRY_MAX_MS: u64 = 2_000;
+
+/// What every connection driver shares.
+#[derive(Debug)]
+pub struct PeerContext {
+    /// This agent's peer id.
+    pub me: PeerId,
+    /// This agent's store id.
+    pub store: StoreId,
+    /// The collections this agent replicates.
+    pub collections: Vec<String>,
+    /// The core.
+    pub core: CoreHandle,
+    /// Log and cursor reads.
+    pub reader: StoreReader,
+    /// Bumped when the log grows.
+    pub log_version: watch::Receiver<u64>,
+    /// Live connections by peer.
+    pub registry: Registry,
+    /// Set to stop every driver.
+    pub shutdown: watch::Receiver<bool>,
+    /// Frames sent and received, for status.
+    pub frames: AtomicU64,
+}
+
+/// The live connections, one preferred per peer.
+#[derive(Debug, Default)]
+pub struct Registry {
+    inner: Mutex<HashMap<PeerId, Vec<Live>>>,
+    next_id: AtomicU64,
+}
+
+#[derive(Debug, Clone)]
+struct Live {
+    id: u64,
+    dialer: PeerId,
+    connection: quinn::Connection,
+}
+
+impl Registry {
+    fn add(&self, me: PeerId, peer: PeerId, dialer: PeerId, connection: quinn::Connection) -> u64 {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut inner = self.inner.lock().expect("registry lock");
+        let lives = inner.entry(peer).or_default();
+        lives.push(Live { id, dialer, connection });
+        if lives.len() > 1 {
+            // Keep the connection dialed by the smaller id; both sides agree on it.
+            let preferred = me.min(peer);
+            if let Some(keep) = lives.iter().rposition(|l| l.dialer == preferred) {
+                let keep = lives[keep].id;
+                for live in lives.iter().filter(|l| l.id != keep) {
+                    live.connection.close(0u32.into(), b"duplicate connection");
+                }
+            }
+        }
+        id
+    }
+
+    fn remove(&self, peer: PeerId, id: u64) {
+        let mut inner = self.inner.lock().expect("registry lock");
+        if let Some(lives) = inner.get_mut(&peer) {
+            lives.retain(|l| l.id != id);
+            if lives.is_empty() {
+                inner.remove(&peer);
+            }
+        }
+    }
+
+    /// Whether a connection to `peer` is live.
+    pub fn connected(&self, peer: &PeerId) -> bool {
+        self.inner.lock().expect("registry lock").contains_key(peer)
+    }
+
+    /// The peers with a live connection.
+    pub fn peers(&self) -> Vec<PeerId> {
+        self.inner.lock().expect("registry lock").keys().copied().collect()
+    }
+}
+
+/// Why a connection ended.
+#[derive(Debug, thiserror::Error)]
+enum DriveError {
+    #[error("protocol: {0}")]
+    Protocol(#[from] ProtocolError),
+    #[error("frame: {0}")]
+    Frame(#[from] FrameError),
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("peer sent bad entries: {0}")]
+    Refused(String),
+    #[error("store: {0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("the agent is stopping")]
+    Stopping,
+}
+
+/// Accepts peers until the transport closes.
+pub async fn accept_loop(transport: Arc<Transport>, ctx: Arc<PeerContext>) {
+    while let Some(result) = transport.accept().await {
+        match result {
+            Ok((connection, peer)) => {
+                let ctx = ctx.clone();
+                tokio::spawn(async move { run_connection(connection, peer, peer, ctx).await });
+            }
+            Err(e) => tracing::warn!(error = %e, "refused an incoming connection"),
+        }
+    }
+}
+
+/// Keeps a connection to `peer` at `addr` up, redialing with backoff.
+pub async fn dial_loop(transport: Arc<Transport>, peer: PeerId, addr: SocketAddr, ctx: Arc<PeerContext>) {
+    let mut delay = DIAL_RETRY_MIN_MS;
+    let mut shutdown = ctx.shutdown.clone();
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        if !ctx.registry.connected(&peer) {
+            match transport.connect(addr, peer).await {
+                Ok(connection) => {
+                    delay = DIAL_RETRY_MIN_MS;
+                    run_connection(connection, peer, ctx.me, ctx.clone()).await;
+                    continue;
+                }
+                Err(e) => {
+                    tracing::debug!(%peer, %addr, error = %e, "dial failed");
+                    delay = (delay * 2).min(DIAL_RETRY_MAX_MS);
+                }
+            }
+        } else {
+            delay = DIAL_RETRY_MIN_MS * 5;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(delay)) => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+}
+
+async fn run_connection(connection: quinn::Connection, peer: PeerId, dialer: PeerId, ctx: Arc<PeerContext>) {
+    let id = ctx.registry.add(ctx.me, peer, dialer, connection.clone());
+    let dialed = dialer == ctx.me;
+    tracing::info!(%peer, remote = %connection.remote_address(), dialed, "peer connected");
+    let result = drive(&connection, dialed, &ctx).await;
+    ctx.registry.remove(peer, id);
+    match result {
+        Err(DriveError::Stopping) => connection.close(0u32.into(), b"agent stopping"),
+        Err(DriveError::Connection(e)) => tracing::info!(%peer, reason = %e, "peer disconnected"),
+        Err(e) => {
+            tracing::warn!(%peer, error = %e, "closing the session with this peer");
+            connection.close(1u32.into(), e.to_string().as_bytes());
+        }
+        Ok(()) => {}
+    }
+}
+
+struct PendingApply {
+    collection: String,
+    upto: Option<u64>,
+    reply: oneshot::Receiver<Result<ApplyOutcome, String>>,
+}
+
+async fn drive(connection: &quinn::Connection, dialed: bool, ctx: &PeerContext) -> Result<(), DriveError> {
+    let (mut send, mut recv) = if dialed { connection.open_bi().await? } else { connection.accept_bi().await? };
+    let (frames_tx, mut frames_rx) = mpsc::channel::<Result<Vec<u8>, FrameError>>(INBOUND_FRAMES_MAX);
+    let reader = tokio::spawn(async move {
+        loop {
+            let mut buf = Vec::new();
+            let result = match read_frame(&mut recv, &mut buf).await {
+                Ok(true) => Ok(buf),
+                Ok(false) => Err(FrameError::Truncated { expected: 4, received: 0 }),
+                Err(e) => Err(e),
+            };
+            let end = result.is_err();
+            if frames_tx.send(result).await.is_err() || end {
+                return;
+            }
+        }
+    });
+    let _reader_guard = AbortOnDrop(reader);
+    let mut session = Session::new(ctx.store, Instant::now());
+    let mut pending: VecDeque<PendingApply> = VecDeque::new();
+    let mut log_version = ctx.log_version.clone();
+    let mut shutdown = ctx.shutdown.clone();
+    loop {
+        while let Some(event) = session.poll_event() {
+            handle_event(&mut session, event, ctx, &mut pending).await?;
+        }
+        for (collection, from, max) in session.wants() {
+            let read = ctx.reader.log_from(&collection, from, max)?;
+            session.send_entries(&collection, read, max);
+        }
+        while let Some(frame) = session.poll_transmit() {
+            write_frame(&mut send, &frame).await?;
+            ctx.frames.fetch_add(1, Ordering::Relaxed);
+        }
+        let more_to_read = !session.wants().is_empty();
+        let timeout = session.poll_timeout().unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            biased;
+            _ = shutdown.changed() => return Err(DriveError::Stopping),
+            reply = async { (&mut pending.front_mut().expect("guarded").reply).await }, if !pending.is_empty() => {
+                let done = pending.pop_front().expect("guarded");
+                let outcome = reply.map_err(|_| DriveError::Stopping)?.map_err(DriveError::Refused)?;
+                if let Some(upto) = done.upto {
+                    session.applied(done.collection, upto);
+                }
+                for doc in outcome.missing {
+                    let heads = heads_of(ctx, DocId(doc.0)).await?;
+                    session.need_doc(doc.0, heads.iter().map(|h| h.0).collect());
+                }
+            }
+            frame = frames_rx.recv(), if pending.len() < APPLIES_IN_FLIGHT_MAX => {
+                let frame = frame.ok_or(DriveError::Stopping)??;
+                ctx.frames.fetch_add(1, Ordering::Relaxed);
+                session.handle(Instant::now(), &frame)?;
+            }
+            _ = log_version.changed() => session.log_grew(),
+            _ = tokio::time::sleep_until(timeout.into()) => session.handle_timeout(Instant::now())?,
+            _ = async {}, if more_to_read => {}
+        }
+    }
+}
+
+async fn handle_event(
+    session: &mut Session,
+    event: Event,
+    ctx: &PeerContext,
+    pending: &mut VecDeque<PendingApply>,
+) -> Result<(), DriveError> {
+    match event {
+        Event::PeerHello { store } => {
+            let mut cursors = Vec::with_capacity(ctx.collections.len());
+            for collection in &ctx.collections {
+                cursors.push((collection.clone(), ctx.reader.cursor(&crate::store::peer_cursor(&store, collection))?));
+            }
+            session.subscribe(cursors);
+        }
+        Event::Apply { collection, upto, entries } => {
+            apply(session, ctx, pending, collection, Some(upto), entries).await?;
+        }
+        Event::DocChanges { collection, doc, changes } => {
+            let entry = WireEntry { seq: 0, doc, changes };
+            apply(session, ctx, pending, collection, None, vec![entry]).await?;
+        }
+        Event::NeedDoc { doc, heads } => {
+            let (reply, answer) = oneshot::channel();
+            let heads = heads.into_iter().map(ChangeHash).collect();
+            ctx.core.send(CoreRequest::ChangesSince { doc: DocId(doc), heads, reply }).await.map_err(|_| DriveError::Stopping)?;
+            if let Some((collection, changes)) = answer.await.map_err(|_| DriveError::Stopping)? {
+                session.doc_changes(collection, doc, changes);
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn apply(
+    session: &Session,
+    ctx: &PeerContext,
+    pending: &mut VecDeque<PendingApply>,
+    collection: String,
+    upto: Option<u64>,
+    entries: Vec<WireEntry>,
+) -> Result<(), DriveError> {
+    let origin = session.peer().ok_or(ProtocolError::Unexpected("entries before hello"))?;
+    let (reply, answer) = oneshot::channel();
+    let request = CoreRequest::Apply { origin, collection: collection.clone(), upto, entries, reply };
+    ctx.core.send(request).await.map_err(|_| DriveError::Stopping)?;
+    pending.push_back(PendingApply { collection, upto, reply: answer });
+    Ok(())
+}
+
+async fn heads_of(ctx: &PeerContext, doc: DocId) -> Result<Vec<ChangeHash>, DriveError> {
+    let (reply, answer) = oneshot::channel();
+    ctx.core.send(CoreRequest::Heads { doc, reply }).await.map_err(|_| DriveError::Stopping)?;
+    answer.await.map_err(|_| DriveError::Stopping)
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

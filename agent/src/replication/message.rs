@@ -1,0 +1,64 @@
+//! The messages of the replication protocol and their encoding (postcard).
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::WireEntry;
+
+/// One message of the replication protocol; each travels in one frame.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Message {
+    /// First message of each side.
+    Hello {
+        /// The protocol version spoken.
+        version: u16,
+        /// The sender's store id (its actor id).
+        store: [u8; 16],
+    },
+    /// "Stream me your log of each collection from this seq on."
+    Subscribe {
+        /// (collection, next seq wanted).
+        cursors: Vec<(String, u64)>,
+    },
+    /// Entries of the sender's log; every seq up to `upto` was considered.
+    Entries {
+        /// The collection.
+        collection: String,
+        /// The last seq considered (entries the receiver sent itself are skipped).
+        upto: u64,
+        /// The entries.
+        entries: Vec<WireEntry>,
+    },
+    /// The receiver persisted everything up to `upto` of `collection`.
+    Ack {
+        /// The collection.
+        collection: String,
+        /// The last seq persisted.
+        upto: u64,
+    },
+    /// "I hold these heads of this document; send what I lack."
+    NeedDoc {
+        /// The document.
+        doc: [u8; 16],
+        /// The sender's heads of it.
+        heads: Vec<[u8; 32]>,
+    },
+    /// Changes of one document, answering [`Message::NeedDoc`].
+    DocChanges {
+        /// The collection of the document.
+        collection: String,
+        /// The document.
+        doc: [u8; 16],
+        /// Automerge change bytes.
+        changes: Vec<Vec<u8>>,
+    },
+}
+
+/// Encodes a message into frame bytes.
+pub fn encode(message: &Message) -> Vec<u8> {
+    postcard::to_stdvec(message).expect("in-memory messages always encode")
+}
+
+/// Decodes frame bytes into a message.
+pub fn decode(bytes: &[u8]) -> Result<Message, postcard::Error> {
+    postcard::from_bytes(bytes)
+}

@@ -1,0 +1,23 @@
+//! Replication between agents: a sans-IO session state machine ([`Session`]) and the
+//! messages it speaks ([`Message`]). The QUIC driver and a simulator drive the same
+//! code: bytes and events in, frames and events out, time passed in.
+//!
+//! How two agents converge: each agent keeps, per collection, a log of the changes it
+//! learned (its own and relayed ones). On connecting, each side tells the other from
+//! which seq to stream its log, using the cursor it persisted with the changes it
+//! applied; the sender streams from there, then live as its log grows. Entries the
+//! receiver itself sent are skipped. Applying is idempotent, so a replay is harmless;
+//! catch-up costs what changed while apart. A document left with missing
+//! dependencies is repaired by a per-document exchange of heads.
+
+mod message;
+mod session;
+
+pub use message::{Message, decode, encode};
+pub use session::{
+    ENTRIES_PER_MESSAGE_MAX, Event, HELLO_TIMEOUT_MS, IN_FLIGHT_SEQS_MAX, MESSAGE_CHANGE_BYTES_MAX, ProtocolError,
+    SUBSCRIBE_COLLECTIONS_MAX, Session,
+};
+
+/// The protocol version spoken; a peer speaking another is refused.
+pub const PROTOCOL_VERSION: u16 = 1;

@@ -1,0 +1,420 @@
+//! The replication session with one peer, as a sans-IO state machine.
+//!
+//! The driver feeds it frames ([`Session::handle`]), the passage of time
+//! ([`Session::handle_timeout`]) and the answers to its events; it takes out frames
+//! to send ([`Session::poll_transmit`]) and events to act on ([`Session::poll_event`]).
+//! Log reads go through [`Session::wants`] and [`Session::send_entries`], so the
+//! session never touches the store itself.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use super::message::{Message, decode, encode};
+use super::PROTOCOL_VERSION;
+use crate::engine::WireEntry;
+use crate::store::{LogEntry, StoreId};
+
+/// Log entries sent in one message at most.
+pub const ENTRIES_PER_MESSAGE_MAX: usize = 512;
+/// Change bytes sent in one message at most (one entry may exceed it alone).
+pub const MESSAGE_CHANGE_BYTES_MAX: usize = 1024 * 1024;
+/// Seqs sent but not yet acknowledged, per collection, at most (flow control).
+pub const IN_FLIGHT_SEQS_MAX: u64 = 8192;
+/// Collections in one subscription at most.
+pub const SUBSCRIBE_COLLECTIONS_MAX: usize = 1024;
+/// How long a peer has to say hello.
+pub const HELLO_TIMEOUT_MS: u64 = 10_000;
+
+/// Something the driver must act on.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// The peer introduced itself: answer with [`Session::subscribe`], giving the
+    /// cursors persisted for this peer store.
+    PeerHello {
+        /// The peer's store id.
+        store: StoreId,
+    },
+    /// Entries of the peer's log to apply; then call [`Session::applied`].
+    Apply {
+        /// The collection.
+        collection: String,
+        /// Every seq up to this one was considered by the sender.
+        upto: u64,
+        /// The entries.
+        entries: Vec<WireEntry>,
+    },
+    /// The peer lacks changes of a document: answer with [`Session::doc_changes`].
+    NeedDoc {
+        /// The document.
+        doc: [u8; 16],
+        /// The peer's heads of it.
+        heads: Vec<[u8; 32]>,
+    },
+    /// Changes of one document the peer sent for repair: apply them.
+    DocChanges {
+        /// The collection.
+        collection: String,
+        /// The document.
+        doc: [u8; 16],
+        /// The changes.
+        changes: Vec<Vec<u8>>,
+    },
+}
+
+/// The peer broke the protocol; the session (and only it) must be closed.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ProtocolError {
+    /// A frame that is not a message.
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    /// A message that is valid but not allowed at this point.
+    #[error("unexpected message: {0}")]
+    Unexpected(&'static str),
+    /// The peer speaks another protocol version.
+    #[error("peer speaks protocol version {0}, this agent speaks {PROTOCOL_VERSION}")]
+    Version(u16),
+    /// The peer did not say hello in time.
+    #[error("peer did not say hello within {HELLO_TIMEOUT_MS} ms")]
+    HelloTimeout,
+    /// A message larger than the protocol allows.
+    #[error("message exceeds a protocol limit: {0}")]
+    Limit(&'static str),
+}
+
+#[derive(Debug, Default)]
+struct Stream {
+    /// The next seq of the local log to read.
+    next: u64,
+    /// The last seq sent.
+    sent_upto: u64,
+    /// The last seq the peer acknowledged.
+    acked: u64,
+    /// The last read found the end of the log.
+    caught_up: bool,
+}
+
+#[derive(Debug, Default)]
+struct Inbound {
+    /// The last `upto` received.
+    upto: u64,
+}
+
+/// The replication session with one peer.
+#[derive(Debug)]
+pub struct Session {
+    local: StoreId,
+    peer: Option<StoreId>,
+    hello_deadline: Option<Instant>,
+    transmit: VecDeque<Vec<u8>>,
+    events: VecDeque<Event>,
+    streams: BTreeMap<String, Stream>,
+    inbound: BTreeMap<String, Inbound>,
+    subscribed: bool,
+}
+
+impl Session {
+    /// A new session of the store `local`; queues the hello.
+    pub fn new(local: StoreId, now: Instant) -> Session {
+        let mut session = Session {
+            local,
+            peer: None,
+            hello_deadline: Some(now + Duration::from_millis(HELLO_TIMEOUT_MS)),
+            transmit: VecDeque::new(),
+            events: VecDeque::new(),
+            streams: BTreeMap::new(),
+            inbound: BTreeMap::new(),
+            subscribed: false,
+        };
+        session.queue(&Message::Hello { version: PROTOCOL_VERSION, store: local });
+        session
+    }
+
+    /// The peer's store id, once it said hello.
+    pub fn peer(&self) -> Option<StoreId> {
+        self.peer
+    }
+
+    /// Handles one frame from the peer.
+    pub fn handle(&mut self, _now: Instant, frame: &[u8]) -> Result<(), ProtocolError> {
+        let message = decode(frame).map_err(|e| ProtocolError::Malformed(e.to_string()))?;
+        if self.peer.is_none() && !matches!(message, Message::Hello { .. }) {
+            return Err(ProtocolError::Unexpected("a message before hello"));
+        }
+        match message {
+            Message::Hello { version, store } => {
+                if self.peer.is_some() {
+                    return Err(ProtocolError::Unexpected("a second hello"));
+                }
+                if version != PROTOCOL_VERSION {
+                    return Err(ProtocolError::Version(version));
+                }
+                if store == self.local {
+                    return Err(ProtocolError::Unexpected("a hello from this very store"));
+                }
+                self.peer = Some(store);
+                self.hello_deadline = None;
+                self.events.push_back(Event::PeerHello { store });
+            }
+            Message::Subscribe { cursors } => {
+                if cursors.len() > SUBSCRIBE_COLLECTIONS_MAX {
+                    return Err(ProtocolError::Limit("collections in a subscription"));
+                }
+                for (collection, next) in cursors {
+                    let next = next.max(1);
+                    let stream = Stream { next, sent_upto: next - 1, acked: next - 1, caught_up: false };
+                    self.streams.insert(collection, stream);
+                }
+            }
+            Message::Entries { collection, upto, entries } => {
+                if entries.len() > ENTRIES_PER_MESSAGE_MAX {
+                    return Err(ProtocolError::Limit("entries in a message"));
+                }
+                let Some(inbound) = self.inbound.get_mut(&collection) else {
+                    return Err(ProtocolError::Unexpected("entries of a collection not subscribed to"));
+                };
+                let mut last = inbound.upto;
+                for entry in &entries {
+                    if entry.seq <= last || entry.seq > upto {
+                        return Err(ProtocolError::Unexpected("entries out of order"));
+                    }
+                    last = entry.seq;
+                }
+                if upto < inbound.upto {
+                    return Err(ProtocolError::Unexpected("a log that went backwards"));
+                }
+                inbound.upto = upto;
+                self.events.push_back(Event::Apply { collection, upto, entries });
+            }
+            Message::Ack { collection, upto } => {
+                let Some(stream) = self.streams.get_mut(&collection) else {
+                    return Err(ProtocolError::Unexpected("ack of a collection not streamed"));
+                };
+                if upto > stream.sent_upto {
+                    return Err(ProtocolError::Unexpected("ack of entries never sent"));
+                }
+                stream.acked = stream.acked.max(upto);
+            }
+            Message::NeedDoc { doc, heads } => {
+                if heads.len() > 1024 {
+                    return Err(ProtocolError::Limit("heads of a document"));
+                }
+                self.events.push_back(Event::NeedDoc { doc, heads });
+            }
+            Message::DocChanges { collection, doc, changes } => {
+                self.events.push_back(Event::DocChanges { collection, doc, changes });
+            }
+        }
+        Ok(())
+    }
+
+    /// Answers [`Event::PeerHello`]: asks the peer to stream each collection from the
+    /// given next seq.
+    pub fn subscribe(&mut self, cursors: Vec<(String, u64)>) {
+        for (collection, next) in &cursors {
+            self.inbound.insert(collection.clone(), Inbound { upto: next.saturating_sub(1) });
+        }
+        self.subscribed = true;
+        self.queue(&Message::Subscribe { cursors });
+    }
+
+    /// Acknowledges that entries up to `upto` of `collection` are persisted.
+    pub fn applied(&mut self, collection: String, upto: u64) {
+        self.queue(&Message::Ack { collection, upto });
+    }
+
+    /// Asks the peer for the changes of `doc` that a document with `heads` lacks.
+    pub fn need_doc(&mut self, doc: [u8; 16], heads: Vec<[u8; 32]>) {
+        self.queue(&Message::NeedDoc { doc, heads });
+    }
+
+    /// Answers [`Event::NeedDoc`].
+    pub fn doc_changes(&mut self, collection: String, doc: [u8; 16], changes: Vec<Vec<u8>>) {
+        self.queue(&Message::DocChanges { collection, doc, changes });
+    }
+
+    /// The log reads the session wants now: (collection, first seq, most entries).
+    pub fn wants(&self) -> Vec<(String, u64, usize)> {
+        self.streams
+            .iter()
+            .filter(|(_, s)| !s.caught_up && s.sent_upto - s.acked < IN_FLIGHT_SEQS_MAX)
+            .map(|(c, s)| {
+                let room = (IN_FLIGHT_SEQS_MAX - (s.sent_upto - s.acked)) as usize;
+                (c.clone(), s.next, room.min(ENTRIES_PER_MESSAGE_MAX))
+            })
+            .collect()
+    }
+
+    /// Gives the session what a log read for [`Session::wants`] returned (`max` is
+    /// what was asked for). Entries the peer itself sent are not sent back.
+    pub fn send_entries(&mut self, collection: &str, read: Vec<(u64, LogEntry)>, max: usize) {
+        let peer = self.peer;
+        let Some(stream) = self.streams.get_mut(collection) else { return };
+        if read.len() < max {
+            stream.caught_up = true;
+        }
+        let Some(&(last_read, _)) = read.last() else { return };
+        let mut entries = Vec::with_capacity(read.len());
+        let mut bytes = 0usize;
+        let mut upto = last_read;
+        for (seq, entry) in read {
+            if bytes >= MESSAGE_CHANGE_BYTES_MAX {
+                upto = seq - 1;
+                stream.caught_up = false;
+                break;
+            }
+            if entry.origin.is_some() && entry.origin == peer {
+                continue;
+            }
+            bytes += entry.changes.iter().map(Vec::len).sum::<usize>();
+            entries.push(WireEntry { seq, doc: entry.doc, changes: entry.changes });
+        }
+        stream.next = upto + 1;
+        stream.sent_upto = upto;
+        let message = Message::Entries { collection: collection.to_owned(), upto, entries };
+        self.queue(&message);
+    }
+
+    /// The local log grew: streams that were caught up read again.
+    pub fn log_grew(&mut self) {
+        for stream in self.streams.values_mut() {
+            stream.caught_up = false;
+        }
+    }
+
+    /// The next frame to send, if any.
+    pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
+        self.transmit.pop_front()
+    }
+
+    /// The next event to act on, if any.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When [`Session::handle_timeout`] must be called next, if ever.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.hello_deadline
+    }
+
+    /// Lets time pass; fails if the peer missed a deadline.
+    pub fn handle_timeout(&mut self, now: Instant) -> Result<(), ProtocolError> {
+        match self.hello_deadline {
+            Some(deadline) if now >= deadline => Err(ProtocolError::HelloTimeout),
+            _ => Ok(()),
+        }
+    }
+
+    fn queue(&mut self, message: &Message) {
+        self.transmit.push_back(encode(message));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(doc: u8, origin: Option<StoreId>) -> LogEntry {
+        LogEntry { doc: [doc; 16], changes: vec![vec![doc; 4]], origin }
+    }
+
+    /// Delivers every queued frame from `from` to `to`.
+    fn deliver(from: &mut Session, to: &mut Session, now: Instant) -> Result<usize, ProtocolError> {
+        let mut n = 0;
+        while let Some(frame) = from.poll_transmit() {
+            to.handle(now, &frame)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    #[test]
+    fn streams_the_log_from_the_cursor_skipping_the_peers_own_entries() -> Result<(), ProtocolError> {
+        let now = Instant::now();
+        let (a_id, b_id) = ([1; 16], [2; 16]);
+        let mut a = Session::new(a_id, now);
+        let mut b = Session::new(b_id, now);
+        deliver(&mut a, &mut b, now)?;
+        deliver(&mut b, &mut a, now)?;
+        assert_eq!(a.poll_event(), Some(Event::PeerHello { store: b_id }));
+        assert_eq!(b.poll_event(), Some(Event::PeerHello { store: a_id }));
+        // B already holds A's log up to seq 2.
+        b.subscribe(vec![("customers".into(), 3)]);
+        deliver(&mut b, &mut a, now)?;
+        assert_eq!(a.wants(), vec![("customers".to_owned(), 3, ENTRIES_PER_MESSAGE_MAX)]);
+        let log = vec![(3, entry(3, None)), (4, entry(4, Some(b_id))), (5, entry(5, Some([9; 16])))];
+        a.send_entries("customers", log, ENTRIES_PER_MESSAGE_MAX);
+        assert!(a.wants().is_empty(), "a short read means caught up");
+        deliver(&mut a, &mut b, now)?;
+        match b.poll_event() {
+            Some(Event::Apply { collection, upto, entries }) => {
+                assert_eq!(collection, "customers");
+                assert_eq!(upto, 5);
+                let seqs: Vec<u64> = entries.iter().map(|e| e.seq).collect();
+                assert_eq!(seqs, vec![3, 5], "B's own entry 4 is not sent back");
+            }
+            other => panic!("expected entries, got {other:?}"),
+        }
+        b.applied("customers".into(), 5);
+        deliver(&mut b, &mut a, now)?;
+        a.log_grew();
+        assert_eq!(a.wants(), vec![("customers".to_owned(), 6, ENTRIES_PER_MESSAGE_MAX)]);
+        Ok(())
+    }
+
+    #[test]
+    fn flow_control_stops_reading_until_acks_arrive() -> Result<(), ProtocolError> {
+        let now = Instant::now();
+        let mut a = Session::new([1; 16], now);
+        let mut b = Session::new([2; 16], now);
+        deliver(&mut a, &mut b, now)?;
+        deliver(&mut b, &mut a, now)?;
+        b.subscribe(vec![("c".into(), 1)]);
+        deliver(&mut b, &mut a, now)?;
+        let mut seq = 0;
+        while let Some((_, from, max)) = a.wants().into_iter().next() {
+            let read: Vec<_> = (from..from + max as u64).map(|s| (s, entry(1, None))).collect();
+            seq = from + max as u64 - 1;
+            a.send_entries("c", read, max);
+            assert!(seq <= IN_FLIGHT_SEQS_MAX, "window exceeded at {seq}");
+        }
+        assert_eq!(seq, IN_FLIGHT_SEQS_MAX);
+        b.applied("c".into(), 100);
+        while let Some(frame) = b.poll_transmit() {
+            a.handle(now, &frame)?;
+        }
+        assert_eq!(a.wants(), vec![("c".to_owned(), IN_FLIGHT_SEQS_MAX + 1, 100)]);
+        Ok(())
+    }
+
+    #[test]
+    fn protocol_violations_are_errors() {
+        let now = Instant::now();
+        let mut a = Session::new([1; 16], now);
+        assert!(matches!(a.handle(now, &[0xff, 0xff, 0xff]), Err(ProtocolError::Malformed(_))));
+        let ack = encode(&Message::Ack { collection: "c".into(), upto: 1 });
+        assert_eq!(a.handle(now, &ack), Err(ProtocolError::Unexpected("a message before hello")));
+        let hello = encode(&Message::Hello { version: PROTOCOL_VERSION + 1, store: [2; 16] });
+        assert_eq!(a.handle(now, &hello), Err(ProtocolError::Version(PROTOCOL_VERSION + 1)));
+        let hello = encode(&Message::Hello { version: PROTOCOL_VERSION, store: [2; 16] });
+        assert_eq!(a.handle(now, &hello), Ok(()));
+        assert_eq!(a.handle(now, &ack), Err(ProtocolError::Unexpected("ack of a collection not streamed")));
+        let entries = encode(&Message::Entries { collection: "c".into(), upto: 1, entries: vec![] });
+        assert!(a.handle(now, &entries).is_err(), "entries before subscribing");
+        a.subscribe(vec![("c".into(), 5)]);
+        let stale = encode(&Message::Entries {
+            collection: "c".into(),
+            upto: 9,
+            entries: vec![WireEntry { seq: 3, doc: [0; 16], changes: vec![] }],
+        });
+        assert_eq!(a.handle(now, &stale), Err(ProtocolError::Unexpected("entries out of order")));
+    }
+
+    #[test]
+    fn a_silent_peer_times_out() {
+        let now = Instant::now();
+        let mut a = Session::new([1; 16], now);
+        let deadline = a.poll_timeout().expect("a hello deadline");
+        assert_eq!(a.handle_timeout(deadline - Duration::from_millis(1)), Ok(()));
+        assert_eq!(a.handle_timeout(deadline), Err(ProtocolError::HelloTimeout));
+    }
+}

@@ -1,0 +1,463 @@
+//! The agent's durable state in fjall: documents, change logs, shadows, cursors.
+//!
+//! Keyspaces and their keys:
+//!
+//! | keyspace  | key                                   | value                              |
+//! |-----------|---------------------------------------|------------------------------------|
+//! | `meta`    | `actor`                               | this store's actor id (16 bytes)   |
+//! | `docs`    | doc id (16 bytes)                     | saved document, then appended changes |
+//! | `log`     | collection, 0, seq (u64 BE)           | [`LogEntry`]                       |
+//! | `ext`     | tool, 0, collection, 0, external id   | doc id                             |
+//! | `shadow`  | tool, 0, collection, 0, key           | the record the tool is known to hold |
+//! | `cursors` | `tool/<tool>` or `peer/<store>/<collection>` | u64 BE                      |
+//! | `pending` | doc id                                | empty: the doc awaits write-back   |
+//! | `dead`    | tool, 0, collection, 0, key           | [`DeadLetter`]                     |
+//!
+//! All writes of one step go into one [`Batch`], committed with fsync before the
+//! step is acknowledged or anything of it is sent (Architecture Invariant). A failed
+//! write or fsync is fatal: the caller crashes and recovers on restart.
+//!
+//! Documents are loaded on demand through a bounded LRU cache, so memory does not
+//! grow with the number of records.
+
+use std::collections::HashMap;
+use std::num::NonZeroUsize;
+use std::path::Path;
+
+use crdt_model::{ActorBytes, DocId, Record, RecordDoc};
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use lru::LruCache;
+use serde::{Deserialize, Serialize};
+
+/// How many documents the cache holds at most (~12–20 KB each when loaded).
+pub const DOC_CACHE_MAX: usize = 2048;
+/// How many changes are appended to a stored document before it is saved whole again.
+pub const DOC_APPENDS_MAX: u32 = 32;
+
+/// The id of a store: its actor id. A wiped store gets a new one, never an old one.
+pub type StoreId = ActorBytes;
+
+/// Errors of the store. All but [`StoreError::Corrupt`] mean the disk failed: fatal.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// fjall failed to read, write or fsync.
+    #[error("storage: {0}")]
+    Fjall(#[from] fjall::Error),
+    /// A stored value could not be decoded.
+    #[error("corrupt {what} in the store: {reason}")]
+    Corrupt {
+        /// Which kind of value.
+        what: &'static str,
+        /// Why it could not be read.
+        reason: String,
+    },
+}
+
+/// One entry of a collection's change log: the changes a step added to one document.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogEntry {
+    /// The document the changes belong to.
+    pub doc: [u8; 16],
+    /// Automerge change bytes, in causal order.
+    pub changes: Vec<Vec<u8>>,
+    /// The store these changes were learned from, if they came from a peer; they are
+    /// not sent back to it.
+    pub origin: Option<StoreId>,
+}
+
+/// A record set aside because it could not be synced, with the reason.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// The tool (connector) the record came from or was bound for.
+    pub tool: String,
+    /// The collection of the record.
+    pub collection: String,
+    /// The record's key.
+    pub key: String,
+    /// Why it was set aside.
+    pub reason: String,
+}
+
+struct CachedDoc {
+    doc: RecordDoc,
+    /// The bytes stored for this document.
+    stored: Vec<u8>,
+    /// How many change chunks were appended to `stored` since the last whole save.
+    appends: u32,
+}
+
+/// The agent's store. One writer (the core) changes it; readers share its keyspaces.
+pub struct Store {
+    db: Database,
+    meta: Keyspace,
+    docs: Keyspace,
+    log: Keyspace,
+    ext: Keyspace,
+    shadow: Keyspace,
+    cursors: Keyspace,
+    pending: Keyspace,
+    dead: Keyspace,
+    actor: StoreId,
+    cache: LruCache<DocId, CachedDoc>,
+    /// Next sequence number of each collection's log.
+    log_next: HashMap<String, u64>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("actor", &hex(&self.actor)).finish_non_exhaustive()
+    }
+}
+
+/// Read access to the store for other tasks (log and cursor reads), without the cache.
+#[derive(Clone)]
+pub struct StoreReader {
+    log: Keyspace,
+    cursors: Keyspace,
+    shadow: Keyspace,
+    dead: Keyspace,
+    docs: Keyspace,
+    pending: Keyspace,
+}
+
+impl std::fmt::Debug for StoreReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreReader").finish_non_exhaustive()
+    }
+}
+
+/// The writes of one step, committed atomically with fsync by [`Store::commit`].
+pub struct Batch {
+    inner: fjall::OwnedWriteBatch,
+    /// Log entries appended, as (collection, seq), to announce after the commit.
+    pub appended: Vec<(String, u64)>,
+}
+
+impl std::fmt::Debug for Batch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batch").field("len", &self.inner.len()).finish()
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir`. A new store draws a fresh random actor id.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        let db = Database::builder(dir).cache_size(32 * 1024 * 1024).open()?;
+        let open = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default);
+        let meta = open("meta")?;
+        let actor = match meta.get("actor")? {
+            Some(bytes) => <StoreId>::try_from(&bytes[..]).map_err(|_| StoreError::Corrupt {
+                what: "actor id",
+                reason: format!("{} bytes instead of 16", bytes.len()),
+            })?,
+            None => {
+                let actor = random_actor();
+                meta.insert("actor", actor.to_vec())?;
+                db.persist(PersistMode::SyncAll)?;
+                actor
+            }
+        };
+        let store = Store {
+            docs: open("docs")?,
+            log: open("log")?,
+            ext: open("ext")?,
+            shadow: open("shadow")?,
+            cursors: open("cursors")?,
+            pending: open("pending")?,
+            dead: open("dead")?,
+            meta,
+            db,
+            actor,
+            cache: LruCache::new(NonZeroUsize::new(DOC_CACHE_MAX).expect("DOC_CACHE_MAX > 0")),
+            log_next: HashMap::new(),
+        };
+        Ok(store)
+    }
+
+    /// This store's actor id, which also names it to peers.
+    pub fn actor(&self) -> StoreId {
+        self.actor
+    }
+
+    /// A read handle for other tasks.
+    pub fn reader(&self) -> StoreReader {
+        StoreReader {
+            log: self.log.clone(),
+            cursors: self.cursors.clone(),
+            shadow: self.shadow.clone(),
+            dead: self.dead.clone(),
+            docs: self.docs.clone(),
+            pending: self.pending.clone(),
+        }
+    }
+
+    /// Starts a batch of writes.
+    pub fn batch(&self) -> Batch {
+        Batch { inner: self.db.batch().durability(Some(PersistMode::SyncAll)), appended: Vec::new() }
+    }
+
+    /// Commits `batch` atomically and fsyncs it; returns the log entries it appended.
+    pub fn commit(&mut self, batch: Batch) -> Result<Vec<(String, u64)>, StoreError> {
+        batch.inner.commit()?;
+        Ok(batch.appended)
+    }
+
+    /// Loads the document `id` into the cache (creating an empty one if unknown) and
+    /// returns it.
+    pub fn doc(&mut self, id: DocId) -> Result<&mut RecordDoc, StoreError> {
+        self.cached(id).map(|cached| &mut cached.doc)
+    }
+
+    /// Whether the store holds the document `id`.
+    pub fn has_doc(&self, id: DocId) -> Result<bool, StoreError> {
+        Ok(self.cache.contains(&id) || self.docs.contains_key(id.0)?)
+    }
+
+    fn cached(&mut self, id: DocId) -> Result<&mut CachedDoc, StoreError> {
+        if !self.cache.contains(&id) {
+            let entry = match self.docs.get(id.0)? {
+                Some(bytes) => CachedDoc {
+                    doc: RecordDoc::load(&bytes, &self.actor).map_err(|e| StoreError::Corrupt {
+                        what: "document",
+                        reason: format!("{id}: {e}"),
+                    })?,
+                    stored: bytes.to_vec(),
+                    appends: 0,
+                },
+                None => CachedDoc { doc: RecordDoc::new(&self.actor), stored: Vec::new(), appends: 0 },
+            };
+            self.cache.put(id, entry);
+        }
+        Ok(self.cache.get_mut(&id).expect("just inserted"))
+    }
+
+    /// Stages the document `id` (already changed in the cache by `changes`) and a log
+    /// entry for the changes.
+    pub fn stage_doc(
+        &mut self,
+        batch: &mut Batch,
+        id: DocId,
+        collection: &str,
+        changes: Vec<Vec<u8>>,
+        origin: Option<StoreId>,
+    ) -> Result<(), StoreError> {
+        let docs = self.docs.clone();
+        let cached = self.cached(id)?;
+        if cached.stored.is_empty() || cached.appends >= DOC_APPENDS_MAX {
+            cached.stored = cached.doc.save();
+            cached.appends = 0;
+        } else {
+            for change in &changes {
+                cached.stored.extend_from_slice(change);
+            }
+            cached.appends += 1;
+        }
+        batch.inner.insert(&docs, id.0, cached.stored.as_slice());
+        let seq = self.next_seq(collection)?;
+        let entry = LogEntry { doc: id.0, changes, origin };
+        batch.inner.insert(&self.log, log_key(collection, seq), encode(&entry));
+        batch.appended.push((collection.to_owned(), seq));
+        Ok(())
+    }
+
+    fn next_seq(&mut self, collection: &str) -> Result<u64, StoreError> {
+        let next = match self.log_next.get(collection) {
+            Some(next) => *next,
+            None => {
+                let prefix = log_prefix(collection);
+                match self.log.prefix(&prefix).next_back() {
+                    Some(guard) => decode_seq(&guard.key()?[prefix.len()..])? + 1,
+                    None => 1,
+                }
+            }
+        };
+        self.log_next.insert(collection.to_owned(), next + 1);
+        Ok(next)
+    }
+
+    /// Stages the record `tool` is now known to hold (or `None`: it holds none).
+    pub fn stage_shadow(&self, batch: &mut Batch, tool: &str, collection: &str, key: &str, record: Option<&Record>) {
+        let k = record_key(tool, collection, key);
+        match record {
+            Some(record) => batch.inner.insert(&self.shadow, k, encode(record)),
+            None => batch.inner.remove(&self.shadow, k),
+        }
+    }
+
+    /// Stages the external id of a document in `tool`.
+    pub fn stage_external_id(&self, batch: &mut Batch, tool: &str, collection: &str, external: &str, id: DocId) {
+        batch.inner.insert(&self.ext, record_key(tool, collection, external), id.0.to_vec());
+    }
+
+    /// Stages a cursor value.
+    pub fn stage_cursor(&self, batch: &mut Batch, name: &str, value: u64) {
+        batch.inner.insert(&self.cursors, name, value.to_be_bytes().to_vec());
+    }
+
+    /// Marks or unmarks the document as awaiting write-back to the local tool.
+    pub fn stage_pending(&self, batch: &mut Batch, id: DocId, pending: bool) {
+        if pending {
+            batch.inner.insert(&self.pending, id.0, []);
+        } else {
+            batch.inner.remove(&self.pending, id.0);
+        }
+    }
+
+    /// Stages a dead letter (or clears the one for this record with `None`).
+    pub fn stage_dead_letter(&self, batch: &mut Batch, tool: &str, collection: &str, key: &str, letter: Option<&DeadLetter>) {
+        let k = record_key(tool, collection, key);
+        match letter {
+            Some(letter) => batch.inner.insert(&self.dead, k, encode(letter)),
+            None => batch.inner.remove(&self.dead, k),
+        }
+    }
+
+    /// Stores `meta` values that have no better home (kept for future use).
+    pub fn meta(&self) -> &Keyspace {
+        &self.meta
+    }
+}
+
+impl StoreReader {
+    /// The record `tool` is known to hold, if any.
+    pub fn shadow(&self, tool: &str, collection: &str, key: &str) -> Result<Option<Record>, StoreError> {
+        match self.shadow.get(record_key(tool, collection, key))? {
+            Some(bytes) => Ok(Some(decode(&bytes, "shadow record")?)),
+            None => Ok(None),
+        }
+    }
+
+    /// All shadows of `tool` in `collection`, as (key, record).
+    pub fn shadows(&self, tool: &str, collection: &str) -> Result<Vec<(String, Record)>, StoreError> {
+        let prefix = record_key(tool, collection, "");
+        let mut out = Vec::new();
+        for guard in self.shadow.prefix(&prefix) {
+            let (k, v) = guard.into_inner()?;
+            let key = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+            out.push((key, decode(&v, "shadow record")?));
+        }
+        Ok(out)
+    }
+
+    /// A cursor's value, 0 if never set.
+    pub fn cursor(&self, name: &str) -> Result<u64, StoreError> {
+        match self.cursors.get(name)? {
+            Some(bytes) => decode_seq(&bytes),
+            None => Ok(0),
+        }
+    }
+
+    /// Up to `max` entries of `collection`'s log with seq ≥ `from`, in order.
+    pub fn log_from(&self, collection: &str, from: u64, max: usize) -> Result<Vec<(u64, LogEntry)>, StoreError> {
+        let prefix = log_prefix(collection);
+        let mut out = Vec::new();
+        for guard in self.log.range(log_key(collection, from)..log_key(collection, u64::MAX)).take(max) {
+            let (k, v) = guard.into_inner()?;
+            out.push((decode_seq(&k[prefix.len()..])?, decode(&v, "log entry")?));
+        }
+        Ok(out)
+    }
+
+    /// The highest seq in `collection`'s log, 0 if empty.
+    pub fn log_head(&self, collection: &str) -> Result<u64, StoreError> {
+        let prefix = log_prefix(collection);
+        match self.log.prefix(&prefix).next_back() {
+            Some(guard) => decode_seq(&guard.key()?[prefix.len()..]),
+            None => Ok(0),
+        }
+    }
+
+    /// All dead letters.
+    pub fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError> {
+        self.dead.iter().map(|guard| decode(&guard.value()?, "dead letter")).collect()
+    }
+
+    /// The ids of documents awaiting write-back, up to `max`.
+    pub fn pending(&self, max: usize) -> Result<Vec<DocId>, StoreError> {
+        let mut out = Vec::new();
+        for guard in self.pending.iter().take(max) {
+            let key = guard.key()?;
+            let id = <[u8; 16]>::try_from(&key[..])
+                .map_err(|_| StoreError::Corrupt { what: "pending doc id", reason: format!("{} bytes", key.len()) })?;
+            out.push(DocId(id));
+        }
+        Ok(out)
+    }
+
+    /// How many documents the store holds.
+    pub fn doc_count(&self) -> Result<usize, StoreError> {
+        Ok(self.docs.len()?)
+    }
+}
+
+/// The name of a tool's capture cursor.
+pub fn tool_cursor(tool: &str) -> String {
+    format!("tool/{tool}")
+}
+
+/// The name of the cursor into a peer store's log of `collection`: the next seq to ask for.
+pub fn peer_cursor(peer: &StoreId, collection: &str) -> String {
+    format!("peer/{}/{collection}", hex(peer))
+}
+
+/// Lower-case hex of bytes.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn random_actor() -> StoreId {
+    let mut actor = [0u8; 16];
+    actor.copy_from_slice(automerge::ActorId::random().to_bytes());
+    actor
+}
+
+fn log_prefix(collection: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(collection.len() + 1);
+    key.extend_from_slice(collection.as_bytes());
+    key.push(0);
+    key
+}
+
+fn log_key(collection: &str, seq: u64) -> Vec<u8> {
+    let mut key = log_prefix(collection);
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+fn record_key(tool: &str, collection: &str, key: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(tool.len() + collection.len() + key.len() + 2);
+    k.extend_from_slice(tool.as_bytes());
+    k.push(0);
+    k.extend_from_slice(collection.as_bytes());
+    k.push(0);
+    k.extend_from_slice(key.as_bytes());
+    k
+}
+
+fn decode_seq(bytes: &[u8]) -> Result<u64, StoreError> {
+    <[u8; 8]>::try_from(bytes)
+        .map(u64::from_be_bytes)
+        .map_err(|_| StoreError::Corrupt { what: "sequence number", reason: format!("{} bytes", bytes.len()) })
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    postcard::to_stdvec(value).expect("in-memory values always encode")
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8], what: &'static str) -> Result<T, StoreError> {
+    postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt { what, reason: e.to_string() })
+}
+
+impl Batch {
+    /// Whether nothing is staged.
+    pub fn is_empty(&self) -> bool {
+        self.inner.is_empty()
+    }
+}
+
+impl Store {
+    /// Drops the cached copy of document `id`, so the next use reloads what is stored.
+    pub fn forget(&mut self, id: DocId) {
+        self.cache.pop(&id);
+    }
+}

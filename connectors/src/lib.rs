@@ -1,0 +1,59 @@
+//! Connectors to the tools Concord keeps in sync.
+//!
+//! A connector captures the changes a tool makes to its records and writes merged
+//! records back. It speaks native records ([`crdt_model::Record`]) and durable
+//! cursors, never Automerge: mapping records to documents is the agent's job. Each
+//! connector blocks, and the agent runs it on a dedicated thread.
+//!
+//! Every connector follows the same cycle:
+//!
+//! 1. poll for changes cheaply (`changed`),
+//! 2. capture the changed records after the agent's cursor (`capture`),
+//! 3. once the cursor is stored durably, let the tool forget what was captured,
+//! 4. write merged records back, tagged so that step 2 never sees them again.
+//!
+//! Architecture Invariant: a connector writes back only after every change in the tool
+//! has been captured, so a write never overwrites an edit the agent has not seen.
+//!
+//! # Example
+//!
+//! A user's tool inserts a customer; the connector captures it and writes a change
+//! back without echoing it into its own capture.
+//!
+//! ```
+//! use connectors::sqlite::{CollectionSpec, RowState, SqliteConnector, WriteOp, WriteOutcome};
+//! use crdt_model::{Record, Value};
+//!
+//! let dir = tempfile::tempdir()?;
+//! let path = dir.path().join("crm.db");
+//! let tool = rusqlite::Connection::open(&path)?;
+//! tool.execute_batch("CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT);")?;
+//!
+//! let spec = CollectionSpec {
+//!     collection: "customers".into(),
+//!     table: "customers".into(),
+//!     primary_key: "id".into(),
+//!     columns: vec!["name".into()],
+//! };
+//! let mut connector = SqliteConnector::open(&path, vec![spec])?;
+//!
+//! tool.execute("INSERT INTO customers (id, name) VALUES (7, 'Ada')", [])?;
+//! assert!(connector.changed()?);
+//! let batch = connector.capture(0, 100)?;
+//! let expected = Record::from([("name".to_owned(), Value::Text("Ada".into()))]);
+//! assert_eq!(batch.changes[0].key, "7");
+//! assert_eq!(batch.changes[0].state, RowState::Present(expected));
+//! connector.trim_outbox(batch.cursor)?;
+//!
+//! let rename = WriteOp::Upsert {
+//!     collection: "customers".into(),
+//!     key: "7".into(),
+//!     fields: Record::from([("name".to_owned(), Value::Text("Ada L.".into()))]),
+//! };
+//! let outcome = connector.write_back(batch.cursor, &[rename])?;
+//! assert_eq!(outcome, WriteOutcome::Written { rejected: vec![] });
+//! assert_eq!(connector.outbox_len()?, 0);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+pub mod sqlite;

@@ -1,0 +1,387 @@
+//! Conversions between stored SQLite values and canonical field values, one rule per
+//! field type. Reading never guesses: a stored value that does not fit its column's
+//! field type is reported, not coerced.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Datelike, NaiveDate, NaiveDateTime, Utc};
+use crdt_model::{Decimal, Timestamp, Value};
+use rusqlite::types::{ToSqlOutput, Value as SqlValue, ValueRef};
+
+use super::schema::{Column, FieldType};
+
+/// Longest text, in characters, that a message quotes before cutting it short.
+const QUOTED_CHARS_MAX: usize = 64;
+
+/// Most significant digits a decimal may have to survive SQLite's NUMERIC affinity,
+/// which stores numeric-looking text as a 64-bit float.
+const NUMERIC_DIGITS_MAX: usize = 15;
+
+/// Microseconds in one day.
+const DAY_MICROS: i64 = 86_400_000_000;
+
+/// Microseconds in one second.
+const SECOND_MICROS: i64 = 1_000_000;
+
+/// Largest magnitude of an integer that a 64-bit float holds exactly (2^53).
+const FLOAT_EXACT_INT_MAX: u64 = 1 << 53;
+
+/// Reads the stored value `raw` as `column`'s field type; `None` when it does not fit.
+pub(super) fn read_value(column: &Column, raw: ValueRef<'_>) -> Option<Value> {
+    if raw == ValueRef::Null {
+        return Some(Value::Null);
+    }
+    match column.field_type {
+        FieldType::Integer => match raw {
+            ValueRef::Integer(i) => Some(Value::Int(i)),
+            ValueRef::Real(f) => exact_int(f).map(Value::Int),
+            ValueRef::Text(t) => utf8(t)?.parse().ok().map(Value::Int),
+            _ => None,
+        },
+        FieldType::Float => match raw {
+            ValueRef::Integer(i) => Some(Value::Float(i as f64)),
+            ValueRef::Real(f) => Some(Value::Float(f)),
+            ValueRef::Text(t) => utf8(t)?
+                .parse::<f64>()
+                .ok()
+                .filter(|f| f.is_finite())
+                .map(Value::Float),
+            _ => None,
+        },
+        FieldType::Decimal => match raw {
+            ValueRef::Integer(i) => Decimal::parse(&i.to_string()).ok().map(Value::Decimal),
+            // Rust prints the shortest text that reads back as the same float, never in
+            // exponent notation, so a REAL becomes the decimal a person would write.
+            ValueRef::Real(f) => Decimal::parse(&format!("{f}")).ok().map(Value::Decimal),
+            ValueRef::Text(t) => Decimal::parse(utf8(t)?).ok().map(Value::Decimal),
+            _ => None,
+        },
+        FieldType::Text => match raw {
+            ValueRef::Text(t) => Some(Value::Text(utf8(t)?.to_owned())),
+            _ => None,
+        },
+        FieldType::Bool => match raw {
+            ValueRef::Integer(0) => Some(Value::Bool(false)),
+            ValueRef::Integer(1) => Some(Value::Bool(true)),
+            ValueRef::Text(t) => {
+                let text = utf8(t)?;
+                if text.eq_ignore_ascii_case("true") {
+                    Some(Value::Bool(true))
+                } else if text.eq_ignore_ascii_case("false") {
+                    Some(Value::Bool(false))
+                } else {
+                    None
+                }
+            }
+            _ => None,
+        },
+        FieldType::Timestamp => match raw {
+            ValueRef::Text(t) => parse_timestamp(utf8(t)?).map(Value::Timestamp),
+            ValueRef::Integer(seconds) => seconds
+                .checked_mul(SECOND_MICROS)
+                .map(|micros| Value::Timestamp(Timestamp::from_micros(micros))),
+            _ => None,
+        },
+        FieldType::Json => match raw {
+            ValueRef::Text(t) => serde_json::from_str(utf8(t)?).ok().map(from_json),
+            // NUMERIC affinity stores a JSON number at the top level as a number.
+            ValueRef::Integer(i) => Some(Value::Int(i)),
+            ValueRef::Real(f) => Some(Value::Float(f)),
+            _ => None,
+        },
+    }
+}
+
+/// Describes a stored value for a message: `text 'abc'`, `integer 7`, `NULL`.
+pub(super) fn describe(raw: ValueRef<'_>) -> String {
+    match raw {
+        ValueRef::Null => "NULL".to_owned(),
+        ValueRef::Integer(i) => format!("integer {i}"),
+        ValueRef::Real(f) => format!("real {f}"),
+        ValueRef::Text(t) => match std::str::from_utf8(t) {
+            Ok(text) => format!("text '{}'", shorten(text)),
+            Err(_) => format!("{} bytes of text that is not UTF-8", t.len()),
+        },
+        ValueRef::Blob(b) => format!("a blob of {} bytes", b.len()),
+    }
+}
+
+/// Converts `value` into what `column` stores, or says why it does not fit.
+///
+/// The message completes "column `x` ...", e.g. "expects integer (declared INTEGER),
+/// got text \"abc\"".
+pub(super) fn write_value<'a>(
+    column: &Column,
+    value: &'a Value,
+) -> Result<ToSqlOutput<'a>, String> {
+    let owned = |v: SqlValue| Ok(ToSqlOutput::Owned(v));
+    let mismatch = || {
+        Err(format!(
+            "expects {} ({}), got {} {}",
+            column.field_type,
+            column.declared_phrase(),
+            value.type_name(),
+            shorten(&value.to_string())
+        ))
+    };
+    match (column.field_type, value) {
+        (_, Value::Null) => owned(SqlValue::Null),
+        (FieldType::Integer, Value::Int(i)) => owned(SqlValue::Integer(*i)),
+        (FieldType::Float, Value::Float(f)) => {
+            if f.is_nan() {
+                Err("cannot hold NaN (SQLite would store NULL)".to_owned())
+            } else {
+                owned(SqlValue::Real(*f))
+            }
+        }
+        (FieldType::Float, Value::Int(i)) => {
+            if i.unsigned_abs() <= FLOAT_EXACT_INT_MAX {
+                owned(SqlValue::Real(*i as f64))
+            } else {
+                Err(format!(
+                    "is a float column, and {i} has more digits than a float holds exactly"
+                ))
+            }
+        }
+        (FieldType::Decimal, Value::Decimal(d)) => {
+            if column.keeps_text || survives_numeric_affinity(d) {
+                Ok(ToSqlOutput::Borrowed(ValueRef::Text(d.as_str().as_bytes())))
+            } else {
+                Err(format!(
+                    "({}) has NUMERIC affinity, so SQLite would round {d} to a float; \
+                     declare it DECIMAL_TEXT to store exact decimals",
+                    column.declared_phrase()
+                ))
+            }
+        }
+        (FieldType::Decimal, Value::Int(i)) => owned(SqlValue::Integer(*i)),
+        (FieldType::Text, Value::Text(text)) => {
+            Ok(ToSqlOutput::Borrowed(ValueRef::Text(text.as_bytes())))
+        }
+        (FieldType::Bool, Value::Bool(b)) => owned(SqlValue::Integer(i64::from(*b))),
+        (FieldType::Timestamp, Value::Timestamp(t)) => match format_timestamp(*t, column.date_only)
+        {
+            Some(text) => owned(SqlValue::Text(text)),
+            None => Err(format!(
+                "cannot hold the instant {} us after the epoch: it lies outside the years 0000 to 9999",
+                t.micros()
+            )),
+        },
+        (
+            FieldType::Json,
+            Value::List(_)
+            | Value::Map(_)
+            | Value::Bool(_)
+            | Value::Int(_)
+            | Value::Float(_)
+            | Value::Text(_),
+        ) => {
+            let json = to_json(value)?;
+            let text = serde_json::to_string(&json)
+                .map_err(|error| format!("cannot hold the value as JSON: {error}"))?;
+            owned(SqlValue::Text(text))
+        }
+        _ => mismatch(),
+    }
+}
+
+/// True when SQLite's NUMERIC affinity, which turns numeric-looking text into an
+/// INTEGER or a REAL, keeps `decimal` exactly: it fits an `i64`, or it has at most
+/// [`NUMERIC_DIGITS_MAX`] significant digits and reads back unchanged from a float.
+fn survives_numeric_affinity(decimal: &Decimal) -> bool {
+    let text = decimal.as_str();
+    if text.parse::<i64>().is_ok() {
+        return true;
+    }
+    let digits: String = text.chars().filter(char::is_ascii_digit).collect();
+    let significant = digits.trim_start_matches('0').trim_end_matches('0');
+    if significant.len() > NUMERIC_DIGITS_MAX {
+        return false;
+    }
+    text.parse::<f64>()
+        .ok()
+        .and_then(|f| Decimal::parse(&format!("{f}")).ok())
+        .is_some_and(|back| &back == decimal)
+}
+
+/// The integer a float holds exactly, if it holds one within `i64` range.
+fn exact_int(f: f64) -> Option<i64> {
+    // -2^63 is exact as a float; 2^63 is the first float above i64::MAX.
+    const BOUND: f64 = 9_223_372_036_854_775_808.0;
+    (f.fract() == 0.0 && (-BOUND..BOUND).contains(&f)).then_some(f as i64)
+}
+
+/// Stored text as UTF-8, if it is.
+fn utf8(bytes: &[u8]) -> Option<&str> {
+    std::str::from_utf8(bytes).ok()
+}
+
+/// Parses the timestamp formats found in SQLite databases, all but RFC 3339 read as UTC:
+/// RFC 3339 (`2024-05-01T10:00:00Z`, `2024-05-01 12:00:00.5+02:00`),
+/// `YYYY-MM-DD HH:MM:SS[.ffffff]`, `YYYY-MM-DDTHH:MM:SS[.ffffff]`, `YYYY-MM-DD HH:MM`
+/// and `YYYY-MM-DD`.
+fn parse_timestamp(text: &str) -> Option<Timestamp> {
+    if let Ok(instant) = DateTime::parse_from_rfc3339(text) {
+        return Some(Timestamp::from_micros(instant.timestamp_micros()));
+    }
+    let naive = [
+        "%Y-%m-%d %H:%M:%S%.f",
+        "%Y-%m-%dT%H:%M:%S%.f",
+        "%Y-%m-%d %H:%M",
+    ]
+    .iter()
+    .find_map(|format| NaiveDateTime::parse_from_str(text, format).ok())
+    .or_else(|| {
+        NaiveDate::parse_from_str(text, "%Y-%m-%d")
+            .ok()
+            .and_then(|date| date.and_hms_opt(0, 0, 0))
+    })?;
+    Some(Timestamp::from_micros(naive.and_utc().timestamp_micros()))
+}
+
+/// Formats an instant as RFC 3339 UTC with microseconds, or as `YYYY-MM-DD` for a
+/// date-only column when the instant is a midnight UTC; `None` outside the years
+/// 0000 to 9999, which RFC 3339 cannot express.
+fn format_timestamp(timestamp: Timestamp, date_only: bool) -> Option<String> {
+    let instant = DateTime::<Utc>::from_timestamp_micros(timestamp.micros())?;
+    if !(0..=9999).contains(&instant.year()) {
+        return None;
+    }
+    let format = if date_only && timestamp.micros().rem_euclid(DAY_MICROS) == 0 {
+        "%Y-%m-%d"
+    } else {
+        "%Y-%m-%dT%H:%M:%S%.6fZ"
+    };
+    Some(instant.format(format).to_string())
+}
+
+/// Converts a parsed JSON document into a field value.
+fn from_json(json: serde_json::Value) -> Value {
+    match json {
+        serde_json::Value::Null => Value::Null,
+        serde_json::Value::Bool(b) => Value::Bool(b),
+        serde_json::Value::Number(n) => match n.as_i64() {
+            Some(i) => Value::Int(i),
+            None => Value::Float(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        serde_json::Value::String(s) => Value::Text(s),
+        serde_json::Value::Array(items) => Value::List(items.into_iter().map(from_json).collect()),
+        serde_json::Value::Object(map) => Value::Map(
+            map.into_iter()
+                .map(|(name, item)| (name, from_json(item)))
+                .collect::<BTreeMap<_, _>>(),
+        ),
+    }
+}
+
+/// Converts a field value into a JSON document. JSON has no decimal, timestamp or
+/// non-finite number, so those are refused rather than changed into something that
+/// would read back as a different value.
+fn to_json(value: &Value) -> Result<serde_json::Value, String> {
+    Ok(match value {
+        Value::Null => serde_json::Value::Null,
+        Value::Bool(b) => serde_json::Value::Bool(*b),
+        Value::Int(i) => serde_json::Value::from(*i),
+        Value::Float(f) => serde_json::Number::from_f64(*f)
+            .map(serde_json::Value::Number)
+            .ok_or_else(|| format!("cannot hold the float {f} in JSON"))?,
+        Value::Text(s) => serde_json::Value::String(s.clone()),
+        Value::List(items) => {
+            serde_json::Value::Array(items.iter().map(to_json).collect::<Result<_, _>>()?)
+        }
+        Value::Map(map) => serde_json::Value::Object(
+            map.iter()
+                .map(|(name, item)| Ok((name.clone(), to_json(item)?)))
+                .collect::<Result<_, String>>()?,
+        ),
+        Value::Decimal(_) | Value::Timestamp(_) => {
+            return Err(format!(
+                "is JSON, which has no {} type (found {})",
+                value.type_name(),
+                shorten(&value.to_string())
+            ));
+        }
+    })
+}
+
+/// Cuts `text` to [`QUOTED_CHARS_MAX`] characters, marking the cut with `…`.
+pub(super) fn shorten(text: &str) -> String {
+    match text.char_indices().nth(QUOTED_CHARS_MAX) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn micros(text: &str) -> Option<i64> {
+        parse_timestamp(text).map(Timestamp::micros)
+    }
+
+    #[test]
+    fn timestamps_parse_in_every_supported_format() {
+        let base = 1_714_557_600_000_000; // 2024-05-01T10:00:00Z
+        assert_eq!(micros("2024-05-01T10:00:00Z"), Some(base));
+        assert_eq!(micros("2024-05-01T12:00:00+02:00"), Some(base));
+        assert_eq!(micros("2024-05-01T10:00:00.25Z"), Some(base + 250_000));
+        assert_eq!(micros("2024-05-01 10:00:00"), Some(base));
+        assert_eq!(micros("2024-05-01 10:00:00.000001"), Some(base + 1));
+        assert_eq!(micros("2024-05-01T10:00:00"), Some(base));
+        assert_eq!(micros("2024-05-01 10:00"), Some(base));
+        assert_eq!(micros("2024-05-01"), Some(base - 10 * 3_600_000_000));
+        assert_eq!(micros("yesterday"), None);
+        assert_eq!(micros("2024-13-01"), None);
+    }
+
+    #[test]
+    fn timestamps_format_as_rfc3339_or_date() {
+        let base = Timestamp::from_micros(1_714_557_600_000_001);
+        assert_eq!(
+            format_timestamp(base, false).as_deref(),
+            Some("2024-05-01T10:00:00.000001Z")
+        );
+        let midnight = Timestamp::from_micros(1_714_521_600_000_000);
+        assert_eq!(
+            format_timestamp(midnight, true).as_deref(),
+            Some("2024-05-01")
+        );
+        assert_eq!(
+            format_timestamp(base, true).as_deref(),
+            Some("2024-05-01T10:00:00.000001Z")
+        );
+        assert_eq!(
+            format_timestamp(Timestamp::from_micros(i64::MAX), false),
+            None
+        );
+    }
+
+    #[test]
+    fn numeric_affinity_keeps_short_decimals_only() {
+        let fits = |text: &str| survives_numeric_affinity(&Decimal::parse(text).expect(text));
+        assert!(fits("12.5"));
+        assert!(fits("0.1"));
+        assert!(fits("-123456789012.345"));
+        assert!(fits("9223372036854775807"));
+        assert!(fits("120000000000000000000"));
+        assert!(!fits("12345678901234567890.123456789"));
+        assert!(!fits("0.1234567890123456"));
+    }
+
+    #[test]
+    fn floats_convert_to_integers_only_when_exact() {
+        assert_eq!(exact_int(7.0), Some(7));
+        assert_eq!(exact_int(-9_223_372_036_854_775_808.0), Some(i64::MIN));
+        assert_eq!(exact_int(9_223_372_036_854_775_808.0), None);
+        assert_eq!(exact_int(7.5), None);
+        assert_eq!(exact_int(f64::NAN), None);
+    }
+
+    #[test]
+    fn shorten_cuts_long_text() {
+        assert_eq!(shorten("abc"), "abc");
+        let long = "é".repeat(QUOTED_CHARS_MAX + 1);
+        assert_eq!(shorten(&long), format!("{}…", "é".repeat(QUOTED_CHARS_MAX)));
+    }
+}

@@ -1,0 +1,692 @@
+//! The SQLite connector: captures the changes a user's tool makes to SQLite tables and
+//! writes merged records back, without echoing its own writes.
+//!
+//! # Capture
+//!
+//! [`SqliteConnector::open`] installs three triggers on every configured table. Each
+//! insert, update or delete by any connection appends `(table, key)` to the outbox
+//! table `_concord_outbox`, whose `seq` grows with every change and is never reused.
+//! The outbox holds keys, not values: [`SqliteConnector::capture`] reads the entries
+//! after a cursor and the *current* state of each row, so a row edited ten times
+//! before capture is read once, in its final state.
+//!
+//! The agent persists the batch's cursor first and then calls
+//! [`SqliteConnector::trim_outbox`], so a crash between the two repeats a capture but
+//! never loses one.
+//!
+//! # Write-back without echo
+//!
+//! [`SqliteConnector::write_back`] sets the flag in `_concord_echo` at the start of its
+//! transaction and clears it before the commit; the triggers record nothing while the
+//! flag is set. Other connections never see the flag set, so their edits are always
+//! captured. Write-back refuses to run ([`WriteOutcome::CaptureFirst`]) while the
+//! outbox holds entries the agent has not captured, so it never overwrites an edit
+//! the agent has not seen.
+//!
+//! # Keys and types
+//!
+//! Each table needs a single-column PRIMARY KEY. Keys cross the connector boundary as
+//! text: the decimal digits of an integer key, the text of a text key. Each configured
+//! column gets a [`FieldType`] from its declared SQL type, and values convert as
+//! follows (NULL is `Value::Null` for every type):
+//!
+//! | Field type  | Read from SQLite                                                    | Written to SQLite                 |
+//! |-------------|---------------------------------------------------------------------|-----------------------------------|
+//! | `Integer`   | INTEGER; a REAL holding a whole number; text of an `i64`             | `Int` as INTEGER                  |
+//! | `Float`     | INTEGER, REAL, text of a finite float                               | `Float` or exact `Int` as REAL    |
+//! | `Decimal`   | INTEGER; text of a decimal; a REAL as its shortest round-trip text  | `Decimal` as canonical text; `Int`|
+//! | `Text`      | TEXT                                                                | `Text` as TEXT                    |
+//! | `Bool`      | INTEGER 0 or 1; text `true` or `false`                              | `Bool` as 0 or 1                  |
+//! | `Timestamp` | RFC 3339, `YYYY-MM-DD HH:MM:SS[.f]` or `YYYY-MM-DD` (UTC); INTEGER Unix seconds | `Timestamp` as `2024-05-01T10:00:00.000000Z`, or `2024-05-01` in a `DATE` column at midnight UTC |
+//! | `Json`      | JSON text (numbers that fit `i64` become `Int`); a bare number      | `List`, `Map`, `Bool`, `Int`, `Float`, `Text` as JSON text |
+//!
+//! A stored value that does not fit is captured as [`RowState::Invalid`] with a reason
+//! naming table, key, column, declared type and value. A written value that does not
+//! fit rejects that op alone; the rest of the batch commits.
+//!
+//! SQLite gives `DECIMAL`, `NUMERIC` and `MONEY` columns NUMERIC affinity: it stores
+//! text that looks like a number as a 64-bit float, keeping about 15 significant
+//! digits. Write-back therefore rejects a longer decimal for such a column rather than
+//! let SQLite round it. A column declared with TEXT affinity and a `DEC` in its type,
+//! such as `DECIMAL_TEXT`, keeps decimals of any length exactly.
+//!
+//! # Limits
+//!
+//! While write-back runs, the user's own triggers still fire, but changes they make
+//! to configured tables are not captured. Rows whose key is NULL are never captured.
+
+mod convert;
+mod error;
+mod schema;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+use std::time::Duration;
+
+use crdt_model::{Record, Value};
+use rusqlite::types::{ToSqlOutput, Value as SqlValue, ValueRef};
+use rusqlite::{Connection, ErrorCode, TransactionBehavior, params_from_iter};
+
+pub use error::SqliteError;
+pub use schema::FieldType;
+use schema::Table;
+
+/// How long a statement waits for another connection's lock before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Prepared statements each connection keeps: a few per table plus one pair per
+/// combination of fields that write-back updates.
+const STATEMENTS_CACHED_MAX: usize = 256;
+
+const DATA_VERSION_SQL: &str = "PRAGMA data_version";
+const OUTBOX_READ_SQL: &str =
+    "SELECT seq, tbl, key FROM _concord_outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2";
+/// The highest seq ever given out, even if trimmed since (AUTOINCREMENT keeps it).
+const OUTBOX_HEAD_SQL: &str =
+    "SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = '_concord_outbox'), 0)";
+const OUTBOX_LEN_SQL: &str = "SELECT COUNT(*) FROM _concord_outbox";
+const OUTBOX_TRIM_SQL: &str = "DELETE FROM _concord_outbox WHERE seq <= ?1";
+/// Whether the tool committed edits after `?1`, trimmed or not: a plan made before
+/// them is stale.
+const OUTBOX_PENDING_SQL: &str =
+    "SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = '_concord_outbox'), 0) > ?1";
+const ECHO_SET_SQL: &str = "UPDATE _concord_echo SET active = ?1 WHERE id = 1";
+
+/// Which table one collection syncs and which of its columns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CollectionSpec {
+    /// The collection name the agent uses.
+    pub collection: String,
+    /// The SQLite table holding the collection's rows.
+    pub table: String,
+    /// The table's single-column PRIMARY KEY; it identifies rows and need not be listed
+    /// in `columns`.
+    pub primary_key: String,
+    /// The columns that become record fields. The key is a field only if listed here.
+    pub columns: Vec<String>,
+}
+
+/// One connection to a SQLite database, capturing and writing the configured tables.
+///
+/// It blocks; the agent gives it a dedicated thread.
+#[derive(Debug)]
+pub struct SqliteConnector {
+    conn: Connection,
+    tables: Vec<Table>,
+    /// Table index by table name as configured (what the triggers write).
+    by_table: HashMap<String, usize>,
+    /// Table index by lower-cased table name, for outbox entries written under an
+    /// earlier spelling of the name (SQLite table names ignore case).
+    by_table_folded: HashMap<String, usize>,
+    by_collection: HashMap<String, usize>,
+    /// The last `PRAGMA data_version` seen by [`SqliteConnector::changed`].
+    data_version: i64,
+}
+
+/// The changes read by one [`SqliteConnector::capture`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct CaptureBatch {
+    /// Changed rows in outbox order, each with its current state, each row once.
+    pub changes: Vec<CapturedChange>,
+    /// The highest outbox sequence number read; the `after` passed in when none was.
+    pub cursor: u64,
+}
+
+/// One changed row and its state at capture time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CapturedChange {
+    /// The collection of the row's table.
+    pub collection: String,
+    /// The row's primary key as text.
+    pub key: String,
+    /// The row as it is now.
+    pub state: RowState,
+}
+
+/// The state of a row at capture time.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RowState {
+    /// The row exists; its configured columns as record fields.
+    Present(Record),
+    /// No row has this key: it was deleted, or its key changed.
+    Absent,
+    /// The row holds a value that does not fit its column's field type; the reason
+    /// names table, key, column, declared type and the value.
+    Invalid(String),
+}
+
+/// One write the agent asks for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WriteOp {
+    /// Sets the given fields of the row with `key`, inserting the row if missing.
+    /// Fields not given keep their values.
+    Upsert {
+        /// The collection to write.
+        collection: String,
+        /// The row's primary key as text.
+        key: String,
+        /// The fields to set.
+        fields: Record,
+    },
+    /// Deletes the row with `key`, if present.
+    Delete {
+        /// The collection to write.
+        collection: String,
+        /// The row's primary key as text.
+        key: String,
+    },
+}
+
+/// What [`SqliteConnector::write_back`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteOutcome {
+    /// The transaction committed every op except the rejected ones, given as index into
+    /// the ops and the reason.
+    Written {
+        /// Ops not written: their index and why.
+        rejected: Vec<(usize, String)>,
+    },
+    /// Nothing was written: the outbox holds user edits not yet captured. Capture them,
+    /// then write again.
+    CaptureFirst,
+}
+
+impl SqliteConnector {
+    /// Opens (or creates) the database at `path`, validates every spec against its
+    /// schema and installs the outbox, echo flag and capture triggers.
+    ///
+    /// The connection uses WAL, `synchronous = NORMAL` and a 5 s busy timeout.
+    /// Opening again is idempotent: the triggers are dropped and recreated from the
+    /// current specs and schema, and the outbox keeps its entries.
+    pub fn open(path: &Path, specs: Vec<CollectionSpec>) -> Result<SqliteConnector, SqliteError> {
+        let mut by_collection = HashMap::with_capacity(specs.len());
+        let mut by_table = HashMap::with_capacity(specs.len());
+        let mut by_table_folded = HashMap::with_capacity(specs.len());
+        for (index, spec) in specs.iter().enumerate() {
+            if by_collection
+                .insert(spec.collection.clone(), index)
+                .is_some()
+            {
+                return Err(SqliteError::DuplicateCollection {
+                    collection: spec.collection.clone(),
+                });
+            }
+            if by_table_folded
+                .insert(spec.table.to_ascii_lowercase(), index)
+                .is_some()
+            {
+                return Err(SqliteError::DuplicateTable {
+                    table: spec.table.clone(),
+                });
+            }
+            by_table.insert(spec.table.clone(), index);
+        }
+
+        let mut conn = Connection::open(path)?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        let journal_mode: String =
+            conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))?;
+        if !journal_mode.eq_ignore_ascii_case("wal") {
+            tracing::warn!(
+                path = %path.display(),
+                journal_mode,
+                "SQLite did not switch to WAL; readers and writers will block each other"
+            );
+        }
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.set_prepared_statement_cache_capacity(STATEMENTS_CACHED_MAX);
+        // Read before installing, so a commit that races with the install still makes
+        // the first `changed` return true.
+        let data_version = read_data_version(&conn)?;
+
+        // Validate and install in one write transaction, so the schema cannot change
+        // between the check and the triggers.
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tables = specs
+            .iter()
+            .map(|spec| Table::validate(&tx, spec))
+            .collect::<Result<Vec<_>, _>>()?;
+        tx.execute_batch(schema::BOOKKEEPING_SQL)?;
+        let installed = schema::trigger_names(&tx)?;
+        schema::drop_triggers(&tx)?;
+        for table in &tables {
+            if !installed.contains(&table.insert_trigger_name()) {
+                // First install for this table: rows it already holds are captured too.
+                let queued = tx.execute(&table.import_sql(), [])?;
+                tracing::info!(table = %table.name, rows = queued, "initial import queued");
+            }
+            tx.execute_batch(&table.triggers_sql())?;
+        }
+        tx.commit()?;
+        tracing::debug!(path = %path.display(), tables = tables.len(), "capture triggers installed");
+
+        Ok(SqliteConnector {
+            conn,
+            tables,
+            by_table,
+            by_table_folded,
+            by_collection,
+            data_version,
+        })
+    }
+
+    /// Returns true when another connection committed since the last call (or since
+    /// opening). Cheap enough to poll every millisecond; the connector's own
+    /// write-backs do not count.
+    pub fn changed(&mut self) -> Result<bool, SqliteError> {
+        let version = read_data_version(&self.conn)?;
+        let changed = version != self.data_version;
+        self.data_version = version;
+        Ok(changed)
+    }
+
+    /// Reads up to `max` outbox entries after sequence number `after` and the current
+    /// state of each row they name, all in one read transaction.
+    ///
+    /// Entries for tables no longer configured are skipped, and an entry for a row
+    /// already in the batch is folded into it (both would report the same state), so
+    /// the batch may hold fewer than `max` changes; its cursor still covers every
+    /// entry read.
+    pub fn capture(&mut self, after: u64, max: usize) -> Result<CaptureBatch, SqliteError> {
+        let mut batch = CaptureBatch {
+            changes: Vec::new(),
+            cursor: after,
+        };
+        if max == 0 {
+            return Ok(batch);
+        }
+        let tx = self.conn.transaction()?;
+        let entries: Vec<(i64, String, String)> = tx
+            .prepare_cached(OUTBOX_READ_SQL)?
+            .query_map([seq_param(after), count_param(max)], |row| {
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+            })?
+            .collect::<Result<_, _>>()?;
+        batch.changes.reserve(entries.len());
+        let mut seen: HashSet<(usize, &str)> = HashSet::with_capacity(entries.len());
+        for (seq, table_name, key) in &entries {
+            batch.cursor = u64::try_from(*seq).unwrap_or(batch.cursor);
+            let index = match self.by_table.get(table_name) {
+                Some(index) => *index,
+                None => match self.by_table_folded.get(&table_name.to_ascii_lowercase()) {
+                    Some(index) => *index,
+                    None => continue,
+                },
+            };
+            if !seen.insert((index, key.as_str())) {
+                continue;
+            }
+            let table = &self.tables[index];
+            batch.changes.push(CapturedChange {
+                collection: table.collection.clone(),
+                key: key.clone(),
+                state: read_row(&tx, table, key)?,
+            });
+        }
+        tx.commit()?;
+        Ok(batch)
+    }
+
+    /// The highest outbox sequence number ever given out (trimmed entries included), 0
+    /// before the first.
+    pub fn outbox_head(&mut self) -> Result<u64, SqliteError> {
+        let head: i64 = self
+            .conn
+            .prepare_cached(OUTBOX_HEAD_SQL)?
+            .query_row([], |row| row.get(0))?;
+        Ok(u64::try_from(head).unwrap_or(0))
+    }
+
+    /// The number of entries in the outbox.
+    pub fn outbox_len(&mut self) -> Result<u64, SqliteError> {
+        let len: i64 = self
+            .conn
+            .prepare_cached(OUTBOX_LEN_SQL)?
+            .query_row([], |row| row.get(0))?;
+        Ok(u64::try_from(len).unwrap_or(0))
+    }
+
+    /// Deletes the outbox entries up to and including `upto`. Call it once the capture
+    /// cursor `upto` is durably stored.
+    pub fn trim_outbox(&mut self, upto: u64) -> Result<(), SqliteError> {
+        self.conn
+            .prepare_cached(OUTBOX_TRIM_SQL)?
+            .execute([seq_param(upto)])?;
+        Ok(())
+    }
+
+    /// Applies `ops` in one transaction whose changes the capture triggers ignore.
+    ///
+    /// `captured_upto` is the agent's capture cursor. If the outbox holds entries after
+    /// it, nothing is written and the result is [`WriteOutcome::CaptureFirst`]. An op
+    /// naming an unknown collection, a key that does not fit the key column, a field
+    /// that is not a configured column or a value that does not fit its column is
+    /// rejected, as is one SQLite refuses (a constraint or a user trigger); the other
+    /// ops commit.
+    pub fn write_back(
+        &mut self,
+        captured_upto: u64,
+        ops: &[WriteOp],
+    ) -> Result<WriteOutcome, SqliteError> {
+        let mut rejected = Vec::new();
+        let mut plans: Vec<Option<Plan<'_>>> = ops
+            .iter()
+            .enumerate()
+            .map(|(index, op)| match self.plan(op) {
+                Ok(plan) => Some(plan),
+                Err(reason) => {
+                    rejected.push((index, reason));
+                    None
+                }
+            })
+            .collect();
+        // An op whose failure rolls back the whole transaction (ON CONFLICT ROLLBACK,
+        // RAISE(ROLLBACK)) is dropped and the rest retried; each retry drops one op, so
+        // this runs at most ops.len() + 1 times.
+        loop {
+            match self.attempt(captured_upto, &plans)? {
+                Attempt::CaptureFirst => return Ok(WriteOutcome::CaptureFirst),
+                Attempt::Committed(refused) => {
+                    rejected.extend(refused);
+                    break;
+                }
+                Attempt::RolledBack(index, reason) => {
+                    plans[index] = None;
+                    rejected.push((index, reason));
+                }
+            }
+        }
+        rejected.sort_by_key(|(index, _)| *index);
+        tracing::debug!(
+            ops = ops.len(),
+            rejected = rejected.len(),
+            "write-back committed"
+        );
+        Ok(WriteOutcome::Written { rejected })
+    }
+
+    /// The field type of each configured column of `collection`, or `None` when the
+    /// collection is not configured.
+    pub fn field_types(&self, collection: &str) -> Option<&BTreeMap<String, FieldType>> {
+        let index = self.by_collection.get(collection)?;
+        Some(&self.tables[*index].field_types)
+    }
+
+    /// Checks and converts one op without touching the database; the error is the
+    /// reason the op is rejected.
+    fn plan<'a>(&self, op: &'a WriteOp) -> Result<Plan<'a>, String> {
+        let (WriteOp::Upsert {
+            collection, key, ..
+        }
+        | WriteOp::Delete { collection, key }) = op;
+        let index = *self
+            .by_collection
+            .get(collection)
+            .ok_or_else(|| format!("unknown collection `{collection}`"))?;
+        let table = &self.tables[index];
+        let context = || format!("{} key {}", table.name, convert::shorten(key));
+        let key_param = match key_param(table, key) {
+            KeyParam::Int(i) => ToSqlOutput::Owned(SqlValue::Integer(i)),
+            KeyParam::Text(text) if table.key.field_type != FieldType::Integer => {
+                ToSqlOutput::Borrowed(ValueRef::Text(text.as_bytes()))
+            }
+            KeyParam::Text(_) => {
+                return Err(format!(
+                    "{}: the key is not an integer, but the primary key `{}` is {}",
+                    context(),
+                    table.key.field,
+                    table.key.declared_phrase()
+                ));
+            }
+        };
+        let action = match op {
+            WriteOp::Delete { .. } => Action::Delete(key_param),
+            WriteOp::Upsert { fields, .. } => {
+                let mut params = Vec::with_capacity(fields.len() + 1);
+                let mut assignments = String::new();
+                let mut names = String::new();
+                let mut placeholders = String::new();
+                for (field, value) in fields {
+                    if field.eq_ignore_ascii_case(&table.key.field) {
+                        if key_text(value).as_deref() != Some(key.as_str()) {
+                            return Err(format!(
+                                "{}: field `{field}` holds {}, which is not the key",
+                                context(),
+                                convert::shorten(&value.to_string())
+                            ));
+                        }
+                        continue;
+                    }
+                    let column = table
+                        .columns
+                        .iter()
+                        .find(|column| column.field == *field)
+                        .ok_or_else(|| {
+                            format!("{}: `{field}` is not a configured column", context())
+                        })?;
+                    let param = convert::write_value(column, value)
+                        .map_err(|problem| format!("{}: column `{field}` {problem}", context()))?;
+                    params.push(param);
+                    let n = params.len();
+                    let separator = if n == 1 { "" } else { ", " };
+                    let name = &column.sql_name;
+                    assignments.push_str(&format!("{separator}{name} = ?{n}"));
+                    names.push_str(&format!(", {name}"));
+                    placeholders.push_str(&format!(", ?{n}"));
+                }
+                if params.is_empty() {
+                    Action::InsertKey(key_param)
+                } else {
+                    params.push(key_param);
+                    let n = params.len();
+                    let (table_name, key_name) = (&table.sql_name, &table.key.sql_name);
+                    Action::Upsert {
+                        update_sql: format!(
+                            "UPDATE {table_name} SET {assignments} WHERE {key_name} = ?{n}"
+                        ),
+                        insert_sql: format!(
+                            "INSERT INTO {table_name} ({key_name}{names}) VALUES (?{n}{placeholders})"
+                        ),
+                        params,
+                    }
+                }
+            }
+        };
+        Ok(Plan {
+            table: index,
+            key,
+            action,
+        })
+    }
+
+    /// Runs one write-back transaction over the plans still standing.
+    fn attempt(
+        &mut self,
+        captured_upto: u64,
+        plans: &[Option<Plan<'_>>],
+    ) -> Result<Attempt, SqliteError> {
+        let tables = &self.tables;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let pending: bool = tx
+            .prepare_cached(OUTBOX_PENDING_SQL)?
+            .query_row([seq_param(captured_upto)], |row| row.get(0))?;
+        if pending {
+            tx.rollback()?;
+            return Ok(Attempt::CaptureFirst);
+        }
+        tx.prepare_cached(ECHO_SET_SQL)?.execute([1])?;
+        let mut refused = Vec::new();
+        for (index, plan) in plans.iter().enumerate() {
+            let Some(plan) = plan else { continue };
+            let table = &tables[plan.table];
+            let Err(error) = execute(&tx, table, &plan.action) else {
+                continue;
+            };
+            let Some(message) = record_fault(&error) else {
+                return Err(error.into());
+            };
+            let reason = format!(
+                "{} key {}: SQLite refused the write: {message}",
+                table.name,
+                convert::shorten(plan.key)
+            );
+            if tx.is_autocommit() {
+                return Ok(Attempt::RolledBack(index, reason));
+            }
+            refused.push((index, reason));
+        }
+        tx.prepare_cached(ECHO_SET_SQL)?.execute([0])?;
+        tx.commit()?;
+        Ok(Attempt::Committed(refused))
+    }
+}
+
+/// One op, checked and converted, ready to run.
+struct Plan<'a> {
+    table: usize,
+    key: &'a str,
+    action: Action<'a>,
+}
+
+/// The statements one op runs.
+enum Action<'a> {
+    /// Updates the row, or inserts it when no row was updated. `params` holds the
+    /// field values, then the key.
+    Upsert {
+        update_sql: String,
+        insert_sql: String,
+        params: Vec<ToSqlOutput<'a>>,
+    },
+    /// Inserts a row holding only the key, unless the row exists.
+    InsertKey(ToSqlOutput<'a>),
+    /// Deletes the row.
+    Delete(ToSqlOutput<'a>),
+}
+
+/// How one write-back transaction ended.
+enum Attempt {
+    CaptureFirst,
+    /// Committed; the ops SQLite refused without ending the transaction.
+    Committed(Vec<(usize, String)>),
+    /// SQLite rolled the whole transaction back because of this op.
+    RolledBack(usize, String),
+}
+
+/// A key as a statement parameter.
+enum KeyParam<'a> {
+    Int(i64),
+    Text(&'a str),
+}
+
+/// The connection's `PRAGMA data_version`, which changes when another connection
+/// commits.
+fn read_data_version(conn: &Connection) -> Result<i64, SqliteError> {
+    Ok(conn
+        .prepare_cached(DATA_VERSION_SQL)?
+        .query_row([], |row| row.get(0))?)
+}
+
+/// The parameter for `key`: an integer for an integer key column when the text is
+/// one, the text otherwise (SQLite's column affinity converts it as it would any
+/// value compared with the column).
+fn key_param<'a>(table: &Table, key: &'a str) -> KeyParam<'a> {
+    if table.key.field_type == FieldType::Integer
+        && let Ok(i) = key.parse()
+    {
+        return KeyParam::Int(i);
+    }
+    KeyParam::Text(key)
+}
+
+/// The key text a field value stands for, if it can be a key.
+fn key_text(value: &Value) -> Option<String> {
+    match value {
+        Value::Int(i) => Some(i.to_string()),
+        Value::Text(text) => Some(text.clone()),
+        Value::Decimal(decimal) => Some(decimal.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+/// Reads the row with `key` and converts its configured columns.
+fn read_row(conn: &Connection, table: &Table, key: &str) -> Result<RowState, SqliteError> {
+    let mut statement = conn.prepare_cached(&table.select_sql)?;
+    let mut rows = match key_param(table, key) {
+        KeyParam::Int(i) => statement.query([i])?,
+        KeyParam::Text(text) => statement.query([text])?,
+    };
+    let Some(row) = rows.next()? else {
+        return Ok(RowState::Absent);
+    };
+    let mut record = Record::new();
+    for (index, column) in table.columns.iter().enumerate() {
+        let raw = row.get_ref(index)?;
+        let Some(value) = convert::read_value(column, raw) else {
+            return Ok(RowState::Invalid(format!(
+                "{} key {}: column `{}` holds {}, expected {} ({})",
+                table.name,
+                convert::shorten(key),
+                column.field,
+                convert::describe(raw),
+                column.field_type,
+                column.declared_phrase()
+            )));
+        };
+        record.insert(column.field.clone(), value);
+    }
+    Ok(RowState::Present(record))
+}
+
+/// Runs the statements of one op.
+fn execute(conn: &Connection, table: &Table, action: &Action<'_>) -> rusqlite::Result<()> {
+    match action {
+        Action::Upsert {
+            update_sql,
+            insert_sql,
+            params,
+        } => {
+            let updated = conn
+                .prepare_cached(update_sql)?
+                .execute(params_from_iter(params))?;
+            if updated == 0 {
+                conn.prepare_cached(insert_sql)?
+                    .execute(params_from_iter(params))?;
+            }
+        }
+        Action::InsertKey(key) => {
+            conn.prepare_cached(&table.insert_key_sql)?.execute([key])?;
+        }
+        Action::Delete(key) => {
+            conn.prepare_cached(&table.delete_sql)?.execute([key])?;
+        }
+    }
+    Ok(())
+}
+
+/// The message of a failure caused by the written record itself (a constraint, a
+/// user trigger, a type or size SQLite refuses), as opposed to a failing database.
+fn record_fault(error: &rusqlite::Error) -> Option<String> {
+    match error {
+        rusqlite::Error::SqliteFailure(failure, message)
+            if matches!(
+                failure.code,
+                ErrorCode::ConstraintViolation | ErrorCode::TypeMismatch | ErrorCode::TooBig
+            ) =>
+        {
+            Some(message.clone().unwrap_or_else(|| failure.to_string()))
+        }
+        _ => None,
+    }
+}
+
+/// A sequence number as an SQLite integer; beyond `i64::MAX` means "all of them".
+fn seq_param(seq: u64) -> i64 {
+    i64::try_from(seq).unwrap_or(i64::MAX)
+}
+
+/// A count as an SQLite integer.
+fn count_param(count: usize) -> i64 {
+    i64::try_from(count).unwrap_or(i64::MAX)
+}
