@@ -71,9 +71,14 @@ pub async fn start(config: Config) -> Result<RunningAgent, StartError> {
             columns: c.columns.get_ref().clone(),
         })
         .collect();
-    let connector = SqliteConnector::open(&config.sqlite.path, specs).map_err(|e| tool_error(&config, e))?;
-    std::fs::create_dir_all(&config.data_dir)
-        .map_err(|e| StartError::Store(StoreError::Corrupt { what: "data directory", reason: e.to_string() }))?;
+    let connector =
+        SqliteConnector::open(&config.sqlite.path, specs).map_err(|e| tool_error(&config, e))?;
+    std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+        StartError::Store(StoreError::Corrupt {
+            what: "data directory",
+            reason: e.to_string(),
+        })
+    })?;
     let store = Store::open(&config.data_dir)?;
     let store_id = store.actor();
     let reader = store.reader();
@@ -83,7 +88,14 @@ pub async fn start(config: Config) -> Result<RunningAgent, StartError> {
         .sqlite
         .collections
         .iter()
-        .map(|c| (c.name.get_ref().clone(), CollectionInfo { columns: c.columns.get_ref().clone() }))
+        .map(|c| {
+            (
+                c.name.get_ref().clone(),
+                CollectionInfo {
+                    columns: c.columns.get_ref().clone(),
+                },
+            )
+        })
         .collect();
     let collection_names: Vec<String> = collections.keys().cloned().collect();
     let engine = Engine::new(store, tool, collections)?;
@@ -92,7 +104,11 @@ pub async fn start(config: Config) -> Result<RunningAgent, StartError> {
     let (log_tx, log_rx) = watch::channel(0u64);
     let (plan_tx, plan_rx) = std::sync::mpsc::sync_channel(1);
     let commits = Arc::new(AtomicU64::new(0));
-    let outputs = CoreOutputs { log_version: log_tx, write_back: plan_tx, commits: commits.clone() };
+    let outputs = CoreOutputs {
+        log_version: log_tx,
+        write_back: plan_tx,
+        commits: commits.clone(),
+    };
     let core_thread = std::thread::Builder::new()
         .name("concord-core".into())
         .spawn(move || core::run(engine, core_rx, outputs))
@@ -166,7 +182,11 @@ fn tool_error(config: &Config, error: SqliteError) -> StartError {
                     _ => c.table.span(),
                 };
                 let message = format!("{message} (database {})", config.sqlite.path.display());
-                return StartError::Config(config.invalid(span, format!("sqlite.collection[{i}].{field}"), message));
+                return StartError::Config(config.invalid(
+                    span,
+                    format!("sqlite.collection[{i}].{field}"),
+                    message,
+                ));
             }
         }
     }
@@ -214,7 +234,12 @@ impl RunningAgent {
         let tool = self.tool_thread.take();
         let core_thread = self.core_thread.take();
         // The core ends once every handle is gone: ours, the tool's, the drivers'.
-        let RunningAgent { core, ctx, transport, .. } = self;
+        let RunningAgent {
+            core,
+            ctx,
+            transport,
+            ..
+        } = self;
         drop(core);
         drop(ctx);
         transport.wait_idle().await;

@@ -137,19 +137,27 @@ fn default_tool_name() -> String {
 impl Config {
     /// Reads and checks the file at `path`; relative paths in it become relative to its folder.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let source =
-            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let source = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         Config::parse(path, source)
     }
 
     /// Parses `source` as if read from `path`.
     pub fn parse(path: &Path, source: String) -> Result<Config, ConfigError> {
-        let mut config: Config = toml::from_str(&source)
-            .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string().trim_end().to_owned() })?;
+        let mut config: Config = toml::from_str(&source).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
         config.path = path.to_owned();
         config.source = source;
         let base = path.parent().unwrap_or(Path::new("."));
-        for p in [&mut config.data_dir, &mut config.key_file, &mut config.sqlite.path] {
+        for p in [
+            &mut config.data_dir,
+            &mut config.key_file,
+            &mut config.sqlite.path,
+        ] {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -185,7 +193,9 @@ impl Config {
                     "list at least one column".to_owned(),
                 ));
             }
-            let dup = self.sqlite.collections[..i].iter().any(|o| o.name.get_ref() == c.name.get_ref());
+            let dup = self.sqlite.collections[..i]
+                .iter()
+                .any(|o| o.name.get_ref() == c.name.get_ref());
             if dup {
                 return Err(self.invalid(
                     c.name.span(),
@@ -199,13 +209,24 @@ impl Config {
 
     /// The trusted peers' ids.
     pub fn peer_ids(&self) -> Vec<PeerId> {
-        self.peers.iter().filter_map(|p| p.id.get_ref().parse().ok()).collect()
+        self.peers
+            .iter()
+            .filter_map(|p| p.id.get_ref().parse().ok())
+            .collect()
     }
 
     /// An error about the value at `span`, naming its line.
     pub fn invalid(&self, span: Range<usize>, field: String, message: String) -> ConfigError {
-        let line = self.source[..span.start.min(self.source.len())].matches('\n').count() + 1;
-        ConfigError::Invalid { path: self.path.clone(), line, field, message }
+        let line = self.source[..span.start.min(self.source.len())]
+            .matches('\n')
+            .count()
+            + 1;
+        ConfigError::Invalid {
+            path: self.path.clone(),
+            line,
+            field,
+            message,
+        }
     }
 }
 
@@ -276,8 +297,13 @@ columns = ["name"]
 
     #[test]
     fn an_unknown_key_names_file_line_and_key() {
-        let bad = GOOD.replace("table = \"customers\"", "table = \"customers\"\ncolums = [\"x\"]");
-        let err = Config::parse(Path::new("agent.toml"), bad).expect_err("unknown key").to_string();
+        let bad = GOOD.replace(
+            "table = \"customers\"",
+            "table = \"customers\"\ncolums = [\"x\"]",
+        );
+        let err = Config::parse(Path::new("agent.toml"), bad)
+            .expect_err("unknown key")
+            .to_string();
         assert!(err.contains("agent.toml"), "{err}");
         assert!(err.contains("line 12"), "{err}");
         assert!(err.contains("colums"), "{err}");
@@ -286,7 +312,9 @@ columns = ["name"]
     #[test]
     fn a_bad_peer_id_names_its_line() {
         let bad = GOOD.replacen("[sqlite]", "[[peer]]\nid = \"nope\"\n\n[sqlite]", 1);
-        let err = Config::parse(Path::new("agent.toml"), bad).expect_err("bad id").to_string();
+        let err = Config::parse(Path::new("agent.toml"), bad)
+            .expect_err("bad id")
+            .to_string();
         assert!(err.starts_with("agent.toml:7: `peer[0].id`"), "{err}");
     }
 

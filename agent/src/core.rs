@@ -126,9 +126,14 @@ pub fn run(mut engine: Engine, mut rx: mpsc::Receiver<CoreRequest>, outputs: Cor
         if plan_needed && !write_back_in_flight {
             plan_needed = false;
             let mut batch = engine.store().batch();
-            let plan = engine.plan_writes(&mut batch, WRITE_BACK_BATCH_MAX).expect("store failure is fatal");
+            let plan = engine
+                .plan_writes(&mut batch, WRITE_BACK_BATCH_MAX)
+                .expect("store failure is fatal");
             if !batch.is_empty() {
-                engine.store().commit(batch).expect("store failure is fatal");
+                engine
+                    .store()
+                    .commit(batch)
+                    .expect("store failure is fatal");
             }
             if !plan.writes.is_empty() {
                 write_back_in_flight = true;
@@ -138,7 +143,9 @@ pub fn run(mut engine: Engine, mut rx: mpsc::Receiver<CoreRequest>, outputs: Cor
                 }
             }
         }
-        let Some(first) = rx.blocking_recv() else { return };
+        let Some(first) = rx.blocking_recv() else {
+            return;
+        };
         let mut requests = vec![first];
         while requests.len() < GROUP_COMMIT_REQUESTS_MAX {
             match rx.try_recv() {
@@ -150,26 +157,42 @@ pub fn run(mut engine: Engine, mut rx: mpsc::Receiver<CoreRequest>, outputs: Cor
         let mut replies: Vec<Box<dyn FnOnce()>> = Vec::new();
         for request in requests {
             match request {
-                CoreRequest::Capture { batch: captured, reply } => {
-                    engine.capture(&mut batch, captured.changes, captured.cursor).expect("store failure is fatal");
+                CoreRequest::Capture {
+                    batch: captured,
+                    reply,
+                } => {
+                    engine
+                        .capture(&mut batch, captured.changes, captured.cursor)
+                        .expect("store failure is fatal");
                     plan_needed = true;
                     replies.push(Box::new(move || {
                         let _ = reply.send(());
                     }));
                 }
-                CoreRequest::Apply { origin, collection, upto, entries, reply } => {
-                    let result = match engine.apply_remote(&mut batch, origin, &collection, upto, entries) {
-                        Ok(outcome) => Ok(outcome),
-                        Err(crate::engine::RemoteError::Store(e)) => panic!("store failure is fatal: {e}"),
-                        Err(e) => Err(e.to_string()),
-                    };
+                CoreRequest::Apply {
+                    origin,
+                    collection,
+                    upto,
+                    entries,
+                    reply,
+                } => {
+                    let result =
+                        match engine.apply_remote(&mut batch, origin, &collection, upto, entries) {
+                            Ok(outcome) => Ok(outcome),
+                            Err(crate::engine::RemoteError::Store(e)) => {
+                                panic!("store failure is fatal: {e}")
+                            }
+                            Err(e) => Err(e.to_string()),
+                        };
                     plan_needed = true;
                     replies.push(Box::new(move || {
                         let _ = reply.send(result);
                     }));
                 }
                 CoreRequest::ChangesSince { doc, heads, reply } => {
-                    let changes = engine.changes_since(doc, &heads).expect("store failure is fatal");
+                    let changes = engine
+                        .changes_since(doc, &heads)
+                        .expect("store failure is fatal");
                     let _ = reply.send(changes);
                 }
                 CoreRequest::Heads { doc, reply } => {
@@ -177,7 +200,9 @@ pub fn run(mut engine: Engine, mut rx: mpsc::Receiver<CoreRequest>, outputs: Cor
                     let _ = reply.send(heads);
                 }
                 CoreRequest::WritesDone { plan, outcome } => {
-                    engine.writes_done(&mut batch, plan, outcome).expect("store failure is fatal");
+                    engine
+                        .writes_done(&mut batch, plan, outcome)
+                        .expect("store failure is fatal");
                     write_back_in_flight = false;
                     plan_needed = true;
                 }
@@ -190,13 +215,18 @@ pub fn run(mut engine: Engine, mut rx: mpsc::Receiver<CoreRequest>, outputs: Cor
             Vec::new()
         } else {
             outputs.commits.fetch_add(1, Ordering::Relaxed);
-            engine.store().commit(batch).expect("store failure is fatal")
+            engine
+                .store()
+                .commit(batch)
+                .expect("store failure is fatal")
         };
         for reply in replies {
             reply();
         }
         if !appended.is_empty() {
-            outputs.log_version.send_modify(|version| *version += appended.len() as u64);
+            outputs
+                .log_version
+                .send_modify(|version| *version += appended.len() as u64);
         }
     }
 }

@@ -42,15 +42,23 @@ impl AgentFiles {
         identity.save(&dir.join("concord.key"))?;
         let db = dir.join("app.db");
         Connection::open(&db)?.execute_batch(schema)?;
-        Ok(AgentFiles { dir: dir.to_owned(), identity, db })
+        Ok(AgentFiles {
+            dir: dir.to_owned(),
+            identity,
+            db,
+        })
     }
 
     /// Writes the config (listening on `listen`, trusting `peers` as (id, address to
     /// dial)) syncing the `customers` table, and returns it loaded.
-    pub fn config(&self, listen: &str, peers: &[(PeerId, Option<String>)], columns: &[&str]) -> anyhow::Result<Config> {
-        let mut text = format!(
-            "data_dir = \"data\"\nkey_file = \"concord.key\"\nlisten = \"{listen}\"\n\n"
-        );
+    pub fn config(
+        &self,
+        listen: &str,
+        peers: &[(PeerId, Option<String>)],
+        columns: &[&str],
+    ) -> anyhow::Result<Config> {
+        let mut text =
+            format!("data_dir = \"data\"\nkey_file = \"concord.key\"\nlisten = \"{listen}\"\n\n");
         for (id, addr) in peers {
             text.push_str(&format!("[[peer]]\nid = \"{id}\"\n"));
             if let Some(addr) = addr {
@@ -75,7 +83,13 @@ pub fn rows(db: &Path) -> anyhow::Result<Vec<Vec<String>>> {
         "SELECT id, coalesce(name,''), coalesce(email,''), coalesce(city,''), coalesce(CAST(balance AS TEXT),'') FROM customers ORDER BY id",
     )?;
     let rows = stmt.query_map([], |r| {
-        Ok(vec![r.get::<_, i64>(0)?.to_string(), r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?])
+        Ok(vec![
+            r.get::<_, i64>(0)?.to_string(),
+            r.get(1)?,
+            r.get(2)?,
+            r.get(3)?,
+            r.get(4)?,
+        ])
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
@@ -97,9 +111,15 @@ pub async fn converge(a: &Path, b: &Path) -> anyhow::Result<Duration> {
 
 fn print_rows(title: &str, rows: &[Vec<String>]) {
     println!("  {title}");
-    println!("    {:<4} {:<18} {:<24} {:<10} {:>10}", "id", "name", "email", "city", "balance");
+    println!(
+        "    {:<4} {:<18} {:<24} {:<10} {:>10}",
+        "id", "name", "email", "city", "balance"
+    );
     for row in rows {
-        println!("    {:<4} {:<18} {:<24} {:<10} {:>10}", row[0], row[1], row[2], row[3], row[4]);
+        println!(
+            "    {:<4} {:<18} {:<24} {:<10} {:>10}",
+            row[0], row[1], row[2], row[3], row[4]
+        );
     }
 }
 
@@ -122,25 +142,46 @@ pub async fn run() -> anyhow::Result<()> {
     let started = Instant::now();
     let config_a = a.config("127.0.0.1:0", &[(b.identity.peer_id(), None)], &columns)?;
     let agent_a = agent::start(config_a).await?;
-    let config_b =
-        b.config("127.0.0.1:0", &[(a.identity.peer_id(), Some(agent_a.local_addr().to_string()))], &columns)?;
+    let config_b = b.config(
+        "127.0.0.1:0",
+        &[(a.identity.peer_id(), Some(agent_a.local_addr().to_string()))],
+        &columns,
+    )?;
     let agent_b = agent::start(config_b).await?;
     println!("Concord demo: two agents on loopback, QUIC with pinned keys");
-    println!("  crm agent {} on {}", agent_a.peer_id(), agent_a.local_addr());
-    println!("  erp agent {} on {}", agent_b.peer_id(), agent_b.local_addr());
+    println!(
+        "  crm agent {} on {}",
+        agent_a.peer_id(),
+        agent_a.local_addr()
+    );
+    println!(
+        "  erp agent {} on {}",
+        agent_b.peer_id(),
+        agent_b.local_addr()
+    );
 
     let initial = converge(&a.db, &b.db).await?;
-    println!("\n1. initial sync: {} customers copied from crm to erp in {:.1} ms", rows(&b.db)?.len(), ms(initial));
+    println!(
+        "\n1. initial sync: {} customers copied from crm to erp in {:.1} ms",
+        rows(&b.db)?.len(),
+        ms(initial)
+    );
 
     let (ca, cb) = (Connection::open(&a.db)?, Connection::open(&b.db)?);
-    ca.execute("UPDATE customers SET name = 'Ada King, Countess of Lovelace' WHERE id = 1", [])?;
+    ca.execute(
+        "UPDATE customers SET name = 'Ada King, Countess of Lovelace' WHERE id = 1",
+        [],
+    )?;
     cb.execute("UPDATE customers SET city = 'Marylebone' WHERE id = 1", [])?;
     cb.execute("DELETE FROM customers WHERE id = 3", [])?;
     cb.execute(
         "INSERT INTO customers (id, name, email, city, balance) VALUES (5, 'Barbara Liskov', 'barbara@example.com', 'Boston', '42.00')",
         [],
     )?;
-    ca.execute("UPDATE customers SET balance = '1000000000000.01' WHERE id = 2", [])?;
+    ca.execute(
+        "UPDATE customers SET balance = '1000000000000.01' WHERE id = 2",
+        [],
+    )?;
     let edits = converge(&a.db, &b.db).await?;
     println!(
         "2. edits on both sides (name in crm and city in erp of one customer, a delete and an insert in erp, a decimal in crm): converged in {:.1} ms",
@@ -148,14 +189,20 @@ pub async fn run() -> anyhow::Result<()> {
     );
     let final_a = rows(&a.db)?;
     print_rows("crm (same as erp):", &final_a);
-    let ada = final_a.iter().find(|r| r[0] == "1").context("customer 1 is missing")?;
+    let ada = final_a
+        .iter()
+        .find(|r| r[0] == "1")
+        .context("customer 1 is missing")?;
     if ada[1] != "Ada King, Countess of Lovelace" || ada[3] != "Marylebone" {
         bail!("the concurrent edits of customer 1 did not both survive: {ada:?}");
     }
     if final_a.iter().any(|r| r[0] == "3") {
         bail!("the deleted customer 3 came back");
     }
-    let (sa, sb) = (agent_a.stats().await.unwrap_or_default(), agent_b.stats().await.unwrap_or_default());
+    let (sa, sb) = (
+        agent_a.stats().await.unwrap_or_default(),
+        agent_b.stats().await.unwrap_or_default(),
+    );
     println!(
         "\n3. report: {} rows each side; crm captured {} changes and wrote {} rows; erp captured {} and wrote {}; {} dead letters; {:.0} ms in all",
         final_a.len(),

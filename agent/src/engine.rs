@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 
 use connectors::sqlite::{CapturedChange, RowState, WriteOp, WriteOutcome};
-use crdt_model::{DocId, Edit, Record, RecordState};
+use crdt_model::{DocId, Edit, Record, RecordState, Value};
 
 use crate::store::{Batch, DeadLetter, Store, StoreError, StoreId, StoreReader, tool_cursor};
 
@@ -109,10 +109,21 @@ pub struct Engine {
 
 impl Engine {
     /// An engine over `store` for the local tool named `tool` with its collections.
-    pub fn new(store: Store, tool: String, collections: BTreeMap<String, CollectionInfo>) -> Result<Engine, StoreError> {
+    pub fn new(
+        store: Store,
+        tool: String,
+        collections: BTreeMap<String, CollectionInfo>,
+    ) -> Result<Engine, StoreError> {
         let reader = store.reader();
         let captured_upto = reader.cursor(&tool_cursor(&tool))?;
-        Ok(Engine { store, reader, tool, collections, captured_upto, stats: EngineStats::default() })
+        Ok(Engine {
+            store,
+            reader,
+            tool,
+            collections,
+            captured_upto,
+            stats: EngineStats::default(),
+        })
     }
 
     /// The store, for commits.
@@ -134,17 +145,27 @@ impl Engine {
     ///
     /// Only fields that differ from the shadow (what the tool was known to hold) are
     /// written, so a capture never reverts a remote edit not yet written back.
-    pub fn capture(&mut self, batch: &mut Batch, changes: Vec<CapturedChange>, cursor: u64) -> Result<(), StoreError> {
+    pub fn capture(
+        &mut self,
+        batch: &mut Batch,
+        changes: Vec<CapturedChange>,
+        cursor: u64,
+    ) -> Result<(), StoreError> {
         for change in changes {
             self.capture_one(batch, change)?;
         }
-        self.store.stage_cursor(batch, &tool_cursor(&self.tool), cursor);
+        self.store
+            .stage_cursor(batch, &tool_cursor(&self.tool), cursor);
         self.captured_upto = self.captured_upto.max(cursor);
         Ok(())
     }
 
     fn capture_one(&mut self, batch: &mut Batch, change: CapturedChange) -> Result<(), StoreError> {
-        let CapturedChange { collection, key, state } = change;
+        let CapturedChange {
+            collection,
+            key,
+            state,
+        } = change;
         let Some(info) = self.collections.get(&collection) else {
             return Ok(());
         };
@@ -152,22 +173,40 @@ impl Engine {
         let (edit, after) = match state {
             RowState::Invalid(reason) => {
                 tracing::warn!(tool = %self.tool, %collection, %key, %reason, "row set aside as a dead letter");
-                let letter = DeadLetter { tool: self.tool.clone(), collection: collection.clone(), key: key.clone(), reason };
-                self.store.stage_dead_letter(batch, &self.tool, &collection, &key, Some(&letter));
+                let letter = DeadLetter {
+                    tool: self.tool.clone(),
+                    collection: collection.clone(),
+                    key: key.clone(),
+                    reason,
+                };
+                self.store
+                    .stage_dead_letter(batch, &self.tool, &collection, &key, Some(&letter));
                 self.stats.dead_letters += 1;
                 return Ok(());
             }
             RowState::Absent => match shadow {
                 None => return Ok(()),
-                Some(_) => (Edit { deleted: Some(true), ..Edit::default() }, None),
+                Some(_) => (
+                    Edit {
+                        deleted: Some(true),
+                        ..Edit::default()
+                    },
+                    None,
+                ),
             },
             RowState::Present(record) => {
+                // A new row's empty columns are not written: two sites creating the
+                // same record offline then merge what each knew instead of one site's
+                // nulls hiding the other's values.
+                let created = shadow.is_none();
                 let fields: Record = record
                     .iter()
-                    .filter(|(name, value)| shadow.as_ref().and_then(|s| s.get(*name)) != Some(*value))
+                    .filter(|(name, value)| match &shadow {
+                        Some(shadow) => shadow.get(*name) != Some(*value),
+                        None => **value != Value::Null,
+                    })
                     .map(|(name, value)| (name.clone(), value.clone()))
                     .collect();
-                let created = shadow.is_none();
                 let edit = Edit {
                     fields,
                     external_id: created.then(|| (self.tool.clone(), key.clone())),
@@ -177,16 +216,21 @@ impl Engine {
             }
         };
         let id = DocId::of(&collection, &key);
-        self.store.stage_dead_letter(batch, &self.tool, &collection, &key, None);
+        self.store
+            .stage_dead_letter(batch, &self.tool, &collection, &key, None);
         if after.is_some() && edit.external_id.is_some() {
-            self.store.stage_external_id(batch, &self.tool, &collection, &key, id);
+            self.store
+                .stage_external_id(batch, &self.tool, &collection, &key, id);
         }
-        self.store.stage_shadow(batch, &self.tool, &collection, &key, after.as_ref());
+        self.store
+            .stage_shadow(batch, &self.tool, &collection, &key, after.as_ref());
         let doc = self.store.doc(id)?;
-        let change = doc.edit(&collection, &key, &edit).map_err(|e| StoreError::Corrupt {
-            what: "document",
-            reason: format!("{id}: {e}"),
-        })?;
+        let change = doc
+            .edit(&collection, &key, &edit)
+            .map_err(|e| StoreError::Corrupt {
+                what: "document",
+                reason: format!("{id}: {e}"),
+            })?;
         // The merged record may differ from what the tool holds (a concurrent remote
         // edit won, or the record is deleted): then the tool needs a write-back.
         let state = read_state(doc, id)?;
@@ -194,7 +238,8 @@ impl Engine {
         let differs = projected.as_ref() != after.as_ref();
         self.store.stage_pending(batch, id, differs);
         if let Some(change) = change {
-            self.store.stage_doc(batch, id, &collection, vec![change], None)?;
+            self.store
+                .stage_doc(batch, id, &collection, vec![change], None)?;
             self.stats.captured += 1;
         }
         Ok(())
@@ -245,15 +290,26 @@ impl Engine {
         changes: &[Vec<u8>],
     ) -> Result<bool, RemoteError> {
         let doc = self.store.doc(id)?;
-        let applied = doc.apply(changes).map_err(|e| RemoteError::BadChange { doc: id, reason: e.to_string() })?;
+        let applied = doc.apply(changes).map_err(|e| RemoteError::BadChange {
+            doc: id,
+            reason: e.to_string(),
+        })?;
         if applied.new_changes.is_empty() {
             return Ok(applied.missing_deps);
         }
-        let state = doc.read().map_err(|e| RemoteError::BadChange { doc: id, reason: e.to_string() })?;
+        let state = doc.read().map_err(|e| RemoteError::BadChange {
+            doc: id,
+            reason: e.to_string(),
+        })?;
         if DocId::of(&state.collection, &state.key) != id || state.collection != collection {
-            return Err(RemoteError::WrongIdentity { doc: id, collection: state.collection, key: state.key });
+            return Err(RemoteError::WrongIdentity {
+                doc: id,
+                collection: state.collection,
+                key: state.key,
+            });
         }
-        self.store.stage_doc(batch, id, collection, applied.new_changes, Some(origin))?;
+        self.store
+            .stage_doc(batch, id, collection, applied.new_changes, Some(origin))?;
         if self.collections.contains_key(collection) {
             self.store.stage_pending(batch, id, true);
         }
@@ -274,8 +330,16 @@ impl Engine {
         let doc = self.store.doc(id)?;
         let collection = read_state(doc, id)?.collection;
         let am = doc.automerge();
-        let known: Vec<_> = heads.iter().copied().filter(|h| am.get_change_by_hash(h).is_some()).collect();
-        let changes = am.get_changes(&known).into_iter().map(|mut c| c.bytes().into_owned()).collect();
+        let known: Vec<_> = heads
+            .iter()
+            .copied()
+            .filter(|h| am.get_change_by_hash(h).is_some())
+            .collect();
+        let changes = am
+            .get_changes(&known)
+            .into_iter()
+            .map(|mut c| c.bytes().into_owned())
+            .collect();
         Ok(Some((collection, changes)))
     }
 
@@ -297,15 +361,22 @@ impl Engine {
                 self.store.stage_pending(batch, id, false);
                 continue;
             };
-            let shadow = self.reader.shadow(&self.tool, &state.collection, &state.key)?;
+            let shadow = self
+                .reader
+                .shadow(&self.tool, &state.collection, &state.key)?;
             let projected = project(&state, info);
             let op = match (&projected, &shadow) {
                 (None, None) => None,
-                (None, Some(_)) => Some(WriteOp::Delete { collection: state.collection.clone(), key: state.key.clone() }),
+                (None, Some(_)) => Some(WriteOp::Delete {
+                    collection: state.collection.clone(),
+                    key: state.key.clone(),
+                }),
                 (Some(record), shadow) => {
                     let fields: Record = record
                         .iter()
-                        .filter(|(name, value)| shadow.as_ref().and_then(|s| s.get(*name)) != Some(*value))
+                        .filter(|(name, value)| {
+                            shadow.as_ref().and_then(|s| s.get(*name)) != Some(*value)
+                        })
                         .map(|(name, value)| (name.clone(), value.clone()))
                         .collect();
                     (!fields.is_empty()).then(|| WriteOp::Upsert {
@@ -316,23 +387,38 @@ impl Engine {
                 }
             };
             match op {
-                Some(op) => writes.push(PlannedWrite { doc: id, op, after: projected }),
+                Some(op) => writes.push(PlannedWrite {
+                    doc: id,
+                    op,
+                    after: projected,
+                }),
                 None => self.store.stage_pending(batch, id, false),
             }
         }
-        Ok(WritePlan { captured_upto: self.captured_upto, writes })
+        Ok(WritePlan {
+            captured_upto: self.captured_upto,
+            writes,
+        })
     }
 
     /// Stages the result of a write-back: shadows of written records, dead letters of
     /// rejected ones. A stale plan (the tool had uncaptured edits) leaves all pending.
-    pub fn writes_done(&mut self, batch: &mut Batch, plan: WritePlan, outcome: WriteOutcome) -> Result<(), StoreError> {
+    pub fn writes_done(
+        &mut self,
+        batch: &mut Batch,
+        plan: WritePlan,
+        outcome: WriteOutcome,
+    ) -> Result<(), StoreError> {
         let rejected: BTreeMap<usize, String> = match outcome {
             WriteOutcome::CaptureFirst => return Ok(()),
             WriteOutcome::Written { rejected } => rejected.into_iter().collect(),
         };
         for (index, write) in plan.writes.into_iter().enumerate() {
             let (collection, key) = match &write.op {
-                WriteOp::Upsert { collection, key, .. } | WriteOp::Delete { collection, key } => (collection, key),
+                WriteOp::Upsert {
+                    collection, key, ..
+                }
+                | WriteOp::Delete { collection, key } => (collection, key),
             };
             match rejected.get(&index) {
                 Some(reason) => {
@@ -343,11 +429,18 @@ impl Engine {
                         key: key.clone(),
                         reason: reason.clone(),
                     };
-                    self.store.stage_dead_letter(batch, &self.tool, collection, key, Some(&letter));
+                    self.store
+                        .stage_dead_letter(batch, &self.tool, collection, key, Some(&letter));
                     self.stats.dead_letters += 1;
                 }
                 None => {
-                    self.store.stage_shadow(batch, &self.tool, collection, key, write.after.as_ref());
+                    self.store.stage_shadow(
+                        batch,
+                        &self.tool,
+                        collection,
+                        key,
+                        write.after.as_ref(),
+                    );
                     self.stats.writes += 1;
                 }
             }
@@ -358,11 +451,14 @@ impl Engine {
 }
 
 fn read_state(doc: &crdt_model::RecordDoc, id: DocId) -> Result<RecordState, StoreError> {
-    doc.read().map_err(|e| StoreError::Corrupt { what: "document", reason: format!("{id}: {e}") })
+    doc.read().map_err(|e| StoreError::Corrupt {
+        what: "document",
+        reason: format!("{id}: {e}"),
+    })
 }
 
-/// The record the local tool should hold for `state`: its configured columns, or
-/// `None` when the record is deleted.
+/// The record the local tool should hold for `state`: its configured columns (null
+/// where the document has no value), or `None` when the record is deleted.
 fn project(state: &RecordState, info: &CollectionInfo) -> Option<Record> {
     if state.deleted {
         return None;
@@ -370,7 +466,12 @@ fn project(state: &RecordState, info: &CollectionInfo) -> Option<Record> {
     Some(
         info.columns
             .iter()
-            .filter_map(|column| state.fields.get(column).map(|value| (column.clone(), value.clone())))
+            .map(|column| {
+                (
+                    column.clone(),
+                    state.fields.get(column).cloned().unwrap_or(Value::Null),
+                )
+            })
             .collect(),
     )
 }

@@ -7,8 +7,10 @@
 //! See ARCHITECTURE.md for the map and the invariants.
 
 pub mod agent;
+pub mod bench;
 pub mod config;
 pub mod core;
+pub mod demo;
 pub mod engine;
 pub mod identity;
 pub mod peers;
@@ -16,5 +18,3 @@ pub mod replication;
 pub mod store;
 pub mod tool;
 pub mod transport;
-pub mod bench;
-pub mod demo;

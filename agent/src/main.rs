@@ -67,13 +67,17 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }
 
 fn init_logging(format: LogFormat, default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -89,8 +93,11 @@ fn init(dir: PathBuf, listen: SocketAddr) -> anyhow::Result<()> {
     if config.exists() {
         eprintln!("{} exists; left as it is", config.display());
     } else {
-        std::fs::write(&config, concord_agent::config::template(listen, &identity.peer_id()))
-            .with_context(|| format!("writing {}", config.display()))?;
+        std::fs::write(
+            &config,
+            concord_agent::config::template(listen, &identity.peer_id()),
+        )
+        .with_context(|| format!("writing {}", config.display()))?;
         eprintln!("wrote {}", config.display());
     }
     println!("{}", identity.peer_id());
@@ -99,7 +106,11 @@ fn init(dir: PathBuf, listen: SocketAddr) -> anyhow::Result<()> {
 
 async fn run(config: Config) -> anyhow::Result<()> {
     let agent = concord_agent::agent::start(config).await?;
-    println!("concord agent {} listening on {}", agent.peer_id(), agent.local_addr());
+    println!(
+        "concord agent {} listening on {}",
+        agent.peer_id(),
+        agent.local_addr()
+    );
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}

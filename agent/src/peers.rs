@@ -71,7 +71,11 @@ impl Registry {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut inner = self.inner.lock().expect("registry lock");
         let lives = inner.entry(peer).or_default();
-        lives.push(Live { id, dialer, connection });
+        lives.push(Live {
+            id,
+            dialer,
+            connection,
+        });
         if lives.len() > 1 {
             // Keep the connection dialed by the smaller id; both sides agree on it.
             let preferred = me.min(peer);
@@ -102,7 +106,12 @@ impl Registry {
 
     /// The peers with a live connection.
     pub fn peers(&self) -> Vec<PeerId> {
-        self.inner.lock().expect("registry lock").keys().copied().collect()
+        self.inner
+            .lock()
+            .expect("registry lock")
+            .keys()
+            .copied()
+            .collect()
     }
 }
 
@@ -137,7 +146,12 @@ pub async fn accept_loop(transport: Arc<Transport>, ctx: Arc<PeerContext>) {
 }
 
 /// Keeps a connection to `peer` at `addr` up, redialing with backoff.
-pub async fn dial_loop(transport: Arc<Transport>, peer: PeerId, addr: SocketAddr, ctx: Arc<PeerContext>) {
+pub async fn dial_loop(
+    transport: Arc<Transport>,
+    peer: PeerId,
+    addr: SocketAddr,
+    ctx: Arc<PeerContext>,
+) {
     let mut delay = DIAL_RETRY_MIN_MS;
     let mut shutdown = ctx.shutdown.clone();
     loop {
@@ -166,7 +180,12 @@ pub async fn dial_loop(transport: Arc<Transport>, peer: PeerId, addr: SocketAddr
     }
 }
 
-async fn run_connection(connection: quinn::Connection, peer: PeerId, dialer: PeerId, ctx: Arc<PeerContext>) {
+async fn run_connection(
+    connection: quinn::Connection,
+    peer: PeerId,
+    dialer: PeerId,
+    ctx: Arc<PeerContext>,
+) {
     let id = ctx.registry.add(ctx.me, peer, dialer, connection.clone());
     let dialed = dialer == ctx.me;
     tracing::info!(%peer, remote = %connection.remote_address(), dialed, "peer connected");
@@ -175,6 +194,9 @@ async fn run_connection(connection: quinn::Connection, peer: PeerId, dialer: Pee
     match result {
         Err(DriveError::Stopping) => connection.close(0u32.into(), b"agent stopping"),
         Err(DriveError::Connection(e)) => tracing::info!(%peer, reason = %e, "peer disconnected"),
+        Err(DriveError::Frame(e)) if connection.close_reason().is_some() => {
+            tracing::info!(%peer, reason = %e, "peer disconnected")
+        }
         Err(e) => {
             tracing::warn!(%peer, error = %e, "closing the session with this peer");
             connection.close(1u32.into(), e.to_string().as_bytes());
@@ -189,15 +211,27 @@ struct PendingApply {
     reply: oneshot::Receiver<Result<ApplyOutcome, String>>,
 }
 
-async fn drive(connection: &quinn::Connection, dialed: bool, ctx: &PeerContext) -> Result<(), DriveError> {
-    let (mut send, mut recv) = if dialed { connection.open_bi().await? } else { connection.accept_bi().await? };
-    let (frames_tx, mut frames_rx) = mpsc::channel::<Result<Vec<u8>, FrameError>>(INBOUND_FRAMES_MAX);
+async fn drive(
+    connection: &quinn::Connection,
+    dialed: bool,
+    ctx: &PeerContext,
+) -> Result<(), DriveError> {
+    let (mut send, mut recv) = if dialed {
+        connection.open_bi().await?
+    } else {
+        connection.accept_bi().await?
+    };
+    let (frames_tx, mut frames_rx) =
+        mpsc::channel::<Result<Vec<u8>, FrameError>>(INBOUND_FRAMES_MAX);
     let reader = tokio::spawn(async move {
         loop {
             let mut buf = Vec::new();
             let result = match read_frame(&mut recv, &mut buf).await {
                 Ok(true) => Ok(buf),
-                Ok(false) => Err(FrameError::Truncated { expected: 4, received: 0 }),
+                Ok(false) => Err(FrameError::Truncated {
+                    expected: 4,
+                    received: 0,
+                }),
                 Err(e) => Err(e),
             };
             let end = result.is_err();
@@ -224,7 +258,9 @@ async fn drive(connection: &quinn::Connection, dialed: bool, ctx: &PeerContext) 
             ctx.frames.fetch_add(1, Ordering::Relaxed);
         }
         let more_to_read = !session.wants().is_empty();
-        let timeout = session.poll_timeout().unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        let timeout = session
+            .poll_timeout()
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         tokio::select! {
             biased;
             _ = shutdown.changed() => return Err(DriveError::Stopping),
@@ -261,21 +297,44 @@ async fn handle_event(
         Event::PeerHello { store } => {
             let mut cursors = Vec::with_capacity(ctx.collections.len());
             for collection in &ctx.collections {
-                cursors.push((collection.clone(), ctx.reader.cursor(&crate::store::peer_cursor(&store, collection))?));
+                cursors.push((
+                    collection.clone(),
+                    ctx.reader
+                        .cursor(&crate::store::peer_cursor(&store, collection))?,
+                ));
             }
             session.subscribe(cursors);
         }
-        Event::Apply { collection, upto, entries } => {
+        Event::Apply {
+            collection,
+            upto,
+            entries,
+        } => {
             apply(session, ctx, pending, collection, Some(upto), entries).await?;
         }
-        Event::DocChanges { collection, doc, changes } => {
-            let entry = WireEntry { seq: 0, doc, changes };
+        Event::DocChanges {
+            collection,
+            doc,
+            changes,
+        } => {
+            let entry = WireEntry {
+                seq: 0,
+                doc,
+                changes,
+            };
             apply(session, ctx, pending, collection, None, vec![entry]).await?;
         }
         Event::NeedDoc { doc, heads } => {
             let (reply, answer) = oneshot::channel();
             let heads = heads.into_iter().map(ChangeHash).collect();
-            ctx.core.send(CoreRequest::ChangesSince { doc: DocId(doc), heads, reply }).await.map_err(|_| DriveError::Stopping)?;
+            ctx.core
+                .send(CoreRequest::ChangesSince {
+                    doc: DocId(doc),
+                    heads,
+                    reply,
+                })
+                .await
+                .map_err(|_| DriveError::Stopping)?;
             if let Some((collection, changes)) = answer.await.map_err(|_| DriveError::Stopping)? {
                 session.doc_changes(collection, doc, changes);
             }
@@ -292,17 +351,35 @@ async fn apply(
     upto: Option<u64>,
     entries: Vec<WireEntry>,
 ) -> Result<(), DriveError> {
-    let origin = session.peer().ok_or(ProtocolError::Unexpected("entries before hello"))?;
+    let origin = session
+        .peer()
+        .ok_or(ProtocolError::Unexpected("entries before hello"))?;
     let (reply, answer) = oneshot::channel();
-    let request = CoreRequest::Apply { origin, collection: collection.clone(), upto, entries, reply };
-    ctx.core.send(request).await.map_err(|_| DriveError::Stopping)?;
-    pending.push_back(PendingApply { collection, upto, reply: answer });
+    let request = CoreRequest::Apply {
+        origin,
+        collection: collection.clone(),
+        upto,
+        entries,
+        reply,
+    };
+    ctx.core
+        .send(request)
+        .await
+        .map_err(|_| DriveError::Stopping)?;
+    pending.push_back(PendingApply {
+        collection,
+        upto,
+        reply: answer,
+    });
     Ok(())
 }
 
 async fn heads_of(ctx: &PeerContext, doc: DocId) -> Result<Vec<ChangeHash>, DriveError> {
     let (reply, answer) = oneshot::channel();
-    ctx.core.send(CoreRequest::Heads { doc, reply }).await.map_err(|_| DriveError::Stopping)?;
+    ctx.core
+        .send(CoreRequest::Heads { doc, reply })
+        .await
+        .map_err(|_| DriveError::Stopping)?;
     answer.await.map_err(|_| DriveError::Stopping)
 }
 

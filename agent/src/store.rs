@@ -105,7 +105,9 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("actor", &hex(&self.actor)).finish_non_exhaustive()
+        f.debug_struct("Store")
+            .field("actor", &hex(&self.actor))
+            .finish_non_exhaustive()
     }
 }
 
@@ -135,7 +137,9 @@ pub struct Batch {
 
 impl std::fmt::Debug for Batch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Batch").field("len", &self.inner.len()).finish()
+        f.debug_struct("Batch")
+            .field("len", &self.inner.len())
+            .finish()
     }
 }
 
@@ -193,7 +197,10 @@ impl Store {
 
     /// Starts a batch of writes.
     pub fn batch(&self) -> Batch {
-        Batch { inner: self.db.batch().durability(Some(PersistMode::SyncAll)), appended: Vec::new() }
+        Batch {
+            inner: self.db.batch().durability(Some(PersistMode::SyncAll)),
+            appended: Vec::new(),
+        }
     }
 
     /// Commits `batch` atomically and fsyncs it; returns the log entries it appended.
@@ -224,7 +231,11 @@ impl Store {
                     stored: bytes.to_vec(),
                     appends: 0,
                 },
-                None => CachedDoc { doc: RecordDoc::new(&self.actor), stored: Vec::new(), appends: 0 },
+                None => CachedDoc {
+                    doc: RecordDoc::new(&self.actor),
+                    stored: Vec::new(),
+                    appends: 0,
+                },
             };
             self.cache.put(id, entry);
         }
@@ -254,8 +265,14 @@ impl Store {
         }
         batch.inner.insert(&docs, id.0, cached.stored.as_slice());
         let seq = self.next_seq(collection)?;
-        let entry = LogEntry { doc: id.0, changes, origin };
-        batch.inner.insert(&self.log, log_key(collection, seq), encode(&entry));
+        let entry = LogEntry {
+            doc: id.0,
+            changes,
+            origin,
+        };
+        batch
+            .inner
+            .insert(&self.log, log_key(collection, seq), encode(&entry));
         batch.appended.push((collection.to_owned(), seq));
         Ok(())
     }
@@ -276,7 +293,14 @@ impl Store {
     }
 
     /// Stages the record `tool` is now known to hold (or `None`: it holds none).
-    pub fn stage_shadow(&self, batch: &mut Batch, tool: &str, collection: &str, key: &str, record: Option<&Record>) {
+    pub fn stage_shadow(
+        &self,
+        batch: &mut Batch,
+        tool: &str,
+        collection: &str,
+        key: &str,
+        record: Option<&Record>,
+    ) {
         let k = record_key(tool, collection, key);
         match record {
             Some(record) => batch.inner.insert(&self.shadow, k, encode(record)),
@@ -285,13 +309,26 @@ impl Store {
     }
 
     /// Stages the external id of a document in `tool`.
-    pub fn stage_external_id(&self, batch: &mut Batch, tool: &str, collection: &str, external: &str, id: DocId) {
-        batch.inner.insert(&self.ext, record_key(tool, collection, external), id.0.to_vec());
+    pub fn stage_external_id(
+        &self,
+        batch: &mut Batch,
+        tool: &str,
+        collection: &str,
+        external: &str,
+        id: DocId,
+    ) {
+        batch.inner.insert(
+            &self.ext,
+            record_key(tool, collection, external),
+            id.0.to_vec(),
+        );
     }
 
     /// Stages a cursor value.
     pub fn stage_cursor(&self, batch: &mut Batch, name: &str, value: u64) {
-        batch.inner.insert(&self.cursors, name, value.to_be_bytes().to_vec());
+        batch
+            .inner
+            .insert(&self.cursors, name, value.to_be_bytes().to_vec());
     }
 
     /// Marks or unmarks the document as awaiting write-back to the local tool.
@@ -304,7 +341,14 @@ impl Store {
     }
 
     /// Stages a dead letter (or clears the one for this record with `None`).
-    pub fn stage_dead_letter(&self, batch: &mut Batch, tool: &str, collection: &str, key: &str, letter: Option<&DeadLetter>) {
+    pub fn stage_dead_letter(
+        &self,
+        batch: &mut Batch,
+        tool: &str,
+        collection: &str,
+        key: &str,
+        letter: Option<&DeadLetter>,
+    ) {
         let k = record_key(tool, collection, key);
         match letter {
             Some(letter) => batch.inner.insert(&self.dead, k, encode(letter)),
@@ -320,7 +364,12 @@ impl Store {
 
 impl StoreReader {
     /// The record `tool` is known to hold, if any.
-    pub fn shadow(&self, tool: &str, collection: &str, key: &str) -> Result<Option<Record>, StoreError> {
+    pub fn shadow(
+        &self,
+        tool: &str,
+        collection: &str,
+        key: &str,
+    ) -> Result<Option<Record>, StoreError> {
         match self.shadow.get(record_key(tool, collection, key))? {
             Some(bytes) => Ok(Some(decode(&bytes, "shadow record")?)),
             None => Ok(None),
@@ -328,7 +377,11 @@ impl StoreReader {
     }
 
     /// All shadows of `tool` in `collection`, as (key, record).
-    pub fn shadows(&self, tool: &str, collection: &str) -> Result<Vec<(String, Record)>, StoreError> {
+    pub fn shadows(
+        &self,
+        tool: &str,
+        collection: &str,
+    ) -> Result<Vec<(String, Record)>, StoreError> {
         let prefix = record_key(tool, collection, "");
         let mut out = Vec::new();
         for guard in self.shadow.prefix(&prefix) {
@@ -348,10 +401,19 @@ impl StoreReader {
     }
 
     /// Up to `max` entries of `collection`'s log with seq ≥ `from`, in order.
-    pub fn log_from(&self, collection: &str, from: u64, max: usize) -> Result<Vec<(u64, LogEntry)>, StoreError> {
+    pub fn log_from(
+        &self,
+        collection: &str,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<(u64, LogEntry)>, StoreError> {
         let prefix = log_prefix(collection);
         let mut out = Vec::new();
-        for guard in self.log.range(log_key(collection, from)..log_key(collection, u64::MAX)).take(max) {
+        for guard in self
+            .log
+            .range(log_key(collection, from)..log_key(collection, u64::MAX))
+            .take(max)
+        {
             let (k, v) = guard.into_inner()?;
             out.push((decode_seq(&k[prefix.len()..])?, decode(&v, "log entry")?));
         }
@@ -369,7 +431,10 @@ impl StoreReader {
 
     /// All dead letters.
     pub fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError> {
-        self.dead.iter().map(|guard| decode(&guard.value()?, "dead letter")).collect()
+        self.dead
+            .iter()
+            .map(|guard| decode(&guard.value()?, "dead letter"))
+            .collect()
     }
 
     /// The ids of documents awaiting write-back, up to `max`.
@@ -377,8 +442,10 @@ impl StoreReader {
         let mut out = Vec::new();
         for guard in self.pending.iter().take(max) {
             let key = guard.key()?;
-            let id = <[u8; 16]>::try_from(&key[..])
-                .map_err(|_| StoreError::Corrupt { what: "pending doc id", reason: format!("{} bytes", key.len()) })?;
+            let id = <[u8; 16]>::try_from(&key[..]).map_err(|_| StoreError::Corrupt {
+                what: "pending doc id",
+                reason: format!("{} bytes", key.len()),
+            })?;
             out.push(DocId(id));
         }
         Ok(out)
@@ -437,7 +504,10 @@ fn record_key(tool: &str, collection: &str, key: &str) -> Vec<u8> {
 fn decode_seq(bytes: &[u8]) -> Result<u64, StoreError> {
     <[u8; 8]>::try_from(bytes)
         .map(u64::from_be_bytes)
-        .map_err(|_| StoreError::Corrupt { what: "sequence number", reason: format!("{} bytes", bytes.len()) })
+        .map_err(|_| StoreError::Corrupt {
+            what: "sequence number",
+            reason: format!("{} bytes", bytes.len()),
+        })
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -445,7 +515,10 @@ fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 }
 
 fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8], what: &'static str) -> Result<T, StoreError> {
-    postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt { what, reason: e.to_string() })
+    postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt {
+        what,
+        reason: e.to_string(),
+    })
 }
 
 impl Batch {

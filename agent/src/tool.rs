@@ -67,7 +67,9 @@ fn step(
     if connector.changed()? || connector.outbox_head()? > *cursor {
         capture_all(connector, core, cursor)?;
     }
-    if *cursor > *trimmed && (*cursor - *trimmed >= OUTBOX_TRIM_EVERY || connector.outbox_head()? == *cursor) {
+    if *cursor > *trimmed
+        && (*cursor - *trimmed >= OUTBOX_TRIM_EVERY || connector.outbox_head()? == *cursor)
+    {
         connector.trim_outbox(*cursor)?;
         *trimmed = *cursor;
     }
@@ -87,7 +89,11 @@ fn step(
 }
 
 /// Captures everything in the outbox past `cursor`, waiting for each batch to be durable.
-fn capture_all(connector: &mut SqliteConnector, core: &CoreHandle, cursor: &mut u64) -> Result<(), StepError> {
+fn capture_all(
+    connector: &mut SqliteConnector,
+    core: &CoreHandle,
+    cursor: &mut u64,
+) -> Result<(), StepError> {
     loop {
         let batch = connector.capture(*cursor, CAPTURE_BATCH_MAX)?;
         if batch.cursor == *cursor {

@@ -1,1 +1,231 @@
-//! End-to-end tests live in tests/.
+//! Helpers for the end-to-end tests: agents in folders, SQLite fixtures, the
+//! `concord` binary, bounded waits.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use concord_agent::agent::{self, RunningAgent};
+use concord_agent::config::Config;
+use concord_agent::demo::AgentFiles;
+use concord_agent::identity::PeerId;
+use rusqlite::Connection;
+
+/// The customers table of every test.
+pub const SCHEMA: &str = "CREATE TABLE customers (
+    id INTEGER PRIMARY KEY,
+    name TEXT,
+    email TEXT,
+    city TEXT,
+    age INTEGER
+)";
+
+/// The synced columns.
+pub const COLUMNS: [&str; 4] = ["name", "email", "city", "age"];
+
+/// The longest any test waits for agents to converge.
+pub const CONVERGE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// An agent's folder, key and database, with its config once written.
+#[derive(Debug)]
+pub struct Node {
+    /// Its files.
+    pub files: AgentFiles,
+    /// Its config, once written.
+    pub config: Option<Config>,
+}
+
+impl Node {
+    /// A fresh node in `root/name`.
+    pub fn new(root: &Path, name: &str) -> anyhow::Result<Node> {
+        Ok(Node {
+            files: AgentFiles::create(&root.join(name), SCHEMA)?,
+            config: None,
+        })
+    }
+
+    /// Its peer id.
+    pub fn id(&self) -> PeerId {
+        self.files.identity.peer_id()
+    }
+
+    /// Writes its config: listen on `listen`, trust `peers` (id, address to dial).
+    pub fn configure(
+        &mut self,
+        listen: &str,
+        peers: &[(PeerId, Option<String>)],
+    ) -> anyhow::Result<Config> {
+        let config = self.files.config(listen, peers, &COLUMNS)?;
+        self.config = Some(config.clone());
+        Ok(config)
+    }
+
+    /// Starts an agent in this process with the written config.
+    pub async fn start(&self) -> anyhow::Result<RunningAgent> {
+        let config = self.config.clone().context("configure the node first")?;
+        Ok(agent::start(config).await?)
+    }
+
+    /// A connection to its database, playing the user's tool.
+    pub fn db(&self) -> anyhow::Result<Connection> {
+        let conn = Connection::open(&self.files.db)?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        Ok(conn)
+    }
+
+    /// Every customer row, ordered by id.
+    pub fn rows(&self) -> anyhow::Result<Vec<Row>> {
+        rows(&self.files.db)
+    }
+
+    /// The config file's path.
+    pub fn config_path(&self) -> PathBuf {
+        self.files.dir.join("concord.toml")
+    }
+}
+
+/// A customer row: id, name, email, city, age.
+pub type Row = (
+    i64,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+);
+
+/// Every customer row of the database at `path`.
+pub fn rows(path: &Path) -> anyhow::Result<Vec<Row>> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    let mut stmt = conn.prepare("SELECT id, name, email, city, age FROM customers ORDER BY id")?;
+    let rows = stmt.query_map([], |r| {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Waits until `check` holds, polling every 5 ms, up to `timeout`.
+pub async fn wait_for(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check()? {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Waits until all nodes hold the same rows, and returns them.
+pub async fn converged(nodes: &[&Node]) -> anyhow::Result<Vec<Row>> {
+    wait_for("the databases to converge", CONVERGE_TIMEOUT, || {
+        let first = nodes[0].rows()?;
+        for node in &nodes[1..] {
+            if node.rows()? != first {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    })
+    .await?;
+    nodes[0].rows()
+}
+
+/// The path of the `concord` binary, built once if missing.
+pub fn concord_bin() -> anyhow::Result<PathBuf> {
+    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        // target/<profile>/deps/<test> → target/<profile>/concord
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .ok_or("unexpected test binary location")?;
+        let bin = profile_dir.join("concord");
+        let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        build.args(["build", "-q", "-p", "concord-agent", "--bin", "concord"]);
+        if !cfg!(debug_assertions) {
+            build.arg("--release");
+        }
+        let status = build
+            .status()
+            .map_err(|e| format!("running cargo build: {e}"))?;
+        if !status.success() || !bin.exists() {
+            return Err(format!("could not build {}", bin.display()));
+        }
+        Ok(bin)
+    })
+    .clone()
+    .map_err(anyhow::Error::msg)
+}
+
+/// An agent running as its own process.
+#[derive(Debug)]
+pub struct Process {
+    child: Child,
+    /// The address it listens on.
+    pub addr: String,
+}
+
+impl Process {
+    /// Starts `concord run` with the node's config and waits for its listening line.
+    pub fn start(node: &Node) -> anyhow::Result<Process> {
+        use std::io::{BufRead, BufReader};
+        let mut child = Command::new(concord_bin()?)
+            .args(["run", "--config"])
+            .arg(node.config_path())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        let addr = line
+            .trim()
+            .rsplit(' ')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        if !line.contains("listening on") {
+            let _ = child.kill();
+            bail!("the agent did not start: {line:?}");
+        }
+        Ok(Process { child, addr })
+    }
+
+    /// Kills the process with SIGKILL and reaps it.
+    pub fn kill9(mut self) -> anyhow::Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
+    /// Stops the process with SIGTERM and waits for it.
+    pub fn stop(mut self) -> anyhow::Result<()> {
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()?;
+        if !status.success() {
+            bail!("kill -TERM failed");
+        }
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -9,8 +9,8 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use super::message::{Message, decode, encode};
 use super::PROTOCOL_VERSION;
+use super::message::{Message, decode, encode};
 use crate::engine::WireEntry;
 use crate::store::{LogEntry, StoreId};
 
@@ -18,8 +18,8 @@ use crate::store::{LogEntry, StoreId};
 pub const ENTRIES_PER_MESSAGE_MAX: usize = 512;
 /// Change bytes sent in one message at most (one entry may exceed it alone).
 pub const MESSAGE_CHANGE_BYTES_MAX: usize = 1024 * 1024;
-/// Seqs sent but not yet acknowledged, per collection, at most (flow control).
-pub const IN_FLIGHT_SEQS_MAX: u64 = 8192;
+/// Entries sent but not yet acknowledged, per collection, at most (flow control).
+pub const IN_FLIGHT_ENTRIES_MAX: usize = 8192;
 /// Collections in one subscription at most.
 pub const SUBSCRIBE_COLLECTIONS_MAX: usize = 1024;
 /// How long a peer has to say hello.
@@ -85,10 +85,12 @@ pub enum ProtocolError {
 struct Stream {
     /// The next seq of the local log to read.
     next: u64,
-    /// The last seq sent.
+    /// The `upto` of the last message sent.
     sent_upto: u64,
-    /// The last seq the peer acknowledged.
-    acked: u64,
+    /// Messages sent and not yet acknowledged: (upto, entries).
+    unacked: VecDeque<(u64, usize)>,
+    /// Entries sent and not yet acknowledged.
+    in_flight: usize,
     /// The last read found the end of the log.
     caught_up: bool,
 }
@@ -125,7 +127,10 @@ impl Session {
             inbound: BTreeMap::new(),
             subscribed: false,
         };
-        session.queue(&Message::Hello { version: PROTOCOL_VERSION, store: local });
+        session.queue(&Message::Hello {
+            version: PROTOCOL_VERSION,
+            store: local,
+        });
         session
     }
 
@@ -161,16 +166,26 @@ impl Session {
                 }
                 for (collection, next) in cursors {
                     let next = next.max(1);
-                    let stream = Stream { next, sent_upto: next - 1, acked: next - 1, caught_up: false };
+                    let stream = Stream {
+                        next,
+                        sent_upto: next - 1,
+                        ..Stream::default()
+                    };
                     self.streams.insert(collection, stream);
                 }
             }
-            Message::Entries { collection, upto, entries } => {
+            Message::Entries {
+                collection,
+                upto,
+                entries,
+            } => {
                 if entries.len() > ENTRIES_PER_MESSAGE_MAX {
                     return Err(ProtocolError::Limit("entries in a message"));
                 }
                 let Some(inbound) = self.inbound.get_mut(&collection) else {
-                    return Err(ProtocolError::Unexpected("entries of a collection not subscribed to"));
+                    return Err(ProtocolError::Unexpected(
+                        "entries of a collection not subscribed to",
+                    ));
                 };
                 let mut last = inbound.upto;
                 for entry in &entries {
@@ -183,16 +198,28 @@ impl Session {
                     return Err(ProtocolError::Unexpected("a log that went backwards"));
                 }
                 inbound.upto = upto;
-                self.events.push_back(Event::Apply { collection, upto, entries });
+                self.events.push_back(Event::Apply {
+                    collection,
+                    upto,
+                    entries,
+                });
             }
             Message::Ack { collection, upto } => {
                 let Some(stream) = self.streams.get_mut(&collection) else {
-                    return Err(ProtocolError::Unexpected("ack of a collection not streamed"));
+                    return Err(ProtocolError::Unexpected(
+                        "ack of a collection not streamed",
+                    ));
                 };
                 if upto > stream.sent_upto {
                     return Err(ProtocolError::Unexpected("ack of entries never sent"));
                 }
-                stream.acked = stream.acked.max(upto);
+                while let Some(&(sent, entries)) = stream.unacked.front() {
+                    if sent > upto {
+                        break;
+                    }
+                    stream.unacked.pop_front();
+                    stream.in_flight -= entries;
+                }
             }
             Message::NeedDoc { doc, heads } => {
                 if heads.len() > 1024 {
@@ -200,8 +227,16 @@ impl Session {
                 }
                 self.events.push_back(Event::NeedDoc { doc, heads });
             }
-            Message::DocChanges { collection, doc, changes } => {
-                self.events.push_back(Event::DocChanges { collection, doc, changes });
+            Message::DocChanges {
+                collection,
+                doc,
+                changes,
+            } => {
+                self.events.push_back(Event::DocChanges {
+                    collection,
+                    doc,
+                    changes,
+                });
             }
         }
         Ok(())
@@ -211,7 +246,12 @@ impl Session {
     /// given next seq.
     pub fn subscribe(&mut self, cursors: Vec<(String, u64)>) {
         for (collection, next) in &cursors {
-            self.inbound.insert(collection.clone(), Inbound { upto: next.saturating_sub(1) });
+            self.inbound.insert(
+                collection.clone(),
+                Inbound {
+                    upto: next.saturating_sub(1),
+                },
+            );
         }
         self.subscribed = true;
         self.queue(&Message::Subscribe { cursors });
@@ -229,30 +269,43 @@ impl Session {
 
     /// Answers [`Event::NeedDoc`].
     pub fn doc_changes(&mut self, collection: String, doc: [u8; 16], changes: Vec<Vec<u8>>) {
-        self.queue(&Message::DocChanges { collection, doc, changes });
+        self.queue(&Message::DocChanges {
+            collection,
+            doc,
+            changes,
+        });
     }
 
     /// The log reads the session wants now: (collection, first seq, most entries).
     pub fn wants(&self) -> Vec<(String, u64, usize)> {
         self.streams
             .iter()
-            .filter(|(_, s)| !s.caught_up && s.sent_upto - s.acked < IN_FLIGHT_SEQS_MAX)
+            .filter(|(_, s)| !s.caught_up && s.in_flight < IN_FLIGHT_ENTRIES_MAX)
             .map(|(c, s)| {
-                let room = (IN_FLIGHT_SEQS_MAX - (s.sent_upto - s.acked)) as usize;
-                (c.clone(), s.next, room.min(ENTRIES_PER_MESSAGE_MAX))
+                (
+                    c.clone(),
+                    s.next,
+                    (IN_FLIGHT_ENTRIES_MAX - s.in_flight).min(ENTRIES_PER_MESSAGE_MAX),
+                )
             })
             .collect()
     }
 
     /// Gives the session what a log read for [`Session::wants`] returned (`max` is
-    /// what was asked for). Entries the peer itself sent are not sent back.
+    /// what was asked for). Entries the peer itself sent are not sent back; a read
+    /// holding nothing else sends nothing (the peer's cursor lags, and a replay
+    /// skips the same entries again).
     pub fn send_entries(&mut self, collection: &str, read: Vec<(u64, LogEntry)>, max: usize) {
         let peer = self.peer;
-        let Some(stream) = self.streams.get_mut(collection) else { return };
+        let Some(stream) = self.streams.get_mut(collection) else {
+            return;
+        };
         if read.len() < max {
             stream.caught_up = true;
         }
-        let Some(&(last_read, _)) = read.last() else { return };
+        let Some(&(last_read, _)) = read.last() else {
+            return;
+        };
         let mut entries = Vec::with_capacity(read.len());
         let mut bytes = 0usize;
         let mut upto = last_read;
@@ -266,11 +319,24 @@ impl Session {
                 continue;
             }
             bytes += entry.changes.iter().map(Vec::len).sum::<usize>();
-            entries.push(WireEntry { seq, doc: entry.doc, changes: entry.changes });
+            entries.push(WireEntry {
+                seq,
+                doc: entry.doc,
+                changes: entry.changes,
+            });
         }
         stream.next = upto + 1;
+        if entries.is_empty() {
+            return;
+        }
         stream.sent_upto = upto;
-        let message = Message::Entries { collection: collection.to_owned(), upto, entries };
+        stream.unacked.push_back((upto, entries.len()));
+        stream.in_flight += entries.len();
+        let message = Message::Entries {
+            collection: collection.to_owned(),
+            upto,
+            entries,
+        };
         self.queue(&message);
     }
 
@@ -314,7 +380,11 @@ mod tests {
     use super::*;
 
     fn entry(doc: u8, origin: Option<StoreId>) -> LogEntry {
-        LogEntry { doc: [doc; 16], changes: vec![vec![doc; 4]], origin }
+        LogEntry {
+            doc: [doc; 16],
+            changes: vec![vec![doc; 4]],
+            origin,
+        }
     }
 
     /// Delivers every queued frame from `from` to `to`.
@@ -328,7 +398,8 @@ mod tests {
     }
 
     #[test]
-    fn streams_the_log_from_the_cursor_skipping_the_peers_own_entries() -> Result<(), ProtocolError> {
+    fn streams_the_log_from_the_cursor_skipping_the_peers_own_entries() -> Result<(), ProtocolError>
+    {
         let now = Instant::now();
         let (a_id, b_id) = ([1; 16], [2; 16]);
         let mut a = Session::new(a_id, now);
@@ -340,13 +411,24 @@ mod tests {
         // B already holds A's log up to seq 2.
         b.subscribe(vec![("customers".into(), 3)]);
         deliver(&mut b, &mut a, now)?;
-        assert_eq!(a.wants(), vec![("customers".to_owned(), 3, ENTRIES_PER_MESSAGE_MAX)]);
-        let log = vec![(3, entry(3, None)), (4, entry(4, Some(b_id))), (5, entry(5, Some([9; 16])))];
+        assert_eq!(
+            a.wants(),
+            vec![("customers".to_owned(), 3, ENTRIES_PER_MESSAGE_MAX)]
+        );
+        let log = vec![
+            (3, entry(3, None)),
+            (4, entry(4, Some(b_id))),
+            (5, entry(5, Some([9; 16]))),
+        ];
         a.send_entries("customers", log, ENTRIES_PER_MESSAGE_MAX);
         assert!(a.wants().is_empty(), "a short read means caught up");
         deliver(&mut a, &mut b, now)?;
         match b.poll_event() {
-            Some(Event::Apply { collection, upto, entries }) => {
+            Some(Event::Apply {
+                collection,
+                upto,
+                entries,
+            }) => {
                 assert_eq!(collection, "customers");
                 assert_eq!(upto, 5);
                 let seqs: Vec<u64> = entries.iter().map(|e| e.seq).collect();
@@ -357,7 +439,10 @@ mod tests {
         b.applied("customers".into(), 5);
         deliver(&mut b, &mut a, now)?;
         a.log_grew();
-        assert_eq!(a.wants(), vec![("customers".to_owned(), 6, ENTRIES_PER_MESSAGE_MAX)]);
+        assert_eq!(
+            a.wants(),
+            vec![("customers".to_owned(), 6, ENTRIES_PER_MESSAGE_MAX)]
+        );
         Ok(())
     }
 
@@ -370,19 +455,41 @@ mod tests {
         deliver(&mut b, &mut a, now)?;
         b.subscribe(vec![("c".into(), 1)]);
         deliver(&mut b, &mut a, now)?;
-        let mut seq = 0;
+        let mut sent = 0;
+        let mut rounds = 0;
         while let Some((_, from, max)) = a.wants().into_iter().next() {
-            let read: Vec<_> = (from..from + max as u64).map(|s| (s, entry(1, None))).collect();
-            seq = from + max as u64 - 1;
+            let read: Vec<_> = (from..from + max as u64)
+                .map(|s| (s, entry(1, None)))
+                .collect();
             a.send_entries("c", read, max);
-            assert!(seq <= IN_FLIGHT_SEQS_MAX, "window exceeded at {seq}");
+            sent += max;
+            rounds += 1;
+            assert!(
+                rounds <= IN_FLIGHT_ENTRIES_MAX,
+                "flow control never stopped the reads"
+            );
         }
-        assert_eq!(seq, IN_FLIGHT_SEQS_MAX);
-        b.applied("c".into(), 100);
-        while let Some(frame) = b.poll_transmit() {
-            a.handle(now, &frame)?;
-        }
-        assert_eq!(a.wants(), vec![("c".to_owned(), IN_FLIGHT_SEQS_MAX + 1, 100)]);
+        assert_eq!(sent, IN_FLIGHT_ENTRIES_MAX);
+        // Acknowledging the first message opens the window by its entries.
+        b.applied("c".into(), ENTRIES_PER_MESSAGE_MAX as u64);
+        deliver(&mut b, &mut a, now)?;
+        let next = IN_FLIGHT_ENTRIES_MAX as u64 + 1;
+        assert_eq!(
+            a.wants(),
+            vec![("c".to_owned(), next, ENTRIES_PER_MESSAGE_MAX)]
+        );
+        // A read of only the peer's own entries sends nothing and takes no room.
+        while a.poll_transmit().is_some() {}
+        let own: Vec<_> = (next..next + 10)
+            .map(|s| (s, entry(1, Some([2; 16]))))
+            .collect();
+        a.send_entries("c", own, ENTRIES_PER_MESSAGE_MAX);
+        assert_eq!(a.poll_transmit(), None);
+        a.log_grew();
+        assert_eq!(
+            a.wants(),
+            vec![("c".to_owned(), next + 10, ENTRIES_PER_MESSAGE_MAX)]
+        );
         Ok(())
     }
 
@@ -390,23 +497,60 @@ mod tests {
     fn protocol_violations_are_errors() {
         let now = Instant::now();
         let mut a = Session::new([1; 16], now);
-        assert!(matches!(a.handle(now, &[0xff, 0xff, 0xff]), Err(ProtocolError::Malformed(_))));
-        let ack = encode(&Message::Ack { collection: "c".into(), upto: 1 });
-        assert_eq!(a.handle(now, &ack), Err(ProtocolError::Unexpected("a message before hello")));
-        let hello = encode(&Message::Hello { version: PROTOCOL_VERSION + 1, store: [2; 16] });
-        assert_eq!(a.handle(now, &hello), Err(ProtocolError::Version(PROTOCOL_VERSION + 1)));
-        let hello = encode(&Message::Hello { version: PROTOCOL_VERSION, store: [2; 16] });
+        assert!(matches!(
+            a.handle(now, &[0xff, 0xff, 0xff]),
+            Err(ProtocolError::Malformed(_))
+        ));
+        let ack = encode(&Message::Ack {
+            collection: "c".into(),
+            upto: 1,
+        });
+        assert_eq!(
+            a.handle(now, &ack),
+            Err(ProtocolError::Unexpected("a message before hello"))
+        );
+        let hello = encode(&Message::Hello {
+            version: PROTOCOL_VERSION + 1,
+            store: [2; 16],
+        });
+        assert_eq!(
+            a.handle(now, &hello),
+            Err(ProtocolError::Version(PROTOCOL_VERSION + 1))
+        );
+        let hello = encode(&Message::Hello {
+            version: PROTOCOL_VERSION,
+            store: [2; 16],
+        });
         assert_eq!(a.handle(now, &hello), Ok(()));
-        assert_eq!(a.handle(now, &ack), Err(ProtocolError::Unexpected("ack of a collection not streamed")));
-        let entries = encode(&Message::Entries { collection: "c".into(), upto: 1, entries: vec![] });
-        assert!(a.handle(now, &entries).is_err(), "entries before subscribing");
+        assert_eq!(
+            a.handle(now, &ack),
+            Err(ProtocolError::Unexpected(
+                "ack of a collection not streamed"
+            ))
+        );
+        let entries = encode(&Message::Entries {
+            collection: "c".into(),
+            upto: 1,
+            entries: vec![],
+        });
+        assert!(
+            a.handle(now, &entries).is_err(),
+            "entries before subscribing"
+        );
         a.subscribe(vec![("c".into(), 5)]);
         let stale = encode(&Message::Entries {
             collection: "c".into(),
             upto: 9,
-            entries: vec![WireEntry { seq: 3, doc: [0; 16], changes: vec![] }],
+            entries: vec![WireEntry {
+                seq: 3,
+                doc: [0; 16],
+                changes: vec![],
+            }],
         });
-        assert_eq!(a.handle(now, &stale), Err(ProtocolError::Unexpected("entries out of order")));
+        assert_eq!(
+            a.handle(now, &stale),
+            Err(ProtocolError::Unexpected("entries out of order"))
+        );
     }
 
     #[test]
@@ -414,7 +558,10 @@ mod tests {
         let now = Instant::now();
         let mut a = Session::new([1; 16], now);
         let deadline = a.poll_timeout().expect("a hello deadline");
-        assert_eq!(a.handle_timeout(deadline - Duration::from_millis(1)), Ok(()));
+        assert_eq!(
+            a.handle_timeout(deadline - Duration::from_millis(1)),
+            Ok(())
+        );
         assert_eq!(a.handle_timeout(deadline), Err(ProtocolError::HelloTimeout));
     }
 }

@@ -280,7 +280,7 @@ impl Table {
         }
         for column in &columns {
             if column.field_type == FieldType::Decimal && !column.keeps_text {
-                tracing::warn!(
+                tracing::info!(
                     table,
                     column = column.field,
                     declared = column.declared,
