@@ -1,3 +1,352 @@
-pub async fn run(_records: usize, _edits: usize) -> anyhow::Result<()> {
+//! `concord bench`: initial sync, the Automerge-only floor, edit latency and wire
+//! bytes, measured on real agent processes over QUIC on loopback, printed as figures.
+//!
+//! The two agents run as separate `concord run` processes so each one's peak RSS is
+//! its own; a UDP relay between them counts every byte on the wire.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use crdt_model::{Decimal, Edit, Record, RecordDoc, Timestamp, Value};
+use rusqlite::Connection;
+
+use crate::demo::AgentFiles;
+
+/// The benchmark table: a key and 10 fields of mixed types.
+const SCHEMA: &str = "CREATE TABLE customers (
+    id INTEGER PRIMARY KEY,
+    name TEXT, email TEXT, city TEXT, country TEXT, phone TEXT,
+    balance DECIMAL(12,2), score REAL, visits INTEGER, active BOOLEAN, created TIMESTAMP
+)";
+const COLUMNS: [&str; 10] = [
+    "name", "email", "city", "country", "phone", "balance", "score", "visits", "active", "created",
+];
+/// How long the initial sync may take at most.
+const SYNC_TIMEOUT_S: u64 = 1800;
+/// How long one edit may take to arrive at most.
+const EDIT_TIMEOUT_MS: u64 = 10_000;
+
+/// Runs the benchmark and prints its figures.
+pub async fn run(records: usize, edits: usize) -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let a = AgentFiles::create(&tmp.path().join("a"), SCHEMA)?;
+    let b = AgentFiles::create(&tmp.path().join("b"), SCHEMA)?;
+    let rows: Vec<Record> = (0..records).map(sample).collect();
+    fill(&a.db, &rows)?;
+
+    let floor = floor(&rows)?;
+
+    let b_config = b.config("127.0.0.1:0", &[(a.identity.peer_id(), None)], &COLUMNS)?;
+    let mut proc_b = AgentProcess::start(&b_config.path)?;
+    let relay = Relay::start(proc_b.addr).await?;
+    a.config(
+        "127.0.0.1:0",
+        &[(b.identity.peer_id(), Some(relay.addr.to_string()))],
+        &COLUMNS,
+    )?;
+    let started = Instant::now();
+    let mut proc_a = AgentProcess::start(&a.dir.join("concord.toml"))?;
+    let db_b = Connection::open(&b.db)?;
+    db_b.busy_timeout(Duration::from_secs(10))?;
+    loop {
+        let n: i64 = db_b.query_row("SELECT count(*) FROM customers", [], |r| r.get(0))?;
+        if n as usize >= records {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(SYNC_TIMEOUT_S) {
+            bail!("initial sync did not finish within {SYNC_TIMEOUT_S} s ({n} of {records} rows)");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let sync_time = started.elapsed();
+    let sync_bytes = relay.bytes.load(Ordering::Relaxed);
+    let rate = records as f64 / sync_time.as_secs_f64();
+    let (rss_a, rss_b) = (proc_a.peak_rss_kib()?, proc_b.peak_rss_kib()?);
+
+    // Edit latency: one field of one row in A, until B's row shows it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let db_a = Connection::open(&a.db)?;
+    db_a.busy_timeout(Duration::from_secs(10))?;
+    let bytes_before = relay.bytes.load(Ordering::Relaxed);
+    let mut latencies = Vec::with_capacity(edits);
+    let mut check = db_b.prepare("SELECT name FROM customers WHERE id = ?1")?;
+    for i in 0..edits {
+        let id = (i % records) as i64;
+        let name = format!("edited {i}");
+        db_a.execute(
+            "UPDATE customers SET name = ?1 WHERE id = ?2",
+            rusqlite::params![name, id],
+        )?;
+        let t0 = Instant::now();
+        loop {
+            let seen: Option<String> = check.query_row([id], |r| r.get(0))?;
+            if seen.as_deref() == Some(name.as_str()) {
+                break;
+            }
+            if t0.elapsed() > Duration::from_millis(EDIT_TIMEOUT_MS) {
+                bail!("edit {i} did not arrive within {EDIT_TIMEOUT_MS} ms");
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        latencies.push(t0.elapsed());
+    }
+    // Let the last acknowledgements cross before counting.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let edit_bytes = relay.bytes.load(Ordering::Relaxed) - bytes_before;
+    latencies.sort();
+    let pct = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+    };
+    let ms = |d: Option<&Duration>| d.map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0);
+    let (rss_a_end, rss_b_end) = (proc_a.peak_rss_kib()?, proc_b.peak_rss_kib()?);
+    proc_a.stop();
+    proc_b.stop();
+
+    let floor_rate = records as f64 / floor.as_secs_f64();
+    println!(
+        "concord bench: {records} records x 10 fields, {edits} single-field edits, 2 agent processes, QUIC on loopback"
+    );
+    println!(
+        "initial sync            {:>10.0} records/s  ({:.2} s)",
+        rate,
+        sync_time.as_secs_f64()
+    );
+    println!(
+        "  bytes on the wire     {:>10} ({:.0} per record)",
+        sync_bytes,
+        sync_bytes as f64 / records as f64
+    );
+    println!("  peak RSS agent A      {:>10} KiB", rss_a);
+    println!("  peak RSS agent B      {:>10} KiB", rss_b);
+    println!(
+        "automerge-only floor    {:>10.0} records/s  ({:.2} s)",
+        floor_rate,
+        floor.as_secs_f64()
+    );
+    println!(
+        "  ratio to the floor    {:>10.2}  (goal >= 0.7)",
+        rate / floor_rate
+    );
+    println!(
+        "edit latency A -> B     p50 {:.2} ms, p99 {:.2} ms  (goal p50 <= 2, p99 <= 10)",
+        ms(pct(0.50)),
+        ms(pct(0.99))
+    );
+    println!(
+        "wire bytes per update   {:>10.0}  (goal <= 220)",
+        edit_bytes as f64 / edits.max(1) as f64
+    );
+    println!(
+        "peak RSS at the end     A {} KiB, B {} KiB",
+        rss_a_end, rss_b_end
+    );
     Ok(())
+}
+
+/// A sample record: 10 fields of mixed types.
+fn sample(i: usize) -> Record {
+    let mut r = BTreeMap::new();
+    r.insert("name".to_owned(), Value::Text(format!("Customer {i}")));
+    r.insert(
+        "email".to_owned(),
+        Value::Text(format!("customer{i}@example.com")),
+    );
+    r.insert(
+        "city".to_owned(),
+        Value::Text(["London", "Paris", "Berlin", "Madrid"][i % 4].to_owned()),
+    );
+    r.insert(
+        "country".to_owned(),
+        Value::Text(["UK", "FR", "DE", "ES"][i % 4].to_owned()),
+    );
+    r.insert(
+        "phone".to_owned(),
+        Value::Text(format!("+44 20 7946 {:04}", i % 10_000)),
+    );
+    let cents = (i * 37) % 100_000;
+    let balance =
+        Decimal::parse(&format!("{}.{:02}", cents / 100, cents % 100)).expect("a decimal");
+    r.insert("balance".to_owned(), Value::Decimal(balance));
+    r.insert("score".to_owned(), Value::Float((i % 1000) as f64 / 8.0));
+    r.insert("visits".to_owned(), Value::Int((i % 500) as i64));
+    r.insert("active".to_owned(), Value::Bool(i % 3 != 0));
+    r.insert(
+        "created".to_owned(),
+        Value::Timestamp(Timestamp::from_micros(
+            1_700_000_000_000_000 + i as i64 * 1_000_000,
+        )),
+    );
+    r
+}
+
+fn fill(db: &Path, rows: &[Record]) -> anyhow::Result<()> {
+    let mut conn = Connection::open(db)?;
+    let tx = conn.transaction()?;
+    {
+        let mut insert = tx.prepare(
+            "INSERT INTO customers (id, name, email, city, country, phone, balance, score, visits, active, created)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+        )?;
+        for (i, r) in rows.iter().enumerate() {
+            let text = |k: &str| match &r[k] {
+                Value::Text(s) => s.clone(),
+                other => other.to_string(),
+            };
+            let (
+                Value::Float(score),
+                Value::Int(visits),
+                Value::Bool(active),
+                Value::Timestamp(created),
+            ) = (&r["score"], &r["visits"], &r["active"], &r["created"])
+            else {
+                bail!("a sample record of the wrong shape");
+            };
+            let created = chrono::DateTime::from_timestamp_micros(created.micros())
+                .context("timestamp out of range")?
+                .format("%Y-%m-%dT%H:%M:%S%.6fZ")
+                .to_string();
+            insert.execute(rusqlite::params![
+                i as i64,
+                text("name"),
+                text("email"),
+                text("city"),
+                text("country"),
+                text("phone"),
+                text("balance"),
+                score,
+                visits,
+                active,
+                created,
+            ])?;
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// The Automerge-only floor: make each record's document and its change, then apply
+/// the change into a second document set.
+fn floor(rows: &[Record]) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    let mut changes = Vec::with_capacity(rows.len());
+    for (i, r) in rows.iter().enumerate() {
+        let mut doc = RecordDoc::new(&[1; 16]);
+        let edit = Edit {
+            fields: r.clone(),
+            external_id: Some(("a".into(), i.to_string())),
+            deleted: Some(false),
+        };
+        changes.push(
+            doc.edit("customers", &i.to_string(), &edit)?
+                .context("a new record makes a change")?,
+        );
+    }
+    for change in changes {
+        let mut doc = RecordDoc::new(&[2; 16]);
+        doc.apply(&[change])?;
+    }
+    Ok(start.elapsed())
+}
+
+/// A `concord run` child process.
+struct AgentProcess {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl AgentProcess {
+    fn start(config: &Path) -> anyhow::Result<AgentProcess> {
+        let mut child = Command::new(std::env::current_exe()?)
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", std::env::var("CONCORD_BENCH_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().context("agent stdout")?).read_line(&mut line)?;
+        let addr = line.trim().rsplit(' ').next().unwrap_or_default().parse();
+        match addr {
+            Ok(addr) => Ok(AgentProcess { child, addr }),
+            Err(_) => {
+                let _ = child.kill();
+                bail!("the agent did not start: {line:?}")
+            }
+        }
+    }
+
+    /// The process's peak resident set (VmHWM), in KiB.
+    fn peak_rss_kib(&self) -> anyhow::Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
+        let line = status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .context("no VmHWM")?;
+        Ok(line
+            .split_whitespace()
+            .nth(1)
+            .context("VmHWM value")?
+            .parse()?)
+    }
+
+    fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A UDP relay in front of one agent that counts the bytes crossing it.
+struct Relay {
+    addr: SocketAddr,
+    bytes: Arc<AtomicU64>,
+}
+
+impl Relay {
+    async fn start(target: SocketAddr) -> anyhow::Result<Relay> {
+        let front = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+        let back = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+        back.connect(target).await?;
+        let addr = front.local_addr()?;
+        let bytes = Arc::new(AtomicU64::new(0));
+        let counter = bytes.clone();
+        tokio::spawn(async move {
+            let (mut up, mut down) = (vec![0u8; 65536], vec![0u8; 65536]);
+            let mut client = None;
+            loop {
+                tokio::select! {
+                    Ok((n, from)) = front.recv_from(&mut up) => {
+                        client = Some(from);
+                        counter.fetch_add(n as u64, Ordering::Relaxed);
+                        let _ = back.send(&up[..n]).await;
+                    }
+                    Ok(n) = back.recv(&mut down) => {
+                        counter.fetch_add(n as u64, Ordering::Relaxed);
+                        if let Some(client) = client {
+                            let _ = front.send_to(&down[..n], client).await;
+                        }
+                    }
+                    else => return,
+                }
+            }
+        });
+        Ok(Relay { addr, bytes })
+    }
 }

@@ -14,7 +14,7 @@ use connectors::sqlite::{CaptureBatch, WriteOutcome};
 use crdt_model::{ChangeHash, DocId};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::engine::{ApplyOutcome, Engine, EngineStats, WireEntry, WritePlan};
+use crate::engine::{ApplyOutcome, DocChanges, Engine, EngineStats, WireEntry, WritePlan};
 use crate::store::StoreId;
 
 /// Requests queued for the core at most.
@@ -54,7 +54,7 @@ pub enum CoreRequest {
         /// The peer's heads.
         heads: Vec<ChangeHash>,
         /// The document's collection and the changes, if the document is known.
-        reply: oneshot::Sender<Option<(String, Vec<Vec<u8>>)>>,
+        reply: oneshot::Sender<Option<DocChanges>>,
     },
     /// The heads of a document, to ask a peer for what is missing.
     Heads {

@@ -29,6 +29,15 @@ pub struct WireEntry {
     pub changes: Vec<Vec<u8>>,
 }
 
+/// Changes of one document, for a peer that lacks them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DocChanges {
+    /// The document's collection.
+    pub collection: String,
+    /// Automerge change bytes.
+    pub changes: Vec<Vec<u8>>,
+}
+
 /// What applying a peer's entries found.
 #[derive(Debug, Default)]
 pub struct ApplyOutcome {
@@ -323,24 +332,28 @@ impl Engine {
         &mut self,
         id: DocId,
         heads: &[crdt_model::ChangeHash],
-    ) -> Result<Option<(String, Vec<Vec<u8>>)>, StoreError> {
+    ) -> Result<Option<DocChanges>, StoreError> {
         if !self.store.has_doc(id)? {
             return Ok(None);
         }
         let doc = self.store.doc(id)?;
         let collection = read_state(doc, id)?.collection;
         let am = doc.automerge();
+        let missing = am.get_missing_deps(heads);
         let known: Vec<_> = heads
             .iter()
             .copied()
-            .filter(|h| am.get_change_by_hash(h).is_some())
+            .filter(|h| !missing.contains(h))
             .collect();
         let changes = am
             .get_changes(&known)
             .into_iter()
-            .map(|mut c| c.bytes().into_owned())
+            .map(|c| c.raw_bytes().to_vec())
             .collect();
-        Ok(Some((collection, changes)))
+        Ok(Some(DocChanges {
+            collection,
+            changes,
+        }))
     }
 
     /// The heads of document `id` (empty if unknown).

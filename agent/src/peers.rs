@@ -254,6 +254,7 @@ async fn drive(
             session.send_entries(&collection, read, max);
         }
         while let Some(frame) = session.poll_transmit() {
+            tracing::debug!(bytes = frame.len(), "sending a frame");
             write_frame(&mut send, &frame).await?;
             ctx.frames.fetch_add(1, Ordering::Relaxed);
         }
@@ -278,6 +279,7 @@ async fn drive(
             frame = frames_rx.recv(), if pending.len() < APPLIES_IN_FLIGHT_MAX => {
                 let frame = frame.ok_or(DriveError::Stopping)??;
                 ctx.frames.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(bytes = frame.len(), "received a frame");
                 session.handle(Instant::now(), &frame)?;
             }
             _ = log_version.changed() => session.log_grew(),
@@ -335,8 +337,8 @@ async fn handle_event(
                 })
                 .await
                 .map_err(|_| DriveError::Stopping)?;
-            if let Some((collection, changes)) = answer.await.map_err(|_| DriveError::Stopping)? {
-                session.doc_changes(collection, doc, changes);
+            if let Some(found) = answer.await.map_err(|_| DriveError::Stopping)? {
+                session.doc_changes(found.collection, doc, found.changes);
             }
         }
     }

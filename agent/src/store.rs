@@ -34,6 +34,9 @@ pub const DOC_CACHE_MAX: usize = 2048;
 /// How many changes are appended to a stored document before it is saved whole again.
 pub const DOC_APPENDS_MAX: u32 = 32;
 
+/// Changes appended to a document loaded from disk before it is saved whole again.
+pub const DOC_APPENDS_AFTER_LOAD_MAX: u32 = 4;
+
 /// The id of a store: its actor id. A wiped store gets a new one, never an old one.
 pub type StoreId = ActorBytes;
 
@@ -229,7 +232,8 @@ impl Store {
                         reason: format!("{id}: {e}"),
                     })?,
                     stored: bytes.to_vec(),
-                    appends: 0,
+                    // How many changes were appended before is not known: compact soon.
+                    appends: DOC_APPENDS_MAX - DOC_APPENDS_AFTER_LOAD_MAX,
                 },
                 None => CachedDoc {
                     doc: RecordDoc::new(&self.actor),
@@ -254,7 +258,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let docs = self.docs.clone();
         let cached = self.cached(id)?;
-        if cached.stored.is_empty() || cached.appends >= DOC_APPENDS_MAX {
+        if cached.appends >= DOC_APPENDS_MAX {
             cached.stored = cached.doc.save();
             cached.appends = 0;
         } else {

@@ -77,6 +77,7 @@ fn step(
         Ok(plan) => {
             let ops: Vec<WriteOp> = plan.writes.iter().map(|w| w.op.clone()).collect();
             let outcome = connector.write_back(plan.captured_upto, &ops)?;
+            tracing::debug!(ops = ops.len(), ?outcome, "wrote back");
             if outcome == WriteOutcome::CaptureFirst {
                 capture_all(connector, core, cursor)?;
             }
@@ -100,6 +101,7 @@ fn capture_all(
             return Ok(());
         }
         let next = batch.cursor;
+        tracing::debug!(changes = batch.changes.len(), cursor = next, "captured");
         let (reply, done) = oneshot::channel();
         core.blocking_send(CoreRequest::Capture { batch, reply })?;
         done.blocking_recv().map_err(|_| CoreStopped)?;

@@ -141,9 +141,9 @@ impl RecordDoc {
         Ok(RecordDoc { doc })
     }
 
-    /// The whole document in compact form.
+    /// The whole document in compact form (not deflated: the store compresses).
     pub fn save(&mut self) -> Vec<u8> {
-        self.doc.save()
+        self.doc.save_nocompress()
     }
 
     /// The document's current heads.
@@ -195,7 +195,7 @@ impl RecordDoc {
         Ok(self
             .doc
             .get_last_local_change()
-            .map(|mut change| change.bytes().into_owned()))
+            .map(|change| change.raw_bytes().to_vec()))
     }
 
     /// Applies change bytes received from a peer. Applying changes the document
@@ -214,7 +214,7 @@ impl RecordDoc {
                 .doc
                 .get_changes(&before)
                 .into_iter()
-                .map(|mut change| change.bytes().into_owned())
+                .map(|change| change.raw_bytes().to_vec())
                 .collect();
         }
         applied.missing_deps = !self.doc.get_missing_deps(&[]).is_empty();

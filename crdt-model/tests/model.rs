@@ -28,13 +28,13 @@ fn sync(a: &mut RecordDoc, b: &mut RecordDoc) -> Result<(), ModelError> {
         .automerge()
         .get_changes(&[])
         .into_iter()
-        .map(|mut c| c.bytes().into_owned())
+        .map(|c| c.raw_bytes().to_vec())
         .collect();
     let b_changes: Vec<Vec<u8>> = b
         .automerge()
         .get_changes(&[])
         .into_iter()
-        .map(|mut c| c.bytes().into_owned())
+        .map(|c| c.raw_bytes().to_vec())
         .collect();
     a.apply(&b_changes)?;
     b.apply(&a_changes)?;
@@ -237,9 +237,9 @@ fn applying_twice_is_harmless_and_reports_only_new_changes() -> Result<(), Model
         .edit("customers", "1", &edit(&[("name", text("Ada L."))]))?
         .expect("change");
     let mut b = RecordDoc::new(&[2; 16]);
-    assert_eq!(b.apply(&[c1.clone()])?.new_changes.len(), 1);
-    assert!(b.apply(&[c1.clone()])?.new_changes.is_empty());
-    let out_of_order = b.apply(&[c2.clone()])?;
+    assert_eq!(b.apply(std::slice::from_ref(&c1))?.new_changes.len(), 1);
+    assert!(b.apply(std::slice::from_ref(&c1))?.new_changes.is_empty());
+    let out_of_order = b.apply(std::slice::from_ref(&c2))?;
     assert_eq!(out_of_order.new_changes.len(), 1);
     let mut c = RecordDoc::new(&[3; 16]);
     let waiting = c.apply(&[c2])?;
