@@ -177,7 +177,7 @@ fn sample(i: usize) -> Record {
     r.insert("balance".to_owned(), Value::Decimal(balance));
     r.insert("score".to_owned(), Value::Float((i % 1000) as f64 / 8.0));
     r.insert("visits".to_owned(), Value::Int((i % 500) as i64));
-    r.insert("active".to_owned(), Value::Bool(i % 3 != 0));
+    r.insert("active".to_owned(), Value::Bool(!i.is_multiple_of(3)));
     r.insert(
         "created".to_owned(),
         Value::Timestamp(Timestamp::from_micros(
@@ -267,7 +267,10 @@ impl AgentProcess {
         let mut child = Command::new(std::env::current_exe()?)
             .args(["run", "--config"])
             .arg(config)
-            .env("RUST_LOG", std::env::var("CONCORD_BENCH_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("CONCORD_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()?;

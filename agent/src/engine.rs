@@ -4,7 +4,7 @@
 //! The core thread calls the engine with a [`Batch`] and commits it; the engine
 //! never commits by itself, so each step's writes land atomically.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use connectors::sqlite::{CapturedChange, RowState, WriteOp, WriteOutcome};
 use crdt_model::{DocId, Edit, Record, RecordState, Value};
@@ -113,6 +113,9 @@ pub struct Engine {
     tool: String,
     collections: BTreeMap<String, CollectionInfo>,
     captured_upto: u64,
+    /// Documents awaiting write-back: the stored set, mirrored in memory so that
+    /// planning does not scan the keyspace.
+    pending: BTreeSet<DocId>,
     stats: EngineStats,
 }
 
@@ -125,12 +128,14 @@ impl Engine {
     ) -> Result<Engine, StoreError> {
         let reader = store.reader();
         let captured_upto = reader.cursor(&tool_cursor(&tool))?;
+        let pending = reader.pending(usize::MAX)?.into_iter().collect();
         Ok(Engine {
             store,
             reader,
             tool,
             collections,
             captured_upto,
+            pending,
             stats: EngineStats::default(),
         })
     }
@@ -148,6 +153,18 @@ impl Engine {
     /// The outbox seq up to which the tool's changes are captured and committed.
     pub fn captured_upto(&self) -> u64 {
         self.captured_upto
+    }
+
+    /// Marks or unmarks a document as awaiting write-back, staging only real changes.
+    fn set_pending(&mut self, batch: &mut Batch, id: DocId, pending: bool) {
+        let changed = if pending {
+            self.pending.insert(id)
+        } else {
+            self.pending.remove(&id)
+        };
+        if changed {
+            self.store.stage_pending(batch, id, pending);
+        }
     }
 
     /// Stages captured changes of the local tool and the new capture cursor.
@@ -245,7 +262,7 @@ impl Engine {
         let state = read_state(doc, id)?;
         let projected = project(&state, info);
         let differs = projected.as_ref() != after.as_ref();
-        self.store.stage_pending(batch, id, differs);
+        self.set_pending(batch, id, differs);
         if let Some(change) = change {
             self.store
                 .stage_doc(batch, id, &collection, vec![change], None)?;
@@ -320,7 +337,7 @@ impl Engine {
         self.store
             .stage_doc(batch, id, collection, applied.new_changes, Some(origin))?;
         if self.collections.contains_key(collection) {
-            self.store.stage_pending(batch, id, true);
+            self.set_pending(batch, id, true);
         }
         self.stats.applied += 1;
         Ok(applied.missing_deps)
@@ -368,10 +385,11 @@ impl Engine {
     /// documents, skipping documents whose projection the tool already holds.
     pub fn plan_writes(&mut self, batch: &mut Batch, max: usize) -> Result<WritePlan, StoreError> {
         let mut writes = Vec::new();
-        for id in self.reader.pending(max)? {
+        let ids: Vec<DocId> = self.pending.iter().take(max).copied().collect();
+        for id in ids {
             let state = read_state(self.store.doc(id)?, id)?;
             let Some(info) = self.collections.get(&state.collection) else {
-                self.store.stage_pending(batch, id, false);
+                self.set_pending(batch, id, false);
                 continue;
             };
             let shadow = self
@@ -405,7 +423,7 @@ impl Engine {
                     op,
                     after: projected,
                 }),
-                None => self.store.stage_pending(batch, id, false),
+                None => self.set_pending(batch, id, false),
             }
         }
         Ok(WritePlan {
@@ -457,7 +475,7 @@ impl Engine {
                     self.stats.writes += 1;
                 }
             }
-            self.store.stage_pending(batch, write.doc, false);
+            self.set_pending(batch, write.doc, false);
         }
         Ok(())
     }

@@ -208,6 +208,7 @@ async fn run_connection(
 struct PendingApply {
     collection: String,
     upto: Option<u64>,
+    entries: usize,
     reply: oneshot::Receiver<Result<ApplyOutcome, String>>,
 }
 
@@ -269,7 +270,7 @@ async fn drive(
                 let done = pending.pop_front().expect("guarded");
                 let outcome = reply.map_err(|_| DriveError::Stopping)?.map_err(DriveError::Refused)?;
                 if let Some(upto) = done.upto {
-                    session.applied(done.collection, upto);
+                    session.applied(Instant::now(), done.collection, upto, done.entries);
                 }
                 for doc in outcome.missing {
                     let heads = heads_of(ctx, DocId(doc.0)).await?;
@@ -357,6 +358,7 @@ async fn apply(
         .peer()
         .ok_or(ProtocolError::Unexpected("entries before hello"))?;
     let (reply, answer) = oneshot::channel();
+    let count = entries.len();
     let request = CoreRequest::Apply {
         origin,
         collection: collection.clone(),
@@ -371,6 +373,7 @@ async fn apply(
     pending.push_back(PendingApply {
         collection,
         upto,
+        entries: count,
         reply: answer,
     });
     Ok(())

@@ -22,6 +22,10 @@ pub const MESSAGE_CHANGE_BYTES_MAX: usize = 1024 * 1024;
 pub const IN_FLIGHT_ENTRIES_MAX: usize = 8192;
 /// Collections in one subscription at most.
 pub const SUBSCRIBE_COLLECTIONS_MAX: usize = 1024;
+/// How long an acknowledgement may wait to be sent with others.
+pub const ACK_DELAY_MS: u64 = 20;
+/// Entries acknowledged at once at most: more are acknowledged without delay.
+pub const ACK_ENTRIES_MAX: usize = IN_FLIGHT_ENTRIES_MAX / 4;
 /// How long a peer has to say hello.
 pub const HELLO_TIMEOUT_MS: u64 = 10_000;
 
@@ -112,6 +116,12 @@ pub struct Session {
     streams: BTreeMap<String, Stream>,
     inbound: BTreeMap<String, Inbound>,
     subscribed: bool,
+    /// Acknowledgements not sent yet: collection to the last seq persisted.
+    acks: BTreeMap<String, u64>,
+    /// Entries covered by `acks`.
+    ack_entries: usize,
+    /// When `acks` must be sent.
+    ack_deadline: Option<Instant>,
 }
 
 impl Session {
@@ -126,6 +136,9 @@ impl Session {
             streams: BTreeMap::new(),
             inbound: BTreeMap::new(),
             subscribed: false,
+            acks: BTreeMap::new(),
+            ack_entries: 0,
+            ack_deadline: None,
         };
         session.queue(&Message::Hello {
             version: PROTOCOL_VERSION,
@@ -257,9 +270,26 @@ impl Session {
         self.queue(&Message::Subscribe { cursors });
     }
 
-    /// Acknowledges that entries up to `upto` of `collection` are persisted.
-    pub fn applied(&mut self, collection: String, upto: u64) {
-        self.queue(&Message::Ack { collection, upto });
+    /// Acknowledges that `entries` entries up to `upto` of `collection` are persisted.
+    /// Acknowledgements wait up to [`ACK_DELAY_MS`] to travel together, unless
+    /// [`ACK_ENTRIES_MAX`] entries are waiting.
+    pub fn applied(&mut self, now: Instant, collection: String, upto: u64, entries: usize) {
+        let acked = self.acks.entry(collection).or_default();
+        *acked = (*acked).max(upto);
+        self.ack_entries += entries;
+        if self.ack_entries >= ACK_ENTRIES_MAX {
+            self.flush_acks();
+        } else if self.ack_deadline.is_none() {
+            self.ack_deadline = Some(now + Duration::from_millis(ACK_DELAY_MS));
+        }
+    }
+
+    fn flush_acks(&mut self) {
+        for (collection, upto) in std::mem::take(&mut self.acks) {
+            self.queue(&Message::Ack { collection, upto });
+        }
+        self.ack_entries = 0;
+        self.ack_deadline = None;
     }
 
     /// Asks the peer for the changes of `doc` that a document with `heads` lacks.
@@ -359,11 +389,17 @@ impl Session {
 
     /// When [`Session::handle_timeout`] must be called next, if ever.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.hello_deadline
+        match (self.hello_deadline, self.ack_deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Lets time pass; fails if the peer missed a deadline.
     pub fn handle_timeout(&mut self, now: Instant) -> Result<(), ProtocolError> {
+        if self.ack_deadline.is_some_and(|deadline| now >= deadline) {
+            self.flush_acks();
+        }
         match self.hello_deadline {
             Some(deadline) if now >= deadline => Err(ProtocolError::HelloTimeout),
             _ => Ok(()),
@@ -436,8 +472,15 @@ mod tests {
             }
             other => panic!("expected entries, got {other:?}"),
         }
-        b.applied("customers".into(), 5);
-        deliver(&mut b, &mut a, now)?;
+        b.applied(now, "customers".into(), 5, 2);
+        assert_eq!(
+            deliver(&mut b, &mut a, now)?,
+            0,
+            "the ack waits for company"
+        );
+        let deadline = b.poll_timeout().expect("an ack deadline");
+        b.handle_timeout(deadline)?;
+        assert_eq!(deliver(&mut b, &mut a, now)?, 1);
         a.log_grew();
         assert_eq!(
             a.wants(),
@@ -471,8 +514,17 @@ mod tests {
         }
         assert_eq!(sent, IN_FLIGHT_ENTRIES_MAX);
         // Acknowledging the first message opens the window by its entries.
-        b.applied("c".into(), ENTRIES_PER_MESSAGE_MAX as u64);
-        deliver(&mut b, &mut a, now)?;
+        b.applied(
+            now,
+            "c".into(),
+            ENTRIES_PER_MESSAGE_MAX as u64,
+            ACK_ENTRIES_MAX,
+        );
+        assert_eq!(
+            deliver(&mut b, &mut a, now)?,
+            1,
+            "many entries are acknowledged at once"
+        );
         let next = IN_FLIGHT_ENTRIES_MAX as u64 + 1;
         assert_eq!(
             a.wants(),
