@@ -251,6 +251,7 @@ impl Engine {
         self.store
             .stage_shadow(batch, &self.tool, &collection, &key, after.as_ref());
         let doc = self.store.doc(id)?;
+        let was_empty = doc.is_empty();
         let change = doc
             .edit(&collection, &key, &edit)
             .map_err(|e| StoreError::Corrupt {
@@ -258,11 +259,13 @@ impl Engine {
                 reason: format!("{id}: {e}"),
             })?;
         // The merged record may differ from what the tool holds (a concurrent remote
-        // edit won, or the record is deleted): then the tool needs a write-back.
-        let state = read_state(doc, id)?;
-        let projected = project(&state, info);
-        let differs = projected.as_ref() != after.as_ref();
-        self.set_pending(batch, id, differs);
+        // edit won, or the record is deleted): then the tool needs a write-back. A
+        // document this capture created holds exactly the tool's record.
+        if !was_empty {
+            let state = read_state(doc, id)?;
+            let differs = project(&state, info).as_ref() != after.as_ref();
+            self.set_pending(batch, id, differs);
+        }
         if let Some(change) = change {
             self.store
                 .stage_doc(batch, id, &collection, vec![change], None)?;
@@ -323,15 +326,18 @@ impl Engine {
         if applied.new_changes.is_empty() {
             return Ok(applied.missing_deps);
         }
-        let state = doc.read().map_err(|e| RemoteError::BadChange {
-            doc: id,
-            reason: e.to_string(),
-        })?;
-        if DocId::of(&state.collection, &state.key) != id || state.collection != collection {
+        let (found, key) = doc
+            .identity()
+            .map_err(|e| RemoteError::BadChange {
+                doc: id,
+                reason: e.to_string(),
+            })?
+            .unwrap_or_default();
+        if DocId::of(&found, &key) != id || found != collection {
             return Err(RemoteError::WrongIdentity {
                 doc: id,
-                collection: state.collection,
-                key: state.key,
+                collection: found,
+                key,
             });
         }
         self.store
@@ -354,7 +360,13 @@ impl Engine {
             return Ok(None);
         }
         let doc = self.store.doc(id)?;
-        let collection = read_state(doc, id)?.collection;
+        let Some((collection, _)) = doc.identity().map_err(|e| StoreError::Corrupt {
+            what: "document",
+            reason: format!("{id}: {e}"),
+        })?
+        else {
+            return Ok(None);
+        };
         let am = doc.automerge();
         let missing = am.get_missing_deps(heads);
         let known: Vec<_> = heads
@@ -505,4 +517,116 @@ fn project(state: &RecordState, info: &CollectionInfo) -> Option<Record> {
             })
             .collect(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn engine(dir: &std::path::Path) -> Result<Engine, StoreError> {
+        let collections = BTreeMap::from([(
+            "customers".to_owned(),
+            CollectionInfo {
+                columns: vec!["name".to_owned()],
+            },
+        )]);
+        Engine::new(Store::open(dir)?, "sqlite".to_owned(), collections)
+    }
+
+    fn captured(key: &str, name: &str) -> CapturedChange {
+        CapturedChange {
+            collection: "customers".to_owned(),
+            key: key.to_owned(),
+            state: RowState::Present(Record::from([(
+                "name".to_owned(),
+                Value::Text(name.to_owned()),
+            )])),
+        }
+    }
+
+    /// A change whose dependencies never arrived (a gap no cursor can see) is
+    /// repaired by exchanging the document's heads.
+    #[test]
+    fn a_document_with_missing_dependencies_is_repaired_by_a_heads_exchange()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let (dir_a, dir_b) = (tempfile::tempdir()?, tempfile::tempdir()?);
+        let (mut a, mut b) = (engine(dir_a.path())?, engine(dir_b.path())?);
+        for (cursor, name) in [(1, "Ada"), (2, "Ada Lovelace")] {
+            let mut batch = a.store().batch();
+            a.capture(&mut batch, vec![captured("1", name)], cursor)?;
+            a.store().commit(batch)?;
+        }
+        let log = a.store().reader().log_from("customers", 1, 10)?;
+        assert_eq!(log.len(), 2);
+        let id = DocId(log[1].1.doc);
+
+        // B gets only the second entry.
+        let second = WireEntry {
+            seq: 2,
+            doc: log[1].1.doc,
+            changes: log[1].1.changes.clone(),
+        };
+        let mut batch = b.store().batch();
+        let outcome = b.apply_remote(
+            &mut batch,
+            a.store().actor(),
+            "customers",
+            Some(2),
+            vec![second],
+        )?;
+        b.store().commit(batch)?;
+        assert_eq!(outcome.missing, vec![id]);
+
+        let heads = b.heads(id)?;
+        let repair = a.changes_since(id, &heads)?.ok_or("A knows the document")?;
+        assert_eq!(repair.collection, "customers");
+        let entry = WireEntry {
+            seq: 0,
+            doc: id.0,
+            changes: repair.changes,
+        };
+        let mut batch = b.store().batch();
+        let outcome = b.apply_remote(
+            &mut batch,
+            a.store().actor(),
+            "customers",
+            None,
+            vec![entry],
+        )?;
+        b.store().commit(batch)?;
+        assert!(outcome.missing.is_empty());
+        assert_eq!(b.heads(id)?, a.heads(id)?);
+        let state = b.store().doc(id)?.read()?;
+        assert_eq!(state.fields["name"], Value::Text("Ada Lovelace".to_owned()));
+        Ok(())
+    }
+
+    /// A peer cannot put a record into a document whose id belongs to another.
+    #[test]
+    fn changes_under_a_foreign_document_id_are_refused() -> Result<(), Box<dyn std::error::Error>> {
+        let (dir_a, dir_b) = (tempfile::tempdir()?, tempfile::tempdir()?);
+        let (mut a, mut b) = (engine(dir_a.path())?, engine(dir_b.path())?);
+        let mut batch = a.store().batch();
+        a.capture(&mut batch, vec![captured("1", "Ada")], 1)?;
+        a.store().commit(batch)?;
+        let log = a.store().reader().log_from("customers", 1, 10)?;
+        let forged = WireEntry {
+            seq: 1,
+            doc: DocId::of("customers", "2").0,
+            changes: log[0].1.changes.clone(),
+        };
+        let mut batch = b.store().batch();
+        let result = b.apply_remote(
+            &mut batch,
+            a.store().actor(),
+            "customers",
+            Some(1),
+            vec![forged],
+        );
+        assert!(
+            matches!(result, Err(RemoteError::WrongIdentity { .. })),
+            "{result:?}"
+        );
+        Ok(())
+    }
 }

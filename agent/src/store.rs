@@ -29,8 +29,12 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use lru::LruCache;
 use serde::{Deserialize, Serialize};
 
-/// How many documents the cache holds at most (~12–20 KB each when loaded).
-pub const DOC_CACHE_MAX: usize = 2048;
+/// How many documents the cache holds at most (~20 KB each when loaded).
+pub const DOC_CACHE_MAX: usize = 1024;
+/// fjall's block cache.
+pub const STORE_CACHE_BYTES_MAX: u64 = 16 * 1024 * 1024;
+/// One keyspace's memtable before it is flushed to disk.
+pub const STORE_MEMTABLE_BYTES_MAX: u64 = 4 * 1024 * 1024;
 /// How many changes are appended to a stored document before it is saved whole again.
 pub const DOC_APPENDS_MAX: u32 = 32;
 
@@ -149,8 +153,12 @@ impl std::fmt::Debug for Batch {
 impl Store {
     /// Opens (or creates) the store in `dir`. A new store draws a fresh random actor id.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        let db = Database::builder(dir).cache_size(32 * 1024 * 1024).open()?;
-        let open = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default);
+        let db = Database::builder(dir)
+            .cache_size(STORE_CACHE_BYTES_MAX)
+            .open()?;
+        let options =
+            || KeyspaceCreateOptions::default().max_memtable_size(STORE_MEMTABLE_BYTES_MAX);
+        let open = |name: &str| db.keyspace(name, options);
         let meta = open("meta")?;
         let actor = match meta.get("actor")? {
             Some(bytes) => <StoreId>::try_from(&bytes[..]).map_err(|_| StoreError::Corrupt {

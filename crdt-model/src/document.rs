@@ -221,6 +221,23 @@ impl RecordDoc {
         Ok(applied)
     }
 
+    /// The record's (collection, identity key), if the document holds them: cheaper
+    /// than a full [`RecordDoc::read`].
+    pub fn identity(&self) -> Result<Option<(String, String)>, ModelError> {
+        if self.doc.get(ObjId::Root, KEY_COLLECTION)?.is_none() {
+            return Ok(None);
+        }
+        Ok(Some((
+            read_text(&self.doc, KEY_COLLECTION)?,
+            read_text(&self.doc, KEY_IDENTITY)?,
+        )))
+    }
+
+    /// Whether the document holds no change at all.
+    pub fn is_empty(&self) -> bool {
+        self.doc.is_empty()
+    }
+
     /// Reads the merged record and any concurrent values.
     pub fn read(&self) -> Result<RecordState, ModelError> {
         let mut state = RecordState::default();
