@@ -102,7 +102,7 @@ pub async fn start(config: Config) -> Result<RunningAgent, StartError> {
 
     let (core, core_rx) = core::channel();
     let (log_tx, log_rx) = watch::channel(0u64);
-    let (plan_tx, plan_rx) = std::sync::mpsc::sync_channel(1);
+    let (plan_tx, plan_rx) = std::sync::mpsc::sync_channel(core::WRITE_BACK_PLANS_IN_FLIGHT_MAX);
     let commits = Arc::new(AtomicU64::new(0));
     let outputs = CoreOutputs {
         log_version: log_tx,

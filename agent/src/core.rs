@@ -23,6 +23,8 @@ pub const CORE_QUEUE_MAX: usize = 256;
 pub const GROUP_COMMIT_REQUESTS_MAX: usize = 64;
 /// Writes planned for the tool in one write-back at most.
 pub const WRITE_BACK_BATCH_MAX: usize = 512;
+/// Write-back plans handed to the tool and not finished, at most.
+pub const WRITE_BACK_PLANS_IN_FLIGHT_MAX: usize = 1;
 
 /// A request to the core.
 #[derive(Debug)]
@@ -105,7 +107,7 @@ impl CoreHandle {
 pub struct CoreOutputs {
     /// Bumped after every commit that appended log entries.
     pub log_version: watch::Sender<u64>,
-    /// Write-back plans for the connector (capacity 1: one plan in flight).
+    /// Write-back plans for the connector (capacity [`WRITE_BACK_PLANS_IN_FLIGHT_MAX`]).
     pub write_back: SyncSender<WritePlan>,
     /// Commits done, for status.
     pub commits: Arc<AtomicU64>,
@@ -117,8 +119,15 @@ pub fn channel() -> (CoreHandle, mpsc::Receiver<CoreRequest>) {
     (CoreHandle { tx }, rx)
 }
 
-/// Runs the core until every handle is dropped. A store failure panics: the agent
-/// must crash and recover from what is on disk.
+/// A store failure: the agent must crash and recover from what is on disk, so it
+/// aborts the whole process rather than let other threads run on without a store.
+fn fatal(error: &dyn std::fmt::Display) -> ! {
+    tracing::error!(%error, "the store failed; aborting so that a restart recovers");
+    eprintln!("concord: the store failed: {error}; aborting");
+    std::process::abort()
+}
+
+/// Runs the core until every handle is dropped. A store failure aborts the process.
 pub fn run(mut engine: Engine, mut rx: mpsc::Receiver<CoreRequest>, outputs: CoreOutputs) {
     let mut write_back_in_flight = false;
     let mut plan_needed = true;
@@ -128,12 +137,9 @@ pub fn run(mut engine: Engine, mut rx: mpsc::Receiver<CoreRequest>, outputs: Cor
             let mut batch = engine.store().batch();
             let plan = engine
                 .plan_writes(&mut batch, WRITE_BACK_BATCH_MAX)
-                .expect("store failure is fatal");
+                .unwrap_or_else(|e| fatal(&e));
             if !batch.is_empty() {
-                engine
-                    .store()
-                    .commit(batch)
-                    .expect("store failure is fatal");
+                engine.store().commit(batch).unwrap_or_else(|e| fatal(&e));
             }
             if !plan.writes.is_empty() {
                 write_back_in_flight = true;
@@ -163,7 +169,7 @@ pub fn run(mut engine: Engine, mut rx: mpsc::Receiver<CoreRequest>, outputs: Cor
                 } => {
                     engine
                         .capture(&mut batch, captured.changes, captured.cursor)
-                        .expect("store failure is fatal");
+                        .unwrap_or_else(|e| fatal(&e));
                     plan_needed = true;
                     replies.push(Box::new(move || {
                         let _ = reply.send(());
@@ -179,9 +185,7 @@ pub fn run(mut engine: Engine, mut rx: mpsc::Receiver<CoreRequest>, outputs: Cor
                     let result =
                         match engine.apply_remote(&mut batch, origin, &collection, upto, entries) {
                             Ok(outcome) => Ok(outcome),
-                            Err(crate::engine::RemoteError::Store(e)) => {
-                                panic!("store failure is fatal: {e}")
-                            }
+                            Err(crate::engine::RemoteError::Store(e)) => fatal(&e),
                             Err(e) => Err(e.to_string()),
                         };
                     plan_needed = true;
@@ -190,19 +194,24 @@ pub fn run(mut engine: Engine, mut rx: mpsc::Receiver<CoreRequest>, outputs: Cor
                     }));
                 }
                 CoreRequest::ChangesSince { doc, heads, reply } => {
+                    // Answered after the commit: what is sent must be durable here first.
                     let changes = engine
                         .changes_since(doc, &heads)
-                        .expect("store failure is fatal");
-                    let _ = reply.send(changes);
+                        .unwrap_or_else(|e| fatal(&e));
+                    replies.push(Box::new(move || {
+                        let _ = reply.send(changes);
+                    }));
                 }
                 CoreRequest::Heads { doc, reply } => {
-                    let heads = engine.heads(doc).expect("store failure is fatal");
-                    let _ = reply.send(heads);
+                    let heads = engine.heads(doc).unwrap_or_else(|e| fatal(&e));
+                    replies.push(Box::new(move || {
+                        let _ = reply.send(heads);
+                    }));
                 }
                 CoreRequest::WritesDone { plan, outcome } => {
                     engine
                         .writes_done(&mut batch, plan, outcome)
-                        .expect("store failure is fatal");
+                        .unwrap_or_else(|e| fatal(&e));
                     write_back_in_flight = false;
                     plan_needed = true;
                 }
@@ -215,10 +224,7 @@ pub fn run(mut engine: Engine, mut rx: mpsc::Receiver<CoreRequest>, outputs: Cor
             Vec::new()
         } else {
             outputs.commits.fetch_add(1, Ordering::Relaxed);
-            engine
-                .store()
-                .commit(batch)
-                .expect("store failure is fatal")
+            engine.store().commit(batch).unwrap_or_else(|e| fatal(&e))
         };
         for reply in replies {
             reply();

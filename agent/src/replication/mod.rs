@@ -15,7 +15,7 @@ mod session;
 
 pub use message::{Message, decode, encode};
 pub use session::{
-    ACK_DELAY_MS, ACK_ENTRIES_MAX, ENTRIES_PER_MESSAGE_MAX, Event, HELLO_TIMEOUT_MS,
+    ACK_DELAY_MS, ACK_ENTRIES_MAX, DOC_HEADS_MAX, ENTRIES_PER_MESSAGE_MAX, Event, HELLO_TIMEOUT_MS,
     IN_FLIGHT_ENTRIES_MAX, MESSAGE_CHANGE_BYTES_MAX, ProtocolError, SUBSCRIBE_COLLECTIONS_MAX,
     Session,
 };

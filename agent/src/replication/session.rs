@@ -26,6 +26,8 @@ pub const SUBSCRIBE_COLLECTIONS_MAX: usize = 1024;
 pub const ACK_DELAY_MS: u64 = 20;
 /// Entries acknowledged at once at most: more are acknowledged without delay.
 pub const ACK_ENTRIES_MAX: usize = IN_FLIGHT_ENTRIES_MAX / 4;
+/// Heads of one document in a repair request at most.
+pub const DOC_HEADS_MAX: usize = 1024;
 /// How long a peer has to say hello.
 pub const HELLO_TIMEOUT_MS: u64 = 10_000;
 
@@ -235,7 +237,7 @@ impl Session {
                 }
             }
             Message::NeedDoc { doc, heads } => {
-                if heads.len() > 1024 {
+                if heads.len() > DOC_HEADS_MAX {
                     return Err(ProtocolError::Limit("heads of a document"));
                 }
                 self.events.push_back(Event::NeedDoc { doc, heads });
