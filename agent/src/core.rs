@@ -119,6 +119,13 @@ pub fn channel() -> (CoreHandle, mpsc::Receiver<CoreRequest>) {
     (CoreHandle { tx }, rx)
 }
 
+/// The wall clock in milliseconds since the Unix epoch (0 if the clock is before it).
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
 /// A store failure: the agent must crash and recover from what is on disk, so it
 /// aborts the whole process rather than let other threads run on without a store.
 fn fatal(error: &dyn std::fmt::Display) -> ! {
@@ -168,7 +175,7 @@ pub fn run(mut engine: Engine, mut rx: mpsc::Receiver<CoreRequest>, outputs: Cor
                     reply,
                 } => {
                     engine
-                        .capture(&mut batch, captured.changes, captured.cursor)
+                        .capture(&mut batch, captured.changes, captured.cursor, now_ms())
                         .unwrap_or_else(|e| fatal(&e));
                     plan_needed = true;
                     replies.push(Box::new(move || {

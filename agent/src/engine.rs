@@ -167,7 +167,8 @@ impl Engine {
         }
     }
 
-    /// Stages captured changes of the local tool and the new capture cursor.
+    /// Stages captured changes of the local tool, made at `now_ms` (milliseconds since
+    /// the Unix epoch), and the new capture cursor.
     ///
     /// Only fields that differ from the shadow (what the tool was known to hold) are
     /// written, so a capture never reverts a remote edit not yet written back.
@@ -176,9 +177,10 @@ impl Engine {
         batch: &mut Batch,
         changes: Vec<CapturedChange>,
         cursor: u64,
+        now_ms: i64,
     ) -> Result<(), StoreError> {
         for change in changes {
-            self.capture_one(batch, change)?;
+            self.capture_one(batch, change, now_ms)?;
         }
         self.store
             .stage_cursor(batch, &tool_cursor(&self.tool), cursor);
@@ -186,7 +188,12 @@ impl Engine {
         Ok(())
     }
 
-    fn capture_one(&mut self, batch: &mut Batch, change: CapturedChange) -> Result<(), StoreError> {
+    fn capture_one(
+        &mut self,
+        batch: &mut Batch,
+        change: CapturedChange,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
         let CapturedChange {
             collection,
             key,
@@ -215,6 +222,7 @@ impl Engine {
                 Some(_) => (
                     Edit {
                         deleted: Some(true),
+                        time_ms: now_ms,
                         ..Edit::default()
                     },
                     None,
@@ -237,6 +245,7 @@ impl Engine {
                     fields,
                     external_id: created.then(|| (self.tool.clone(), key.clone())),
                     deleted: created.then_some(false),
+                    time_ms: now_ms,
                 };
                 (edit, Some(record))
             }
@@ -553,7 +562,7 @@ mod tests {
         let (mut a, mut b) = (engine(dir_a.path())?, engine(dir_b.path())?);
         for (cursor, name) in [(1, "Ada"), (2, "Ada Lovelace")] {
             let mut batch = a.store().batch();
-            a.capture(&mut batch, vec![captured("1", name)], cursor)?;
+            a.capture(&mut batch, vec![captured("1", name)], cursor, 0)?;
             a.store().commit(batch)?;
         }
         let log = a.store().reader().log_from("customers", 1, 10)?;
@@ -607,7 +616,7 @@ mod tests {
         let (dir_a, dir_b) = (tempfile::tempdir()?, tempfile::tempdir()?);
         let (mut a, mut b) = (engine(dir_a.path())?, engine(dir_b.path())?);
         let mut batch = a.store().batch();
-        a.capture(&mut batch, vec![captured("1", "Ada")], 1)?;
+        a.capture(&mut batch, vec![captured("1", "Ada")], 1, 0)?;
         a.store().commit(batch)?;
         let log = a.store().reader().log_from("customers", 1, 10)?;
         let forged = WireEntry {

@@ -153,6 +153,12 @@ impl std::fmt::Debug for Batch {
 impl Store {
     /// Opens (or creates) the store in `dir`. A new store draws a fresh random actor id.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        Store::open_with(dir, random_actor)
+    }
+
+    /// Opens (or creates) the store in `dir`; a new store takes its actor id from
+    /// `new_actor` (a simulation passes a seeded source, so a run replays exactly).
+    pub fn open_with(dir: &Path, new_actor: impl FnOnce() -> StoreId) -> Result<Store, StoreError> {
         let db = Database::builder(dir)
             .cache_size(STORE_CACHE_BYTES_MAX)
             .open()?;
@@ -166,7 +172,7 @@ impl Store {
                 reason: format!("{} bytes instead of 16", bytes.len()),
             })?,
             None => {
-                let actor = random_actor();
+                let actor = new_actor();
                 meta.insert("actor", actor.to_vec())?;
                 db.persist(PersistMode::SyncAll)?;
                 actor

@@ -92,6 +92,9 @@ pub struct Edit {
     pub external_id: Option<(String, String)>,
     /// `Some(true)` deletes the record, `Some(false)` revives it (the tool created it again).
     pub deleted: Option<bool>,
+    /// When the edit was made, in milliseconds since the Unix epoch (recorded in the
+    /// change; passed in so that a replay makes the same bytes).
+    pub time_ms: i64,
 }
 
 /// The merged state of a record, as read from its document.
@@ -189,7 +192,8 @@ impl RecordDoc {
                 &Value::Bool(deleted),
             )?;
         }
-        if self.doc.commit().is_none() {
+        let options = automerge::transaction::CommitOptions::default().with_time(edit.time_ms);
+        if self.doc.commit_with(options).is_none() {
             return Ok(None);
         }
         Ok(self
