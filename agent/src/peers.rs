@@ -252,7 +252,7 @@ async fn drive(
         }
         for (collection, from, max) in session.wants() {
             let read = ctx.reader.log_from(&collection, from, max)?;
-            session.send_entries(&collection, read, max);
+            session.send_entries(Instant::now(), &collection, read, max);
         }
         while let Some(frame) = session.poll_transmit() {
             tracing::debug!(bytes = frame.len(), "sending a frame");

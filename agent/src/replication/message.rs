@@ -53,12 +53,13 @@ pub enum Message {
     },
 }
 
-/// Encodes a message into frame bytes.
-pub fn encode(message: &Message) -> Vec<u8> {
-    postcard::to_stdvec(message).expect("in-memory messages always encode")
+/// Encodes the `seq`-th message of a session into frame bytes. Numbering every
+/// message lets the receiver notice one lost, repeated or reordered.
+pub fn encode(seq: u64, message: &Message) -> Vec<u8> {
+    postcard::to_stdvec(&(seq, message)).expect("in-memory messages always encode")
 }
 
-/// Decodes frame bytes into a message.
-pub fn decode(bytes: &[u8]) -> Result<Message, postcard::Error> {
+/// Decodes frame bytes into a message and its number.
+pub fn decode(bytes: &[u8]) -> Result<(u64, Message), postcard::Error> {
     postcard::from_bytes(bytes)
 }

@@ -15,9 +15,9 @@ mod session;
 
 pub use message::{Message, decode, encode};
 pub use session::{
-    ACK_DELAY_MS, ACK_ENTRIES_MAX, DOC_HEADS_MAX, ENTRIES_PER_MESSAGE_MAX, Event, HELLO_TIMEOUT_MS,
-    IN_FLIGHT_ENTRIES_MAX, MESSAGE_CHANGE_BYTES_MAX, ProtocolError, SUBSCRIBE_COLLECTIONS_MAX,
-    Session,
+    ACK_DELAY_MS, ACK_ENTRIES_MAX, ACK_TIMEOUT_MS, DOC_HEADS_MAX, ENTRIES_PER_MESSAGE_MAX, Event,
+    HELLO_TIMEOUT_MS, IN_FLIGHT_ENTRIES_MAX, MESSAGE_CHANGE_BYTES_MAX, ProtocolError,
+    SUBSCRIBE_COLLECTIONS_MAX, SUBSCRIBE_TIMEOUT_MS, Session,
 };
 
 /// The protocol version spoken; a peer speaking another is refused.

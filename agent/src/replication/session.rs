@@ -28,6 +28,11 @@ pub const ACK_DELAY_MS: u64 = 20;
 pub const ACK_ENTRIES_MAX: usize = IN_FLIGHT_ENTRIES_MAX / 4;
 /// Heads of one document in a repair request at most.
 pub const DOC_HEADS_MAX: usize = 1024;
+/// How long sent entries may wait for their acknowledgement before the session is
+/// deemed broken (a lost message) and reset.
+pub const ACK_TIMEOUT_MS: u64 = 30_000;
+/// How long a peer has to subscribe after the hellos.
+pub const SUBSCRIBE_TIMEOUT_MS: u64 = 10_000;
 /// How long a peer has to say hello.
 pub const HELLO_TIMEOUT_MS: u64 = 10_000;
 
@@ -85,6 +90,20 @@ pub enum ProtocolError {
     /// A message larger than the protocol allows.
     #[error("message exceeds a protocol limit: {0}")]
     Limit(&'static str),
+    /// A message arrived out of turn: one was lost, repeated or reordered.
+    #[error("message {got} arrived when {expected} was due")]
+    Sequence {
+        /// The number due.
+        expected: u64,
+        /// The number received.
+        got: u64,
+    },
+    /// Entries sent were not acknowledged in time.
+    #[error("entries sent were not acknowledged within {ACK_TIMEOUT_MS} ms")]
+    AckTimeout,
+    /// The peer did not subscribe in time.
+    #[error("peer did not subscribe within {SUBSCRIBE_TIMEOUT_MS} ms")]
+    SubscribeTimeout,
 }
 
 #[derive(Debug, Default)]
@@ -93,8 +112,8 @@ struct Stream {
     next: u64,
     /// The `upto` of the last message sent.
     sent_upto: u64,
-    /// Messages sent and not yet acknowledged: (upto, entries).
-    unacked: VecDeque<(u64, usize)>,
+    /// Messages sent and not yet acknowledged: (upto, entries, when sent).
+    unacked: VecDeque<(u64, usize, Instant)>,
     /// Entries sent and not yet acknowledged.
     in_flight: usize,
     /// The last read found the end of the log.
@@ -124,6 +143,12 @@ pub struct Session {
     ack_entries: usize,
     /// When `acks` must be sent.
     ack_deadline: Option<Instant>,
+    /// When the peer must have subscribed.
+    subscribe_deadline: Option<Instant>,
+    /// The number of the next message sent.
+    send_seq: u64,
+    /// The number of the next message due.
+    recv_seq: u64,
 }
 
 impl Session {
@@ -141,6 +166,9 @@ impl Session {
             acks: BTreeMap::new(),
             ack_entries: 0,
             ack_deadline: None,
+            subscribe_deadline: None,
+            send_seq: 0,
+            recv_seq: 0,
         };
         session.queue(&Message::Hello {
             version: PROTOCOL_VERSION,
@@ -155,8 +183,15 @@ impl Session {
     }
 
     /// Handles one frame from the peer.
-    pub fn handle(&mut self, _now: Instant, frame: &[u8]) -> Result<(), ProtocolError> {
-        let message = decode(frame).map_err(|e| ProtocolError::Malformed(e.to_string()))?;
+    pub fn handle(&mut self, now: Instant, frame: &[u8]) -> Result<(), ProtocolError> {
+        let (seq, message) = decode(frame).map_err(|e| ProtocolError::Malformed(e.to_string()))?;
+        if seq != self.recv_seq {
+            return Err(ProtocolError::Sequence {
+                expected: self.recv_seq,
+                got: seq,
+            });
+        }
+        self.recv_seq += 1;
         if self.peer.is_none() && !matches!(message, Message::Hello { .. }) {
             return Err(ProtocolError::Unexpected("a message before hello"));
         }
@@ -173,11 +208,15 @@ impl Session {
                 }
                 self.peer = Some(store);
                 self.hello_deadline = None;
+                self.subscribe_deadline = Some(now + Duration::from_millis(SUBSCRIBE_TIMEOUT_MS));
                 self.events.push_back(Event::PeerHello { store });
             }
             Message::Subscribe { cursors } => {
                 if cursors.len() > SUBSCRIBE_COLLECTIONS_MAX {
                     return Err(ProtocolError::Limit("collections in a subscription"));
+                }
+                if self.subscribe_deadline.take().is_none() {
+                    return Err(ProtocolError::Unexpected("a second subscription"));
                 }
                 for (collection, next) in cursors {
                     let next = next.max(1);
@@ -228,7 +267,7 @@ impl Session {
                 if upto > stream.sent_upto {
                     return Err(ProtocolError::Unexpected("ack of entries never sent"));
                 }
-                while let Some(&(sent, entries)) = stream.unacked.front() {
+                while let Some(&(sent, entries, _)) = stream.unacked.front() {
                     if sent > upto {
                         break;
                     }
@@ -327,7 +366,13 @@ impl Session {
     /// what was asked for). Entries the peer itself sent are not sent back; a read
     /// holding nothing else sends nothing (the peer's cursor lags, and a replay
     /// skips the same entries again).
-    pub fn send_entries(&mut self, collection: &str, read: Vec<(u64, LogEntry)>, max: usize) {
+    pub fn send_entries(
+        &mut self,
+        now: Instant,
+        collection: &str,
+        read: Vec<(u64, LogEntry)>,
+        max: usize,
+    ) {
         let peer = self.peer;
         let Some(stream) = self.streams.get_mut(collection) else {
             return;
@@ -362,7 +407,7 @@ impl Session {
             return;
         }
         stream.sent_upto = upto;
-        stream.unacked.push_back((upto, entries.len()));
+        stream.unacked.push_back((upto, entries.len(), now));
         stream.in_flight += entries.len();
         let message = Message::Entries {
             collection: collection.to_owned(),
@@ -391,10 +436,20 @@ impl Session {
 
     /// When [`Session::handle_timeout`] must be called next, if ever.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        match (self.hello_deadline, self.ack_deadline) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let unacked = self
+            .streams
+            .values()
+            .filter_map(|s| s.unacked.front())
+            .map(|&(_, _, sent)| sent);
+        [
+            self.hello_deadline,
+            self.ack_deadline,
+            self.subscribe_deadline,
+        ]
+        .into_iter()
+        .flatten()
+        .chain(unacked.map(|sent| sent + Duration::from_millis(ACK_TIMEOUT_MS)))
+        .min()
     }
 
     /// Lets time pass; fails if the peer missed a deadline.
@@ -402,14 +457,27 @@ impl Session {
         if self.ack_deadline.is_some_and(|deadline| now >= deadline) {
             self.flush_acks();
         }
-        match self.hello_deadline {
-            Some(deadline) if now >= deadline => Err(ProtocolError::HelloTimeout),
-            _ => Ok(()),
+        let passed = |deadline: Option<Instant>| deadline.is_some_and(|d| now >= d);
+        if passed(self.hello_deadline) {
+            return Err(ProtocolError::HelloTimeout);
         }
+        if passed(self.subscribe_deadline) {
+            return Err(ProtocolError::SubscribeTimeout);
+        }
+        let ack_due = Duration::from_millis(ACK_TIMEOUT_MS);
+        if self.streams.values().any(|s| {
+            s.unacked
+                .front()
+                .is_some_and(|&(_, _, sent)| now >= sent + ack_due)
+        }) {
+            return Err(ProtocolError::AckTimeout);
+        }
+        Ok(())
     }
 
     fn queue(&mut self, message: &Message) {
-        self.transmit.push_back(encode(message));
+        self.transmit.push_back(encode(self.send_seq, message));
+        self.send_seq += 1;
     }
 }
 
@@ -458,7 +526,7 @@ mod tests {
             (4, entry(4, Some(b_id))),
             (5, entry(5, Some([9; 16]))),
         ];
-        a.send_entries("customers", log, ENTRIES_PER_MESSAGE_MAX);
+        a.send_entries(now, "customers", log, ENTRIES_PER_MESSAGE_MAX);
         assert!(a.wants().is_empty(), "a short read means caught up");
         deliver(&mut a, &mut b, now)?;
         match b.poll_event() {
@@ -506,7 +574,7 @@ mod tests {
             let read: Vec<_> = (from..from + max as u64)
                 .map(|s| (s, entry(1, None)))
                 .collect();
-            a.send_entries("c", read, max);
+            a.send_entries(now, "c", read, max);
             sent += max;
             rounds += 1;
             assert!(
@@ -537,7 +605,7 @@ mod tests {
         let own: Vec<_> = (next..next + 10)
             .map(|s| (s, entry(1, Some([2; 16]))))
             .collect();
-        a.send_entries("c", own, ENTRIES_PER_MESSAGE_MAX);
+        a.send_entries(now, "c", own, ENTRIES_PER_MESSAGE_MAX);
         assert_eq!(a.poll_transmit(), None);
         a.log_grew();
         assert_eq!(
@@ -555,56 +623,137 @@ mod tests {
             a.handle(now, &[0xff, 0xff, 0xff]),
             Err(ProtocolError::Malformed(_))
         ));
-        let ack = encode(&Message::Ack {
-            collection: "c".into(),
-            upto: 1,
-        });
+        let ack = encode(
+            0,
+            &Message::Ack {
+                collection: "c".into(),
+                upto: 1,
+            },
+        );
         assert_eq!(
             a.handle(now, &ack),
             Err(ProtocolError::Unexpected("a message before hello"))
         );
-        let hello = encode(&Message::Hello {
-            version: PROTOCOL_VERSION + 1,
-            store: [2; 16],
-        });
+        let mut a = Session::new([1; 16], now);
+        let hello = encode(
+            0,
+            &Message::Hello {
+                version: PROTOCOL_VERSION + 1,
+                store: [2; 16],
+            },
+        );
         assert_eq!(
             a.handle(now, &hello),
             Err(ProtocolError::Version(PROTOCOL_VERSION + 1))
         );
-        let hello = encode(&Message::Hello {
-            version: PROTOCOL_VERSION,
-            store: [2; 16],
-        });
+        let mut a = Session::new([1; 16], now);
+        let hello = encode(
+            0,
+            &Message::Hello {
+                version: PROTOCOL_VERSION,
+                store: [2; 16],
+            },
+        );
         assert_eq!(a.handle(now, &hello), Ok(()));
+        let ack = encode(
+            1,
+            &Message::Ack {
+                collection: "c".into(),
+                upto: 1,
+            },
+        );
         assert_eq!(
             a.handle(now, &ack),
             Err(ProtocolError::Unexpected(
                 "ack of a collection not streamed"
             ))
         );
-        let entries = encode(&Message::Entries {
-            collection: "c".into(),
-            upto: 1,
-            entries: vec![],
-        });
+        let mut a = Session::new([1; 16], now);
+        a.handle(now, &hello).expect("hello");
+        let entries = encode(
+            1,
+            &Message::Entries {
+                collection: "c".into(),
+                upto: 1,
+                entries: vec![],
+            },
+        );
         assert!(
             a.handle(now, &entries).is_err(),
             "entries before subscribing"
         );
+        let mut a = Session::new([1; 16], now);
+        a.handle(now, &hello).expect("hello");
         a.subscribe(vec![("c".into(), 5)]);
-        let stale = encode(&Message::Entries {
-            collection: "c".into(),
-            upto: 9,
-            entries: vec![WireEntry {
-                seq: 3,
-                doc: [0; 16],
-                changes: vec![],
-            }],
-        });
+        let stale = encode(
+            1,
+            &Message::Entries {
+                collection: "c".into(),
+                upto: 9,
+                entries: vec![WireEntry {
+                    seq: 3,
+                    doc: [0; 16],
+                    changes: vec![],
+                }],
+            },
+        );
         assert_eq!(
             a.handle(now, &stale),
             Err(ProtocolError::Unexpected("entries out of order"))
         );
+    }
+
+    #[test]
+    fn a_lost_repeated_or_reordered_message_breaks_the_session() {
+        let now = Instant::now();
+        let hello = encode(
+            0,
+            &Message::Hello {
+                version: PROTOCOL_VERSION,
+                store: [2; 16],
+            },
+        );
+        let sub = |seq| encode(seq, &Message::Subscribe { cursors: vec![] });
+        let mut a = Session::new([1; 16], now);
+        a.handle(now, &hello).expect("hello");
+        assert_eq!(
+            a.handle(now, &sub(2)),
+            Err(ProtocolError::Sequence {
+                expected: 1,
+                got: 2
+            })
+        );
+        let mut a = Session::new([1; 16], now);
+        a.handle(now, &hello).expect("hello");
+        assert_eq!(
+            a.handle(now, &hello),
+            Err(ProtocolError::Sequence {
+                expected: 1,
+                got: 0
+            })
+        );
+    }
+
+    #[test]
+    fn unanswered_entries_and_a_missing_subscription_time_out() -> Result<(), ProtocolError> {
+        let now = Instant::now();
+        let mut a = Session::new([1; 16], now);
+        let mut b = Session::new([2; 16], now);
+        deliver(&mut a, &mut b, now)?;
+        deliver(&mut b, &mut a, now)?;
+        let deadline = a.poll_timeout().expect("a subscribe deadline");
+        assert_eq!(
+            a.handle_timeout(deadline),
+            Err(ProtocolError::SubscribeTimeout)
+        );
+        b.subscribe(vec![("c".into(), 1)]);
+        deliver(&mut b, &mut a, now)?;
+        a.send_entries(now, "c", vec![(1, entry(1, None))], ENTRIES_PER_MESSAGE_MAX);
+        let due = now + Duration::from_millis(ACK_TIMEOUT_MS);
+        assert_eq!(a.poll_timeout(), Some(due));
+        assert_eq!(a.handle_timeout(due - Duration::from_millis(1)), Ok(()));
+        assert_eq!(a.handle_timeout(due), Err(ProtocolError::AckTimeout));
+        Ok(())
     }
 
     #[test]
