@@ -145,6 +145,11 @@ impl Engine {
         &mut self.store
     }
 
+    /// The id of the engine's store (its actor id).
+    pub fn store_id(&self) -> StoreId {
+        self.store.actor()
+    }
+
     /// What the engine did so far.
     pub fn stats(&self) -> &EngineStats {
         &self.stats
@@ -494,6 +499,14 @@ impl Engine {
                         write.after.as_ref(),
                     );
                     self.stats.writes += 1;
+                    // The document may have changed again while the plan was on its
+                    // way (a peer's change arrived): then it stays pending.
+                    let info = self.collections.get(collection);
+                    let state = read_state(self.store.doc(write.doc)?, write.doc)?;
+                    let current = info.and_then(|info| project(&state, info));
+                    if info.is_some() && current != write.after {
+                        continue;
+                    }
                 }
             }
             self.set_pending(batch, write.doc, false);

@@ -473,6 +473,20 @@ impl StoreReader {
     pub fn doc_count(&self) -> Result<usize, StoreError> {
         Ok(self.docs.len()?)
     }
+
+    /// The ids of all documents, in order.
+    pub fn doc_ids(&self) -> Result<Vec<DocId>, StoreError> {
+        let mut ids = Vec::new();
+        for guard in self.docs.iter() {
+            let key = guard.key()?;
+            let id = <[u8; 16]>::try_from(&key[..]).map_err(|_| StoreError::Corrupt {
+                what: "document id",
+                reason: format!("{} bytes", key.len()),
+            })?;
+            ids.push(DocId(id));
+        }
+        Ok(ids)
+    }
 }
 
 /// The name of a tool's capture cursor.

@@ -1,0 +1,118 @@
+//! A simulated tool: an in-memory table honouring the SQLite connector's contract.
+//!
+//! Its edits append to an outbox with ever-growing sequence numbers (trimming keeps
+//! the highest); capture reports each entry with the row's current state; the
+//! agent's writes leave no outbox entry (no echo); and a write-back planned before
+//! the latest edit was captured is refused with `CaptureFirst`, exactly as the
+//! SQLite connector does with its triggers and `sqlite_sequence`.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use connectors::sqlite::{CaptureBatch, CapturedChange, RowState, WriteOp, WriteOutcome};
+use crdt_model::{Record, Value};
+
+/// The one collection simulated.
+pub const COLLECTION: &str = "items";
+/// Its columns.
+pub const COLUMNS: [&str; 3] = ["name", "qty", "note"];
+
+/// A simulated tool's table, outbox and counters. It is the tool's own storage, so
+/// it survives a crash of its agent.
+#[derive(Debug, Default, Clone)]
+pub struct SimTool {
+    /// The rows, by key.
+    pub rows: BTreeMap<String, Record>,
+    outbox: BTreeMap<u64, String>,
+    head: u64,
+    /// Rows written by the agent (insert, update or delete), for the quiet check.
+    pub writes: u64,
+    /// Edits made by the simulated user.
+    pub edits: u64,
+}
+
+impl SimTool {
+    /// The user sets `fields` of row `key` (creating it), or deletes it with `None`.
+    pub fn user_edit(&mut self, key: &str, fields: Option<Record>) {
+        match fields {
+            Some(fields) => {
+                let row = self.rows.entry(key.to_owned()).or_insert_with(|| {
+                    COLUMNS
+                        .iter()
+                        .map(|c| ((*c).to_owned(), Value::Null))
+                        .collect()
+                });
+                row.extend(fields);
+            }
+            None => {
+                if self.rows.remove(key).is_none() {
+                    return;
+                }
+            }
+        }
+        self.head += 1;
+        self.outbox.insert(self.head, key.to_owned());
+        self.edits += 1;
+    }
+
+    /// Whether the user committed since `cursor` (what `PRAGMA data_version` tells).
+    pub fn changed_since(&self, cursor: u64) -> bool {
+        self.head > cursor
+    }
+
+    /// Reads up to `max` outbox entries after `after`, with each row's current state.
+    pub fn capture(&self, after: u64, max: usize) -> CaptureBatch {
+        let mut batch = CaptureBatch {
+            changes: Vec::new(),
+            cursor: after,
+        };
+        let mut seen = BTreeSet::new();
+        for (&seq, key) in self.outbox.range(after + 1..).take(max) {
+            batch.cursor = seq;
+            if !seen.insert(key.clone()) {
+                continue;
+            }
+            let state = match self.rows.get(key) {
+                Some(row) => RowState::Present(row.clone()),
+                None => RowState::Absent,
+            };
+            batch.changes.push(CapturedChange {
+                collection: COLLECTION.to_owned(),
+                key: key.clone(),
+                state,
+            });
+        }
+        batch
+    }
+
+    /// Drops outbox entries up to `upto`; the head is kept.
+    pub fn trim(&mut self, upto: u64) {
+        self.outbox = self.outbox.split_off(&(upto + 1));
+    }
+
+    /// Applies the agent's writes unless the user edited after `captured_upto`.
+    pub fn write_back(&mut self, captured_upto: u64, ops: &[WriteOp]) -> WriteOutcome {
+        if self.head > captured_upto {
+            return WriteOutcome::CaptureFirst;
+        }
+        for op in ops {
+            match op {
+                WriteOp::Upsert { key, fields, .. } => {
+                    let row = self.rows.entry(key.clone()).or_insert_with(|| {
+                        COLUMNS
+                            .iter()
+                            .map(|c| ((*c).to_owned(), Value::Null))
+                            .collect()
+                    });
+                    row.extend(fields.clone());
+                }
+                WriteOp::Delete { key, .. } => {
+                    self.rows.remove(key);
+                }
+            }
+            self.writes += 1;
+        }
+        WriteOutcome::Written {
+            rejected: Vec::new(),
+        }
+    }
+}
