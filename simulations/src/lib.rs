@@ -135,13 +135,16 @@ struct Agent {
     log_version: u64,
 }
 
+/// A frame in flight: (arrival ms, send order, bytes).
+type InFlight = (u64, u64, Vec<u8>);
+
 struct Link {
     a: usize,
     b: usize,
     /// The two ends' sessions while connected: [a's, b's].
     ends: Option<[Session; 2]>,
     /// Frames in flight: [a→b, b→a], ordered by arrival time, then send order.
-    queues: [BinaryHeap<Reverse<(u64, u64, Vec<u8>)>>; 2],
+    queues: [BinaryHeap<Reverse<InFlight>>; 2],
     /// The last arrival time queued per direction (FIFO unless reordered).
     last_arrival: [u64; 2],
     /// The log version each end's session last read at.
@@ -209,13 +212,12 @@ impl Report {
 /// fsync costs nothing.
 fn scratch_dir() -> std::io::Result<tempfile::TempDir> {
     let shm = std::path::Path::new("/dev/shm");
-    if shm.is_dir() {
-        if let Ok(dir) = tempfile::Builder::new()
+    if shm.is_dir()
+        && let Ok(dir) = tempfile::Builder::new()
             .prefix("concord-sim-")
             .tempdir_in(shm)
-        {
-            return Ok(dir);
-        }
+    {
+        return Ok(dir);
     }
     tempfile::Builder::new().prefix("concord-sim-").tempdir()
 }
@@ -299,6 +301,15 @@ impl Sim {
         };
         let swarm = format!("{:?}", sim.swarm);
         sim.log(format!("seed {seed}: {agents} agents, {swarm}"));
+        if sim.swarm.slow {
+            sim.fault("delay", "every link 20-400 ms".to_owned());
+        }
+        for i in 0..agents {
+            let skew = sim.agents[i].skew_ms;
+            if skew != 0 {
+                sim.fault("clock skew", format!("agent {i} {skew:+} ms"));
+            }
+        }
         Ok(sim)
     }
 
@@ -343,7 +354,7 @@ impl Sim {
         let mut last_mismatch = String::new();
         loop {
             self.tick()?;
-            if self.now % 500 == 0 {
+            if self.now.is_multiple_of(500) {
                 match self.converged() {
                     Ok(()) => break,
                     Err(why) => last_mismatch = why,
