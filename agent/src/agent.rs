@@ -98,7 +98,12 @@ pub async fn start(config: Config) -> Result<RunningAgent, StartError> {
         })
         .collect();
     let collection_names: Vec<String> = collections.keys().cloned().collect();
-    let engine = Engine::new(store, tool, collections)?;
+    let mut connector = connector;
+    let rescan_upto = connector
+        .claim(&store_id)
+        .map_err(|e| tool_error(&config, e))?;
+    let mut engine = Engine::new(store, tool, collections)?;
+    engine.set_rescan_upto(rescan_upto);
 
     let (core, core_rx) = core::channel();
     let (log_tx, log_rx) = watch::channel(0u64);
@@ -119,7 +124,7 @@ pub async fn start(config: Config) -> Result<RunningAgent, StartError> {
         let stop = stop_tool.clone();
         std::thread::Builder::new()
             .name("concord-tool".into())
-            .spawn(move || crate::tool::run(connector, core, plan_rx, cursor, stop))
+            .spawn(move || crate::tool::run(connector, core, plan_rx, cursor, rescan_upto, stop))
             .map_err(StartError::Thread)?
     };
 
@@ -197,6 +202,11 @@ impl RunningAgent {
     /// This agent's peer id.
     pub fn peer_id(&self) -> PeerId {
         self.peer_id
+    }
+
+    /// This agent's store id (its Automerge actor id).
+    pub fn store_id(&self) -> crate::store::StoreId {
+        self.ctx.store
     }
 
     /// The address peers reach this agent at.

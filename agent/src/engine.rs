@@ -116,6 +116,10 @@ pub struct Engine {
     /// Documents awaiting write-back: the stored set, mirrored in memory so that
     /// planning does not scan the keyspace.
     pending: BTreeSet<DocId>,
+    /// Outbox entries up to here belong to a rescan of the tool (see
+    /// `SqliteConnector::claim`): rows the tool holds are recorded without reviving
+    /// records deleted elsewhere.
+    rescan_upto: u64,
     stats: EngineStats,
 }
 
@@ -136,6 +140,7 @@ impl Engine {
             collections,
             captured_upto,
             pending,
+            rescan_upto: 0,
             stats: EngineStats::default(),
         })
     }
@@ -143,6 +148,11 @@ impl Engine {
     /// The store, for commits.
     pub fn store(&mut self) -> &mut Store {
         &mut self.store
+    }
+
+    /// Sets the end of the tool's rescan entries; capture batches must not straddle it.
+    pub fn set_rescan_upto(&mut self, upto: u64) {
+        self.rescan_upto = upto;
     }
 
     /// The id of the engine's store (its actor id).
@@ -184,8 +194,9 @@ impl Engine {
         cursor: u64,
         now_ms: i64,
     ) -> Result<(), StoreError> {
+        let rescan = cursor <= self.rescan_upto;
         for change in changes {
-            self.capture_one(batch, change, now_ms)?;
+            self.capture_one(batch, change, now_ms, rescan)?;
         }
         self.store
             .stage_cursor(batch, &tool_cursor(&self.tool), cursor);
@@ -198,6 +209,7 @@ impl Engine {
         batch: &mut Batch,
         change: CapturedChange,
         now_ms: i64,
+        rescan: bool,
     ) -> Result<(), StoreError> {
         let CapturedChange {
             collection,
@@ -249,7 +261,9 @@ impl Engine {
                 let edit = Edit {
                     fields,
                     external_id: created.then(|| (self.tool.clone(), key.clone())),
-                    deleted: created.then_some(false),
+                    // A row the tool created revives its record; a row found by a
+                    // rescan does not overrule a delete made elsewhere.
+                    deleted: (created && !rescan).then_some(false),
                     time_ms: now_ms,
                 };
                 (edit, Some(record))

@@ -37,6 +37,7 @@ pub fn run(
     core: CoreHandle,
     plans: Receiver<WritePlan>,
     mut cursor: u64,
+    rescan_upto: u64,
     stop: Arc<AtomicBool>,
 ) {
     let mut trimmed = 0u64;
@@ -55,6 +56,7 @@ pub fn run(
             trimmed: &mut trimmed,
             force,
             poll,
+            rescan_upto,
         };
         match step(&mut connector, &core, &plans, &mut state) {
             Ok(busy) => {
@@ -94,6 +96,8 @@ struct StepState<'a> {
     force: bool,
     /// How long to wait for a plan.
     poll: Duration,
+    /// The end of the tool's rescan entries, which a capture batch must not straddle.
+    rescan_upto: u64,
 }
 
 /// One round: capture what is new, trim, run a plan if one comes within the poll.
@@ -107,7 +111,7 @@ fn step(
     let (cursor, trimmed) = (&mut *state.cursor, &mut *state.trimmed);
     let mut busy = false;
     if connector.changed()? || state.force {
-        capture_all(connector, core, cursor)?;
+        capture_all(connector, core, cursor, state.rescan_upto)?;
         busy = true;
     }
     if *cursor > *trimmed
@@ -132,7 +136,7 @@ fn step(
             };
             tracing::debug!(ops = ops.len(), ?outcome, "wrote back");
             if outcome == WriteOutcome::CaptureFirst {
-                capture_all(connector, core, cursor)?;
+                capture_all(connector, core, cursor, state.rescan_upto)?;
             }
             core.blocking_send(CoreRequest::WritesDone { plan, outcome })?;
         }
@@ -147,9 +151,14 @@ fn capture_all(
     connector: &mut SqliteConnector,
     core: &CoreHandle,
     cursor: &mut u64,
+    rescan_upto: u64,
 ) -> Result<(), StepError> {
     loop {
-        let batch = connector.capture(*cursor, CAPTURE_BATCH_MAX)?;
+        let max = match rescan_upto.checked_sub(*cursor) {
+            Some(left) if left > 0 => CAPTURE_BATCH_MAX.min(left as usize),
+            _ => CAPTURE_BATCH_MAX,
+        };
+        let batch = connector.capture(*cursor, max)?;
         if batch.cursor == *cursor {
             return Ok(());
         }

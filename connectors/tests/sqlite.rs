@@ -836,3 +836,38 @@ mod open {
         assert_eq!(states(&batch), vec![("2", &RowState::Present(row))]);
     }
 }
+
+mod ownership {
+    use super::*;
+
+    #[test]
+    fn a_new_store_claiming_the_database_queues_every_row_again() {
+        let fx = fixture(CUSTOMERS);
+        fx.tool
+            .execute_batch("INSERT INTO customers (id, name) VALUES (1, 'Ada'), (2, 'Bob');")
+            .expect("insert");
+        let mut connector = open(&fx, vec![customers()]);
+        assert_eq!(
+            connector.claim(&[1; 16]).expect("claim"),
+            0,
+            "the first store imports nothing more"
+        );
+        let cursor = connector.capture(0, 10).expect("capture").cursor;
+        connector.trim_outbox(cursor).expect("trim");
+        assert_eq!(connector.claim(&[1; 16]).expect("claim"), 0);
+
+        // The store was lost: a new one claims the database.
+        let upto = connector.claim(&[2; 16]).expect("claim");
+        assert_eq!(upto, cursor + 2);
+        let batch = connector.capture(cursor, 10).expect("capture");
+        let keys: Vec<&str> = batch.changes.iter().map(|c| c.key.as_str()).collect();
+        assert_eq!(keys, ["1", "2"]);
+        drop(connector);
+        let mut connector = open(&fx, vec![customers()]);
+        assert_eq!(
+            connector.claim(&[2; 16]).expect("claim"),
+            upto,
+            "the boundary survives a restart"
+        );
+    }
+}

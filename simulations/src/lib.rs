@@ -113,6 +113,7 @@ struct Swarm {
     partition: f64,
     oneway: f64,
     crash: f64,
+    wipe: f64,
     loss: f64,
     duplicate: f64,
     reorder: f64,
@@ -133,6 +134,8 @@ struct Agent {
     restart_at: Option<u64>,
     /// Bumped whenever the agent's log grows, as the real core announces it.
     log_version: u64,
+    /// The end of the tool's rescan entries.
+    rescan_upto: u64,
 }
 
 /// A frame in flight: (arrival ms, send order, bytes).
@@ -167,7 +170,8 @@ struct Sim {
     faults: BTreeMap<&'static str, u64>,
     hasher: Sha256,
     trace: Option<Vec<String>>,
-    acknowledged: Vec<(DocId, ChangeHash)>,
+    /// Changes captures committed: (document, change, the store that made it).
+    acknowledged: Vec<(DocId, ChangeHash, Vec<u8>)>,
     frame_seq: u64,
     checks: u64,
 }
@@ -235,6 +239,7 @@ impl Sim {
         swarm.partition = on(&mut rng, 0.0004);
         swarm.oneway = on(&mut rng, 0.0002);
         swarm.crash = on(&mut rng, 0.0002);
+        swarm.wipe = on(&mut rng, 0.00005);
         swarm.loss = on(&mut rng, 0.002);
         swarm.duplicate = on(&mut rng, 0.002);
         swarm.reorder = on(&mut rng, 0.002);
@@ -258,6 +263,7 @@ impl Sim {
                 skew_ms,
                 restart_at: Some(0),
                 log_version: 0,
+                rescan_upto: 0,
             });
         }
         let mut links = Vec::new();
@@ -428,8 +434,10 @@ impl Sim {
                 columns: COLUMNS.iter().map(|c| (*c).to_owned()).collect(),
             },
         )]);
-        let engine = Engine::new(store, "tool".to_owned(), collections)
+        let mut engine = Engine::new(store, "tool".to_owned(), collections)
             .map_err(|e| format!("agent {i}: {e}"))?;
+        agent.rescan_upto = agent.tool.claim(engine.store_id());
+        engine.set_rescan_upto(agent.rescan_upto);
         agent.cursor = engine.captured_upto();
         agent.engine = Some(engine);
         self.log(format!("agent {i} starts"));
@@ -450,6 +458,36 @@ impl Sim {
             }
         }
         self.fault("crash", format!("agent {i} for {down_ms} ms"));
+    }
+
+    /// Crashes agent `i` and deletes its store: it comes back with a new actor id.
+    /// Its changes that no running agent holds are lost with the disk, so they leave
+    /// the acknowledged set.
+    fn wipe_agent(&mut self, i: usize) {
+        let Some(engine) = self.agents[i].engine.as_ref() else {
+            return;
+        };
+        let actor = engine.store_id().to_vec();
+        let mut keep = Vec::with_capacity(self.acknowledged.len());
+        for (doc, hash, made_by) in std::mem::take(&mut self.acknowledged) {
+            let held = *made_by != *actor
+                || self.agents.iter_mut().enumerate().any(|(j, other)| {
+                    j != i
+                        && other.engine.as_mut().is_some_and(|e| {
+                            e.store().has_doc(doc).unwrap_or(false)
+                                && e.store().doc(doc).is_ok_and(|d| {
+                                    d.automerge().get_missing_deps(&[hash]).is_empty()
+                                })
+                        })
+                });
+            if held {
+                keep.push((doc, hash, made_by));
+            }
+        }
+        self.acknowledged = keep;
+        self.crash_agent(i);
+        let _ = std::fs::remove_dir_all(&self.agents[i].dir);
+        self.fault("store wipe", format!("agent {i}"));
     }
 
     fn wall_ms(&self, i: usize) -> i64 {
@@ -509,7 +547,11 @@ impl Sim {
             return Ok(());
         };
         while agent.tool.changed_since(agent.cursor) {
-            let captured = agent.tool.capture(agent.cursor, CAPTURE_BATCH_MAX);
+            let max = match agent.rescan_upto.checked_sub(agent.cursor) {
+                Some(left) if left > 0 => CAPTURE_BATCH_MAX.min(left as usize),
+                _ => CAPTURE_BATCH_MAX,
+            };
+            let captured = agent.tool.capture(agent.cursor, max);
             let cursor = captured.cursor;
             let mut batch = engine.store().batch();
             engine
@@ -528,7 +570,9 @@ impl Sim {
                     for bytes in &entry.changes {
                         let change = automerge::Change::from_bytes(bytes.clone())
                             .map_err(|e| e.to_string())?;
-                        self.acknowledged.push((DocId(entry.doc), change.hash()));
+                        let actor = change.actor_id().to_bytes().to_vec();
+                        self.acknowledged
+                            .push((DocId(entry.doc), change.hash(), actor));
                     }
                 }
             }
@@ -574,6 +618,10 @@ impl Sim {
         if self.rng.chance(self.swarm.crash) {
             let i = self.rng.below(n as u64) as usize;
             self.crash_agent(i);
+        }
+        if self.rng.chance(self.swarm.wipe) {
+            let i = self.rng.below(n as u64) as usize;
+            self.wipe_agent(i);
         }
         if !self.links.is_empty() && self.rng.chance(self.swarm.partition) {
             // Cut the cluster in two for a while.
@@ -895,7 +943,7 @@ impl Sim {
         let acknowledged = std::mem::take(&mut self.acknowledged);
         for (i, agent) in self.agents.iter_mut().enumerate() {
             let engine = agent.engine.as_mut().ok_or("agent down after healing")?;
-            for (doc, hash) in &acknowledged {
+            for (doc, hash, _) in &acknowledged {
                 let am = engine
                     .store()
                     .doc(*doc)

@@ -28,6 +28,8 @@ pub struct SimTool {
     pub writes: u64,
     /// Edits made by the simulated user.
     pub edits: u64,
+    owner: Option<[u8; 16]>,
+    rescan_upto: u64,
 }
 
 impl SimTool {
@@ -82,6 +84,25 @@ impl SimTool {
             });
         }
         batch
+    }
+
+    /// Records the store capturing this tool; a new store makes every row queued
+    /// again. Returns the end of the rescan entries (as `SqliteConnector::claim`).
+    pub fn claim(&mut self, store: [u8; 16]) -> u64 {
+        match self.owner {
+            Some(owner) if owner == store => {}
+            None => {}
+            Some(_) => {
+                let keys: Vec<String> = self.rows.keys().cloned().collect();
+                for key in keys {
+                    self.head += 1;
+                    self.outbox.insert(self.head, key);
+                }
+                self.rescan_upto = self.head;
+            }
+        }
+        self.owner = Some(store);
+        self.rescan_upto
     }
 
     /// Drops outbox entries up to `upto`; the head is kept.

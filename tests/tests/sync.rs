@@ -212,3 +212,39 @@ fn outbox_len(node: &Node) -> anyhow::Result<i64> {
         .db()?
         .query_row("SELECT count(*) FROM _concord_outbox", [], |r| r.get(0))?)
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wiped_store_comes_back_with_a_new_actor_without_reviving_deletes() -> anyhow::Result<()>
+{
+    let tmp = tempfile::tempdir()?;
+    let (a, b, agent_a, agent_b) = pair(tmp.path()).await?;
+    for id in 1..=3 {
+        a.db()?
+            .execute("INSERT INTO customers (id, name) VALUES (?1, 'n')", [id])?;
+    }
+    converged(&[&a, &b]).await?;
+    let old_actor = agent_b.store_id();
+    agent_b.shutdown().await;
+    std::fs::remove_dir_all(b.files.dir.join("data"))?;
+
+    // While B's store is gone, A deletes one record and edits another.
+    a.db()?.execute("DELETE FROM customers WHERE id = 2", [])?;
+    a.db()?
+        .execute("UPDATE customers SET city = 'Oslo' WHERE id = 1", [])?;
+    let agent_b = b.start().await?;
+    assert_ne!(
+        agent_b.store_id(),
+        old_actor,
+        "a wiped store must not reuse its actor id"
+    );
+    let rows = converged(&[&a, &b]).await?;
+    assert_eq!(
+        rows.iter().map(|r| r.0).collect::<Vec<_>>(),
+        [1, 3],
+        "the delete was undone"
+    );
+    assert_eq!(rows[0].3.as_deref(), Some("Oslo"));
+    agent_a.shutdown().await;
+    agent_b.shutdown().await;
+    Ok(())
+}

@@ -65,7 +65,7 @@ use std::time::Duration;
 
 use crdt_model::{Record, Value};
 use rusqlite::types::{ToSqlOutput, Value as SqlValue, ValueRef};
-use rusqlite::{Connection, ErrorCode, TransactionBehavior, params_from_iter};
+use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, params_from_iter};
 
 pub use error::SqliteError;
 pub use schema::FieldType;
@@ -344,6 +344,49 @@ impl SqliteConnector {
             .prepare_cached(OUTBOX_LEN_SQL)?
             .query_row([], |row| row.get(0))?;
         Ok(u64::try_from(len).unwrap_or(0))
+    }
+
+    /// Records `store` as the agent store capturing this database and returns the
+    /// outbox seq up to which entries belong to a **rescan** (0 if none).
+    ///
+    /// When another store captured this database before (the agent's store was lost
+    /// and recreated), every row of every configured table is queued again, in the
+    /// same transaction, so the new store learns what the tool holds; the agent
+    /// captures those entries without reviving records deleted elsewhere. The
+    /// boundary is kept here, beside the entries, so a crash cannot separate them.
+    pub fn claim(&mut self, store: &[u8]) -> Result<u64, SqliteError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let owner: Option<(Vec<u8>, i64)> = tx
+            .query_row(
+                "SELECT store, rescan_upto FROM _concord_owner WHERE id = 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let rescan_upto = match owner {
+            Some((owner, upto)) if owner == store => upto,
+            None => 0,
+            Some(_) => {
+                for table in &self.tables {
+                    let queued = tx.execute(&table.import_sql(), [])?;
+                    tracing::warn!(
+                        table = %table.name,
+                        rows = queued,
+                        "this database was captured by another store; rows queued again"
+                    );
+                }
+                tx.query_row(OUTBOX_HEAD_SQL, [], |r| r.get(0))?
+            }
+        };
+        tx.execute(
+            "INSERT INTO _concord_owner (id, store, rescan_upto) VALUES (1, ?1, ?2)
+             ON CONFLICT (id) DO UPDATE SET store = excluded.store, rescan_upto = excluded.rescan_upto",
+            rusqlite::params![store, rescan_upto],
+        )?;
+        tx.commit()?;
+        Ok(u64::try_from(rescan_upto).unwrap_or(0))
     }
 
     /// Deletes the outbox entries up to and including `upto`. Call it once the capture
