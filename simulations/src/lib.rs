@@ -461,32 +461,53 @@ impl Sim {
     }
 
     /// Crashes agent `i` and deletes its store: it comes back with a new actor id.
-    /// Its changes that no running agent holds are lost with the disk, so they leave
-    /// the acknowledged set.
+    /// Acknowledged changes no other agent holds (running, or down with its store on
+    /// disk) are lost with the disk, so they leave the acknowledged set.
     fn wipe_agent(&mut self, i: usize) {
-        let Some(engine) = self.agents[i].engine.as_ref() else {
+        if self.agents[i].engine.is_none() {
             return;
-        };
-        let actor = engine.store_id().to_vec();
-        let mut keep = Vec::with_capacity(self.acknowledged.len());
-        for (doc, hash, made_by) in std::mem::take(&mut self.acknowledged) {
-            let held = *made_by != *actor
-                || self.agents.iter_mut().enumerate().any(|(j, other)| {
-                    j != i
-                        && other.engine.as_mut().is_some_and(|e| {
-                            e.store().has_doc(doc).unwrap_or(false)
-                                && e.store().doc(doc).is_ok_and(|d| {
-                                    d.automerge().get_missing_deps(&[hash]).is_empty()
-                                })
-                        })
-                });
-            if held {
-                keep.push((doc, hash, made_by));
-            }
         }
-        self.acknowledged = keep;
         self.crash_agent(i);
         let _ = std::fs::remove_dir_all(&self.agents[i].dir);
+        let acknowledged = std::mem::take(&mut self.acknowledged);
+        let mut held = vec![false; acknowledged.len()];
+        for (j, other) in self.agents.iter_mut().enumerate() {
+            if j == i {
+                continue;
+            }
+            // A down agent's store is read from its folder; a wiped one has none.
+            let mut opened = None;
+            let engine = match other.engine.as_mut() {
+                Some(engine) => engine,
+                None if other.dir.exists() => {
+                    let Ok(store) = Store::open_with(&other.dir, || [0; 16]) else {
+                        continue;
+                    };
+                    let Ok(engine) = Engine::new(store, "tool".to_owned(), BTreeMap::new()) else {
+                        continue;
+                    };
+                    opened.insert(engine)
+                }
+                None => continue,
+            };
+            for (k, (doc, hash, _)) in acknowledged.iter().enumerate() {
+                if !held[k]
+                    && engine.store().has_doc(*doc).unwrap_or(false)
+                    && engine
+                        .store()
+                        .doc(*doc)
+                        .is_ok_and(|d| d.automerge().get_missing_deps(&[*hash]).is_empty())
+                {
+                    held[k] = true;
+                }
+            }
+        }
+        self.acknowledged = acknowledged
+            .into_iter()
+            .zip(held)
+            .filter(|(_, h)| *h)
+            .map(|(a, _)| a)
+            .collect();
         self.fault("store wipe", format!("agent {i}"));
     }
 
