@@ -563,6 +563,7 @@ impl Sim {
 
     fn capture(&mut self, i: usize) -> Result<(), String> {
         let wall = self.wall_ms(i);
+        let mut new_acks = Vec::new();
         let agent = &mut self.agents[i];
         let Some(engine) = agent.engine.as_mut() else {
             return Ok(());
@@ -592,13 +593,16 @@ impl Sim {
                         let change = automerge::Change::from_bytes(bytes.clone())
                             .map_err(|e| e.to_string())?;
                         let actor = change.actor_id().to_bytes().to_vec();
-                        self.acknowledged
-                            .push((DocId(entry.doc), change.hash(), actor));
+                        new_acks.push((DocId(entry.doc), change.hash(), actor));
                     }
                 }
             }
             agent.cursor = cursor;
             agent.tool.trim(cursor);
+        }
+        for (doc, hash, actor) in new_acks {
+            self.log(format!("agent {i} acknowledged change {hash} of {doc}"));
+            self.acknowledged.push((doc, hash, actor));
         }
         Ok(())
     }
