@@ -65,6 +65,24 @@ pub enum CoreRequest {
         /// Its heads.
         reply: oneshot::Sender<Vec<ChangeHash>>,
     },
+    /// The digests of the children of a node of the digest tree (anti-entropy).
+    DigestChildren {
+        /// The collection.
+        collection: String,
+        /// The node's depth.
+        depth: u8,
+        /// The node's prefix.
+        prefix: u32,
+        /// The digests, or `None` for a node outside the tree.
+        reply: oneshot::Sender<Option<Vec<u64>>>,
+    },
+    /// Sets cursors (a peer cursor and its anti-entropy mark) durably.
+    SetCursors {
+        /// (cursor name, value).
+        cursors: Vec<(String, u64)>,
+        /// Answered after the commit.
+        reply: oneshot::Sender<()>,
+    },
     /// The connector finished (or refused) a write-back plan.
     WritesDone {
         /// The plan.
@@ -207,6 +225,28 @@ pub fn run(mut engine: Engine, mut rx: mpsc::Receiver<CoreRequest>, outputs: Cor
                         .unwrap_or_else(|e| fatal(&e));
                     replies.push(Box::new(move || {
                         let _ = reply.send(changes);
+                    }));
+                }
+                CoreRequest::DigestChildren {
+                    collection,
+                    depth,
+                    prefix,
+                    reply,
+                } => {
+                    let digests = engine
+                        .store()
+                        .digest_children(&collection, depth, prefix)
+                        .unwrap_or_else(|e| fatal(&e));
+                    replies.push(Box::new(move || {
+                        let _ = reply.send(digests);
+                    }));
+                }
+                CoreRequest::SetCursors { cursors, reply } => {
+                    for (name, value) in &cursors {
+                        engine.store().stage_cursor(&mut batch, name, *value);
+                    }
+                    replies.push(Box::new(move || {
+                        let _ = reply.send(());
                     }));
                 }
                 CoreRequest::Heads { doc, reply } => {

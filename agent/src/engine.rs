@@ -155,6 +155,11 @@ impl Engine {
         self.rescan_upto = upto;
     }
 
+    /// Read access to the store.
+    pub fn reader(&self) -> &StoreReader {
+        &self.reader
+    }
+
     /// The id of the engine's store (its actor id).
     pub fn store_id(&self) -> StoreId {
         self.store.actor()
@@ -368,8 +373,12 @@ impl Engine {
                 key,
             });
         }
+        // Entries learned from a peer are not sent back to it, unless the apply also
+        // released changes that came earlier from elsewhere (they waited for a
+        // dependency): that peer may lack those.
+        let origin = (!applied.released_earlier).then_some(origin);
         self.store
-            .stage_doc(batch, id, collection, applied.new_changes, Some(origin))?;
+            .stage_doc(batch, id, collection, applied.new_changes, origin)?;
         if self.collections.contains_key(collection) {
             self.set_pending(batch, id, true);
         }

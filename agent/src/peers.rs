@@ -209,6 +209,8 @@ struct PendingApply {
     collection: String,
     upto: Option<u64>,
     entries: usize,
+    /// The document of a repair.
+    doc: Option<[u8; 16]>,
     reply: oneshot::Receiver<Result<ApplyOutcome, String>>,
 }
 
@@ -242,7 +244,11 @@ async fn drive(
         }
     });
     let _reader_guard = AbortOnDrop(reader);
-    let mut session = Session::new(ctx.store, Instant::now());
+    let mut heads = Vec::with_capacity(ctx.collections.len());
+    for collection in &ctx.collections {
+        heads.push((collection.clone(), ctx.reader.log_head(collection)?));
+    }
+    let mut session = Session::new(ctx.store, heads, Instant::now());
     let mut pending: VecDeque<PendingApply> = VecDeque::new();
     let mut log_version = ctx.log_version.clone();
     let mut shutdown = ctx.shutdown.clone();
@@ -269,12 +275,17 @@ async fn drive(
             reply = async { (&mut pending.front_mut().expect("guarded").reply).await }, if !pending.is_empty() => {
                 let done = pending.pop_front().expect("guarded");
                 let outcome = reply.map_err(|_| DriveError::Stopping)?.map_err(DriveError::Refused)?;
-                if let Some(upto) = done.upto {
-                    session.applied(Instant::now(), done.collection, upto, done.entries);
+                match done.upto {
+                    Some(upto) => session.applied(Instant::now(), done.collection.clone(), upto, done.entries),
+                    None => {
+                        if let Some(doc) = done.doc {
+                            session.repaired(doc);
+                        }
+                    }
                 }
                 for doc in outcome.missing {
                     let heads = heads_of(ctx, DocId(doc.0)).await?;
-                    session.need_doc(doc.0, heads.iter().map(|h| h.0).collect());
+                    session.need_doc(done.collection.clone(), doc.0, heads.iter().map(|h| h.0).collect());
                 }
             }
             frame = frames_rx.recv(), if pending.len() < APPLIES_IN_FLIGHT_MAX => {
@@ -299,14 +310,90 @@ async fn handle_event(
     match event {
         Event::PeerHello { store } => {
             let mut cursors = Vec::with_capacity(ctx.collections.len());
+            let mut anti_entropy = Vec::new();
+            let mut marks = Vec::new();
             for collection in &ctx.collections {
-                cursors.push((
-                    collection.clone(),
-                    ctx.reader
-                        .cursor(&crate::store::peer_cursor(&store, collection))?,
-                ));
+                let name = crate::store::peer_cursor(&store, collection);
+                let mut cursor = ctx.reader.cursor(&name)?;
+                let mark = crate::store::anti_entropy_mark(&store, collection);
+                let marked = ctx.reader.cursor(&mark)? == 1;
+                // A lost cursor on a store that holds documents: compare digests
+                // instead of replaying the peer's whole log, and stream from its head.
+                if marked || (cursor == 0 && ctx.reader.log_head(collection)? > 0) {
+                    cursor = cursor.max(session.peer_head(collection) + 1);
+                    marks.push((name, cursor));
+                    marks.push((mark, 1));
+                    anti_entropy.push(collection.clone());
+                }
+                cursors.push((collection.clone(), cursor));
+            }
+            if !marks.is_empty() {
+                set_cursors(ctx, marks).await?;
             }
             session.subscribe(cursors);
+            for collection in anti_entropy {
+                tracing::info!(%collection, "cursor lost: comparing digests with the peer");
+                session.start_anti_entropy(collection);
+            }
+        }
+        Event::DigestQuery {
+            collection,
+            depth,
+            prefix,
+        } => {
+            let digests = digest_children(ctx, &collection, depth, prefix).await?;
+            let digests =
+                digests.ok_or(ProtocolError::Unexpected("a digest query outside the tree"))?;
+            session.digests(collection, depth, prefix, digests);
+        }
+        Event::BucketQuery { collection, bucket } => {
+            let docs = ctx.reader.bucket_docs(&collection, bucket)?;
+            session.bucket(collection, bucket, docs);
+        }
+        Event::Digests {
+            collection,
+            depth,
+            prefix,
+            digests,
+        } => {
+            let ours = digest_children(ctx, &collection, depth, prefix).await?;
+            let ours = ours.ok_or(ProtocolError::Unexpected("digests outside the tree"))?;
+            let bits = crate::store::child_bits(depth).unwrap_or(0);
+            for (child, (theirs, ours)) in digests.iter().zip(&ours).enumerate() {
+                if theirs == ours {
+                    continue;
+                }
+                let prefix = (prefix << bits) | child as u32;
+                if depth + bits == 16 {
+                    session.query_bucket(collection.clone(), prefix as u16);
+                } else {
+                    session.query_digests(collection.clone(), depth + bits, prefix);
+                }
+            }
+            session.answered(&collection);
+        }
+        Event::Bucket {
+            collection,
+            bucket: _,
+            docs,
+        } => {
+            for (doc, theirs) in docs {
+                if ctx.reader.doc_digest(&collection, DocId(doc))? != theirs {
+                    let heads = heads_of(ctx, DocId(doc)).await?;
+                    session.repair(collection.clone(), doc, heads.iter().map(|h| h.0).collect());
+                }
+            }
+            session.answered(&collection);
+        }
+        Event::AntiEntropyDone { collection } => {
+            if let Some(store) = session.peer() {
+                tracing::info!(%collection, "anti-entropy finished");
+                set_cursors(
+                    ctx,
+                    vec![(crate::store::anti_entropy_mark(&store, &collection), 0)],
+                )
+                .await?;
+            }
         }
         Event::Apply {
             collection,
@@ -326,8 +413,15 @@ async fn handle_event(
                 changes,
             };
             apply(session, ctx, pending, collection, None, vec![entry]).await?;
+            if let Some(last) = pending.back_mut() {
+                last.doc = Some(doc);
+            }
         }
-        Event::NeedDoc { doc, heads } => {
+        Event::NeedDoc {
+            collection,
+            doc,
+            heads,
+        } => {
             let (reply, answer) = oneshot::channel();
             let heads = heads.into_iter().map(ChangeHash).collect();
             ctx.core
@@ -338,8 +432,10 @@ async fn handle_event(
                 })
                 .await
                 .map_err(|_| DriveError::Stopping)?;
-            if let Some(found) = answer.await.map_err(|_| DriveError::Stopping)? {
-                session.doc_changes(found.collection, doc, found.changes);
+            // Always answered, with nothing when the document is unknown here.
+            match answer.await.map_err(|_| DriveError::Stopping)? {
+                Some(found) => session.doc_changes(found.collection, doc, found.changes),
+                None => session.doc_changes(collection, doc, Vec::new()),
             }
         }
     }
@@ -374,9 +470,39 @@ async fn apply(
         collection,
         upto,
         entries: count,
+        doc: None,
         reply: answer,
     });
     Ok(())
+}
+
+async fn digest_children(
+    ctx: &PeerContext,
+    collection: &str,
+    depth: u8,
+    prefix: u32,
+) -> Result<Option<Vec<u64>>, DriveError> {
+    let (reply, answer) = oneshot::channel();
+    let request = CoreRequest::DigestChildren {
+        collection: collection.to_owned(),
+        depth,
+        prefix,
+        reply,
+    };
+    ctx.core
+        .send(request)
+        .await
+        .map_err(|_| DriveError::Stopping)?;
+    answer.await.map_err(|_| DriveError::Stopping)
+}
+
+async fn set_cursors(ctx: &PeerContext, cursors: Vec<(String, u64)>) -> Result<(), DriveError> {
+    let (reply, answer) = oneshot::channel();
+    ctx.core
+        .send(CoreRequest::SetCursors { cursors, reply })
+        .await
+        .map_err(|_| DriveError::Stopping)?;
+    answer.await.map_err(|_| DriveError::Stopping)
 }
 
 async fn heads_of(ctx: &PeerContext, doc: DocId) -> Result<Vec<ChangeHash>, DriveError> {

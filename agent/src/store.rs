@@ -12,6 +12,7 @@
 //! | `cursors` | `tool/<tool>` or `peer/<store>/<collection>` | u64 BE                      |
 //! | `pending` | doc id                                | empty: the doc awaits write-back   |
 //! | `dead`    | tool, 0, collection, 0, key           | [`DeadLetter`]                     |
+//! | `digests` | collection, 0, doc id                 | the document's heads digest (u64 BE) |
 //!
 //! All writes of one step go into one [`Batch`], committed with fsync before the
 //! step is acknowledged or anything of it is sent (Architecture Invariant). A failed
@@ -40,6 +41,12 @@ pub const DOC_APPENDS_MAX: u32 = 32;
 
 /// Changes appended to a document loaded from disk before it is saved whole again.
 pub const DOC_APPENDS_AFTER_LOAD_MAX: u32 = 4;
+
+/// Buckets of the anti-entropy digest tree: documents grouped by the first 16 bits
+/// of their id. A bucket's digest is the XOR of its documents' heads digests.
+pub const DIGEST_BUCKETS: usize = 1 << 16;
+/// Levels of the digest tree, as bits of the bucket number each level adds.
+pub const DIGEST_LEVEL_BITS: [u8; 3] = [6, 6, 4];
 
 /// The id of a store: its actor id. A wiped store gets a new one, never an old one.
 pub type StoreId = ActorBytes;
@@ -104,6 +111,9 @@ pub struct Store {
     cursors: Keyspace,
     pending: Keyspace,
     dead: Keyspace,
+    digests: Keyspace,
+    /// Per collection, the XOR of heads digests in each bucket (built on first use).
+    buckets: HashMap<String, Vec<u64>>,
     actor: StoreId,
     cache: LruCache<DocId, CachedDoc>,
     /// Next sequence number of each collection's log.
@@ -122,6 +132,7 @@ impl std::fmt::Debug for Store {
 #[derive(Clone)]
 pub struct StoreReader {
     log: Keyspace,
+    digests: Keyspace,
     cursors: Keyspace,
     shadow: Keyspace,
     dead: Keyspace,
@@ -138,6 +149,8 @@ impl std::fmt::Debug for StoreReader {
 /// The writes of one step, committed atomically with fsync by [`Store::commit`].
 pub struct Batch {
     inner: fjall::OwnedWriteBatch,
+    /// Heads digests staged in this batch, which reads of the keyspace cannot see yet.
+    digests: HashMap<(String, DocId), u64>,
     /// Log entries appended, as (collection, seq), to announce after the commit.
     pub appended: Vec<(String, u64)>,
 }
@@ -186,6 +199,8 @@ impl Store {
             cursors: open("cursors")?,
             pending: open("pending")?,
             dead: open("dead")?,
+            digests: open("digests")?,
+            buckets: HashMap::new(),
             meta,
             db,
             actor,
@@ -204,6 +219,7 @@ impl Store {
     pub fn reader(&self) -> StoreReader {
         StoreReader {
             log: self.log.clone(),
+            digests: self.digests.clone(),
             cursors: self.cursors.clone(),
             shadow: self.shadow.clone(),
             dead: self.dead.clone(),
@@ -216,6 +232,7 @@ impl Store {
     pub fn batch(&self) -> Batch {
         Batch {
             inner: self.db.batch().durability(Some(PersistMode::SyncAll)),
+            digests: HashMap::new(),
             appended: Vec::new(),
         }
     }
@@ -282,6 +299,9 @@ impl Store {
             cached.appends += 1;
         }
         batch.inner.insert(&docs, id.0, cached.stored.as_slice());
+        let mut heads = cached.doc.heads();
+        heads.sort();
+        self.stage_digest(batch, collection, id, heads_digest(id, &heads))?;
         let seq = self.next_seq(collection)?;
         let entry = LogEntry {
             doc: id.0,
@@ -499,6 +519,12 @@ pub fn peer_cursor(peer: &StoreId, collection: &str) -> String {
     format!("peer/{}/{collection}", hex(peer))
 }
 
+/// The name of the mark set while anti-entropy with a peer store's `collection` runs:
+/// 1 until it finishes, so a crash in the middle makes the next session start over.
+pub fn anti_entropy_mark(peer: &StoreId, collection: &str) -> String {
+    format!("anti-entropy/{}/{collection}", hex(peer))
+}
+
 /// Lower-case hex of bytes.
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -551,6 +577,150 @@ fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8], what: &'static str) -> Res
         what,
         reason: e.to_string(),
     })
+}
+
+impl Store {
+    /// Records the heads digest of document `id` and updates its bucket.
+    fn stage_digest(
+        &mut self,
+        batch: &mut Batch,
+        collection: &str,
+        id: DocId,
+        digest: u64,
+    ) -> Result<(), StoreError> {
+        let key = (collection.to_owned(), id);
+        let old = match batch.digests.get(&key) {
+            Some(old) => *old,
+            None => match self.digests.get(digest_key(collection, id))? {
+                Some(bytes) => decode_seq(&bytes)?,
+                None => 0,
+            },
+        };
+        self.load_buckets(collection)?;
+        let buckets = self.buckets.get_mut(collection).expect("just loaded");
+        buckets[bucket_of(id)] ^= old ^ digest;
+        batch.inner.insert(
+            &self.digests,
+            digest_key(collection, id),
+            digest.to_be_bytes().to_vec(),
+        );
+        batch.digests.insert(key, digest);
+        Ok(())
+    }
+
+    fn load_buckets(&mut self, collection: &str) -> Result<(), StoreError> {
+        if self.buckets.contains_key(collection) {
+            return Ok(());
+        }
+        let mut buckets = vec![0u64; DIGEST_BUCKETS];
+        let prefix = log_prefix(collection);
+        for guard in self.digests.prefix(&prefix) {
+            let (k, v) = guard.into_inner()?;
+            let id = <[u8; 16]>::try_from(&k[prefix.len()..]).map_err(|_| StoreError::Corrupt {
+                what: "digest key",
+                reason: format!("{} bytes", k.len()),
+            })?;
+            buckets[bucket_of(DocId(id))] ^= decode_seq(&v)?;
+        }
+        self.buckets.insert(collection.to_owned(), buckets);
+        Ok(())
+    }
+
+    /// The digests of the children of a node of the digest tree: the node covers the
+    /// buckets whose number starts with the `depth` bits of `prefix`; `depth` is 0, 6
+    /// or 12 (see [`DIGEST_LEVEL_BITS`]). `None` for another depth.
+    pub fn digest_children(
+        &mut self,
+        collection: &str,
+        depth: u8,
+        prefix: u32,
+    ) -> Result<Option<Vec<u64>>, StoreError> {
+        let Some(bits) = child_bits(depth) else {
+            return Ok(None);
+        };
+        if u64::from(prefix) >= 1u64 << depth {
+            return Ok(None);
+        }
+        self.load_buckets(collection)?;
+        let buckets = &self.buckets[collection];
+        let span = 16 - depth - bits;
+        let children = (0..1u32 << bits)
+            .map(|child| {
+                let first = (((prefix << bits) | child) << span) as usize;
+                buckets[first..first + (1usize << span)]
+                    .iter()
+                    .fold(0, |acc, d| acc ^ d)
+            })
+            .collect();
+        Ok(Some(children))
+    }
+}
+
+/// How many bits of the bucket number the children of a node at `depth` add.
+pub fn child_bits(depth: u8) -> Option<u8> {
+    let mut at = 0;
+    for bits in DIGEST_LEVEL_BITS {
+        if depth == at {
+            return Some(bits);
+        }
+        at += bits;
+    }
+    None
+}
+
+impl StoreReader {
+    /// The documents of bucket `bucket` of `collection`, with their heads digests.
+    pub fn bucket_docs(
+        &self,
+        collection: &str,
+        bucket: u16,
+    ) -> Result<Vec<([u8; 16], u64)>, StoreError> {
+        let mut prefix = log_prefix(collection);
+        let start = prefix.len();
+        prefix.extend_from_slice(&bucket.to_be_bytes());
+        let mut out = Vec::new();
+        for guard in self.digests.prefix(&prefix) {
+            let (k, v) = guard.into_inner()?;
+            let id = <[u8; 16]>::try_from(&k[start..]).map_err(|_| StoreError::Corrupt {
+                what: "digest key",
+                reason: format!("{} bytes", k.len()),
+            })?;
+            out.push((id, decode_seq(&v)?));
+        }
+        Ok(out)
+    }
+
+    /// The heads digest of document `id` in `collection`, 0 if unknown.
+    pub fn doc_digest(&self, collection: &str, id: DocId) -> Result<u64, StoreError> {
+        match self.digests.get(digest_key(collection, id))? {
+            Some(bytes) => decode_seq(&bytes),
+            None => Ok(0),
+        }
+    }
+}
+
+/// The digest of a document's heads (sorted), as kept in the digest tree.
+pub fn heads_digest(id: DocId, heads: &[crdt_model::ChangeHash]) -> u64 {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    hasher.update(b"concord/heads/v1\0");
+    hasher.update(id.0);
+    for head in heads {
+        hasher.update(head.0);
+    }
+    let digest = hasher.finalize();
+    u64::from_be_bytes(digest[..8].try_into().expect("8 bytes"))
+}
+
+/// The bucket of a document: the first 16 bits of its id.
+pub fn bucket_of(id: DocId) -> usize {
+    usize::from(u16::from_be_bytes([id.0[0], id.0[1]]))
+}
+
+fn digest_key(collection: &str, id: DocId) -> Vec<u8> {
+    let mut key = log_prefix(collection);
+    key.extend_from_slice(&id.0);
+    key
 }
 
 impl Batch {

@@ -121,6 +121,9 @@ pub struct Applied {
     pub new_changes: Vec<Vec<u8>>,
     /// True when some changes wait for dependencies this document lacks.
     pub missing_deps: bool,
+    /// True when the new changes include some that were not given to this call:
+    /// changes received earlier that waited for a dependency and are now released.
+    pub released_earlier: bool,
 }
 
 /// One record as an Automerge document.
@@ -210,16 +213,15 @@ impl RecordDoc {
             .iter()
             .map(|bytes| Change::from_bytes(bytes.clone()))
             .collect::<Result<Vec<_>, _>>()?;
+        let given: Vec<ChangeHash> = decoded.iter().map(Change::hash).collect();
         self.doc.apply_changes(decoded)?;
         let after = self.doc.get_heads();
         let mut applied = Applied::default();
         if before != after {
-            applied.new_changes = self
-                .doc
-                .get_changes(&before)
-                .into_iter()
-                .map(|change| change.raw_bytes().to_vec())
-                .collect();
+            for change in self.doc.get_changes(&before) {
+                applied.released_earlier |= !given.contains(&change.hash());
+                applied.new_changes.push(change.raw_bytes().to_vec());
+            }
         }
         applied.missing_deps = !self.doc.get_missing_deps(&[]).is_empty();
         Ok(applied)

@@ -246,6 +246,8 @@ fn applying_twice_is_harmless_and_reports_only_new_changes() -> Result<(), Model
     assert!(waiting.new_changes.is_empty() && waiting.missing_deps);
     let both = c.apply(&[c1])?;
     assert_eq!(both.new_changes.len(), 2);
+    assert!(both.released_earlier, "c2 came in an earlier call");
+    assert!(!out_of_order.released_earlier);
     assert!(!both.missing_deps);
     assert_eq!(c.read()?.fields["name"], text("Ada L."));
     Ok(())

@@ -440,7 +440,14 @@ impl Sim {
         engine.set_rescan_upto(agent.rescan_upto);
         agent.cursor = engine.captured_upto();
         agent.engine = Some(engine);
-        self.log(format!("agent {i} starts"));
+        let store = concord_agent::store::hex(
+            &self.agents[i]
+                .engine
+                .as_ref()
+                .map(|e| e.store_id())
+                .unwrap_or_default()[..4],
+        );
+        self.log(format!("agent {i} starts (store {store})"));
         Ok(())
     }
 
@@ -712,7 +719,16 @@ impl Sim {
                     return Ok(());
                 };
                 let now = self.instant();
-                self.links[l].ends = Some([Session::new(sa, now), Session::new(sb, now)]);
+                let heads = |i: usize| -> Result<Vec<(String, u64)>, String> {
+                    let engine = self.agents[i].engine.as_ref().ok_or("agent down")?;
+                    let head = engine
+                        .reader()
+                        .log_head(COLLECTION)
+                        .map_err(|e| e.to_string())?;
+                    Ok(vec![(COLLECTION.to_owned(), head)])
+                };
+                let (ha, hb) = (heads(a)?, heads(b)?);
+                self.links[l].ends = Some([Session::new(sa, ha, now), Session::new(sb, hb, now)]);
                 self.links[l].log_seen = [0, 0];
                 self.log(format!("link {a}-{b} connected"));
             } else {
@@ -828,6 +844,7 @@ impl Sim {
 
     /// Acts on a session's events against its agent's engine.
     fn events(&mut self, i: usize, session: &mut Session) -> Result<(), Pump> {
+        let mut lines: Vec<String> = Vec::new();
         let now = self.instant();
         while let Some(event) = session.poll_event() {
             let engine = self.agents[i]
@@ -836,11 +853,108 @@ impl Sim {
                 .ok_or(Pump::Closed("agent down".into()))?;
             match event {
                 Event::PeerHello { store } => {
+                    let fatal = |e: concord_agent::store::StoreError| Pump::Fatal(e.to_string());
                     let reader = engine.store().reader();
-                    let cursor = reader
-                        .cursor(&concord_agent::store::peer_cursor(&store, COLLECTION))
-                        .map_err(|e| Pump::Fatal(e.to_string()))?;
+                    let name = concord_agent::store::peer_cursor(&store, COLLECTION);
+                    let mark = concord_agent::store::anti_entropy_mark(&store, COLLECTION);
+                    let mut cursor = reader.cursor(&name).map_err(fatal)?;
+                    let marked = reader.cursor(&mark).map_err(fatal)? == 1;
+                    let lost = cursor == 0 && reader.log_head(COLLECTION).map_err(fatal)? > 0;
+                    if marked || lost {
+                        cursor = cursor.max(session.peer_head(COLLECTION) + 1);
+                        let mut batch = engine.store().batch();
+                        engine.store().stage_cursor(&mut batch, &name, cursor);
+                        engine.store().stage_cursor(&mut batch, &mark, 1);
+                        engine.store().commit(batch).map_err(fatal)?;
+                    }
                     session.subscribe(vec![(COLLECTION.to_owned(), cursor)]);
+                    lines.push(format!(
+                        "agent {i} subscribes to {} from {cursor} (anti-entropy: {})",
+                        concord_agent::store::hex(&store[..4]),
+                        marked || lost
+                    ));
+                    if marked || lost {
+                        session.start_anti_entropy(COLLECTION.to_owned());
+                    }
+                }
+                Event::DigestQuery {
+                    collection,
+                    depth,
+                    prefix,
+                } => {
+                    let digests = engine
+                        .store()
+                        .digest_children(&collection, depth, prefix)
+                        .map_err(|e| Pump::Fatal(e.to_string()))?
+                        .ok_or(Pump::Closed("a digest query outside the tree".into()))?;
+                    session.digests(collection, depth, prefix, digests);
+                }
+                Event::BucketQuery { collection, bucket } => {
+                    let docs = engine
+                        .reader()
+                        .bucket_docs(&collection, bucket)
+                        .map_err(|e| Pump::Fatal(e.to_string()))?;
+                    session.bucket(collection, bucket, docs);
+                }
+                Event::Digests {
+                    collection,
+                    depth,
+                    prefix,
+                    digests,
+                } => {
+                    let ours = engine
+                        .store()
+                        .digest_children(&collection, depth, prefix)
+                        .map_err(|e| Pump::Fatal(e.to_string()))?
+                        .ok_or(Pump::Closed("digests outside the tree".into()))?;
+                    let bits = concord_agent::store::child_bits(depth).unwrap_or(0);
+                    for (child, (theirs, ours)) in digests.iter().zip(&ours).enumerate() {
+                        if theirs != ours {
+                            let prefix = (prefix << bits) | child as u32;
+                            if depth + bits == 16 {
+                                session.query_bucket(collection.clone(), prefix as u16);
+                            } else {
+                                session.query_digests(collection.clone(), depth + bits, prefix);
+                            }
+                        }
+                    }
+                    session.answered(&collection);
+                }
+                Event::Bucket {
+                    collection,
+                    bucket: _,
+                    docs,
+                } => {
+                    for (doc, theirs) in docs {
+                        let ours = engine
+                            .reader()
+                            .doc_digest(&collection, DocId(doc))
+                            .map_err(|e| Pump::Fatal(e.to_string()))?;
+                        if ours != theirs {
+                            lines.push(format!("agent {i} repairs {}", DocId(doc)));
+                            let heads = engine
+                                .heads(DocId(doc))
+                                .map_err(|e| Pump::Fatal(e.to_string()))?;
+                            session.repair(
+                                collection.clone(),
+                                doc,
+                                heads.iter().map(|h| h.0).collect(),
+                            );
+                        }
+                    }
+                    session.answered(&collection);
+                }
+                Event::AntiEntropyDone { collection } => {
+                    lines.push(format!("agent {i} anti-entropy done"));
+                    if let Some(store) = session.peer() {
+                        let mark = concord_agent::store::anti_entropy_mark(&store, &collection);
+                        let mut batch = engine.store().batch();
+                        engine.store().stage_cursor(&mut batch, &mark, 0);
+                        engine
+                            .store()
+                            .commit(batch)
+                            .map_err(|e| Pump::Fatal(e.to_string()))?;
+                    }
                 }
                 Event::Apply {
                     collection,
@@ -856,10 +970,14 @@ impl Sim {
                         .engine
                         .as_mut()
                         .ok_or(Pump::Closed("agent down".into()))?;
-                    session.applied(now, collection, upto, count);
+                    session.applied(now, collection.clone(), upto, count);
                     for doc in missing {
                         let heads = engine.heads(doc).map_err(|e| Pump::Fatal(e.to_string()))?;
-                        session.need_doc(doc.0, heads.iter().map(|h| h.0).collect());
+                        session.need_doc(
+                            collection.clone(),
+                            doc.0,
+                            heads.iter().map(|h| h.0).collect(),
+                        );
                     }
                 }
                 Event::DocChanges {
@@ -872,21 +990,35 @@ impl Sim {
                         doc,
                         changes,
                     };
+                    let n = entry.changes.len();
                     let (_, grew) = apply(engine, session, &collection, None, vec![entry])?;
+                    lines.push(format!(
+                        "agent {i} got {n} changes of {} (new: {grew})",
+                        DocId(doc)
+                    ));
                     if grew {
                         self.agents[i].log_version += 1;
                     }
+                    session.repaired(doc);
                 }
-                Event::NeedDoc { doc, heads } => {
+                Event::NeedDoc {
+                    collection,
+                    doc,
+                    heads,
+                } => {
                     let heads: Vec<ChangeHash> = heads.into_iter().map(ChangeHash).collect();
-                    if let Some(found) = engine
+                    match engine
                         .changes_since(DocId(doc), &heads)
                         .map_err(|e| Pump::Fatal(e.to_string()))?
                     {
-                        session.doc_changes(found.collection, doc, found.changes);
+                        Some(found) => session.doc_changes(found.collection, doc, found.changes),
+                        None => session.doc_changes(collection, doc, Vec::new()),
                     }
                 }
             }
+        }
+        for line in lines {
+            self.log(line);
         }
         Ok(())
     }
@@ -952,8 +1084,24 @@ impl Sim {
                         .iter()
                         .find(|(id, h)| heads.get(*id) != Some(*h))
                         .map(|(id, _)| *id);
+                    let detail = match differing {
+                        Some(id) => {
+                            let am = engine
+                                .store()
+                                .doc(id)
+                                .map_err(|e| e.to_string())?
+                                .automerge();
+                            format!(
+                                "{id}: heads {:?} vs {:?}, agent {i} waits for {:?}",
+                                heads.get(&id),
+                                r.get(&id),
+                                am.get_missing_deps(&[])
+                            )
+                        }
+                        None => String::new(),
+                    };
                     return Err(format!(
-                        "agent {i}'s documents differ from agent 0's ({} vs {} documents; first differing: {differing:?})",
+                        "agent {i}'s documents differ from agent 0's ({} vs {} documents; {detail}; first differing: {differing:?})",
                         heads.len(),
                         r.len()
                     ));
@@ -974,9 +1122,10 @@ impl Sim {
                     .doc(*doc)
                     .map_err(|e| e.to_string())?
                     .automerge();
-                if !am.get_missing_deps(&[*hash]).is_empty() {
+                if am.get_change_by_hash(hash).is_none() {
+                    let queued = am.get_missing_deps(&[]);
                     return Err(format!(
-                        "agent {i} lacks acknowledged change {hash} of document {doc}"
+                        "agent {i} lacks acknowledged change {hash} of document {doc} (changes waiting for {queued:?})"
                     ));
                 }
             }

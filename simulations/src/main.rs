@@ -74,7 +74,7 @@ fn main() -> std::process::ExitCode {
             eprintln!("seed {seed} FAILED: {failure}");
             eprintln!(
                 "  replay: cargo run --release -p simulations -- --seeds {seed} --agents {} --minutes {} --trace",
-                report.agents, cli.minutes
+                cli.agents, cli.minutes
             );
             failures.push(report);
         }

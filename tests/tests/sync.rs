@@ -248,3 +248,53 @@ async fn a_wiped_store_comes_back_with_a_new_actor_without_reviving_deletes() ->
     agent_b.shutdown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_peer_that_lost_its_cursor_catches_up_by_digests() -> anyhow::Result<()> {
+    use concord_agent::store::{Store, anti_entropy_mark, peer_cursor};
+    let tmp = tempfile::tempdir()?;
+    let (a, b, agent_a, agent_b) = pair(tmp.path()).await?;
+    for id in 1..=40 {
+        a.db()?
+            .execute("INSERT INTO customers (id, name) VALUES (?1, 'n')", [id])?;
+    }
+    converged(&[&a, &b]).await?;
+    let a_store = agent_a.store_id();
+    agent_b.shutdown().await;
+
+    // B loses its cursor into A's log while A's users go on editing.
+    let dir = b.files.dir.join("data");
+    {
+        let mut store = Store::open(&dir)?;
+        let mut batch = store.batch();
+        store.stage_cursor(&mut batch, &peer_cursor(&a_store, "customers"), 0);
+        store.commit(batch)?;
+    }
+    a.db()?
+        .execute("UPDATE customers SET city = 'Lima' WHERE id = 7", [])?;
+    a.db()?.execute("DELETE FROM customers WHERE id = 8", [])?;
+    let agent_b = b.start().await?;
+    let rows = converged(&[&a, &b]).await?;
+    assert_eq!(rows.len(), 39);
+    assert_eq!(rows[6].3.as_deref(), Some("Lima"));
+    concord_tests::wait_for(
+        "anti-entropy to finish",
+        concord_tests::CONVERGE_TIMEOUT,
+        || {
+            Ok(agent_b
+                .reader()
+                .cursor(&anti_entropy_mark(&a_store, "customers"))?
+                == 0)
+        },
+    )
+    .await?;
+    assert!(
+        agent_b
+            .reader()
+            .cursor(&peer_cursor(&a_store, "customers"))?
+            > 0
+    );
+    agent_a.shutdown().await;
+    agent_b.shutdown().await;
+    Ok(())
+}

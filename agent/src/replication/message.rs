@@ -13,6 +13,8 @@ pub enum Message {
         version: u16,
         /// The sender's store id (its actor id).
         store: [u8; 16],
+        /// The last seq of each of the sender's collection logs.
+        heads: Vec<(String, u64)>,
     },
     /// "Stream me your log of each collection from this seq on."
     Subscribe {
@@ -35,12 +37,53 @@ pub enum Message {
         /// The last seq persisted.
         upto: u64,
     },
-    /// "I hold these heads of this document; send what I lack."
+    /// "I hold these heads of this document; send what I lack." Always answered,
+    /// with no changes if there are none.
     NeedDoc {
+        /// The document's collection.
+        collection: String,
         /// The document.
         doc: [u8; 16],
         /// The sender's heads of it.
         heads: Vec<[u8; 32]>,
+    },
+    /// "Send me the digests of the children of this node of your digest tree" (see
+    /// `store::DIGEST_LEVEL_BITS`): the start of anti-entropy, for a peer whose
+    /// cursor into the sender's log was lost.
+    DigestQuery {
+        /// The collection.
+        collection: String,
+        /// Bits of the node's prefix: 0, 6 or 12.
+        depth: u8,
+        /// The node's prefix.
+        prefix: u32,
+    },
+    /// The answer to [`Message::DigestQuery`].
+    Digests {
+        /// The collection.
+        collection: String,
+        /// The node's depth.
+        depth: u8,
+        /// The node's prefix.
+        prefix: u32,
+        /// One digest per child.
+        digests: Vec<u64>,
+    },
+    /// "Send me the documents of this bucket with their heads digests."
+    BucketQuery {
+        /// The collection.
+        collection: String,
+        /// The bucket (the first 16 bits of the document ids).
+        bucket: u16,
+    },
+    /// The answer to [`Message::BucketQuery`].
+    Bucket {
+        /// The collection.
+        collection: String,
+        /// The bucket.
+        bucket: u16,
+        /// (document id, heads digest) of each document in it.
+        docs: Vec<([u8; 16], u64)>,
     },
     /// Changes of one document, answering [`Message::NeedDoc`].
     DocChanges {

@@ -54,14 +54,62 @@ pub enum Event {
         /// The entries.
         entries: Vec<WireEntry>,
     },
-    /// The peer lacks changes of a document: answer with [`Session::doc_changes`].
+    /// The peer lacks changes of a document: answer with [`Session::doc_changes`],
+    /// with no changes if the document is unknown here.
     NeedDoc {
+        /// The document's collection.
+        collection: String,
         /// The document.
         doc: [u8; 16],
         /// The peer's heads of it.
         heads: Vec<[u8; 32]>,
     },
-    /// Changes of one document the peer sent for repair: apply them.
+    /// The peer asks for the digests of the children of a node of the digest tree:
+    /// answer with [`Session::digests`].
+    DigestQuery {
+        /// The collection.
+        collection: String,
+        /// The node's depth (0, 6 or 12).
+        depth: u8,
+        /// The node's prefix.
+        prefix: u32,
+    },
+    /// The peer asks for the documents of a bucket: answer with [`Session::bucket`].
+    BucketQuery {
+        /// The collection.
+        collection: String,
+        /// The bucket.
+        bucket: u16,
+    },
+    /// The peer's digests of the children of a node: query the children whose
+    /// digest differs from ours, then call [`Session::answered`].
+    Digests {
+        /// The collection.
+        collection: String,
+        /// The node's depth.
+        depth: u8,
+        /// The node's prefix.
+        prefix: u32,
+        /// One digest per child.
+        digests: Vec<u64>,
+    },
+    /// The peer's documents of a bucket: repair those whose digest differs from
+    /// ours, then call [`Session::answered`].
+    Bucket {
+        /// The collection.
+        collection: String,
+        /// The bucket.
+        bucket: u16,
+        /// (document, heads digest).
+        docs: Vec<([u8; 16], u64)>,
+    },
+    /// Anti-entropy of a collection finished: every difference found was repaired.
+    AntiEntropyDone {
+        /// The collection.
+        collection: String,
+    },
+    /// Changes of one document the peer sent for repair: apply them, then call
+    /// [`Session::repaired`].
     DocChanges {
         /// The collection.
         collection: String,
@@ -137,6 +185,12 @@ pub struct Session {
     streams: BTreeMap<String, Stream>,
     inbound: BTreeMap<String, Inbound>,
     subscribed: bool,
+    /// The peer's log heads, from its hello.
+    peer_heads: Vec<(String, u64)>,
+    /// Per collection in anti-entropy: queries and repairs not yet answered.
+    anti_entropy: BTreeMap<String, usize>,
+    /// Documents repaired for anti-entropy, awaiting their changes.
+    repairs: BTreeMap<[u8; 16], String>,
     /// Acknowledgements not sent yet: collection to the last seq persisted.
     acks: BTreeMap<String, u64>,
     /// Entries covered by `acks`.
@@ -152,8 +206,8 @@ pub struct Session {
 }
 
 impl Session {
-    /// A new session of the store `local`; queues the hello.
-    pub fn new(local: StoreId, now: Instant) -> Session {
+    /// A new session of the store `local`, whose logs end at `heads`; queues the hello.
+    pub fn new(local: StoreId, heads: Vec<(String, u64)>, now: Instant) -> Session {
         let mut session = Session {
             local,
             peer: None,
@@ -163,6 +217,9 @@ impl Session {
             streams: BTreeMap::new(),
             inbound: BTreeMap::new(),
             subscribed: false,
+            peer_heads: Vec::new(),
+            anti_entropy: BTreeMap::new(),
+            repairs: BTreeMap::new(),
             acks: BTreeMap::new(),
             ack_entries: 0,
             ack_deadline: None,
@@ -173,6 +230,7 @@ impl Session {
         session.queue(&Message::Hello {
             version: PROTOCOL_VERSION,
             store: local,
+            heads,
         });
         session
     }
@@ -196,7 +254,15 @@ impl Session {
             return Err(ProtocolError::Unexpected("a message before hello"));
         }
         match message {
-            Message::Hello { version, store } => {
+            Message::Hello {
+                version,
+                store,
+                heads,
+            } => {
+                if heads.len() > SUBSCRIBE_COLLECTIONS_MAX {
+                    return Err(ProtocolError::Limit("collections in a hello"));
+                }
+                self.peer_heads = heads;
                 if self.peer.is_some() {
                     return Err(ProtocolError::Unexpected("a second hello"));
                 }
@@ -275,11 +341,69 @@ impl Session {
                     stream.in_flight -= entries;
                 }
             }
-            Message::NeedDoc { doc, heads } => {
+            Message::NeedDoc {
+                collection,
+                doc,
+                heads,
+            } => {
                 if heads.len() > DOC_HEADS_MAX {
                     return Err(ProtocolError::Limit("heads of a document"));
                 }
-                self.events.push_back(Event::NeedDoc { doc, heads });
+                self.events.push_back(Event::NeedDoc {
+                    collection,
+                    doc,
+                    heads,
+                });
+            }
+            Message::DigestQuery {
+                collection,
+                depth,
+                prefix,
+            } => {
+                if crate::store::child_bits(depth).is_none() || u64::from(prefix) >= 1 << depth {
+                    return Err(ProtocolError::Unexpected("a digest query outside the tree"));
+                }
+                self.events.push_back(Event::DigestQuery {
+                    collection,
+                    depth,
+                    prefix,
+                });
+            }
+            Message::BucketQuery { collection, bucket } => {
+                self.events
+                    .push_back(Event::BucketQuery { collection, bucket });
+            }
+            Message::Digests {
+                collection,
+                depth,
+                prefix,
+                digests,
+            } => {
+                let bits = crate::store::child_bits(depth)
+                    .ok_or(ProtocolError::Unexpected("digests outside the tree"))?;
+                if digests.len() != 1 << bits || !self.anti_entropy.contains_key(&collection) {
+                    return Err(ProtocolError::Unexpected("digests not asked for"));
+                }
+                self.events.push_back(Event::Digests {
+                    collection,
+                    depth,
+                    prefix,
+                    digests,
+                });
+            }
+            Message::Bucket {
+                collection,
+                bucket,
+                docs,
+            } => {
+                if !self.anti_entropy.contains_key(&collection) {
+                    return Err(ProtocolError::Unexpected("a bucket not asked for"));
+                }
+                self.events.push_back(Event::Bucket {
+                    collection,
+                    bucket,
+                    docs,
+                });
             }
             Message::DocChanges {
                 collection,
@@ -334,8 +458,91 @@ impl Session {
     }
 
     /// Asks the peer for the changes of `doc` that a document with `heads` lacks.
-    pub fn need_doc(&mut self, doc: [u8; 16], heads: Vec<[u8; 32]>) {
-        self.queue(&Message::NeedDoc { doc, heads });
+    pub fn need_doc(&mut self, collection: String, doc: [u8; 16], heads: Vec<[u8; 32]>) {
+        self.queue(&Message::NeedDoc {
+            collection,
+            doc,
+            heads,
+        });
+    }
+
+    /// The last seq of the peer's log of `collection`, from its hello (0 if none).
+    pub fn peer_head(&self, collection: &str) -> u64 {
+        self.peer_heads
+            .iter()
+            .find(|(c, _)| c == collection)
+            .map_or(0, |(_, head)| *head)
+    }
+
+    /// Starts anti-entropy of `collection`: walk the peer's digest tree from the root
+    /// and repair every document whose heads differ. [`Event::AntiEntropyDone`]
+    /// follows once every query and repair is answered.
+    pub fn start_anti_entropy(&mut self, collection: String) {
+        self.query_digests(collection, 0, 0);
+    }
+
+    /// Asks for the digests of the children of a node (counted for anti-entropy).
+    pub fn query_digests(&mut self, collection: String, depth: u8, prefix: u32) {
+        *self.anti_entropy.entry(collection.clone()).or_default() += 1;
+        self.queue(&Message::DigestQuery {
+            collection,
+            depth,
+            prefix,
+        });
+    }
+
+    /// Asks for the documents of a bucket (counted for anti-entropy).
+    pub fn query_bucket(&mut self, collection: String, bucket: u16) {
+        *self.anti_entropy.entry(collection.clone()).or_default() += 1;
+        self.queue(&Message::BucketQuery { collection, bucket });
+    }
+
+    /// Asks for what a document lacks (counted for anti-entropy until
+    /// [`Session::repaired`]).
+    pub fn repair(&mut self, collection: String, doc: [u8; 16], heads: Vec<[u8; 32]>) {
+        *self.anti_entropy.entry(collection.clone()).or_default() += 1;
+        self.repairs.insert(doc, collection.clone());
+        self.need_doc(collection, doc, heads);
+    }
+
+    /// The driver acted on an [`Event::Digests`] or [`Event::Bucket`].
+    pub fn answered(&mut self, collection: &str) {
+        let Some(left) = self.anti_entropy.get_mut(collection) else {
+            return;
+        };
+        *left = left.saturating_sub(1);
+        if *left == 0 {
+            self.anti_entropy.remove(collection);
+            self.events.push_back(Event::AntiEntropyDone {
+                collection: collection.to_owned(),
+            });
+        }
+    }
+
+    /// The driver applied the changes of `doc` from an [`Event::DocChanges`].
+    pub fn repaired(&mut self, doc: [u8; 16]) {
+        if let Some(collection) = self.repairs.remove(&doc) {
+            self.answered(&collection);
+        }
+    }
+
+    /// Answers [`Event::DigestQuery`].
+    pub fn digests(&mut self, collection: String, depth: u8, prefix: u32, digests: Vec<u64>) {
+        self.queue(&Message::Digests {
+            collection,
+            depth,
+            prefix,
+            digests,
+        });
+    }
+
+    /// Answers [`Event::BucketQuery`].
+    pub fn bucket(&mut self, collection: String, bucket: u16, docs: Vec<([u8; 16], u64)>) {
+        self.queue(&Message::Bucket {
+            collection,
+            bucket,
+            docs,
+        });
     }
 
     /// Answers [`Event::NeedDoc`].
@@ -508,8 +715,8 @@ mod tests {
     {
         let now = Instant::now();
         let (a_id, b_id) = ([1; 16], [2; 16]);
-        let mut a = Session::new(a_id, now);
-        let mut b = Session::new(b_id, now);
+        let mut a = Session::new(a_id, vec![], now);
+        let mut b = Session::new(b_id, vec![], now);
         deliver(&mut a, &mut b, now)?;
         deliver(&mut b, &mut a, now)?;
         assert_eq!(a.poll_event(), Some(Event::PeerHello { store: b_id }));
@@ -562,8 +769,8 @@ mod tests {
     #[test]
     fn flow_control_stops_reading_until_acks_arrive() -> Result<(), ProtocolError> {
         let now = Instant::now();
-        let mut a = Session::new([1; 16], now);
-        let mut b = Session::new([2; 16], now);
+        let mut a = Session::new([1; 16], vec![], now);
+        let mut b = Session::new([2; 16], vec![], now);
         deliver(&mut a, &mut b, now)?;
         deliver(&mut b, &mut a, now)?;
         b.subscribe(vec![("c".into(), 1)]);
@@ -618,7 +825,7 @@ mod tests {
     #[test]
     fn protocol_violations_are_errors() {
         let now = Instant::now();
-        let mut a = Session::new([1; 16], now);
+        let mut a = Session::new([1; 16], vec![], now);
         assert!(matches!(
             a.handle(now, &[0xff, 0xff, 0xff]),
             Err(ProtocolError::Malformed(_))
@@ -634,24 +841,26 @@ mod tests {
             a.handle(now, &ack),
             Err(ProtocolError::Unexpected("a message before hello"))
         );
-        let mut a = Session::new([1; 16], now);
+        let mut a = Session::new([1; 16], vec![], now);
         let hello = encode(
             0,
             &Message::Hello {
                 version: PROTOCOL_VERSION + 1,
                 store: [2; 16],
+                heads: vec![],
             },
         );
         assert_eq!(
             a.handle(now, &hello),
             Err(ProtocolError::Version(PROTOCOL_VERSION + 1))
         );
-        let mut a = Session::new([1; 16], now);
+        let mut a = Session::new([1; 16], vec![], now);
         let hello = encode(
             0,
             &Message::Hello {
                 version: PROTOCOL_VERSION,
                 store: [2; 16],
+                heads: vec![],
             },
         );
         assert_eq!(a.handle(now, &hello), Ok(()));
@@ -668,7 +877,7 @@ mod tests {
                 "ack of a collection not streamed"
             ))
         );
-        let mut a = Session::new([1; 16], now);
+        let mut a = Session::new([1; 16], vec![], now);
         a.handle(now, &hello).expect("hello");
         let entries = encode(
             1,
@@ -682,7 +891,7 @@ mod tests {
             a.handle(now, &entries).is_err(),
             "entries before subscribing"
         );
-        let mut a = Session::new([1; 16], now);
+        let mut a = Session::new([1; 16], vec![], now);
         a.handle(now, &hello).expect("hello");
         a.subscribe(vec![("c".into(), 5)]);
         let stale = encode(
@@ -711,10 +920,11 @@ mod tests {
             &Message::Hello {
                 version: PROTOCOL_VERSION,
                 store: [2; 16],
+                heads: vec![],
             },
         );
         let sub = |seq| encode(seq, &Message::Subscribe { cursors: vec![] });
-        let mut a = Session::new([1; 16], now);
+        let mut a = Session::new([1; 16], vec![], now);
         a.handle(now, &hello).expect("hello");
         assert_eq!(
             a.handle(now, &sub(2)),
@@ -723,7 +933,7 @@ mod tests {
                 got: 2
             })
         );
-        let mut a = Session::new([1; 16], now);
+        let mut a = Session::new([1; 16], vec![], now);
         a.handle(now, &hello).expect("hello");
         assert_eq!(
             a.handle(now, &hello),
@@ -737,8 +947,8 @@ mod tests {
     #[test]
     fn unanswered_entries_and_a_missing_subscription_time_out() -> Result<(), ProtocolError> {
         let now = Instant::now();
-        let mut a = Session::new([1; 16], now);
-        let mut b = Session::new([2; 16], now);
+        let mut a = Session::new([1; 16], vec![], now);
+        let mut b = Session::new([2; 16], vec![], now);
         deliver(&mut a, &mut b, now)?;
         deliver(&mut b, &mut a, now)?;
         let deadline = a.poll_timeout().expect("a subscribe deadline");
@@ -759,7 +969,7 @@ mod tests {
     #[test]
     fn a_silent_peer_times_out() {
         let now = Instant::now();
-        let mut a = Session::new([1; 16], now);
+        let mut a = Session::new([1; 16], vec![], now);
         let deadline = a.poll_timeout().expect("a hello deadline");
         assert_eq!(
             a.handle_timeout(deadline - Duration::from_millis(1)),

@@ -11,11 +11,11 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use concord_agent::engine::{CollectionInfo, Engine};
+use concord_agent::engine::{CollectionInfo, Engine, WireEntry};
 use concord_agent::replication::{Event, Session};
-use concord_agent::store::{Store, peer_cursor};
+use concord_agent::store::{Store, child_bits, peer_cursor};
 use connectors::sqlite::{CapturedChange, RowState};
-use crdt_model::{Record, Value};
+use crdt_model::{ChangeHash, DocId, Record, Value};
 
 /// Catch-up cost after a peer was away.
 #[derive(Debug, Parser)]
@@ -61,7 +61,7 @@ fn row(i: u64, round: u64) -> CapturedChange {
     }
 }
 
-/// Runs two sessions (A serves, B catches up) until B has applied everything A's log
+/// Runs two sessions (A serves, B catches up) until B holds everything A's log
 /// holds; returns (wall time, bytes A→B, bytes B→A).
 fn catch_up(
     a: &mut Engine,
@@ -75,13 +75,20 @@ fn catch_up(
             .stage_cursor(&mut batch, &peer_cursor(&a_id, COLLECTION), 0);
         b.store().commit(batch)?;
     }
-    let head = a.store().reader().log_head(COLLECTION)?;
+    let head = a.reader().log_head(COLLECTION)?;
     let started = Instant::now();
     let now = Instant::now();
-    let mut sa = Session::new(a_id, now);
-    let mut sb = Session::new(b.store_id(), now);
+    let heads = |e: &Engine| -> anyhow::Result<Vec<(String, u64)>> {
+        Ok(vec![(
+            COLLECTION.to_owned(),
+            e.reader().log_head(COLLECTION)?,
+        )])
+    };
+    let mut sa = Session::new(a_id, heads(a)?, now);
+    let mut sb = Session::new(b.store_id(), heads(b)?, now);
     let (mut to_b, mut to_a) = (0u64, 0u64);
-    let mut applied_upto = 0;
+    let (mut applied_upto, mut subscribed_from) = (0, u64::MAX);
+    let mut anti_entropy_done = false;
     for _round in 0..10_000_000u64 {
         let mut moved = false;
         while let Some(frame) = sa.poll_transmit() {
@@ -95,18 +102,53 @@ fn catch_up(
             moved = true;
         }
         while let Some(event) = sa.poll_event() {
-            if let Event::PeerHello { .. } = event {
-                sa.subscribe(vec![(COLLECTION.to_owned(), 1)]);
+            match event {
+                Event::PeerHello { .. } => sa.subscribe(vec![(COLLECTION.to_owned(), 1)]),
+                Event::DigestQuery {
+                    collection,
+                    depth,
+                    prefix,
+                } => {
+                    let digests = a
+                        .store()
+                        .digest_children(&collection, depth, prefix)?
+                        .unwrap_or_default();
+                    sa.digests(collection, depth, prefix, digests);
+                }
+                Event::BucketQuery { collection, bucket } => {
+                    let docs = a.reader().bucket_docs(&collection, bucket)?;
+                    sa.bucket(collection, bucket, docs);
+                }
+                Event::NeedDoc {
+                    collection,
+                    doc,
+                    heads,
+                } => {
+                    let heads: Vec<ChangeHash> = heads.into_iter().map(ChangeHash).collect();
+                    let changes = a
+                        .changes_since(DocId(doc), &heads)?
+                        .map(|f| f.changes)
+                        .unwrap_or_default();
+                    sa.doc_changes(collection, doc, changes);
+                }
+                other => anyhow::bail!("unexpected event at A: {other:?}"),
             }
         }
         while let Some(event) = sb.poll_event() {
             match event {
                 Event::PeerHello { store } => {
-                    let cursor = b
-                        .store()
-                        .reader()
-                        .cursor(&peer_cursor(&store, COLLECTION))?;
+                    let mut cursor = b.reader().cursor(&peer_cursor(&store, COLLECTION))?;
+                    let lost = cursor == 0 && b.reader().log_head(COLLECTION)? > 0;
+                    if lost {
+                        cursor = sb.peer_head(COLLECTION) + 1;
+                    }
+                    subscribed_from = cursor;
                     sb.subscribe(vec![(COLLECTION.to_owned(), cursor)]);
+                    if lost {
+                        sb.start_anti_entropy(COLLECTION.to_owned());
+                    } else {
+                        anti_entropy_done = true;
+                    }
                 }
                 Event::Apply {
                     collection,
@@ -120,17 +162,70 @@ fn catch_up(
                     sb.applied(now, collection, upto, count);
                     applied_upto = upto;
                 }
-                other => anyhow::bail!("unexpected event {other:?}"),
+                Event::Digests {
+                    collection,
+                    depth,
+                    prefix,
+                    digests,
+                } => {
+                    let ours = b
+                        .store()
+                        .digest_children(&collection, depth, prefix)?
+                        .unwrap_or_default();
+                    let bits = child_bits(depth).unwrap_or(0);
+                    for (child, (theirs, ours)) in digests.iter().zip(&ours).enumerate() {
+                        if theirs != ours {
+                            let prefix = (prefix << bits) | child as u32;
+                            if depth + bits == 16 {
+                                sb.query_bucket(collection.clone(), prefix as u16);
+                            } else {
+                                sb.query_digests(collection.clone(), depth + bits, prefix);
+                            }
+                        }
+                    }
+                    sb.answered(&collection);
+                }
+                Event::Bucket {
+                    collection,
+                    bucket: _,
+                    docs,
+                } => {
+                    for (doc, theirs) in docs {
+                        if b.reader().doc_digest(&collection, DocId(doc))? != theirs {
+                            let heads = b.heads(DocId(doc))?;
+                            sb.repair(collection.clone(), doc, heads.iter().map(|h| h.0).collect());
+                        }
+                    }
+                    sb.answered(&collection);
+                }
+                Event::DocChanges {
+                    collection,
+                    doc,
+                    changes,
+                } => {
+                    let mut batch = b.store().batch();
+                    let entry = WireEntry {
+                        seq: 0,
+                        doc,
+                        changes,
+                    };
+                    b.apply_remote(&mut batch, a_id, &collection, None, vec![entry])?;
+                    b.store().commit(batch)?;
+                    sb.repaired(doc);
+                }
+                Event::AntiEntropyDone { .. } => anti_entropy_done = true,
+                other => anyhow::bail!("unexpected event at B: {other:?}"),
             }
         }
         for (collection, from, max) in sa.wants() {
-            let read = a.store().reader().log_from(&collection, from, max)?;
+            let read = a.reader().log_from(&collection, from, max)?;
             sa.send_entries(now, &collection, read, max);
             moved = true;
         }
         // Flush B's delayed acknowledgements; B's own log is not served here.
         sb.handle_timeout(now + Duration::from_secs(1))?;
-        if applied_upto >= head && !moved {
+        let log_done = applied_upto >= head || subscribed_from > head;
+        if log_done && anti_entropy_done && !moved {
             break;
         }
     }
@@ -181,9 +276,17 @@ fn main() -> anyhow::Result<()> {
         to_b,
         to_a
     );
+    // B goes away again, more records change, and B's cursor is lost.
+    let rows: Vec<CapturedChange> = (0..cli.changed)
+        .map(|k| row(k * (cli.records / cli.changed.max(1)) + 1, 2))
+        .collect();
+    cursor += rows.len() as u64;
+    let mut batch = a.store().batch();
+    a.capture(&mut batch, rows, cursor, 0)?;
+    a.store().commit(batch)?;
     let (time, to_b, to_a) = catch_up(&mut a, &mut b, true)?;
     println!(
-        "catch-up, cursor lost:      {:.2} ms, {} bytes ({} to B, {} to A)  (no anti-entropy yet: the whole log is replayed)",
+        "catch-up, cursor lost:      {:.2} ms, {} bytes ({} to B, {} to A)  (anti-entropy; goal <= 100 ms, <= 20 KB)",
         time.as_secs_f64() * 1000.0,
         to_b + to_a,
         to_b,
