@@ -358,19 +358,7 @@ async fn handle_event(
         } => {
             let ours = digest_children(ctx, &collection, depth, prefix).await?;
             let ours = ours.ok_or(ProtocolError::Unexpected("digests outside the tree"))?;
-            let bits = crate::store::child_bits(depth).unwrap_or(0);
-            for (child, (theirs, ours)) in digests.iter().zip(&ours).enumerate() {
-                if theirs == ours {
-                    continue;
-                }
-                let prefix = (prefix << bits) | child as u32;
-                if depth + bits == 16 {
-                    session.query_bucket(collection.clone(), prefix as u16);
-                } else {
-                    session.query_digests(collection.clone(), depth + bits, prefix);
-                }
-            }
-            session.answered(&collection);
+            session.compare_digests(&collection, depth, prefix, &digests, &ours);
         }
         Event::Bucket {
             collection,

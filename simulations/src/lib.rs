@@ -907,18 +907,7 @@ impl Sim {
                         .digest_children(&collection, depth, prefix)
                         .map_err(|e| Pump::Fatal(e.to_string()))?
                         .ok_or(Pump::Closed("digests outside the tree".into()))?;
-                    let bits = concord_agent::store::child_bits(depth).unwrap_or(0);
-                    for (child, (theirs, ours)) in digests.iter().zip(&ours).enumerate() {
-                        if theirs != ours {
-                            let prefix = (prefix << bits) | child as u32;
-                            if depth + bits == 16 {
-                                session.query_bucket(collection.clone(), prefix as u16);
-                            } else {
-                                session.query_digests(collection.clone(), depth + bits, prefix);
-                            }
-                        }
-                    }
-                    session.answered(&collection);
+                    session.compare_digests(&collection, depth, prefix, &digests, &ours);
                 }
                 Event::Bucket {
                     collection,

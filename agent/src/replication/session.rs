@@ -505,6 +505,32 @@ impl Session {
         self.need_doc(collection, doc, heads);
     }
 
+    /// Acts on an [`Event::Digests`], given our digests of the same children: queries
+    /// every child whose digest differs (its children, or its documents at the last
+    /// level), then counts the answer.
+    pub fn compare_digests(
+        &mut self,
+        collection: &str,
+        depth: u8,
+        prefix: u32,
+        theirs: &[u64],
+        ours: &[u64],
+    ) {
+        let bits = crate::store::child_bits(depth).unwrap_or(0);
+        for (child, (theirs, ours)) in theirs.iter().zip(ours).enumerate() {
+            if theirs == ours {
+                continue;
+            }
+            let prefix = (prefix << bits) | child as u32;
+            if depth + bits == 16 {
+                self.query_bucket(collection.to_owned(), prefix as u16);
+            } else {
+                self.query_digests(collection.to_owned(), depth + bits, prefix);
+            }
+        }
+        self.answered(collection);
+    }
+
     /// The driver acted on an [`Event::Digests`] or [`Event::Bucket`].
     pub fn answered(&mut self, collection: &str) {
         let Some(left) = self.anti_entropy.get_mut(collection) else {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use concord_agent::engine::{CollectionInfo, Engine, WireEntry};
 use concord_agent::replication::{Event, Session};
-use concord_agent::store::{Store, child_bits, peer_cursor};
+use concord_agent::store::{Store, peer_cursor};
 use connectors::sqlite::{CapturedChange, RowState};
 use crdt_model::{ChangeHash, DocId, Record, Value};
 
@@ -172,18 +172,7 @@ fn catch_up(
                         .store()
                         .digest_children(&collection, depth, prefix)?
                         .unwrap_or_default();
-                    let bits = child_bits(depth).unwrap_or(0);
-                    for (child, (theirs, ours)) in digests.iter().zip(&ours).enumerate() {
-                        if theirs != ours {
-                            let prefix = (prefix << bits) | child as u32;
-                            if depth + bits == 16 {
-                                sb.query_bucket(collection.clone(), prefix as u16);
-                            } else {
-                                sb.query_digests(collection.clone(), depth + bits, prefix);
-                            }
-                        }
-                    }
-                    sb.answered(&collection);
+                    sb.compare_digests(&collection, depth, prefix, &digests, &ours);
                 }
                 Event::Bucket {
                     collection,
