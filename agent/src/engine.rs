@@ -116,6 +116,10 @@ pub struct Engine {
     /// Documents awaiting write-back: the stored set, mirrored in memory so that
     /// planning does not scan the keyspace.
     pending: BTreeSet<DocId>,
+    /// Documents in the write-back plan on its way to the tool.
+    in_flight: BTreeSet<DocId>,
+    /// Those of them marked pending again since the plan was made.
+    changed_in_flight: BTreeSet<DocId>,
     /// Outbox entries up to here belong to a rescan of the tool (see
     /// `SqliteConnector::claim`): rows the tool holds are recorded without reviving
     /// records deleted elsewhere.
@@ -140,6 +144,8 @@ impl Engine {
             collections,
             captured_upto,
             pending,
+            in_flight: BTreeSet::new(),
+            changed_in_flight: BTreeSet::new(),
             rescan_upto: 0,
             stats: EngineStats::default(),
         })
@@ -177,6 +183,9 @@ impl Engine {
 
     /// Marks or unmarks a document as awaiting write-back, staging only real changes.
     fn set_pending(&mut self, batch: &mut Batch, id: DocId, pending: bool) {
+        if pending && self.in_flight.contains(&id) {
+            self.changed_in_flight.insert(id);
+        }
         let changed = if pending {
             self.pending.insert(id)
         } else {
@@ -475,6 +484,8 @@ impl Engine {
                 None => self.set_pending(batch, id, false),
             }
         }
+        self.in_flight = writes.iter().map(|w| w.doc).collect();
+        self.changed_in_flight.clear();
         Ok(WritePlan {
             captured_upto: self.captured_upto,
             writes,
@@ -490,9 +501,15 @@ impl Engine {
         outcome: WriteOutcome,
     ) -> Result<(), StoreError> {
         let rejected: BTreeMap<usize, String> = match outcome {
-            WriteOutcome::CaptureFirst => return Ok(()),
+            WriteOutcome::CaptureFirst => {
+                self.in_flight.clear();
+                self.changed_in_flight.clear();
+                return Ok(());
+            }
             WriteOutcome::Written { rejected } => rejected.into_iter().collect(),
         };
+        self.in_flight.clear();
+        let changed_in_flight = std::mem::take(&mut self.changed_in_flight);
         for (index, write) in plan.writes.into_iter().enumerate() {
             let (collection, key) = match &write.op {
                 WriteOp::Upsert {
@@ -522,12 +539,9 @@ impl Engine {
                         write.after.as_ref(),
                     );
                     self.stats.writes += 1;
-                    // The document may have changed again while the plan was on its
-                    // way (a peer's change arrived): then it stays pending.
-                    let info = self.collections.get(collection);
-                    let state = read_state(self.store.doc(write.doc)?, write.doc)?;
-                    let current = info.and_then(|info| project(&state, info));
-                    if info.is_some() && current != write.after {
+                    // The document changed again while the plan was on its way (a
+                    // peer's change arrived): it stays pending.
+                    if changed_in_flight.contains(&write.doc) {
                         continue;
                     }
                 }

@@ -289,6 +289,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let docs = self.docs.clone();
         let cached = self.cached(id)?;
+        let new_doc = cached.stored.is_empty();
         if cached.appends >= DOC_APPENDS_MAX {
             cached.stored = cached.doc.save();
             cached.appends = 0;
@@ -301,7 +302,7 @@ impl Store {
         batch.inner.insert(&docs, id.0, cached.stored.as_slice());
         let mut heads = cached.doc.heads();
         heads.sort();
-        self.stage_digest(batch, collection, id, heads_digest(id, &heads))?;
+        self.stage_digest(batch, collection, id, heads_digest(id, &heads), new_doc)?;
         let seq = self.next_seq(collection)?;
         let entry = LogEntry {
             doc: id.0,
@@ -587,10 +588,13 @@ impl Store {
         collection: &str,
         id: DocId,
         digest: u64,
+        new_doc: bool,
     ) -> Result<(), StoreError> {
         let key = (collection.to_owned(), id);
         let old = match batch.digests.get(&key) {
             Some(old) => *old,
+            // A document never stored before has no digest yet: no read needed.
+            None if new_doc => 0,
             None => match self.digests.get(digest_key(collection, id))? {
                 Some(bytes) => decode_seq(&bytes)?,
                 None => 0,
