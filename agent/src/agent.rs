@@ -141,7 +141,6 @@ pub async fn start(config: Config) -> Result<RunningAgent, StartError> {
         log_version: log_rx,
         registry: Registry::default(),
         shutdown: shutdown_rx,
-        frames: AtomicU64::new(0),
     });
     tokio::spawn(peers::accept_loop(transport.clone(), ctx.clone()));
     for peer in &config.peers {

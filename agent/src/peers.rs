@@ -48,8 +48,6 @@ pub struct PeerContext {
     pub registry: Registry,
     /// Set to stop every driver.
     pub shutdown: watch::Receiver<bool>,
-    /// Frames sent and received, for status.
-    pub frames: AtomicU64,
 }
 
 /// The live connections, one preferred per peer.
@@ -261,9 +259,7 @@ async fn drive(
             session.send_entries(Instant::now(), &collection, read, max);
         }
         while let Some(frame) = session.poll_transmit() {
-            tracing::debug!(bytes = frame.len(), "sending a frame");
             write_frame(&mut send, &frame).await?;
-            ctx.frames.fetch_add(1, Ordering::Relaxed);
         }
         let more_to_read = !session.wants().is_empty();
         let timeout = session
@@ -290,8 +286,6 @@ async fn drive(
             }
             frame = frames_rx.recv(), if pending.len() < APPLIES_IN_FLIGHT_MAX => {
                 let frame = frame.ok_or(DriveError::Stopping)??;
-                ctx.frames.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(bytes = frame.len(), "received a frame");
                 session.handle(Instant::now(), &frame)?;
             }
             _ = log_version.changed() => session.log_grew(),
@@ -314,13 +308,14 @@ async fn handle_event(
             let mut marks = Vec::new();
             for collection in &ctx.collections {
                 let name = crate::store::peer_cursor(&store, collection);
-                let mut cursor = ctx.reader.cursor(&name)?;
                 let mark = crate::store::anti_entropy_mark(&store, collection);
-                let marked = ctx.reader.cursor(&mark)? == 1;
-                // A lost cursor on a store that holds documents: compare digests
-                // instead of replaying the peer's whole log, and stream from its head.
-                if marked || (cursor == 0 && ctx.reader.log_head(collection)? > 0) {
-                    cursor = cursor.max(session.peer_head(collection) + 1);
+                let (cursor, walk) = session.subscription(
+                    collection,
+                    ctx.reader.cursor(&name)?,
+                    ctx.reader.cursor(&mark)? == 1,
+                    ctx.reader.log_head(collection)? > 0,
+                );
+                if walk {
                     marks.push((name, cursor));
                     marks.push((mark, 1));
                     anti_entropy.push(collection.clone());

@@ -103,7 +103,6 @@ struct CachedDoc {
 /// The agent's store. One writer (the core) changes it; readers share its keyspaces.
 pub struct Store {
     db: Database,
-    meta: Keyspace,
     docs: Keyspace,
     log: Keyspace,
     ext: Keyspace,
@@ -201,7 +200,6 @@ impl Store {
             dead: open("dead")?,
             digests: open("digests")?,
             buckets: HashMap::new(),
-            meta,
             db,
             actor,
             cache: LruCache::new(NonZeroUsize::new(DOC_CACHE_MAX).expect("DOC_CACHE_MAX > 0")),
@@ -393,11 +391,6 @@ impl Store {
             Some(letter) => batch.inner.insert(&self.dead, k, encode(letter)),
             None => batch.inner.remove(&self.dead, k),
         }
-    }
-
-    /// Stores `meta` values that have no better home (kept for future use).
-    pub fn meta(&self) -> &Keyspace {
-        &self.meta
     }
 }
 

@@ -857,11 +857,13 @@ impl Sim {
                     let reader = engine.store().reader();
                     let name = concord_agent::store::peer_cursor(&store, COLLECTION);
                     let mark = concord_agent::store::anti_entropy_mark(&store, COLLECTION);
-                    let mut cursor = reader.cursor(&name).map_err(fatal)?;
-                    let marked = reader.cursor(&mark).map_err(fatal)? == 1;
-                    let lost = cursor == 0 && reader.log_head(COLLECTION).map_err(fatal)? > 0;
-                    if marked || lost {
-                        cursor = cursor.max(session.peer_head(COLLECTION) + 1);
+                    let (cursor, walk) = session.subscription(
+                        COLLECTION,
+                        reader.cursor(&name).map_err(fatal)?,
+                        reader.cursor(&mark).map_err(fatal)? == 1,
+                        reader.log_head(COLLECTION).map_err(fatal)? > 0,
+                    );
+                    if walk {
                         let mut batch = engine.store().batch();
                         engine.store().stage_cursor(&mut batch, &name, cursor);
                         engine.store().stage_cursor(&mut batch, &mark, 1);
@@ -871,9 +873,9 @@ impl Sim {
                     lines.push(format!(
                         "agent {i} subscribes to {} from {cursor} (anti-entropy: {})",
                         concord_agent::store::hex(&store[..4]),
-                        marked || lost
+                        walk
                     ));
-                    if marked || lost {
+                    if walk {
                         session.start_anti_entropy(COLLECTION.to_owned());
                     }
                 }

@@ -184,7 +184,6 @@ pub struct Session {
     events: VecDeque<Event>,
     streams: BTreeMap<String, Stream>,
     inbound: BTreeMap<String, Inbound>,
-    subscribed: bool,
     /// The peer's log heads, from its hello.
     peer_heads: Vec<(String, u64)>,
     /// Per collection in anti-entropy: queries and repairs not yet answered.
@@ -216,7 +215,6 @@ impl Session {
             events: VecDeque::new(),
             streams: BTreeMap::new(),
             inbound: BTreeMap::new(),
-            subscribed: false,
             peer_heads: Vec::new(),
             anti_entropy: BTreeMap::new(),
             repairs: BTreeMap::new(),
@@ -431,7 +429,6 @@ impl Session {
                 },
             );
         }
-        self.subscribed = true;
         self.queue(&Message::Subscribe { cursors });
     }
 
@@ -472,6 +469,26 @@ impl Session {
             .iter()
             .find(|(c, _)| c == collection)
             .map_or(0, |(_, head)| *head)
+    }
+
+    /// Where to subscribe to the peer's log of `collection`, and whether to walk its
+    /// digest tree first, given the persisted `cursor` (0: none), whether an earlier
+    /// walk was cut short (`marked`) and whether this store holds documents of the
+    /// collection. A store with documents but no cursor (lost, or a new peer store)
+    /// streams from the peer's head and repairs the rest by digests instead of
+    /// replaying the peer's whole log.
+    pub fn subscription(
+        &self,
+        collection: &str,
+        cursor: u64,
+        marked: bool,
+        holds_docs: bool,
+    ) -> (u64, bool) {
+        if marked || (cursor == 0 && holds_docs) {
+            (cursor.max(self.peer_head(collection) + 1), true)
+        } else {
+            (cursor, false)
+        }
     }
 
     /// Starts anti-entropy of `collection`: walk the peer's digest tree from the root

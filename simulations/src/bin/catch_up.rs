@@ -137,14 +137,15 @@ fn catch_up(
         while let Some(event) = sb.poll_event() {
             match event {
                 Event::PeerHello { store } => {
-                    let mut cursor = b.reader().cursor(&peer_cursor(&store, COLLECTION))?;
-                    let lost = cursor == 0 && b.reader().log_head(COLLECTION)? > 0;
-                    if lost {
-                        cursor = sb.peer_head(COLLECTION) + 1;
-                    }
+                    let (cursor, walk) = sb.subscription(
+                        COLLECTION,
+                        b.reader().cursor(&peer_cursor(&store, COLLECTION))?,
+                        false,
+                        b.reader().log_head(COLLECTION)? > 0,
+                    );
                     subscribed_from = cursor;
                     sb.subscribe(vec![(COLLECTION.to_owned(), cursor)]);
-                    if lost {
+                    if walk {
                         sb.start_anti_entropy(COLLECTION.to_owned());
                     } else {
                         anti_entropy_done = true;
