@@ -117,6 +117,33 @@ pub struct Store {
     cache: LruCache<DocId, CachedDoc>,
     /// Next sequence number of each collection's log.
     log_next: HashMap<String, u64>,
+    /// What the open batch staged, so that later steps of the same group commit
+    /// read it (Architecture Invariant: staged state is visible to the rest of the
+    /// batch).
+    staged: Staged,
+}
+
+/// The state the open batch staged, read before the committed state.
+#[derive(Default)]
+struct Staged {
+    /// The bytes staged for each document: a document evicted from the cache before
+    /// the commit reloads from here, never from its stale bytes on disk.
+    docs: HashMap<DocId, Vec<u8>>,
+    /// Shadows staged, by shadow key (`None`: removed).
+    shadows: HashMap<Vec<u8>, Option<Record>>,
+    /// Cursors staged.
+    cursors: HashMap<String, u64>,
+    /// Heads digests staged.
+    digests: HashMap<(String, DocId), u64>,
+}
+
+impl Staged {
+    fn is_empty(&self) -> bool {
+        self.docs.is_empty()
+            && self.shadows.is_empty()
+            && self.cursors.is_empty()
+            && self.digests.is_empty()
+    }
 }
 
 impl std::fmt::Debug for Store {
@@ -148,8 +175,6 @@ impl std::fmt::Debug for StoreReader {
 /// The writes of one step, committed atomically with fsync by [`Store::commit`].
 pub struct Batch {
     inner: fjall::OwnedWriteBatch,
-    /// Heads digests staged in this batch, which reads of the keyspace cannot see yet.
-    digests: HashMap<(String, DocId), u64>,
     /// Log entries appended, as (collection, seq), to announce after the commit.
     pub appended: Vec<(String, u64)>,
 }
@@ -204,6 +229,7 @@ impl Store {
             actor,
             cache: LruCache::new(NonZeroUsize::new(DOC_CACHE_MAX).expect("DOC_CACHE_MAX > 0")),
             log_next: HashMap::new(),
+            staged: Staged::default(),
         };
         Ok(store)
     }
@@ -226,11 +252,15 @@ impl Store {
         }
     }
 
-    /// Starts a batch of writes.
-    pub fn batch(&self) -> Batch {
+    /// Starts a batch of writes. One batch is open at a time: the store's single
+    /// writer commits (or discards) it before starting the next.
+    pub fn batch(&mut self) -> Batch {
+        debug_assert!(self.staged.is_empty(), "a batch was left open");
+        if !self.staged.is_empty() {
+            self.discard_staged();
+        }
         Batch {
             inner: self.db.batch().durability(Some(PersistMode::SyncAll)),
-            digests: HashMap::new(),
             appended: Vec::new(),
         }
     }
@@ -238,7 +268,28 @@ impl Store {
     /// Commits `batch` atomically and fsyncs it; returns the log entries it appended.
     pub fn commit(&mut self, batch: Batch) -> Result<Vec<(String, u64)>, StoreError> {
         batch.inner.commit()?;
+        self.staged = Staged::default();
         Ok(batch.appended)
+    }
+
+    /// Drops `batch` without writing it: documents it changed are dropped from the
+    /// cache, so the next use reloads what is stored.
+    pub fn discard(&mut self, batch: Batch) {
+        drop(batch);
+        self.discard_staged();
+    }
+
+    fn discard_staged(&mut self) {
+        let staged = std::mem::take(&mut self.staged);
+        if staged.is_empty() {
+            return;
+        }
+        for id in staged.docs.into_keys() {
+            self.cache.pop(&id);
+        }
+        // Log seqs and bucket digests moved with what was staged: rebuild them from disk.
+        self.log_next.clear();
+        self.buckets.clear();
     }
 
     /// Loads the document `id` into the cache (creating an empty one if unknown) and
@@ -249,12 +300,18 @@ impl Store {
 
     /// Whether the store holds the document `id`.
     pub fn has_doc(&self, id: DocId) -> Result<bool, StoreError> {
-        Ok(self.cache.contains(&id) || self.docs.contains_key(id.0)?)
+        Ok(self.cache.contains(&id)
+            || self.staged.docs.contains_key(&id)
+            || self.docs.contains_key(id.0)?)
     }
 
     fn cached(&mut self, id: DocId) -> Result<&mut CachedDoc, StoreError> {
         if !self.cache.contains(&id) {
-            let entry = match self.docs.get(id.0)? {
+            let bytes = match self.staged.docs.get(&id) {
+                Some(staged) => Some(fjall::Slice::from(staged.as_slice())),
+                None => self.docs.get(id.0)?,
+            };
+            let entry = match bytes {
                 Some(bytes) => CachedDoc {
                     doc: RecordDoc::load(&bytes, &self.actor).map_err(|e| StoreError::Corrupt {
                         what: "document",
@@ -298,6 +355,8 @@ impl Store {
             cached.appends += 1;
         }
         batch.inner.insert(&docs, id.0, cached.stored.as_slice());
+        let stored = cached.stored.clone();
+        self.staged.docs.insert(id, stored);
         let mut heads = cached.doc.heads();
         heads.sort();
         self.stage_digest(batch, collection, id, heads_digest(id, &heads), new_doc)?;
@@ -331,7 +390,7 @@ impl Store {
 
     /// Stages the record `tool` is now known to hold (or `None`: it holds none).
     pub fn stage_shadow(
-        &self,
+        &mut self,
         batch: &mut Batch,
         tool: &str,
         collection: &str,
@@ -340,8 +399,37 @@ impl Store {
     ) {
         let k = record_key(tool, collection, key);
         match record {
-            Some(record) => batch.inner.insert(&self.shadow, k, encode(record)),
-            None => batch.inner.remove(&self.shadow, k),
+            Some(record) => batch.inner.insert(&self.shadow, k.clone(), encode(record)),
+            None => batch.inner.remove(&self.shadow, k.clone()),
+        }
+        self.staged.shadows.insert(k, record.cloned());
+    }
+
+    /// The record `tool` is known to hold, if any, counting what the open batch staged.
+    pub fn shadow(
+        &self,
+        tool: &str,
+        collection: &str,
+        key: &str,
+    ) -> Result<Option<Record>, StoreError> {
+        let k = record_key(tool, collection, key);
+        match self.staged.shadows.get(&k) {
+            Some(staged) => Ok(staged.clone()),
+            None => match self.shadow.get(k)? {
+                Some(bytes) => Ok(Some(decode(&bytes, "shadow record")?)),
+                None => Ok(None),
+            },
+        }
+    }
+
+    /// A cursor's value (0 if never set), counting what the open batch staged.
+    pub fn cursor(&self, name: &str) -> Result<u64, StoreError> {
+        match self.staged.cursors.get(name) {
+            Some(value) => Ok(*value),
+            None => match self.cursors.get(name)? {
+                Some(bytes) => decode_seq(&bytes),
+                None => Ok(0),
+            },
         }
     }
 
@@ -362,10 +450,11 @@ impl Store {
     }
 
     /// Stages a cursor value.
-    pub fn stage_cursor(&self, batch: &mut Batch, name: &str, value: u64) {
+    pub fn stage_cursor(&mut self, batch: &mut Batch, name: &str, value: u64) {
         batch
             .inner
             .insert(&self.cursors, name, value.to_be_bytes().to_vec());
+        self.staged.cursors.insert(name.to_owned(), value);
     }
 
     /// Marks or unmarks the document as awaiting write-back to the local tool.
@@ -584,7 +673,7 @@ impl Store {
         new_doc: bool,
     ) -> Result<(), StoreError> {
         let key = (collection.to_owned(), id);
-        let old = match batch.digests.get(&key) {
+        let old = match self.staged.digests.get(&key) {
             Some(old) => *old,
             // A document never stored before has no digest yet: no read needed.
             None if new_doc => 0,
@@ -601,7 +690,7 @@ impl Store {
             digest_key(collection, id),
             digest.to_be_bytes().to_vec(),
         );
-        batch.digests.insert(key, digest);
+        self.staged.digests.insert(key, digest);
         Ok(())
     }
 
@@ -728,7 +817,8 @@ impl Batch {
 }
 
 impl Store {
-    /// Drops the cached copy of document `id`, so the next use reloads what is stored.
+    /// Drops the cached copy of document `id`, so the next use reloads what is
+    /// stored or staged: changes made to it in memory and not staged are undone.
     pub fn forget(&mut self, id: DocId) {
         self.cache.pop(&id);
     }

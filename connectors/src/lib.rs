@@ -12,8 +12,9 @@
 //! 3. once the cursor is stored durably, let the tool forget what was captured,
 //! 4. write merged records back, tagged so that step 2 never sees them again.
 //!
-//! Architecture Invariant: a connector writes back only after every change in the tool
-//! has been captured, so a write never overwrites an edit the agent has not seen.
+//! Architecture Invariant: a connector never writes over an edit the agent has not
+//! captured: an op whose record changed in the tool since the capture it was planned
+//! from is refused as stale, record by record.
 //!
 //! # Example
 //!
@@ -21,7 +22,8 @@
 //! back without echoing it into its own capture.
 //!
 //! ```
-//! use connectors::sqlite::{CollectionSpec, RowState, SqliteConnector, WriteOp, WriteOutcome};
+//! use connectors::sqlite::{CollectionSpec, OpOutcome, RowState, SqliteConnector, WriteOp};
+//! use std::collections::HashSet;
 //! use crdt_model::{Record, Value};
 //!
 //! let dir = tempfile::tempdir()?;
@@ -39,7 +41,7 @@
 //!
 //! tool.execute("INSERT INTO customers (id, name) VALUES (7, 'Ada')", [])?;
 //! assert!(connector.changed()?);
-//! let batch = connector.capture(0, 100)?;
+//! let batch = connector.capture(0, u64::MAX, 100)?;
 //! let expected = Record::from([("name".to_owned(), Value::Text("Ada".into()))]);
 //! assert_eq!(batch.changes[0].key, "7");
 //! assert_eq!(batch.changes[0].state, RowState::Present(expected));
@@ -50,8 +52,8 @@
 //!     key: "7".into(),
 //!     fields: Record::from([("name".to_owned(), Value::Text("Ada L.".into()))]),
 //! };
-//! let outcome = connector.write_back(batch.cursor, &[rename])?;
-//! assert_eq!(outcome, WriteOutcome::Written { rejected: vec![] });
+//! let outcomes = connector.write_back(batch.cursor, &HashSet::new(), &[rename])?;
+//! assert_eq!(outcomes, [OpOutcome::Written]);
 //! assert_eq!(connector.outbox_len()?, 0);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```

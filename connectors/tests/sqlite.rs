@@ -1,11 +1,12 @@
 //! The SQLite connector against real database files. A second connection plays the
 //! user's tool.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 
 use connectors::sqlite::{
-    CaptureBatch, CollectionSpec, FieldType, RowState, SqliteConnector, SqliteError, WriteOp,
-    WriteOutcome,
+    CaptureBatch, CollectionSpec, FieldType, OpOutcome, RowState, SqliteConnector, SqliteError,
+    WriteOp,
 };
 use crdt_model::{Decimal, Record, Timestamp, Value};
 use rusqlite::Connection;
@@ -71,11 +72,22 @@ fn states(batch: &CaptureBatch) -> Vec<(&str, &RowState)> {
         .collect()
 }
 
-fn written(outcome: WriteOutcome) -> Vec<(usize, String)> {
-    match outcome {
-        WriteOutcome::Written { rejected } => rejected,
-        WriteOutcome::CaptureFirst => panic!("write-back asked to capture first"),
-    }
+/// The rejected ops of a write-back, as (index, reason); no op may be stale.
+fn written(outcomes: Vec<OpOutcome>) -> Vec<(usize, String)> {
+    outcomes
+        .into_iter()
+        .enumerate()
+        .filter_map(|(index, outcome)| match outcome {
+            OpOutcome::Written => None,
+            OpOutcome::Rejected(rejection) => Some((index, rejection.to_string())),
+            OpOutcome::Stale => panic!("op {index} was refused as stale"),
+        })
+        .collect()
+}
+
+/// No records captured after the plan's cursor.
+fn none() -> HashSet<(String, String)> {
+    HashSet::new()
 }
 
 const CUSTOMERS: &str =
@@ -114,7 +126,7 @@ mod capture {
                  INSERT INTO customers (id, name, age) VALUES (2, 'Bob', 41);",
             )
             .expect("insert");
-        let batch = connector.capture(0, 100).expect("capture");
+        let batch = connector.capture(0, u64::MAX, 100).expect("capture");
         let ada = record(&[("name", text("Ada")), ("age", Value::Int(36))]);
         let bob = record(&[("name", text("Bob")), ("age", Value::Int(41))]);
         assert_eq!(
@@ -134,7 +146,7 @@ mod capture {
                  DELETE FROM customers WHERE id = 2;",
             )
             .expect("update and delete");
-        let batch = connector.capture(2, 100).expect("capture");
+        let batch = connector.capture(2, u64::MAX, 100).expect("capture");
         let ada = record(&[("name", text("Ada")), ("age", Value::Int(37))]);
         assert_eq!(
             states(&batch),
@@ -142,7 +154,7 @@ mod capture {
         );
         assert_eq!(batch.cursor, 4);
 
-        let empty = connector.capture(4, 100).expect("capture");
+        let empty = connector.capture(4, u64::MAX, 100).expect("capture");
         assert!(empty.changes.is_empty());
         assert_eq!(empty.cursor, 4);
     }
@@ -160,17 +172,17 @@ mod capture {
             )
             .expect("edits");
 
-        let first = connector.capture(0, 3).expect("capture");
+        let first = connector.capture(0, u64::MAX, 3).expect("capture");
         let one = RowState::Present(record(&[("name", text("d")), ("age", Value::Null)]));
         let two = RowState::Present(record(&[("name", text("c")), ("age", Value::Null)]));
         assert_eq!(states(&first), vec![("1", &one), ("2", &two)]);
         assert_eq!(first.cursor, 3);
 
-        let rest = connector.capture(first.cursor, 3).expect("capture");
+        let rest = connector.capture(first.cursor, u64::MAX, 3).expect("capture");
         assert_eq!(states(&rest), vec![("1", &one)]);
         assert_eq!(rest.cursor, 4);
 
-        let none = connector.capture(0, 0).expect("capture nothing");
+        let none = connector.capture(0, u64::MAX, 0).expect("capture nothing");
         assert!(none.changes.is_empty());
         assert_eq!(none.cursor, 0);
     }
@@ -182,12 +194,12 @@ mod capture {
         fx.tool
             .execute("INSERT INTO customers (id, name) VALUES (1, 'Ada')", [])
             .expect("insert");
-        let cursor = connector.capture(0, 10).expect("capture").cursor;
+        let cursor = connector.capture(0, u64::MAX, 10).expect("capture").cursor;
 
         fx.tool
             .execute("UPDATE customers SET id = 9 WHERE id = 1", [])
             .expect("rekey");
-        let batch = connector.capture(cursor, 10).expect("capture");
+        let batch = connector.capture(cursor, u64::MAX, 10).expect("capture");
         let ada = record(&[("name", text("Ada")), ("age", Value::Null)]);
         assert_eq!(
             states(&batch),
@@ -202,7 +214,7 @@ mod capture {
         fx.tool
             .execute("INSERT INTO tags VALUES ('it''s', 'quoted')", [])
             .expect("insert");
-        let batch = connector.capture(0, 10).expect("capture");
+        let batch = connector.capture(0, u64::MAX, 10).expect("capture");
         let row = record(&[("code", text("it's")), ("label", text("quoted"))]);
         assert_eq!(states(&batch), vec![("it's", &RowState::Present(row))]);
     }
@@ -218,13 +230,15 @@ mod capture {
                  INSERT INTO customers (id, name, age) VALUES (8, 'Cy', 5);",
             )
             .expect("insert");
-        let batch = connector.capture(0, 10).expect("capture");
+        let batch = connector.capture(0, u64::MAX, 10).expect("capture");
         assert_eq!(batch.changes.len(), 3);
         assert!(matches!(batch.changes[0].state, RowState::Present(_)));
         assert!(matches!(batch.changes[2].state, RowState::Present(_)));
-        let RowState::Invalid(reason) = &batch.changes[1].state else {
+        let RowState::Invalid(invalid) = &batch.changes[1].state else {
             panic!("row 7 should be invalid: {:?}", batch.changes[1]);
         };
+        assert_eq!(invalid.expected, FieldType::Integer);
+        let reason = invalid.to_string();
         for part in ["customers", "key 7", "`age`", "'abc'", "integer", "INTEGER"] {
             assert!(reason.contains(part), "{reason:?} lacks {part:?}");
         }
@@ -249,7 +263,7 @@ mod capture {
             )
             .expect("insert");
         let ten = Value::Timestamp(Timestamp::from_micros(1_714_557_600_000_000));
-        let batch = connector.capture(0, 10).expect("capture");
+        let batch = connector.capture(0, u64::MAX, 10).expect("capture");
         let expected_one = record(&[
             ("i", Value::Int(3)),
             ("f", Value::Float(2.0)),
@@ -283,9 +297,10 @@ mod capture {
         assert_eq!(batch.changes[0].state, RowState::Present(expected_one));
         assert_eq!(batch.changes[1].state, RowState::Present(expected_two));
         assert_eq!(batch.changes[2].state, RowState::Present(expected_three));
-        let RowState::Invalid(reason) = &batch.changes[3].state else {
+        let RowState::Invalid(invalid) = &batch.changes[3].state else {
             panic!("row 4 should be invalid: {:?}", batch.changes[3]);
         };
+        let reason = invalid.to_string();
         assert!(
             reason.contains("`b`") && reason.contains("integer 2"),
             "{reason}"
@@ -321,7 +336,7 @@ mod capture {
         fx.tool
             .execute("INSERT INTO customers (id, name) VALUES (1, 'Ada')", [])
             .expect("insert customer");
-        let batch = connector.capture(0, 10).expect("capture");
+        let batch = connector.capture(0, u64::MAX, 10).expect("capture");
         assert_eq!(batch.changes.len(), 1);
         assert_eq!(batch.changes[0].key, "1");
         assert_eq!(batch.cursor, 2);
@@ -338,9 +353,9 @@ mod capture {
         assert!(connector.changed().expect("changed"));
         assert!(!connector.changed().expect("changed"));
 
-        let cursor = connector.capture(0, 10).expect("capture").cursor;
+        let cursor = connector.capture(0, u64::MAX, 10).expect("capture").cursor;
         let ops = [upsert("customers", "1", &[("name", text("Ada L."))])];
-        written(connector.write_back(cursor, &ops).expect("write back"));
+        written(connector.write_back(cursor, &none(), &ops).expect("write back"));
         assert!(!connector.changed().expect("changed"), "own write counted");
     }
 
@@ -357,7 +372,7 @@ mod capture {
         connector.trim_outbox(3).expect("trim");
         assert_eq!(connector.outbox_len().expect("len"), 2);
         assert_eq!(connector.outbox_head().expect("head"), 5);
-        let batch = connector.capture(0, 10).expect("capture");
+        let batch = connector.capture(0, u64::MAX, 10).expect("capture");
         let keys: Vec<&str> = batch.changes.iter().map(|c| c.key.as_str()).collect();
         assert_eq!(keys, ["4", "5"]);
         connector.trim_outbox(batch.cursor).expect("trim");
@@ -379,7 +394,7 @@ mod capture {
             )
             .expect("insert");
         let mut connector = open(&fx, vec![customers()]);
-        let batch = connector.capture(0, 10).expect("capture");
+        let batch = connector.capture(0, u64::MAX, 10).expect("capture");
         let keys: Vec<&str> = batch.changes.iter().map(|c| c.key.as_str()).collect();
         assert_eq!(keys, ["1", "2"]);
         drop(connector);
@@ -405,7 +420,7 @@ mod write_back {
                 [],
             )
             .expect("insert");
-        let cursor = connector.capture(0, 10).expect("capture").cursor;
+        let cursor = connector.capture(0, u64::MAX, 10).expect("capture").cursor;
         connector.trim_outbox(cursor).expect("trim");
         assert!(connector.changed().expect("changed"), "the user's insert");
 
@@ -414,7 +429,7 @@ mod write_back {
             upsert("customers", "2", &[("name", text("Bob"))]),
             upsert("customers", "3", &[]),
         ];
-        assert!(written(connector.write_back(cursor, &ops).expect("write back")).is_empty());
+        assert!(written(connector.write_back(cursor, &none(), &ops).expect("write back")).is_empty());
         assert_eq!(connector.outbox_len().expect("len"), 0, "write-back echoed");
         assert!(!connector.changed().expect("changed"));
 
@@ -439,7 +454,7 @@ mod write_back {
             collection: "customers".into(),
             key: "2".into(),
         }];
-        assert!(written(connector.write_back(cursor, &delete).expect("delete")).is_empty());
+        assert!(written(connector.write_back(cursor, &none(), &delete).expect("delete")).is_empty());
         assert_eq!(connector.outbox_len().expect("len"), 0, "delete echoed");
         let count: i64 = fx
             .tool
@@ -451,30 +466,38 @@ mod write_back {
         fx.tool
             .execute("UPDATE customers SET name = 'Ada L.' WHERE id = 1", [])
             .expect("user edit");
-        let batch = connector.capture(cursor, 10).expect("capture");
+        let batch = connector.capture(cursor, u64::MAX, 10).expect("capture");
         assert_eq!(batch.changes.len(), 1);
     }
 
+    /// Regression (write-back starved): any outbox entry after the plan's cursor
+    /// refused the whole plan. Only the records the tool changed since are stale.
     #[test]
-    fn uncaptured_user_edit_makes_write_back_capture_first() {
+    fn an_uncaptured_user_edit_makes_only_its_own_record_stale() {
         let fx = fixture(CUSTOMERS);
         let mut connector = open(&fx, vec![customers()]);
         fx.tool
             .execute("INSERT INTO customers (id, name) VALUES (1, 'Ada')", [])
             .expect("insert");
-        let ops = [upsert("customers", "1", &[("name", text("Agent"))])];
-        assert_eq!(
-            connector.write_back(0, &ops).expect("write back"),
-            WriteOutcome::CaptureFirst
-        );
+        let ops = [
+            upsert("customers", "1", &[("name", text("Agent"))]),
+            upsert("customers", "2", &[("name", text("Grace"))]),
+        ];
+        let outcomes = connector.write_back(0, &none(), &ops).expect("write back");
+        assert_eq!(outcomes, [OpOutcome::Stale, OpOutcome::Written]);
         let name: String = fx
             .tool
             .query_row("SELECT name FROM customers WHERE id = 1", [], |r| r.get(0))
             .expect("name");
-        assert_eq!(name, "Ada", "CaptureFirst must write nothing");
+        assert_eq!(name, "Ada", "a stale op writes nothing");
+        let grace: String = fx
+            .tool
+            .query_row("SELECT name FROM customers WHERE id = 2", [], |r| r.get(0))
+            .expect("name");
+        assert_eq!(grace, "Grace");
 
-        let cursor = connector.capture(0, 10).expect("capture").cursor;
-        assert!(written(connector.write_back(cursor, &ops).expect("write back")).is_empty());
+        let cursor = connector.capture(0, u64::MAX, 10).expect("capture").cursor;
+        assert!(written(connector.write_back(cursor, &none(), &ops[..1]).expect("write back")).is_empty());
         let name: String = fx
             .tool
             .query_row("SELECT name FROM customers WHERE id = 1", [], |r| r.get(0))
@@ -483,7 +506,8 @@ mod write_back {
     }
 
     /// Regression: a plan made before an edit was captured must stay stale after the
-    /// capture trimmed the outbox, or it would overwrite the edit.
+    /// capture trimmed the outbox, or it would overwrite the edit. The caller names
+    /// the records it captured since the plan's cursor.
     #[test]
     fn a_plan_older_than_a_trimmed_capture_is_still_refused() {
         let fx = fixture(CUSTOMERS);
@@ -491,14 +515,43 @@ mod write_back {
         fx.tool
             .execute("INSERT INTO customers (id, name) VALUES (1, 'Ada')", [])
             .expect("insert");
-        let cursor = connector.capture(0, 10).expect("capture").cursor;
+        let cursor = connector.capture(0, u64::MAX, 10).expect("capture").cursor;
         connector.trim_outbox(cursor).expect("trim");
         let ops = [upsert("customers", "1", &[("name", text("Agent"))])];
+        let captured = HashSet::from([("customers".to_owned(), "1".to_owned())]);
         assert_eq!(
-            connector.write_back(0, &ops).expect("write back"),
-            WriteOutcome::CaptureFirst
+            connector.write_back(0, &captured, &ops).expect("write back"),
+            [OpOutcome::Stale]
         );
-        assert!(written(connector.write_back(cursor, &ops).expect("write back")).is_empty());
+        assert!(written(connector.write_back(cursor, &none(), &ops).expect("write back")).is_empty());
+    }
+
+    /// Regression: capture batches crossed the end of a rescan when the outbox
+    /// started after a gap of trimmed entries. The upper bound holds whatever the gap.
+    #[test]
+    fn capture_stops_at_the_upper_bound_after_a_gap_of_trimmed_entries() {
+        let fx = fixture(CUSTOMERS);
+        let mut connector = open(&fx, vec![customers()]);
+        for id in 1..=50 {
+            fx.tool
+                .execute("INSERT INTO customers (id, name) VALUES (?1, 'x')", [id])
+                .expect("insert");
+        }
+        let cursor = connector.capture(0, u64::MAX, 100).expect("capture").cursor;
+        connector.trim_outbox(cursor).expect("trim");
+        let rescan_upto = connector.claim(&[7; 16]).expect("claim a new store");
+        assert_eq!(rescan_upto, 0, "the first claim rescans nothing");
+        let rescan_upto = connector.claim(&[8; 16]).expect("claim by a wiped store");
+        assert_eq!(rescan_upto, 100, "50 rows queued again after 50 trimmed entries");
+        fx.tool
+            .execute("INSERT INTO customers (id, name) VALUES (51, 'after')", [])
+            .expect("insert");
+        // A wiped store starts from 0 and asks for at most what is left of the rescan.
+        let batch = connector.capture(0, rescan_upto, 1024).expect("capture");
+        assert_eq!(batch.cursor, rescan_upto);
+        assert_eq!(batch.changes.len(), 50);
+        let rest = connector.capture(batch.cursor, u64::MAX, 1024).expect("capture");
+        assert_eq!(rest.changes.len(), 1);
     }
 
     #[test]
@@ -518,7 +571,7 @@ mod write_back {
                 &[("id", Value::Int(6)), ("age", Value::Int(1))],
             ),
         ];
-        let rejected = written(connector.write_back(0, &ops).expect("write back"));
+        let rejected = written(connector.write_back(0, &none(), &ops).expect("write back"));
         let indexes: Vec<usize> = rejected.iter().map(|(i, _)| *i).collect();
         assert_eq!(indexes, [0, 2, 3, 4, 5], "{rejected:?}");
         for part in ["customers", "key 1", "`age`", "integer"] {
@@ -567,7 +620,7 @@ mod write_back {
             upsert("strict_items", "1", &[("sku", Value::Null)]),
             upsert("items", "4", &[("sku", text("B"))]),
         ];
-        let rejected = written(connector.write_back(0, &ops).expect("write back"));
+        let rejected = written(connector.write_back(0, &none(), &ops).expect("write back"));
         let indexes: Vec<usize> = rejected.iter().map(|(i, _)| *i).collect();
         assert_eq!(indexes, [1, 2, 3], "{rejected:?}");
         assert!(rejected[0].1.contains("UNIQUE"), "{}", rejected[0].1);
@@ -613,7 +666,7 @@ mod write_back {
             ),
             upsert("prices", "2", &[("rounded", decimal(long))]),
         ];
-        let rejected = written(connector.write_back(0, &ops).expect("write back"));
+        let rejected = written(connector.write_back(0, &none(), &ops).expect("write back"));
         assert_eq!(rejected.len(), 1, "{rejected:?}");
         assert_eq!(rejected[0].0, 1);
         assert!(
@@ -632,7 +685,7 @@ mod write_back {
         fx.tool
             .execute("UPDATE prices SET id = id WHERE id = 1", [])
             .expect("touch");
-        let batch = connector.capture(0, 10).expect("capture");
+        let batch = connector.capture(0, u64::MAX, 10).expect("capture");
         let row = record(&[("exact", decimal(long)), ("rounded", decimal("1234.56"))]);
         assert_eq!(states(&batch), vec![("1", &RowState::Present(row))]);
     }
@@ -668,7 +721,7 @@ mod write_back {
             ("score", Value::Int(3)),
         ];
         let ops = [upsert("events", "e-1", &fields)];
-        assert!(written(connector.write_back(0, &ops).expect("write back")).is_empty());
+        assert!(written(connector.write_back(0, &none(), &ops).expect("write back")).is_empty());
 
         let (at_text, day_text): (String, String) = fx
             .tool
@@ -676,13 +729,14 @@ mod write_back {
                 Ok((r.get(0)?, r.get(1)?))
             })
             .expect("stored text");
-        assert_eq!(at_text, "2024-05-01T10:00:00.123456Z");
+        // An empty column takes SQLite's own format, with the digits the instant needs.
+        assert_eq!(at_text, "2024-05-01 10:00:00.123456");
         assert_eq!(day_text, "2024-05-01");
 
         fx.tool
             .execute("UPDATE events SET id = id", [])
             .expect("touch");
-        let batch = connector.capture(0, 10).expect("capture");
+        let batch = connector.capture(0, u64::MAX, 10).expect("capture");
         let mut expected = record(&fields);
         expected.insert("score".to_owned(), Value::Float(3.0));
         assert_eq!(states(&batch), vec![("e-1", &RowState::Present(expected))]);
@@ -694,7 +748,7 @@ mod write_back {
         )];
         let rejected = written(
             connector
-                .write_back(batch.cursor, &bad)
+                .write_back(batch.cursor, &none(), &bad)
                 .expect("write back"),
         );
         assert_eq!(rejected.len(), 1);
@@ -831,7 +885,7 @@ mod open {
         fx.tool
             .execute("INSERT INTO customers (id, email) VALUES (2, 'b@x')", [])
             .expect("insert");
-        let batch = connector.capture(3, 10).expect("capture");
+        let batch = connector.capture(3, u64::MAX, 10).expect("capture");
         let row = record(&[("name", Value::Null), ("email", text("b@x"))]);
         assert_eq!(states(&batch), vec![("2", &RowState::Present(row))]);
     }
@@ -852,14 +906,14 @@ mod ownership {
             0,
             "the first store imports nothing more"
         );
-        let cursor = connector.capture(0, 10).expect("capture").cursor;
+        let cursor = connector.capture(0, u64::MAX, 10).expect("capture").cursor;
         connector.trim_outbox(cursor).expect("trim");
         assert_eq!(connector.claim(&[1; 16]).expect("claim"), 0);
 
         // The store was lost: a new one claims the database.
         let upto = connector.claim(&[2; 16]).expect("claim");
         assert_eq!(upto, cursor + 2);
-        let batch = connector.capture(cursor, 10).expect("capture");
+        let batch = connector.capture(cursor, u64::MAX, 10).expect("capture");
         let keys: Vec<&str> = batch.changes.iter().map(|c| c.key.as_str()).collect();
         assert_eq!(keys, ["1", "2"]);
         drop(connector);
@@ -869,5 +923,54 @@ mod ownership {
             upto,
             "the boundary survives a restart"
         );
+    }
+}
+
+/// Regression: a failed start (a missing table) left an empty database file behind,
+/// or a database switched to WAL. Concord never creates the user's database and
+/// changes nothing in it before the configuration is known to fit.
+mod failed_open {
+    use super::*;
+
+    #[test]
+    fn a_missing_database_is_refused_and_not_created() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let path = dir.path().join("missing.db");
+        let err = SqliteConnector::open(&path, vec![customers()]).expect_err("no database");
+        assert!(matches!(err, SqliteError::MissingDatabase { .. }), "{err}");
+        assert!(err.to_string().contains("missing.db"), "{err}");
+        assert!(!path.exists(), "the database file was created");
+    }
+
+    #[test]
+    fn a_missing_table_leaves_the_database_as_it_was() {
+        let fx = fixture(CUSTOMERS);
+        let spec = spec("clients", "id", &["name"]);
+        let err = SqliteConnector::open(&fx.path, vec![spec]).expect_err("no such table");
+        assert!(matches!(err, SqliteError::MissingTable { .. }), "{err}");
+        let mode: String = fx
+            .tool
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .expect("journal mode");
+        assert_eq!(mode, "delete", "the journal mode was changed");
+        let ours: i64 = fx
+            .tool
+            .query_row(
+                "SELECT count(*) FROM sqlite_schema WHERE name LIKE '\\_concord\\_%' ESCAPE '\\'",
+                [],
+                |r| r.get(0),
+            )
+            .expect("schema");
+        assert_eq!(ours, 0, "Concord's tables were installed");
+    }
+
+    /// Regression (durability of write-back): with `synchronous = NORMAL` in WAL
+    /// mode a committed write-back could roll back at a power cut while the agent's
+    /// fsynced shadow said the tool held it.
+    #[test]
+    fn write_back_commits_are_fsynced() {
+        let fx = fixture(CUSTOMERS);
+        let connector = open(&fx, vec![customers()]);
+        assert_eq!(connector.synchronous().expect("pragma"), 2, "synchronous = FULL");
     }
 }

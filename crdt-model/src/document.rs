@@ -92,6 +92,10 @@ pub struct Edit {
     pub external_id: Option<(String, String)>,
     /// `Some(true)` deletes the record, `Some(false)` revives it (the tool created it again).
     pub deleted: Option<bool>,
+    /// The record starts anew: every field not in `fields` is removed. A record
+    /// created again after a delete holds what the tool's new row holds, never a
+    /// value of the dead record.
+    pub reset: bool,
     /// When the edit was made, in milliseconds since the Unix epoch (recorded in the
     /// change; passed in so that a replay makes the same bytes).
     pub time_ms: i64,
@@ -176,6 +180,19 @@ impl RecordDoc {
             self.doc.put(&root, KEY_COLLECTION, collection)?;
             self.doc.put(&root, KEY_IDENTITY, key)?;
         }
+        if edit.reset {
+            let stale: Vec<String> = self
+                .doc
+                .keys(&root)
+                .filter(|key| {
+                    key.strip_prefix(PREFIX_FIELD)
+                        .is_some_and(|field| !edit.fields.contains_key(field))
+                })
+                .collect();
+            for key in stale {
+                self.doc.delete(&root, key.as_str())?;
+            }
+        }
         for (name, value) in &edit.fields {
             put_value(&mut self.doc, &root, format!("{PREFIX_FIELD}{name}"), value)?;
         }
@@ -242,6 +259,14 @@ impl RecordDoc {
     /// Whether the document holds no change at all.
     pub fn is_empty(&self) -> bool {
         self.doc.is_empty()
+    }
+
+    /// Whether the record's tombstone is set: it was deleted and not created again.
+    pub fn is_deleted(&self) -> Result<bool, ModelError> {
+        Ok(matches!(
+            read_value(&self.doc, &ObjId::Root, KEY_DELETED)?,
+            Value::Bool(true)
+        ))
     }
 
     /// Reads the merged record and any concurrent values.

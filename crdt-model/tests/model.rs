@@ -258,3 +258,58 @@ fn garbage_change_bytes_are_an_error() {
     let mut doc = RecordDoc::new(&[1; 16]);
     assert!(doc.apply(&[vec![0xde, 0xad, 0xbe, 0xef]]).is_err());
 }
+
+/// A record created again after a delete holds only what the new row holds: the
+/// dead record's other fields are gone, on every replica.
+#[test]
+fn a_reset_edit_removes_the_fields_of_the_dead_record() -> Result<(), ModelError> {
+    let mut a = RecordDoc::new(&[1; 16]);
+    a.edit(
+        "customers",
+        "5",
+        &edit(&[("name", text("Old Name")), ("email", text("old@example.com"))]),
+    )?;
+    a.edit(
+        "customers",
+        "5",
+        &Edit {
+            deleted: Some(true),
+            ..Edit::default()
+        },
+    )?;
+    assert!(a.is_deleted()?);
+    let mut b = RecordDoc::new(&[2; 16]);
+    sync(&mut a, &mut b)?;
+    a.edit(
+        "customers",
+        "5",
+        &Edit {
+            fields: fields(&[("name", text("New Person"))]),
+            deleted: Some(false),
+            reset: true,
+            ..Edit::default()
+        },
+    )?;
+    sync(&mut a, &mut b)?;
+    for doc in [&a, &b] {
+        let state = doc.read()?;
+        assert!(!state.deleted);
+        assert!(!doc.is_deleted()?);
+        assert_eq!(state.fields, fields(&[("name", text("New Person"))]));
+    }
+    Ok(())
+}
+
+/// A value Concord cannot read (here a counter) makes `read` fail with the field's
+/// name, so the agent can refuse the change that put it there.
+#[test]
+fn a_value_of_an_unknown_kind_is_an_error_naming_the_field() -> Result<(), ModelError> {
+    use automerge::transaction::Transactable;
+    let mut doc = RecordDoc::new(&[1; 16]);
+    doc.edit("customers", "1", &edit(&[("name", text("Ada"))]))?;
+    doc.automerge()
+        .put(automerge::ROOT, "f:visits", automerge::ScalarValue::counter(1))?;
+    let err = doc.read().expect_err("a counter is not a Concord value");
+    assert!(err.to_string().contains("f:visits") || err.to_string().contains("visits"), "{err}");
+    Ok(())
+}

@@ -76,10 +76,18 @@ pub(super) fn read_value(column: &Column, raw: ValueRef<'_>) -> Option<Value> {
             _ => None,
         },
         FieldType::Timestamp => match raw {
-            ValueRef::Text(t) => parse_timestamp(utf8(t)?).map(Value::Timestamp),
-            ValueRef::Integer(seconds) => seconds
-                .checked_mul(SECOND_MICROS)
-                .map(|micros| Value::Timestamp(Timestamp::from_micros(micros))),
+            ValueRef::Text(t) => {
+                let text = utf8(t)?;
+                let value = parse_timestamp(text)?;
+                // Written values take the form the column's stored values use.
+                column.timestamp_style.set(TimestampStyle::of(text));
+                Some(Value::Timestamp(value))
+            }
+            ValueRef::Integer(seconds) => {
+                let micros = seconds.checked_mul(SECOND_MICROS)?;
+                column.timestamp_style.set(TimestampStyle::UnixSeconds);
+                Some(Value::Timestamp(Timestamp::from_micros(micros)))
+            }
             _ => None,
         },
         FieldType::Json => match raw {
@@ -159,9 +167,8 @@ pub(super) fn write_value<'a>(
             Ok(ToSqlOutput::Borrowed(ValueRef::Text(text.as_bytes())))
         }
         (FieldType::Bool, Value::Bool(b)) => owned(SqlValue::Integer(i64::from(*b))),
-        (FieldType::Timestamp, Value::Timestamp(t)) => match format_timestamp(*t, column.date_only)
-        {
-            Some(text) => owned(SqlValue::Text(text)),
+        (FieldType::Timestamp, Value::Timestamp(t)) => match column.timestamp_style.get().write(*t) {
+            Some(value) => owned(value),
             None => Err(format!(
                 "cannot hold the instant {} us after the epoch: it lies outside the years 0000 to 9999",
                 t.micros()
@@ -239,20 +246,143 @@ fn parse_timestamp(text: &str) -> Option<Timestamp> {
     Some(Timestamp::from_micros(naive.and_utc().timestamp_micros()))
 }
 
-/// Formats an instant as RFC 3339 UTC with microseconds, or as `YYYY-MM-DD` for a
-/// date-only column when the instant is a midnight UTC; `None` outside the years
-/// 0000 to 9999, which RFC 3339 cannot express.
-fn format_timestamp(timestamp: Timestamp, date_only: bool) -> Option<String> {
-    let instant = DateTime::<Utc>::from_timestamp_micros(timestamp.micros())?;
-    if !(0..=9999).contains(&instant.year()) {
-        return None;
-    }
-    let format = if date_only && timestamp.micros().rem_euclid(DAY_MICROS) == 0 {
-        "%Y-%m-%d"
-    } else {
-        "%Y-%m-%dT%H:%M:%S%.6fZ"
+/// How a timestamp column writes its instants, learned from the values it holds, so
+/// that an application reading its own database sees the format it uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum TimestampStyle {
+    /// Text: date, a separator (`' '` or `'T'`), time, at least `fraction` digits of
+    /// fraction, and a zone suffix.
+    Text {
+        /// The separator between date and time.
+        separator: char,
+        /// Digits of fraction the column's values have (more are written when the
+        /// instant needs them, never fewer).
+        fraction: u8,
+        /// Whether seconds are written (`HH:MM` when not).
+        seconds: bool,
+        /// The zone suffix.
+        zone: Zone,
+    },
+    /// `YYYY-MM-DD` for an instant at midnight UTC; other instants as date and time.
+    DateOnly,
+    /// Whole seconds since the Unix epoch as an INTEGER.
+    UnixSeconds,
+}
+
+/// The zone suffix of a text timestamp.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Zone {
+    /// None: the text is read as UTC.
+    Naive,
+    /// `Z`.
+    Utc,
+    /// A fixed offset such as `+02:00`, in seconds east of UTC.
+    Offset(i32),
+}
+
+impl TimestampStyle {
+    /// SQLite's own format (`CURRENT_TIMESTAMP`, `datetime()`): `2024-03-01 09:15:00`.
+    pub(super) const SQLITE: TimestampStyle = TimestampStyle::Text {
+        separator: ' ',
+        fraction: 0,
+        seconds: true,
+        zone: Zone::Naive,
     };
-    Some(instant.format(format).to_string())
+
+    /// The style of a stored text that [`parse_timestamp`] read.
+    pub(super) fn of(text: &str) -> TimestampStyle {
+        if text.len() == 10 {
+            return TimestampStyle::DateOnly;
+        }
+        let separator = if text.as_bytes().get(10) == Some(&b'T') {
+            'T'
+        } else {
+            ' '
+        };
+        let time = text.get(11..).unwrap_or_default();
+        let zone_at = time
+            .find(['Z', 'z', '+', '-'])
+            .unwrap_or(time.len());
+        let (clock, suffix) = time.split_at(zone_at);
+        let seconds = clock.len() >= 8;
+        let fraction = clock
+            .split_once('.')
+            .map_or(0, |(_, digits)| digits.len().min(9) as u8);
+        let zone = match suffix {
+            "" => Zone::Naive,
+            "Z" | "z" => Zone::Utc,
+            offset => DateTime::parse_from_rfc3339(&format!("2000-01-01T00:00:00{offset}"))
+                .map_or(Zone::Utc, |t| Zone::Offset(t.offset().local_minus_utc())),
+        };
+        TimestampStyle::Text {
+            separator,
+            fraction,
+            seconds,
+            zone,
+        }
+    }
+
+    /// The stored form of `timestamp` in this style; `None` outside the years 0000
+    /// to 9999. Precision is never lost: an instant with more fraction than the
+    /// style shows gets the digits it needs.
+    pub(super) fn write(self, timestamp: Timestamp) -> Option<SqlValue> {
+        let instant = DateTime::<Utc>::from_timestamp_micros(timestamp.micros())?;
+        if !(0..=9999).contains(&instant.year()) {
+            return None;
+        }
+        let micros = timestamp.micros();
+        let (separator, fraction, seconds, zone) = match self {
+            TimestampStyle::UnixSeconds if micros.rem_euclid(SECOND_MICROS) == 0 => {
+                return Some(SqlValue::Integer(micros.div_euclid(SECOND_MICROS)));
+            }
+            TimestampStyle::DateOnly if micros.rem_euclid(DAY_MICROS) == 0 => {
+                return Some(SqlValue::Text(instant.format("%Y-%m-%d").to_string()));
+            }
+            TimestampStyle::UnixSeconds | TimestampStyle::DateOnly => (' ', 0, true, Zone::Naive),
+            TimestampStyle::Text {
+                separator,
+                fraction,
+                seconds,
+                zone,
+            } => (separator, fraction, seconds, zone),
+        };
+        let sub_second = micros.rem_euclid(SECOND_MICROS);
+        let needed = if sub_second == 0 {
+            0
+        } else if sub_second % 1000 == 0 {
+            3
+        } else {
+            6
+        };
+        let digits = fraction.max(needed);
+        let seconds = seconds || digits > 0 || micros.rem_euclid(60 * SECOND_MICROS) != 0;
+        let offset = match zone {
+            Zone::Offset(seconds) => seconds,
+            Zone::Naive | Zone::Utc => 0,
+        };
+        let local = instant.naive_utc() + chrono::TimeDelta::seconds(i64::from(offset));
+        let mut text = local
+            .format(if seconds { "%Y-%m-%d %H:%M:%S" } else { "%Y-%m-%d %H:%M" })
+            .to_string();
+        if separator == 'T' {
+            text.replace_range(10..11, "T");
+        }
+        if digits > 0 {
+            let nanos = format!("{:09}", sub_second * 1000);
+            text.push('.');
+            text.push_str(&nanos[..usize::from(digits.min(9))]);
+        }
+        match zone {
+            Zone::Naive => {}
+            Zone::Utc => text.push('Z'),
+            Zone::Offset(offset) => {
+                let sign = if offset < 0 { '-' } else { '+' };
+                let offset = offset.unsigned_abs();
+                text.push_str(&format!("{sign}{:02}:{:02}", offset / 3600, offset % 3600 / 60));
+            }
+        }
+        Some(SqlValue::Text(text))
+    }
 }
 
 /// Converts a parsed JSON document into a field value.
@@ -335,26 +465,51 @@ mod tests {
         assert_eq!(micros("2024-13-01"), None);
     }
 
+    fn written(style: TimestampStyle, micros: i64) -> Option<SqlValue> {
+        style.write(Timestamp::from_micros(micros))
+    }
+
+    fn text(value: &str) -> Option<SqlValue> {
+        Some(SqlValue::Text(value.to_owned()))
+    }
+
+    /// Regression: a value written in A as `2024-03-01 09:15:00` arrived in B as
+    /// `2024-03-01T09:15:00.000000Z`. Written values take the column's own format.
     #[test]
-    fn timestamps_format_as_rfc3339_or_date() {
-        let base = Timestamp::from_micros(1_714_557_600_000_001);
+    fn timestamps_are_written_in_the_format_the_column_uses() {
+        let base = micros("2024-03-01 09:15:00").expect("parses");
+        for stored in [
+            "2024-03-01 09:15:00",
+            "2024-03-01T09:15:00Z",
+            "2024-03-01T09:15:00.000Z",
+            "2024-03-01T10:15:00+01:00",
+            "2024-03-01 09:15",
+        ] {
+            let style = TimestampStyle::of(stored);
+            assert_eq!(written(style, base), text(stored), "{stored}");
+            assert_eq!(micros(stored), Some(base), "{stored}");
+        }
+        assert_eq!(written(TimestampStyle::SQLITE, base), text("2024-03-01 09:15:00"));
+        // More precision than the column shows is kept, never cut.
         assert_eq!(
-            format_timestamp(base, false).as_deref(),
-            Some("2024-05-01T10:00:00.000001Z")
-        );
-        let midnight = Timestamp::from_micros(1_714_521_600_000_000);
-        assert_eq!(
-            format_timestamp(midnight, true).as_deref(),
-            Some("2024-05-01")
+            written(TimestampStyle::SQLITE, base + 250_000),
+            text("2024-03-01 09:15:00.250")
         );
         assert_eq!(
-            format_timestamp(base, true).as_deref(),
-            Some("2024-05-01T10:00:00.000001Z")
+            written(TimestampStyle::of("2024-03-01 09:15"), base + 1),
+            text("2024-03-01 09:15:00.000001")
+        );
+        let midnight = micros("2024-05-01").expect("parses");
+        assert_eq!(written(TimestampStyle::DateOnly, midnight), text("2024-05-01"));
+        assert_eq!(
+            written(TimestampStyle::DateOnly, midnight + 1_000_000),
+            text("2024-05-01 00:00:01")
         );
         assert_eq!(
-            format_timestamp(Timestamp::from_micros(i64::MAX), false),
-            None
+            written(TimestampStyle::UnixSeconds, base),
+            Some(SqlValue::Integer(base / 1_000_000))
         );
+        assert_eq!(written(TimestampStyle::SQLITE, i64::MAX), None);
     }
 
     #[test]

@@ -12,6 +12,9 @@ pub enum SqliteError {
     /// SQLite failed: the file cannot be opened, the database stayed locked past the busy timeout, or IO failed.
     #[error("SQLite failed: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// The configured database file does not exist; Concord never creates it.
+    #[error("database {} does not exist; Concord syncs an existing database and never creates one", path.display())]
+    MissingDatabase { path: std::path::PathBuf },
     /// A configured table does not exist in the database.
     #[error("table `{table}` does not exist")]
     MissingTable { table: String },

@@ -65,7 +65,9 @@ use std::time::Duration;
 
 use crdt_model::{Record, Value};
 use rusqlite::types::{ToSqlOutput, Value as SqlValue, ValueRef};
-use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, params_from_iter};
+use rusqlite::{
+    Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior, params_from_iter,
+};
 
 pub use error::SqliteError;
 pub use schema::FieldType;
@@ -79,17 +81,15 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 const STATEMENTS_CACHED_MAX: usize = 256;
 
 const DATA_VERSION_SQL: &str = "PRAGMA data_version";
-const OUTBOX_READ_SQL: &str =
-    "SELECT seq, tbl, key FROM _concord_outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2";
+const OUTBOX_READ_SQL: &str = "SELECT seq, tbl, key FROM _concord_outbox
+     WHERE seq > ?1 AND seq <= ?2 ORDER BY seq LIMIT ?3";
+/// The keys of the outbox entries after `?1`: rows the tool changed since.
+const OUTBOX_SINCE_SQL: &str = "SELECT tbl, key FROM _concord_outbox WHERE seq > ?1";
 /// The highest seq ever given out, even if trimmed since (AUTOINCREMENT keeps it).
 const OUTBOX_HEAD_SQL: &str =
     "SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = '_concord_outbox'), 0)";
 const OUTBOX_LEN_SQL: &str = "SELECT COUNT(*) FROM _concord_outbox";
 const OUTBOX_TRIM_SQL: &str = "DELETE FROM _concord_outbox WHERE seq <= ?1";
-/// Whether the tool committed edits after `?1`, trimmed or not: a plan made before
-/// them is stale.
-const OUTBOX_PENDING_SQL: &str =
-    "SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = '_concord_outbox'), 0) > ?1";
 const ECHO_SET_SQL: &str = "UPDATE _concord_echo SET active = ?1 WHERE id = 1";
 
 /// Which table one collection syncs and which of its columns.
@@ -150,9 +150,27 @@ pub enum RowState {
     Present(Record),
     /// No row has this key: it was deleted, or its key changed.
     Absent,
-    /// The row holds a value that does not fit its column's field type; the reason
-    /// names table, key, column, declared type and the value.
-    Invalid(String),
+    /// The row holds a value that does not fit its column's field type.
+    Invalid(InvalidValue),
+}
+
+/// A stored value that does not fit its column's field type: it names table, key,
+/// column, the value and the type expected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
+#[error("{table} key {key}: column `{column}` holds {found}, expected {expected} ({declared})")]
+pub struct InvalidValue {
+    /// The table.
+    pub table: String,
+    /// The row's key, shortened.
+    pub key: String,
+    /// The column.
+    pub column: String,
+    /// The value found, described and shortened.
+    pub found: String,
+    /// The field type expected.
+    pub expected: FieldType,
+    /// The column's declared type, as a phrase.
+    pub declared: String,
 }
 
 /// One write the agent asks for.
@@ -177,25 +195,93 @@ pub enum WriteOp {
     },
 }
 
-/// What [`SqliteConnector::write_back`] did.
+/// What [`SqliteConnector::write_back`] did with one op.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum WriteOutcome {
-    /// The transaction committed every op except the rejected ones, given as index into
-    /// the ops and the reason.
-    Written {
-        /// Ops not written: their index and why.
-        rejected: Vec<(usize, String)>,
+pub enum OpOutcome {
+    /// The op was written and committed durably.
+    Written,
+    /// Nothing was written: the tool changed this record after the capture the op
+    /// was planned from. Capture it, then plan again.
+    Stale,
+    /// The op cannot be written; the reason says what and where.
+    Rejected(Rejection),
+}
+
+/// Why the tool refused one write: each variant is one kind, so refusals can be
+/// grouped and counted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
+pub enum Rejection {
+    /// The op names a collection this connector does not sync.
+    #[error("unknown collection `{collection}`")]
+    UnknownCollection {
+        /// The collection named.
+        collection: String,
     },
-    /// Nothing was written: the outbox holds user edits not yet captured. Capture them,
-    /// then write again.
-    CaptureFirst,
+    /// The key is not an integer but the table's key column is.
+    #[error("{table} key {key}: the key is not an integer, but the primary key `{column}` is {declared}")]
+    KeyNotInteger {
+        /// The table.
+        table: String,
+        /// The key, shortened.
+        key: String,
+        /// The key column.
+        column: String,
+        /// Its declared type, as a phrase.
+        declared: String,
+    },
+    /// A field named like the key column holds another value than the key.
+    #[error("{table} key {key}: field `{field}` holds {value}, which is not the key")]
+    KeyFieldMismatch {
+        /// The table.
+        table: String,
+        /// The key, shortened.
+        key: String,
+        /// The field.
+        field: String,
+        /// The value it holds, shortened.
+        value: String,
+    },
+    /// A field that is not a configured column.
+    #[error("{table} key {key}: `{field}` is not a configured column")]
+    UnknownColumn {
+        /// The table.
+        table: String,
+        /// The key, shortened.
+        key: String,
+        /// The field.
+        field: String,
+    },
+    /// A value that does not fit its column's type.
+    #[error("{table} key {key}: column `{column}` {problem}")]
+    ValueDoesNotFit {
+        /// The table.
+        table: String,
+        /// The key, shortened.
+        key: String,
+        /// The column.
+        column: String,
+        /// What does not fit, as the end of a sentence.
+        problem: String,
+    },
+    /// SQLite refused the write: a constraint or a trigger of the user's.
+    #[error("{table} key {key}: SQLite refused the write: {message}")]
+    Refused {
+        /// The table.
+        table: String,
+        /// The key, shortened.
+        key: String,
+        /// SQLite's message.
+        message: String,
+    },
 }
 
 impl SqliteConnector {
     /// Opens (or creates) the database at `path`, validates every spec against its
     /// schema and installs the outbox, echo flag and capture triggers.
     ///
-    /// The connection uses WAL, `synchronous = NORMAL` and a 5 s busy timeout.
+    /// The database must exist: it is never created. The specs are checked before
+    /// anything is changed; then the database is switched to WAL (a lasting change of
+    /// the file), and the connection uses `synchronous = FULL` and a 5 s busy timeout.
     /// Opening again is idempotent: the triggers are dropped and recreated from the
     /// current specs and schema, and the outbox keeps its entries.
     pub fn open(path: &Path, specs: Vec<CollectionSpec>) -> Result<SqliteConnector, SqliteError> {
@@ -222,8 +308,25 @@ impl SqliteConnector {
             by_table.insert(spec.table.clone(), index);
         }
 
-        let mut conn = Connection::open(path)?;
+        // Never create the user's database: a missing file is a configuration error.
+        if !path.is_file() {
+            return Err(SqliteError::MissingDatabase {
+                path: path.to_owned(),
+            });
+        }
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let mut conn = Connection::open_with_flags(path, flags)?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
+        conn.set_prepared_statement_cache_capacity(STATEMENTS_CACHED_MAX);
+        // Check the specs before changing anything in the database, so a start that
+        // fails leaves the user's file as it was.
+        {
+            let tx = conn.transaction()?;
+            for spec in &specs {
+                Table::validate(&tx, spec)?;
+            }
+            tx.commit()?;
+        }
         let journal_mode: String =
             conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))?;
         if !journal_mode.eq_ignore_ascii_case("wal") {
@@ -233,8 +336,10 @@ impl SqliteConnector {
                 "SQLite did not switch to WAL; readers and writers will block each other"
             );
         }
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.set_prepared_statement_cache_capacity(STATEMENTS_CACHED_MAX);
+        // A write-back is durable before its commit returns: the agent records what
+        // the tool holds only after that, so a power cut cannot leave the shadow ahead
+        // of the database.
+        conn.pragma_update(None, "synchronous", "FULL")?;
         // Read before installing, so a commit that races with the install still makes
         // the first `changed` return true.
         let data_version = read_data_version(&conn)?;
@@ -256,6 +361,7 @@ impl SqliteConnector {
                 tracing::info!(table = %table.name, rows = queued, "initial import queued");
             }
             tx.execute_batch(&table.triggers_sql())?;
+            learn_timestamp_styles(&tx, table)?;
         }
         tx.commit()?;
         tracing::debug!(path = %path.display(), tables = tables.len(), "capture triggers installed");
@@ -280,14 +386,21 @@ impl SqliteConnector {
         Ok(changed)
     }
 
-    /// Reads up to `max` outbox entries after sequence number `after` and the current
-    /// state of each row they name, all in one read transaction.
+    /// Reads up to `max` outbox entries with a sequence number after `after` and at
+    /// most `upto`, and the current state of each row they name, all in one read
+    /// transaction. `upto` keeps a batch from crossing a boundary such as the end of
+    /// a rescan (pass `u64::MAX` for none).
     ///
     /// Entries for tables no longer configured are skipped, and an entry for a row
     /// already in the batch is folded into it (both would report the same state), so
     /// the batch may hold fewer than `max` changes; its cursor still covers every
     /// entry read.
-    pub fn capture(&mut self, after: u64, max: usize) -> Result<CaptureBatch, SqliteError> {
+    pub fn capture(
+        &mut self,
+        after: u64,
+        upto: u64,
+        max: usize,
+    ) -> Result<CaptureBatch, SqliteError> {
         let mut batch = CaptureBatch {
             changes: Vec::new(),
             cursor: after,
@@ -298,9 +411,12 @@ impl SqliteConnector {
         let tx = self.conn.transaction()?;
         let entries: Vec<(i64, String, String)> = tx
             .prepare_cached(OUTBOX_READ_SQL)?
-            .query_map([seq_param(after), count_param(max)], |row| {
-                Ok((row.get(0)?, row.get(1)?, row.get(2)?))
-            })?
+            .query_map(
+                [seq_param(after), seq_param(upto), count_param(max)],
+                |row| {
+                    Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+                },
+            )?
             .collect::<Result<_, _>>()?;
         batch.changes.reserve(entries.len());
         let mut seen: HashSet<(usize, &str)> = HashSet::with_capacity(entries.len());
@@ -335,6 +451,11 @@ impl SqliteConnector {
             .prepare_cached(OUTBOX_HEAD_SQL)?
             .query_row([], |row| row.get(0))?;
         Ok(u64::try_from(head).unwrap_or(0))
+    }
+
+    /// The connection's `PRAGMA synchronous` (2 is FULL: every commit is fsynced).
+    pub fn synchronous(&self) -> Result<i64, SqliteError> {
+        Ok(self.conn.query_row("PRAGMA synchronous", [], |row| row.get(0))?)
     }
 
     /// The number of entries in the outbox.
@@ -398,27 +519,32 @@ impl SqliteConnector {
         Ok(())
     }
 
-    /// Applies `ops` in one transaction whose changes the capture triggers ignore.
+    /// Applies `ops` in one transaction whose changes the capture triggers ignore,
+    /// with an outcome per op.
     ///
-    /// `captured_upto` is the agent's capture cursor. If the outbox holds entries after
-    /// it, nothing is written and the result is [`WriteOutcome::CaptureFirst`]. An op
-    /// naming an unknown collection, a key that does not fit the key column, a field
-    /// that is not a configured column or a value that does not fit its column is
-    /// rejected, as is one SQLite refuses (a constraint or a user trigger); the other
-    /// ops commit.
+    /// An op is [`OpOutcome::Stale`], and nothing of it is written, when its record
+    /// changed in the tool after the capture it was planned from: the outbox holds an
+    /// entry for it after `captured_upto`, or `changed_since` names it (the caller's
+    /// list of records captured after `captured_upto`, whose outbox entries may be
+    /// trimmed). Staleness is per record, so a tool that commits all the time holds
+    /// back only the records it keeps changing. An op naming an unknown collection, a
+    /// key that does not fit the key column, a field that is not a configured column
+    /// or a value that does not fit its column is rejected, as is one SQLite refuses
+    /// (a constraint or a user trigger); the other ops commit.
     pub fn write_back(
         &mut self,
         captured_upto: u64,
+        changed_since: &HashSet<(String, String)>,
         ops: &[WriteOp],
-    ) -> Result<WriteOutcome, SqliteError> {
-        let mut rejected = Vec::new();
+    ) -> Result<Vec<OpOutcome>, SqliteError> {
+        let mut outcomes = vec![OpOutcome::Written; ops.len()];
         let mut plans: Vec<Option<Plan<'_>>> = ops
             .iter()
             .enumerate()
             .map(|(index, op)| match self.plan(op) {
                 Ok(plan) => Some(plan),
-                Err(reason) => {
-                    rejected.push((index, reason));
+                Err(rejection) => {
+                    outcomes[index] = OpOutcome::Rejected(rejection);
                     None
                 }
             })
@@ -426,26 +552,26 @@ impl SqliteConnector {
         // An op whose failure rolls back the whole transaction (ON CONFLICT ROLLBACK,
         // RAISE(ROLLBACK)) is dropped and the rest retried; each retry drops one op, so
         // this runs at most ops.len() + 1 times.
+        let mut stale = Vec::new();
         loop {
-            match self.attempt(captured_upto, &plans)? {
-                Attempt::CaptureFirst => return Ok(WriteOutcome::CaptureFirst),
+            match self.attempt(captured_upto, changed_since, &mut plans, &mut stale)? {
                 Attempt::Committed(refused) => {
-                    rejected.extend(refused);
+                    for (index, rejection) in refused {
+                        outcomes[index] = OpOutcome::Rejected(rejection);
+                    }
+                    for index in stale {
+                        outcomes[index] = OpOutcome::Stale;
+                    }
                     break;
                 }
-                Attempt::RolledBack(index, reason) => {
+                Attempt::RolledBack(index, rejection) => {
                     plans[index] = None;
-                    rejected.push((index, reason));
+                    outcomes[index] = OpOutcome::Rejected(rejection);
                 }
             }
         }
-        rejected.sort_by_key(|(index, _)| *index);
-        tracing::debug!(
-            ops = ops.len(),
-            rejected = rejected.len(),
-            "write-back committed"
-        );
-        Ok(WriteOutcome::Written { rejected })
+        tracing::debug!(ops = ops.len(), "write-back committed");
+        Ok(outcomes)
     }
 
     /// The field type of each configured column of `collection`, or `None` when the
@@ -457,7 +583,7 @@ impl SqliteConnector {
 
     /// Checks and converts one op without touching the database; the error is the
     /// reason the op is rejected.
-    fn plan<'a>(&self, op: &'a WriteOp) -> Result<Plan<'a>, String> {
+    fn plan<'a>(&self, op: &'a WriteOp) -> Result<Plan<'a>, Rejection> {
         let (WriteOp::Upsert {
             collection, key, ..
         }
@@ -465,21 +591,23 @@ impl SqliteConnector {
         let index = *self
             .by_collection
             .get(collection)
-            .ok_or_else(|| format!("unknown collection `{collection}`"))?;
+            .ok_or_else(|| Rejection::UnknownCollection {
+                collection: collection.clone(),
+            })?;
         let table = &self.tables[index];
-        let context = || format!("{} key {}", table.name, convert::shorten(key));
+        let short_key = || convert::shorten(key);
         let key_param = match key_param(table, key) {
             KeyParam::Int(i) => ToSqlOutput::Owned(SqlValue::Integer(i)),
             KeyParam::Text(text) if table.key.field_type != FieldType::Integer => {
                 ToSqlOutput::Borrowed(ValueRef::Text(text.as_bytes()))
             }
             KeyParam::Text(_) => {
-                return Err(format!(
-                    "{}: the key is not an integer, but the primary key `{}` is {}",
-                    context(),
-                    table.key.field,
-                    table.key.declared_phrase()
-                ));
+                return Err(Rejection::KeyNotInteger {
+                    table: table.name.clone(),
+                    key: short_key(),
+                    column: table.key.field.clone(),
+                    declared: table.key.declared_phrase(),
+                });
             }
         };
         let action = match op {
@@ -492,11 +620,12 @@ impl SqliteConnector {
                 for (field, value) in fields {
                     if field.eq_ignore_ascii_case(&table.key.field) {
                         if key_text(value).as_deref() != Some(key.as_str()) {
-                            return Err(format!(
-                                "{}: field `{field}` holds {}, which is not the key",
-                                context(),
-                                convert::shorten(&value.to_string())
-                            ));
+                            return Err(Rejection::KeyFieldMismatch {
+                                table: table.name.clone(),
+                                key: short_key(),
+                                field: field.clone(),
+                                value: convert::shorten(&value.to_string()),
+                            });
                         }
                         continue;
                     }
@@ -504,11 +633,19 @@ impl SqliteConnector {
                         .columns
                         .iter()
                         .find(|column| column.field == *field)
-                        .ok_or_else(|| {
-                            format!("{}: `{field}` is not a configured column", context())
+                        .ok_or_else(|| Rejection::UnknownColumn {
+                            table: table.name.clone(),
+                            key: short_key(),
+                            field: field.clone(),
                         })?;
-                    let param = convert::write_value(column, value)
-                        .map_err(|problem| format!("{}: column `{field}` {problem}", context()))?;
+                    let param = convert::write_value(column, value).map_err(|problem| {
+                        Rejection::ValueDoesNotFit {
+                            table: table.name.clone(),
+                            key: short_key(),
+                            column: field.clone(),
+                            problem,
+                        }
+                    })?;
                     params.push(param);
                     let n = params.len();
                     let separator = if n == 1 { "" } else { ", " };
@@ -542,22 +679,34 @@ impl SqliteConnector {
         })
     }
 
-    /// Runs one write-back transaction over the plans still standing.
+    /// Runs one write-back transaction over the plans still standing; plans found
+    /// stale are taken out.
     fn attempt(
         &mut self,
         captured_upto: u64,
-        plans: &[Option<Plan<'_>>],
+        changed_since: &HashSet<(String, String)>,
+        plans: &mut [Option<Plan<'_>>],
+        stale: &mut Vec<usize>,
     ) -> Result<Attempt, SqliteError> {
         let tables = &self.tables;
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let pending: bool = tx
-            .prepare_cached(OUTBOX_PENDING_SQL)?
-            .query_row([seq_param(captured_upto)], |row| row.get(0))?;
-        if pending {
-            tx.rollback()?;
-            return Ok(Attempt::CaptureFirst);
+        // Inside the write transaction no user edit can slip in between this read
+        // and the writes.
+        let uncaptured: HashSet<(String, String)> = tx
+            .prepare_cached(OUTBOX_SINCE_SQL)?
+            .query_map([seq_param(captured_upto)], |row| Ok((row.get(0)?, row.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        for (index, slot) in plans.iter_mut().enumerate() {
+            let Some(plan) = slot else { continue };
+            let table = &tables[plan.table];
+            let changed = uncaptured.contains(&(table.name.clone(), plan.key.to_owned()))
+                || changed_since.contains(&(table.collection.clone(), plan.key.to_owned()));
+            if changed {
+                stale.push(index);
+                *slot = None;
+            }
         }
         tx.prepare_cached(ECHO_SET_SQL)?.execute([1])?;
         let mut refused = Vec::new();
@@ -570,15 +719,15 @@ impl SqliteConnector {
             let Some(message) = record_fault(&error) else {
                 return Err(error.into());
             };
-            let reason = format!(
-                "{} key {}: SQLite refused the write: {message}",
-                table.name,
-                convert::shorten(plan.key)
-            );
+            let rejection = Rejection::Refused {
+                table: table.name.clone(),
+                key: convert::shorten(plan.key),
+                message,
+            };
             if tx.is_autocommit() {
-                return Ok(Attempt::RolledBack(index, reason));
+                return Ok(Attempt::RolledBack(index, rejection));
             }
-            refused.push((index, reason));
+            refused.push((index, rejection));
         }
         tx.prepare_cached(ECHO_SET_SQL)?.execute([0])?;
         tx.commit()?;
@@ -610,11 +759,10 @@ enum Action<'a> {
 
 /// How one write-back transaction ended.
 enum Attempt {
-    CaptureFirst,
     /// Committed; the ops SQLite refused without ending the transaction.
-    Committed(Vec<(usize, String)>),
+    Committed(Vec<(usize, Rejection)>),
     /// SQLite rolled the whole transaction back because of this op.
-    RolledBack(usize, String),
+    RolledBack(usize, Rejection),
 }
 
 /// A key as a statement parameter.
@@ -667,19 +815,40 @@ fn read_row(conn: &Connection, table: &Table, key: &str) -> Result<RowState, Sql
     for (index, column) in table.columns.iter().enumerate() {
         let raw = row.get_ref(index)?;
         let Some(value) = convert::read_value(column, raw) else {
-            return Ok(RowState::Invalid(format!(
-                "{} key {}: column `{}` holds {}, expected {} ({})",
-                table.name,
-                convert::shorten(key),
-                column.field,
-                convert::describe(raw),
-                column.field_type,
-                column.declared_phrase()
-            )));
+            return Ok(RowState::Invalid(InvalidValue {
+                table: table.name.clone(),
+                key: convert::shorten(key),
+                column: column.field.clone(),
+                found: convert::describe(raw),
+                expected: column.field_type,
+                declared: column.declared_phrase(),
+            }));
         };
         record.insert(column.field.clone(), value);
     }
     Ok(RowState::Present(record))
+}
+
+/// Sets the write style of each timestamp column from a value it holds.
+fn learn_timestamp_styles(conn: &Connection, table: &Table) -> rusqlite::Result<()> {
+    for column in &table.columns {
+        if column.field_type != FieldType::Timestamp {
+            continue;
+        }
+        let sql = format!(
+            "SELECT {name} FROM {table} WHERE {name} IS NOT NULL LIMIT 1",
+            name = column.sql_name,
+            table = table.sql_name
+        );
+        let mut statement = conn.prepare(&sql)?;
+        let mut rows = statement.query([])?;
+        if let Some(row) = rows.next()? {
+            // Reading a value records its style; a value that does not parse is
+            // reported when its row is captured.
+            let _ = convert::read_value(column, row.get_ref(0)?);
+        }
+    }
+    Ok(())
 }
 
 /// Runs the statements of one op.

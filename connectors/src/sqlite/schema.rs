@@ -126,9 +126,10 @@ pub(super) struct Column {
     /// True when SQLite stores text in this column verbatim (TEXT or BLOB affinity);
     /// false when it turns numeric-looking text into numbers.
     pub(super) keeps_text: bool,
-    /// True for a `DATE` column without a time part, written as `YYYY-MM-DD` when the
-    /// instant is a midnight UTC.
-    pub(super) date_only: bool,
+    /// How a timestamp column's values are written: learned from the values it
+    /// holds, at first from its declared type (`DATE` alone: `YYYY-MM-DD`; otherwise
+    /// SQLite's `YYYY-MM-DD HH:MM:SS`).
+    pub(super) timestamp_style: std::cell::Cell<super::convert::TimestampStyle>,
 }
 
 impl Column {
@@ -151,7 +152,13 @@ impl Column {
             declared: declared.to_owned(),
             field_type,
             keeps_text: keeps_text(&upper),
-            date_only: upper.contains("DATE") && !upper.contains("TIME"),
+            timestamp_style: std::cell::Cell::new(
+                if upper.contains("DATE") && !upper.contains("TIME") {
+                    super::convert::TimestampStyle::DateOnly
+                } else {
+                    super::convert::TimestampStyle::SQLITE
+                },
+            ),
         })
     }
 
