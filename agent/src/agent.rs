@@ -124,7 +124,10 @@ pub async fn start(config: Config) -> Result<RunningAgent, StartError> {
         let stop = stop_tool.clone();
         std::thread::Builder::new()
             .name("concord-tool".into())
-            .spawn(move || crate::tool::run(connector, core, plan_rx, cursor, rescan_upto, stop))
+            .spawn(move || {
+                let state = crate::tool::ToolLoop::new(cursor, rescan_upto);
+                crate::tool::run(connector, core, plan_rx, state, stop)
+            })
             .map_err(StartError::Thread)?
     };
 
@@ -141,6 +144,7 @@ pub async fn start(config: Config) -> Result<RunningAgent, StartError> {
         log_version: log_rx,
         registry: Registry::default(),
         shutdown: shutdown_rx,
+        dials: AtomicU64::new(0),
     });
     tokio::spawn(peers::accept_loop(transport.clone(), ctx.clone()));
     for peer in &config.peers {
@@ -221,6 +225,11 @@ impl RunningAgent {
     /// The peers connected now.
     pub fn connected_peers(&self) -> Vec<PeerId> {
         self.ctx.registry.peers()
+    }
+
+    /// Dial attempts made so far.
+    pub fn dials(&self) -> u64 {
+        self.ctx.dials.load(Ordering::Relaxed)
     }
 
     /// Store commits so far.

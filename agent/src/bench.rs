@@ -243,6 +243,7 @@ fn floor(rows: &[Record]) -> anyhow::Result<Duration> {
             fields: r.clone(),
             external_id: Some(("a".into(), i.to_string())),
             deleted: Some(false),
+            reset: false,
             time_ms: 0,
         };
         changes.push(

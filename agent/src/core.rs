@@ -1,21 +1,24 @@
-//! The core thread: the single writer of the store.
+//! The core: the single writer of the store.
 //!
-//! Capture batches from the connector, entries from peer sessions and write-back
+//! Capture batches from the tool, session events from peer drivers and write-back
 //! results arrive on one bounded queue. The core drains what is queued (up to
 //! [`GROUP_COMMIT_REQUESTS_MAX`]), stages it all into one batch, commits it with one
 //! fsync (group commit), and only then replies, announces new log entries to the
 //! sessions and plans the next write-back.
+//!
+//! [`Core`] is the loop's logic without the thread: [`run`] drives it from the
+//! queue, and the simulator drives the very same [`Core::step`] from its own.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::SyncSender;
 
-use connectors::sqlite::{CaptureBatch, WriteOutcome};
-use crdt_model::{ChangeHash, DocId};
+use connectors::sqlite::{CaptureBatch, OpOutcome};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::engine::{ApplyOutcome, DocChanges, Engine, EngineStats, WireEntry, WritePlan};
-use crate::store::StoreId;
+use crate::engine::{Engine, EngineStats, RemoteError, WritePlan};
+use crate::replication::{Action, Event, policy};
+use crate::store::{StoreError, StoreId};
 
 /// Requests queued for the core at most.
 pub const CORE_QUEUE_MAX: usize = 256;
@@ -36,59 +39,22 @@ pub enum CoreRequest {
         /// Answered after the commit.
         reply: oneshot::Sender<()>,
     },
-    /// A peer session received entries of `origin`'s log.
-    Apply {
-        /// The peer store the entries come from.
-        origin: StoreId,
-        /// Their collection.
-        collection: String,
-        /// Every seq up to this one was seen (`None` for a repair).
-        upto: Option<u64>,
-        /// The entries.
-        entries: Vec<WireEntry>,
-        /// Answered after the commit, or with the reason the entries were refused.
-        reply: oneshot::Sender<Result<ApplyOutcome, String>>,
+    /// An event of the session with peer store `peer`: the core acts on it (the peer
+    /// policy) and answers, after the commit, with what the session must do.
+    Peer {
+        /// The peer's store (from its hello).
+        peer: StoreId,
+        /// The event.
+        event: Event,
+        /// The session's actions, or why the peer's data was refused.
+        reply: oneshot::Sender<Result<Vec<Action>, RemoteError>>,
     },
-    /// A peer asks for the changes of a document it lacks.
-    ChangesSince {
-        /// The document.
-        doc: DocId,
-        /// The peer's heads.
-        heads: Vec<ChangeHash>,
-        /// The document's collection and the changes, if the document is known.
-        reply: oneshot::Sender<Option<DocChanges>>,
-    },
-    /// The heads of a document, to ask a peer for what is missing.
-    Heads {
-        /// The document.
-        doc: DocId,
-        /// Its heads.
-        reply: oneshot::Sender<Vec<ChangeHash>>,
-    },
-    /// The digests of the children of a node of the digest tree (anti-entropy).
-    DigestChildren {
-        /// The collection.
-        collection: String,
-        /// The node's depth.
-        depth: u8,
-        /// The node's prefix.
-        prefix: u32,
-        /// The digests, or `None` for a node outside the tree.
-        reply: oneshot::Sender<Option<Vec<u64>>>,
-    },
-    /// Sets cursors (a peer cursor and its anti-entropy mark) durably.
-    SetCursors {
-        /// (cursor name, value).
-        cursors: Vec<(String, u64)>,
-        /// Answered after the commit.
-        reply: oneshot::Sender<()>,
-    },
-    /// The connector finished (or refused) a write-back plan.
+    /// The connector finished a write-back plan (`None`: it failed, nothing was written).
     WritesDone {
         /// The plan.
         plan: WritePlan,
-        /// What the connector did.
-        outcome: WriteOutcome,
+        /// One outcome per write.
+        outcomes: Option<Vec<OpOutcome>>,
     },
     /// Counters, for status and tests.
     Stats {
@@ -138,7 +104,7 @@ pub fn channel() -> (CoreHandle, mpsc::Receiver<CoreRequest>) {
 }
 
 /// The wall clock in milliseconds since the Unix epoch (0 if the clock is before it).
-fn now_ms() -> i64 {
+pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
@@ -152,26 +118,134 @@ fn fatal(error: &dyn std::fmt::Display) -> ! {
     std::process::abort()
 }
 
-/// Runs the core until every handle is dropped. A store failure aborts the process.
-pub fn run(mut engine: Engine, mut rx: mpsc::Receiver<CoreRequest>, outputs: CoreOutputs) {
-    let mut write_back_in_flight = false;
-    let mut plan_needed = true;
-    loop {
-        if plan_needed && !write_back_in_flight {
-            plan_needed = false;
-            let mut batch = engine.store().batch();
-            let plan = engine
-                .plan_writes(&mut batch, WRITE_BACK_BATCH_MAX)
-                .unwrap_or_else(|e| fatal(&e));
-            if !batch.is_empty() {
-                engine.store().commit(batch).unwrap_or_else(|e| fatal(&e));
-            }
-            if !plan.writes.is_empty() {
-                write_back_in_flight = true;
-                if outputs.write_back.try_send(plan).is_err() {
-                    // The connector is gone; nothing will write back.
-                    write_back_in_flight = false;
+/// What one [`Core::step`] committed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Committed {
+    /// Whether a batch was committed at all.
+    pub batch: bool,
+    /// Log entries appended.
+    pub appended: usize,
+}
+
+/// The core's logic: group commits over the engine, and write-back planning.
+#[derive(Debug)]
+pub struct Core {
+    engine: Engine,
+    write_back_in_flight: bool,
+    plan_needed: bool,
+}
+
+impl Core {
+    /// A core over `engine`; the first [`Core::plan`] plans whatever is pending.
+    pub fn new(engine: Engine) -> Core {
+        Core {
+            engine,
+            write_back_in_flight: false,
+            plan_needed: true,
+        }
+    }
+
+    /// The engine, for reads between steps.
+    pub fn engine(&mut self) -> &mut Engine {
+        &mut self.engine
+    }
+
+    /// Plans the next write-back if one is due and none is in flight; the caller
+    /// hands it to the tool (or calls [`Core::plan_lost`] if it cannot).
+    pub fn plan(&mut self, now_ms: i64) -> Result<Option<WritePlan>, StoreError> {
+        if !self.plan_needed || self.write_back_in_flight {
+            return Ok(None);
+        }
+        self.plan_needed = false;
+        let mut batch = self.engine.store().batch();
+        let plan = self
+            .engine
+            .plan_writes(&mut batch, WRITE_BACK_BATCH_MAX, now_ms)?;
+        self.engine.store().commit(batch)?;
+        if plan.writes.is_empty() {
+            return Ok(None);
+        }
+        self.write_back_in_flight = true;
+        Ok(Some(plan))
+    }
+
+    /// The plan could not be handed to the tool: nothing will write it back.
+    pub fn plan_lost(&mut self) {
+        self.write_back_in_flight = false;
+        self.engine.writes_failed();
+    }
+
+    /// Stages every request into one batch, commits it with one fsync, then sends
+    /// the replies. Later requests see what earlier ones staged.
+    pub fn step(
+        &mut self,
+        requests: Vec<CoreRequest>,
+        now_ms: i64,
+    ) -> Result<Committed, StoreError> {
+        debug_assert!(requests.len() <= GROUP_COMMIT_REQUESTS_MAX);
+        let mut batch = self.engine.store().batch();
+        let mut replies: Vec<Box<dyn FnOnce()>> = Vec::with_capacity(requests.len());
+        for request in requests {
+            match request {
+                CoreRequest::Capture {
+                    batch: captured,
+                    reply,
+                } => {
+                    self.engine
+                        .capture(&mut batch, captured.changes, captured.cursor, now_ms)?;
+                    self.plan_needed = true;
+                    replies.push(Box::new(move || {
+                        let _ = reply.send(());
+                    }));
                 }
+                CoreRequest::Peer { peer, event, reply } => {
+                    let result = match policy::on_event(&mut self.engine, &mut batch, peer, event) {
+                        Err(RemoteError::Store(e)) => return Err(e),
+                        result => result,
+                    };
+                    self.plan_needed = true;
+                    replies.push(Box::new(move || {
+                        let _ = reply.send(result);
+                    }));
+                }
+                CoreRequest::WritesDone { plan, outcomes } => {
+                    match outcomes {
+                        Some(outcomes) => {
+                            self.engine.writes_done(&mut batch, plan, outcomes, now_ms)?
+                        }
+                        None => self.engine.writes_failed(),
+                    }
+                    self.write_back_in_flight = false;
+                    self.plan_needed = true;
+                }
+                CoreRequest::Stats { reply } => {
+                    let stats = self.engine.stats().clone();
+                    replies.push(Box::new(move || {
+                        let _ = reply.send(stats);
+                    }));
+                }
+            }
+        }
+        let committed = Committed {
+            batch: !batch.is_empty(),
+            appended: batch.appended.len(),
+        };
+        self.engine.store().commit(batch)?;
+        for reply in replies {
+            reply();
+        }
+        Ok(committed)
+    }
+}
+
+/// Runs the core until every handle is dropped. A store failure aborts the process.
+pub fn run(engine: Engine, mut rx: mpsc::Receiver<CoreRequest>, outputs: CoreOutputs) {
+    let mut core = Core::new(engine);
+    loop {
+        if let Some(plan) = core.plan(now_ms()).unwrap_or_else(|e| fatal(&e)) {
+            if outputs.write_back.try_send(plan).is_err() {
+                // The connector is gone; nothing will write back.
+                core.plan_lost();
             }
         }
         let Some(first) = rx.blocking_recv() else {
@@ -184,102 +258,14 @@ pub fn run(mut engine: Engine, mut rx: mpsc::Receiver<CoreRequest>, outputs: Cor
                 Err(_) => break,
             }
         }
-        let mut batch = engine.store().batch();
-        let mut replies: Vec<Box<dyn FnOnce()>> = Vec::new();
-        for request in requests {
-            match request {
-                CoreRequest::Capture {
-                    batch: captured,
-                    reply,
-                } => {
-                    engine
-                        .capture(&mut batch, captured.changes, captured.cursor, now_ms())
-                        .unwrap_or_else(|e| fatal(&e));
-                    plan_needed = true;
-                    replies.push(Box::new(move || {
-                        let _ = reply.send(());
-                    }));
-                }
-                CoreRequest::Apply {
-                    origin,
-                    collection,
-                    upto,
-                    entries,
-                    reply,
-                } => {
-                    let result =
-                        match engine.apply_remote(&mut batch, origin, &collection, upto, entries) {
-                            Ok(outcome) => Ok(outcome),
-                            Err(crate::engine::RemoteError::Store(e)) => fatal(&e),
-                            Err(e) => Err(e.to_string()),
-                        };
-                    plan_needed = true;
-                    replies.push(Box::new(move || {
-                        let _ = reply.send(result);
-                    }));
-                }
-                CoreRequest::ChangesSince { doc, heads, reply } => {
-                    // Answered after the commit: what is sent must be durable here first.
-                    let changes = engine
-                        .changes_since(doc, &heads)
-                        .unwrap_or_else(|e| fatal(&e));
-                    replies.push(Box::new(move || {
-                        let _ = reply.send(changes);
-                    }));
-                }
-                CoreRequest::DigestChildren {
-                    collection,
-                    depth,
-                    prefix,
-                    reply,
-                } => {
-                    let digests = engine
-                        .store()
-                        .digest_children(&collection, depth, prefix)
-                        .unwrap_or_else(|e| fatal(&e));
-                    replies.push(Box::new(move || {
-                        let _ = reply.send(digests);
-                    }));
-                }
-                CoreRequest::SetCursors { cursors, reply } => {
-                    for (name, value) in &cursors {
-                        engine.store().stage_cursor(&mut batch, name, *value);
-                    }
-                    replies.push(Box::new(move || {
-                        let _ = reply.send(());
-                    }));
-                }
-                CoreRequest::Heads { doc, reply } => {
-                    let heads = engine.heads(doc).unwrap_or_else(|e| fatal(&e));
-                    replies.push(Box::new(move || {
-                        let _ = reply.send(heads);
-                    }));
-                }
-                CoreRequest::WritesDone { plan, outcome } => {
-                    engine
-                        .writes_done(&mut batch, plan, outcome)
-                        .unwrap_or_else(|e| fatal(&e));
-                    write_back_in_flight = false;
-                    plan_needed = true;
-                }
-                CoreRequest::Stats { reply } => {
-                    let _ = reply.send(engine.stats().clone());
-                }
-            }
-        }
-        let appended = if batch.is_empty() {
-            Vec::new()
-        } else {
+        let committed = core.step(requests, now_ms()).unwrap_or_else(|e| fatal(&e));
+        if committed.batch {
             outputs.commits.fetch_add(1, Ordering::Relaxed);
-            engine.store().commit(batch).unwrap_or_else(|e| fatal(&e))
-        };
-        for reply in replies {
-            reply();
         }
-        if !appended.is_empty() {
+        if committed.appended > 0 {
             outputs
                 .log_version
-                .send_modify(|version| *version += appended.len() as u64);
+                .send_modify(|version| *version += committed.appended as u64);
         }
     }
 }

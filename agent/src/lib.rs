@@ -13,6 +13,7 @@ pub mod core;
 pub mod demo;
 pub mod engine;
 pub mod identity;
+pub mod logs;
 pub mod peers;
 pub mod replication;
 pub mod store;

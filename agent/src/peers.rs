@@ -1,5 +1,9 @@
 //! Peer connections: dialing, accepting, and one driver task per connection that
-//! owns that peer's [`Session`] and feeds it frames, time and the store's answers.
+//! pumps frames between the QUIC stream, that peer's [`Session`] and the core.
+//!
+//! The driver is a thin pump: what to do with each session event (where to
+//! subscribe, applying, repairing, answering) is the peer policy, which the core
+//! runs (`replication::policy`); the simulator drives the same session and policy.
 //!
 //! Two agents that dial each other at once end up with two connections; both sides
 //! keep the one dialed by the smaller peer id and close the other.
@@ -10,24 +14,29 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crdt_model::{ChangeHash, DocId};
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::core::{CoreHandle, CoreRequest};
-use crate::engine::{ApplyOutcome, WireEntry};
+use crate::engine::RemoteError;
 use crate::identity::PeerId;
-use crate::replication::{Event, ProtocolError, Session};
+use crate::logs::RepeatLimiter;
+use crate::replication::{Action, ProtocolError, Session};
 use crate::store::{StoreId, StoreReader};
-use crate::transport::{FrameError, Transport, read_frame, write_frame};
+use crate::transport::{FrameError, Transport, TransportError, read_frame, write_frame};
 
 /// Frames read ahead of the session per connection at most.
 pub const INBOUND_FRAMES_MAX: usize = 16;
-/// Entry batches handed to the core and not yet durable, per connection, at most.
-pub const APPLIES_IN_FLIGHT_MAX: usize = 8;
+/// Session events handed to the core and not yet answered, per connection, at most.
+pub const EVENTS_IN_FLIGHT_MAX: usize = 8;
 /// Shortest and longest wait between dial attempts.
 pub const DIAL_RETRY_MIN_MS: u64 = 100;
 /// See [`DIAL_RETRY_MIN_MS`].
-pub const DIAL_RETRY_MAX_MS: u64 = 2_000;
+pub const DIAL_RETRY_MAX_MS: u64 = 5_000;
+/// The application close code of a connection closed because the peer misbehaved.
+pub const CLOSE_CODE_REFUSED: u32 = 1;
+/// The application close code of the connection dropped for a duplicate.
+pub const CLOSE_CODE_DUPLICATE: u32 = 2;
 
 /// What every connection driver shares.
 #[derive(Debug)]
@@ -40,7 +49,7 @@ pub struct PeerContext {
     pub collections: Vec<String>,
     /// The core.
     pub core: CoreHandle,
-    /// Log and cursor reads.
+    /// Log reads.
     pub reader: StoreReader,
     /// Bumped when the log grows.
     pub log_version: watch::Receiver<u64>,
@@ -48,6 +57,8 @@ pub struct PeerContext {
     pub registry: Registry,
     /// Set to stop every driver.
     pub shutdown: watch::Receiver<bool>,
+    /// Dial attempts made, for status and tests.
+    pub dials: AtomicU64,
 }
 
 /// The live connections, one preferred per peer.
@@ -80,7 +91,8 @@ impl Registry {
             if let Some(keep) = lives.iter().rposition(|l| l.dialer == preferred) {
                 let keep = lives[keep].id;
                 for live in lives.iter().filter(|l| l.id != keep) {
-                    live.connection.close(0u32.into(), b"duplicate connection");
+                    live.connection
+                        .close(CLOSE_CODE_DUPLICATE.into(), b"duplicate connection");
                 }
             }
         }
@@ -122,28 +134,46 @@ enum DriveError {
     Frame(#[from] FrameError),
     #[error("connection: {0}")]
     Connection(#[from] quinn::ConnectionError),
-    #[error("peer sent bad entries: {0}")]
-    Refused(String),
+    #[error("the peer sent bad data: {0}")]
+    Refused(RemoteError),
     #[error("store: {0}")]
     Store(#[from] crate::store::StoreError),
     #[error("the agent is stopping")]
     Stopping,
 }
 
-/// Accepts peers until the transport closes.
+/// Accepts peers until the transport closes. Refusals are logged at most once a
+/// minute per kind and address, with a count of those not logged.
 pub async fn accept_loop(transport: Arc<Transport>, ctx: Arc<PeerContext>) {
+    let mut refusals = RepeatLimiter::default();
     while let Some(result) = transport.accept().await {
         match result {
             Ok((connection, peer)) => {
                 let ctx = ctx.clone();
                 tokio::spawn(async move { run_connection(connection, peer, peer, ctx).await });
             }
-            Err(e) => tracing::warn!(error = %e, "refused an incoming connection"),
+            Err(e) => {
+                let key = refusal_key(&e);
+                if let Some(suppressed) = refusals.allow(key, Instant::now()) {
+                    tracing::warn!(suppressed, "refused a connection: {e}");
+                }
+            }
         }
     }
 }
 
-/// Keeps a connection to `peer` at `addr` up, redialing with backoff.
+/// What a refusal is grouped by in the logs.
+fn refusal_key(error: &TransportError) -> String {
+    match error {
+        TransportError::NotPinned { peer, .. } => format!("not pinned {peer}"),
+        TransportError::Handshake { addr, .. } => format!("handshake {}", addr.ip()),
+        other => format!("{:?}", std::mem::discriminant(other)),
+    }
+}
+
+/// Keeps a connection to `peer` at `addr` up, redialing with backoff. A connection
+/// that ends before the session was established (the peer refused us, or broke the
+/// protocol) counts as a failure like any other: the wait doubles.
 pub async fn dial_loop(
     transport: Arc<Transport>,
     peer: PeerId,
@@ -151,25 +181,30 @@ pub async fn dial_loop(
     ctx: Arc<PeerContext>,
 ) {
     let mut delay = DIAL_RETRY_MIN_MS;
+    let mut failures = RepeatLimiter::default();
     let mut shutdown = ctx.shutdown.clone();
     loop {
         if *shutdown.borrow() {
             return;
         }
-        if !ctx.registry.connected(&peer) {
-            match transport.connect(addr, peer).await {
-                Ok(connection) => {
-                    delay = DIAL_RETRY_MIN_MS;
-                    run_connection(connection, peer, ctx.me, ctx.clone()).await;
-                    continue;
-                }
-                Err(e) => {
-                    tracing::debug!(%peer, %addr, error = %e, "dial failed");
-                    delay = (delay * 2).min(DIAL_RETRY_MAX_MS);
-                }
-            }
-        } else {
+        if ctx.registry.connected(&peer) {
             delay = DIAL_RETRY_MIN_MS * 5;
+        } else {
+            ctx.dials.fetch_add(1, Ordering::Relaxed);
+            let established = match transport.connect(addr, peer).await {
+                Ok(connection) => run_connection(connection, peer, ctx.me, ctx.clone()).await,
+                Err(e) => {
+                    if let Some(suppressed) = failures.allow(format!("{peer}"), Instant::now()) {
+                        tracing::info!(%peer, %addr, suppressed, "could not reach the peer: {e}");
+                    }
+                    false
+                }
+            };
+            delay = if established {
+                DIAL_RETRY_MIN_MS
+            } else {
+                (delay * 2).min(DIAL_RETRY_MAX_MS)
+            };
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(delay)) => {}
@@ -178,81 +213,88 @@ pub async fn dial_loop(
     }
 }
 
+/// Drives one connection until it ends; returns whether the session was established
+/// (the peer said hello).
 async fn run_connection(
     connection: quinn::Connection,
     peer: PeerId,
     dialer: PeerId,
     ctx: Arc<PeerContext>,
-) {
+) -> bool {
     let id = ctx.registry.add(ctx.me, peer, dialer, connection.clone());
     let dialed = dialer == ctx.me;
-    tracing::info!(%peer, remote = %connection.remote_address(), dialed, "peer connected");
-    let result = drive(&connection, dialed, &ctx).await;
+    let span = tracing::info_span!("peer", %peer);
+    let _enter = span.enter();
+    tracing::debug!(remote = %connection.remote_address(), dialed, "connection open");
+    let mut established = false;
+    let result = drive(&connection, dialed, &ctx, &mut established).await;
     ctx.registry.remove(peer, id);
+    let duplicate = matches!(
+        connection.close_reason(),
+        Some(quinn::ConnectionError::LocallyClosed)
+    ) || matches!(
+        connection.close_reason(),
+        Some(quinn::ConnectionError::ApplicationClosed(ref c)) if c.error_code == CLOSE_CODE_DUPLICATE.into()
+    );
     match result {
         Err(DriveError::Stopping) => connection.close(0u32.into(), b"agent stopping"),
-        Err(DriveError::Connection(e)) => tracing::info!(%peer, reason = %e, "peer disconnected"),
+        Err(_) if duplicate => {
+            tracing::debug!("closed a duplicate connection; the other one stays");
+        }
+        Err(DriveError::Connection(e)) => {
+            if established {
+                tracing::info!(reason = %e, "peer disconnected");
+            } else {
+                tracing::info!(reason = %e, "the peer closed the connection before saying hello");
+            }
+        }
         Err(DriveError::Frame(e)) if connection.close_reason().is_some() => {
-            tracing::info!(%peer, reason = %e, "peer disconnected")
+            tracing::info!(reason = %e, "peer disconnected");
         }
         Err(e) => {
-            tracing::warn!(%peer, error = %e, "closing the session with this peer");
-            connection.close(1u32.into(), e.to_string().as_bytes());
+            tracing::warn!(error = %e, "closing the session with this peer");
+            connection.close(CLOSE_CODE_REFUSED.into(), e.to_string().as_bytes());
         }
         Ok(()) => {}
     }
+    established
 }
 
-struct PendingApply {
-    collection: String,
-    upto: Option<u64>,
-    entries: usize,
-    /// The document of a repair.
-    doc: Option<[u8; 16]>,
-    reply: oneshot::Receiver<Result<ApplyOutcome, String>>,
-}
+/// A session event handed to the core, awaiting its actions.
+type PendingEvent = oneshot::Receiver<Result<Vec<Action>, RemoteError>>;
 
 async fn drive(
     connection: &quinn::Connection,
     dialed: bool,
     ctx: &PeerContext,
+    established: &mut bool,
 ) -> Result<(), DriveError> {
-    let (mut send, mut recv) = if dialed {
+    let (mut send, recv) = if dialed {
         connection.open_bi().await?
     } else {
         connection.accept_bi().await?
     };
     let (frames_tx, mut frames_rx) =
         mpsc::channel::<Result<Vec<u8>, FrameError>>(INBOUND_FRAMES_MAX);
-    let reader = tokio::spawn(async move {
-        loop {
-            let mut buf = Vec::new();
-            let result = match read_frame(&mut recv, &mut buf).await {
-                Ok(true) => Ok(buf),
-                Ok(false) => Err(FrameError::Truncated {
-                    expected: 4,
-                    received: 0,
-                }),
-                Err(e) => Err(e),
-            };
-            let end = result.is_err();
-            if frames_tx.send(result).await.is_err() || end {
-                return;
-            }
-        }
-    });
-    let _reader_guard = AbortOnDrop(reader);
+    let _reader = AbortOnDropHandle::new(tokio::spawn(read_frames(recv, frames_tx)));
     let mut heads = Vec::with_capacity(ctx.collections.len());
     for collection in &ctx.collections {
         heads.push((collection.clone(), ctx.reader.log_head(collection)?));
     }
     let mut session = Session::new(ctx.store, heads, Instant::now());
-    let mut pending: VecDeque<PendingApply> = VecDeque::new();
+    let mut pending: VecDeque<PendingEvent> = VecDeque::new();
     let mut log_version = ctx.log_version.clone();
     let mut shutdown = ctx.shutdown.clone();
     loop {
         while let Some(event) = session.poll_event() {
-            handle_event(&mut session, event, ctx, &mut pending).await?;
+            let peer = session
+                .peer()
+                .ok_or(ProtocolError::Unexpected("an event before hello"))?;
+            *established = true;
+            let (reply, answer) = oneshot::channel();
+            let request = CoreRequest::Peer { peer, event, reply };
+            ctx.core.send(request).await.map_err(|_| DriveError::Stopping)?;
+            pending.push_back(answer);
         }
         for (collection, from, max) in session.wants() {
             let read = ctx.reader.log_from(&collection, from, max)?;
@@ -268,23 +310,15 @@ async fn drive(
         tokio::select! {
             biased;
             _ = shutdown.changed() => return Err(DriveError::Stopping),
-            reply = async { (&mut pending.front_mut().expect("guarded").reply).await }, if !pending.is_empty() => {
-                let done = pending.pop_front().expect("guarded");
-                let outcome = reply.map_err(|_| DriveError::Stopping)?.map_err(DriveError::Refused)?;
-                match done.upto {
-                    Some(upto) => session.applied(Instant::now(), done.collection.clone(), upto, done.entries),
-                    None => {
-                        if let Some(doc) = done.doc {
-                            session.repaired(doc);
-                        }
-                    }
-                }
-                for doc in outcome.missing {
-                    let heads = heads_of(ctx, DocId(doc.0)).await?;
-                    session.need_doc(done.collection.clone(), doc.0, heads.iter().map(|h| h.0).collect());
+            reply = async { (pending.front_mut().expect("guarded")).await }, if !pending.is_empty() => {
+                pending.pop_front();
+                let actions = reply.map_err(|_| DriveError::Stopping)?.map_err(DriveError::Refused)?;
+                let now = Instant::now();
+                for action in actions {
+                    session.act(now, action);
                 }
             }
-            frame = frames_rx.recv(), if pending.len() < APPLIES_IN_FLIGHT_MAX => {
+            frame = frames_rx.recv(), if pending.len() < EVENTS_IN_FLIGHT_MAX => {
                 let frame = frame.ok_or(DriveError::Stopping)??;
                 session.handle(Instant::now(), &frame)?;
             }
@@ -295,212 +329,24 @@ async fn drive(
     }
 }
 
-async fn handle_event(
-    session: &mut Session,
-    event: Event,
-    ctx: &PeerContext,
-    pending: &mut VecDeque<PendingApply>,
-) -> Result<(), DriveError> {
-    match event {
-        Event::PeerHello { store } => {
-            let mut cursors = Vec::with_capacity(ctx.collections.len());
-            let mut anti_entropy = Vec::new();
-            let mut marks = Vec::new();
-            for collection in &ctx.collections {
-                let name = crate::store::peer_cursor(&store, collection);
-                let mark = crate::store::anti_entropy_mark(&store, collection);
-                let (cursor, walk) = session.subscription(
-                    collection,
-                    ctx.reader.cursor(&name)?,
-                    ctx.reader.cursor(&mark)? == 1,
-                    ctx.reader.log_head(collection)? > 0,
-                );
-                if walk {
-                    marks.push((name, cursor));
-                    marks.push((mark, 1));
-                    anti_entropy.push(collection.clone());
-                }
-                cursors.push((collection.clone(), cursor));
-            }
-            if !marks.is_empty() {
-                set_cursors(ctx, marks).await?;
-            }
-            session.subscribe(cursors);
-            for collection in anti_entropy {
-                tracing::info!(%collection, "cursor lost: comparing digests with the peer");
-                session.start_anti_entropy(collection);
-            }
+/// Reads frames from the stream into `frames` until it ends or fails.
+async fn read_frames(
+    mut recv: quinn::RecvStream,
+    frames: mpsc::Sender<Result<Vec<u8>, FrameError>>,
+) {
+    loop {
+        let mut buf = Vec::new();
+        let result = match read_frame(&mut recv, &mut buf).await {
+            Ok(true) => Ok(buf),
+            Ok(false) => Err(FrameError::Truncated {
+                expected: 4,
+                received: 0,
+            }),
+            Err(e) => Err(e),
+        };
+        let end = result.is_err();
+        if frames.send(result).await.is_err() || end {
+            return;
         }
-        Event::DigestQuery {
-            collection,
-            depth,
-            prefix,
-        } => {
-            let digests = digest_children(ctx, &collection, depth, prefix).await?;
-            let digests =
-                digests.ok_or(ProtocolError::Unexpected("a digest query outside the tree"))?;
-            session.digests(collection, depth, prefix, digests);
-        }
-        Event::BucketQuery { collection, bucket } => {
-            let docs = ctx.reader.bucket_docs(&collection, bucket)?;
-            session.bucket(collection, bucket, docs);
-        }
-        Event::Digests {
-            collection,
-            depth,
-            prefix,
-            digests,
-        } => {
-            let ours = digest_children(ctx, &collection, depth, prefix).await?;
-            let ours = ours.ok_or(ProtocolError::Unexpected("digests outside the tree"))?;
-            session.compare_digests(&collection, depth, prefix, &digests, &ours);
-        }
-        Event::Bucket {
-            collection,
-            bucket: _,
-            docs,
-        } => {
-            for (doc, theirs) in docs {
-                if ctx.reader.doc_digest(&collection, DocId(doc))? != theirs {
-                    let heads = heads_of(ctx, DocId(doc)).await?;
-                    session.repair(collection.clone(), doc, heads.iter().map(|h| h.0).collect());
-                }
-            }
-            session.answered(&collection);
-        }
-        Event::AntiEntropyDone { collection } => {
-            if let Some(store) = session.peer() {
-                tracing::info!(%collection, "anti-entropy finished");
-                set_cursors(
-                    ctx,
-                    vec![(crate::store::anti_entropy_mark(&store, &collection), 0)],
-                )
-                .await?;
-            }
-        }
-        Event::Apply {
-            collection,
-            upto,
-            entries,
-        } => {
-            apply(session, ctx, pending, collection, Some(upto), entries).await?;
-        }
-        Event::DocChanges {
-            collection,
-            doc,
-            changes,
-        } => {
-            let entry = WireEntry {
-                seq: 0,
-                doc,
-                changes,
-            };
-            apply(session, ctx, pending, collection, None, vec![entry]).await?;
-            if let Some(last) = pending.back_mut() {
-                last.doc = Some(doc);
-            }
-        }
-        Event::NeedDoc {
-            collection,
-            doc,
-            heads,
-        } => {
-            let (reply, answer) = oneshot::channel();
-            let heads = heads.into_iter().map(ChangeHash).collect();
-            ctx.core
-                .send(CoreRequest::ChangesSince {
-                    doc: DocId(doc),
-                    heads,
-                    reply,
-                })
-                .await
-                .map_err(|_| DriveError::Stopping)?;
-            // Always answered, with nothing when the document is unknown here.
-            match answer.await.map_err(|_| DriveError::Stopping)? {
-                Some(found) => session.doc_changes(found.collection, doc, found.changes),
-                None => session.doc_changes(collection, doc, Vec::new()),
-            }
-        }
-    }
-    Ok(())
-}
-
-async fn apply(
-    session: &Session,
-    ctx: &PeerContext,
-    pending: &mut VecDeque<PendingApply>,
-    collection: String,
-    upto: Option<u64>,
-    entries: Vec<WireEntry>,
-) -> Result<(), DriveError> {
-    let origin = session
-        .peer()
-        .ok_or(ProtocolError::Unexpected("entries before hello"))?;
-    let (reply, answer) = oneshot::channel();
-    let count = entries.len();
-    let request = CoreRequest::Apply {
-        origin,
-        collection: collection.clone(),
-        upto,
-        entries,
-        reply,
-    };
-    ctx.core
-        .send(request)
-        .await
-        .map_err(|_| DriveError::Stopping)?;
-    pending.push_back(PendingApply {
-        collection,
-        upto,
-        entries: count,
-        doc: None,
-        reply: answer,
-    });
-    Ok(())
-}
-
-async fn digest_children(
-    ctx: &PeerContext,
-    collection: &str,
-    depth: u8,
-    prefix: u32,
-) -> Result<Option<Vec<u64>>, DriveError> {
-    let (reply, answer) = oneshot::channel();
-    let request = CoreRequest::DigestChildren {
-        collection: collection.to_owned(),
-        depth,
-        prefix,
-        reply,
-    };
-    ctx.core
-        .send(request)
-        .await
-        .map_err(|_| DriveError::Stopping)?;
-    answer.await.map_err(|_| DriveError::Stopping)
-}
-
-async fn set_cursors(ctx: &PeerContext, cursors: Vec<(String, u64)>) -> Result<(), DriveError> {
-    let (reply, answer) = oneshot::channel();
-    ctx.core
-        .send(CoreRequest::SetCursors { cursors, reply })
-        .await
-        .map_err(|_| DriveError::Stopping)?;
-    answer.await.map_err(|_| DriveError::Stopping)
-}
-
-async fn heads_of(ctx: &PeerContext, doc: DocId) -> Result<Vec<ChangeHash>, DriveError> {
-    let (reply, answer) = oneshot::channel();
-    ctx.core
-        .send(CoreRequest::Heads { doc, reply })
-        .await
-        .map_err(|_| DriveError::Stopping)?;
-    answer.await.map_err(|_| DriveError::Stopping)
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }

@@ -13,6 +13,7 @@
 //! | `pending` | doc id                                | empty: the doc awaits write-back   |
 //! | `dead`    | tool, 0, collection, 0, key           | [`DeadLetter`]                     |
 //! | `digests` | collection, 0, doc id                 | the document's heads digest (u64 BE) |
+//! | `quarantine` | doc id                             | [`Quarantined`]                    |
 //!
 //! All writes of one step go into one [`Batch`], committed with fsync before the
 //! step is acknowledged or anything of it is sent (Architecture Invariant). A failed
@@ -89,6 +90,31 @@ pub struct DeadLetter {
     /// The record's key.
     pub key: String,
     /// Why it was set aside.
+    pub reason: LetterReason,
+}
+
+/// Why a record became a dead letter, by kind.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum LetterReason {
+    /// The tool's row holds a value that does not fit its column.
+    #[error("{0}")]
+    InvalidRow(connectors::sqlite::InvalidValue),
+    /// The tool refused the write-back.
+    #[error("{0}")]
+    Rejected(connectors::sqlite::Rejection),
+}
+
+/// A document set aside because a peer's change made it unreadable: the change was
+/// refused and the peer's session closed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Quarantined {
+    /// The collection the peer sent it in.
+    pub collection: String,
+    /// The document.
+    pub doc: [u8; 16],
+    /// The peer store the change came from, if a peer sent it.
+    pub peer: Option<StoreId>,
+    /// What was wrong.
     pub reason: String,
 }
 
@@ -111,6 +137,7 @@ pub struct Store {
     pending: Keyspace,
     dead: Keyspace,
     digests: Keyspace,
+    quarantine: Keyspace,
     /// Per collection, the XOR of heads digests in each bucket (built on first use).
     buckets: HashMap<String, Vec<u64>>,
     actor: StoreId,
@@ -164,6 +191,7 @@ pub struct StoreReader {
     dead: Keyspace,
     docs: Keyspace,
     pending: Keyspace,
+    quarantine: Keyspace,
 }
 
 impl std::fmt::Debug for StoreReader {
@@ -224,6 +252,7 @@ impl Store {
             pending: open("pending")?,
             dead: open("dead")?,
             digests: open("digests")?,
+            quarantine: open("quarantine")?,
             buckets: HashMap::new(),
             db,
             actor,
@@ -249,6 +278,7 @@ impl Store {
             dead: self.dead.clone(),
             docs: self.docs.clone(),
             pending: self.pending.clone(),
+            quarantine: self.quarantine.clone(),
         }
     }
 
@@ -267,7 +297,9 @@ impl Store {
 
     /// Commits `batch` atomically and fsyncs it; returns the log entries it appended.
     pub fn commit(&mut self, batch: Batch) -> Result<Vec<(String, u64)>, StoreError> {
-        batch.inner.commit()?;
+        if !batch.inner.is_empty() {
+            batch.inner.commit()?;
+        }
         self.staged = Staged::default();
         Ok(batch.appended)
     }
@@ -356,9 +388,9 @@ impl Store {
         }
         batch.inner.insert(&docs, id.0, cached.stored.as_slice());
         let stored = cached.stored.clone();
-        self.staged.docs.insert(id, stored);
         let mut heads = cached.doc.heads();
         heads.sort();
+        self.staged.docs.insert(id, stored);
         self.stage_digest(batch, collection, id, heads_digest(id, &heads), new_doc)?;
         let seq = self.next_seq(collection)?;
         let entry = LogEntry {
@@ -466,6 +498,13 @@ impl Store {
         }
     }
 
+    /// Stages a quarantined document.
+    pub fn stage_quarantine(&self, batch: &mut Batch, quarantined: &Quarantined) {
+        batch
+            .inner
+            .insert(&self.quarantine, quarantined.doc, encode(quarantined));
+    }
+
     /// Stages a dead letter (or clears the one for this record with `None`).
     pub fn stage_dead_letter(
         &self,
@@ -555,6 +594,14 @@ impl StoreReader {
         self.dead
             .iter()
             .map(|guard| decode(&guard.value()?, "dead letter"))
+            .collect()
+    }
+
+    /// All quarantined documents.
+    pub fn quarantined(&self) -> Result<Vec<Quarantined>, StoreError> {
+        self.quarantine
+            .iter()
+            .map(|guard| decode(&guard.value()?, "quarantined document"))
             .collect()
     }
 
@@ -739,6 +786,43 @@ impl Store {
             })
             .collect();
         Ok(Some(children))
+    }
+}
+
+impl Store {
+    /// The documents of bucket `bucket` of `collection` with their heads digests,
+    /// counting what the open batch staged.
+    pub fn bucket_docs(
+        &self,
+        collection: &str,
+        bucket: u16,
+    ) -> Result<Vec<([u8; 16], u64)>, StoreError> {
+        let mut docs: std::collections::BTreeMap<[u8; 16], u64> =
+            self.reader().bucket_docs(collection, bucket)?.into_iter().collect();
+        for ((staged_collection, id), digest) in &self.staged.digests {
+            if staged_collection == collection && bucket_of(*id) == usize::from(bucket) {
+                docs.insert(id.0, *digest);
+            }
+        }
+        Ok(docs.into_iter().collect())
+    }
+
+    /// The heads digest of document `id` in `collection` (0 if unknown), counting
+    /// what the open batch staged.
+    pub fn doc_digest(&self, collection: &str, id: DocId) -> Result<u64, StoreError> {
+        match self.staged.digests.get(&(collection.to_owned(), id)) {
+            Some(digest) => Ok(*digest),
+            None => self.reader().doc_digest(collection, id),
+        }
+    }
+
+    /// The highest seq in `collection`'s log (0 if empty), counting what the open
+    /// batch appended.
+    pub fn log_head(&self, collection: &str) -> Result<u64, StoreError> {
+        match self.log_next.get(collection) {
+            Some(next) => Ok(next - 1),
+            None => self.reader().log_head(collection),
+        }
     }
 }
 

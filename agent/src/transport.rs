@@ -19,7 +19,7 @@
 //! Architecture Invariant: this module knows QUIC and TLS, not the replication
 //! protocol; it moves authenticated, bounded byte frames and nothing else.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -40,7 +40,7 @@ use rustls::{
     SignatureScheme,
 };
 use tokio::sync::Mutex;
-use tokio::task::JoinSet;
+use tokio::task::{AbortHandle, JoinSet};
 
 use crate::identity::{Identity, PeerId, peer_id_of};
 
@@ -58,8 +58,17 @@ pub const KEEP_ALIVE_INTERVAL_MS: u64 = 2_000;
 /// This also bounds how long a handshake with an unresponsive address can take.
 pub const IDLE_TIMEOUT_MS: u32 = 10_000;
 
-/// How many incoming handshakes may run at once; further connection attempts are refused.
+/// How many incoming handshakes may run at once; a new one beyond it ends the oldest.
+/// Only addresses that proved they receive what is sent to them (QUIC Retry) get
+/// this far, and a handshake on a working link takes milliseconds, so junk cannot
+/// hold the slots while a real peer waits.
 pub const HANDSHAKES_IN_FLIGHT_MAX: usize = 64;
+
+/// How long an incoming handshake may take before it is abandoned.
+pub const HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
+
+/// The application close code for a peer that is not pinned.
+pub const CLOSE_CODE_NOT_PINNED: u32 = 3;
 
 /// The server name sent in the TLS handshake; peers are identified by [`PeerId`], not names.
 const SERVER_NAME: &str = "concord";
@@ -112,12 +121,18 @@ pub enum TransportError {
         /// The peer's address.
         addr: SocketAddr,
     },
-    /// A connection attempt was refused because [`HANDSHAKES_IN_FLIGHT_MAX`] were under way.
-    #[error(
-        "refused connection from {addr}: {HANDSHAKES_IN_FLIGHT_MAX} handshakes already in flight"
-    )]
-    TooManyHandshakes {
-        /// The refused peer's address.
+    /// The peer proved its key, but its id is not pinned: it is not let in.
+    #[error("peer {peer} at {addr} is not in this agent's [[peer]] list")]
+    NotPinned {
+        /// The peer's id.
+        peer: PeerId,
+        /// Its address.
+        addr: SocketAddr,
+    },
+    /// The handshake did not finish within [`HANDSHAKE_TIMEOUT_MS`].
+    #[error("handshake with {addr} did not finish within {HANDSHAKE_TIMEOUT_MS} ms")]
+    HandshakeTimeout {
+        /// The peer's address.
         addr: SocketAddr,
     },
 }
@@ -209,9 +224,6 @@ impl PinnedPeers {
 /// that logs on the refusing side say which peer it was.
 #[derive(Debug, thiserror::Error)]
 enum PinError {
-    /// A client's id is not in the pin set.
-    #[error("peer {0} is not pinned")]
-    NotPinned(PeerId),
     /// A server's id is not the one dialled.
     #[error("expected peer {expected}, but the server is {actual}")]
     UnexpectedPeer {
@@ -286,10 +298,11 @@ impl ServerCertVerifier for ExpectedServerVerifier {
     }
 }
 
-/// Requires a client certificate and accepts it only if its [`PeerId`] is pinned.
+/// Requires a client certificate and its signature; whether its [`PeerId`] is pinned
+/// is checked once the handshake has proved the key (see `handshake`), so that a
+/// refusal names the peer plainly.
 #[derive(Debug)]
 struct PinnedClientVerifier {
-    pinned: Arc<PinnedPeers>,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
@@ -312,10 +325,7 @@ impl ClientCertVerifier for PinnedClientVerifier {
         _intermediates: &[CertificateDer<'_>],
         _now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let peer = presented_peer_id(end_entity)?;
-        if !self.pinned.contains(&peer) {
-            return Err(pin_error(PinError::NotPinned(peer)));
-        }
+        presented_peer_id(end_entity)?;
         Ok(ClientCertVerified::assertion())
     }
 
@@ -349,8 +359,11 @@ pub struct Transport {
     identity: Identity,
     provider: Arc<CryptoProvider>,
     transport_config: Arc<quinn::TransportConfig>,
-    /// Incoming handshakes under way, so that one slow peer cannot hold up the others.
-    handshakes: Mutex<JoinSet<Accepted>>,
+    /// The peers let in.
+    pinned: Arc<PinnedPeers>,
+    /// Incoming handshakes under way, so that one slow peer cannot hold up the
+    /// others, with their abort handles oldest first.
+    handshakes: Mutex<(JoinSet<Accepted>, VecDeque<AbortHandle>)>,
     /// Set by [`Transport::close`].
     closed: AtomicBool,
 }
@@ -369,7 +382,6 @@ impl Transport {
         let transport_config = Arc::new(transport_config());
 
         let verifier = Arc::new(PinnedClientVerifier {
-            pinned,
             algorithms: provider.signature_verification_algorithms,
         });
         let mut tls = rustls::ServerConfig::builder_with_provider(provider.clone())
@@ -396,7 +408,8 @@ impl Transport {
             identity: identity.clone(),
             provider,
             transport_config,
-            handshakes: Mutex::new(JoinSet::new()),
+            pinned,
+            handshakes: Mutex::new((JoinSet::new(), VecDeque::new())),
             closed: AtomicBool::new(false),
         })
     }
@@ -459,12 +472,18 @@ impl Transport {
     ///
     /// Yields `Some(Err(..))` for a handshake that failed, including a client
     /// that is not pinned; log it and call `accept` again. Returns `None` once
-    /// the endpoint is closed. Handshakes run concurrently, at most
-    /// [`HANDSHAKES_IN_FLIGHT_MAX`] at a time, each bounded by
-    /// [`IDLE_TIMEOUT_MS`], and keep running between calls. Cancel-safe; callers
-    /// share one queue, so one accept loop per transport is the expected use.
+    /// the endpoint is closed.
+    ///
+    /// An address that has not proved it receives what is sent to it is answered
+    /// with a QUIC Retry, which costs no state: spoofed or junk Initial packets never
+    /// start a handshake. Handshakes run concurrently, at most
+    /// [`HANDSHAKES_IN_FLIGHT_MAX`] at a time (a new one ends the oldest), each
+    /// bounded by [`HANDSHAKE_TIMEOUT_MS`], and keep running between calls.
+    /// Cancel-safe; callers share one queue, so one accept loop per transport is the
+    /// expected use.
     pub async fn accept(&self) -> Option<Result<(quinn::Connection, PeerId), TransportError>> {
-        let mut handshakes = self.handshakes.lock().await;
+        let mut guard = self.handshakes.lock().await;
+        let (handshakes, order) = &mut *guard;
         loop {
             if self.closed.load(Ordering::Acquire) {
                 // Handshakes still in flight fail with the endpoint; nobody needs those errors.
@@ -478,17 +497,24 @@ impl Transport {
                     Ok(accepted) if !self.closed.load(Ordering::Acquire) => return Some(accepted),
                     Ok(_) => continue,
                     Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-                    // Only aborted tasks end otherwise, and only a closed transport aborts them.
+                    // Only aborted tasks end otherwise: the oldest handshakes, ended
+                    // for newer ones, and all of them when the transport closes.
                     Err(_) => continue,
                 },
                 incoming = self.endpoint.accept() => {
                     let incoming = incoming?;
-                    let addr = incoming.remote_address();
-                    if handshakes.len() >= HANDSHAKES_IN_FLIGHT_MAX {
-                        incoming.refuse();
-                        return Some(Err(TransportError::TooManyHandshakes { addr }));
+                    if !incoming.remote_address_validated() && incoming.may_retry() {
+                        // Stateless: the address must echo the token to go on.
+                        let _ = incoming.retry();
+                        continue;
                     }
-                    handshakes.spawn(handshake(incoming));
+                    order.retain(|handle| !handle.is_finished());
+                    while order.len() >= HANDSHAKES_IN_FLIGHT_MAX {
+                        if let Some(oldest) = order.pop_front() {
+                            oldest.abort();
+                        }
+                    }
+                    order.push_back(handshakes.spawn(handshake(incoming, self.pinned.clone())));
                 }
             }
         }
@@ -509,19 +535,27 @@ impl Transport {
     }
 }
 
-/// Completes the server side of one handshake and names the client.
-async fn handshake(incoming: quinn::Incoming) -> Accepted {
+/// Completes the server side of one handshake, names the client and lets it in only
+/// if it is pinned; an unpinned client's connection is closed before any stream.
+async fn handshake(incoming: quinn::Incoming, pinned: Arc<PinnedPeers>) -> Accepted {
     let addr = incoming.remote_address();
-    let connection = incoming
+    let timeout = Duration::from_millis(HANDSHAKE_TIMEOUT_MS);
+    let connection = tokio::time::timeout(timeout, incoming)
         .await
+        .map_err(|_| TransportError::HandshakeTimeout { addr })?
         .map_err(|source| TransportError::Handshake { addr, source })?;
-    match remote_peer_id(&connection) {
-        Some(peer) => Ok((connection, peer)),
-        None => {
-            connection.close(VarInt::from_u32(CLOSE_CODE_SHUTDOWN), b"no certificate");
-            Err(TransportError::NoPeerCertificate { addr })
-        }
+    let Some(peer) = remote_peer_id(&connection) else {
+        connection.close(VarInt::from_u32(CLOSE_CODE_SHUTDOWN), b"no certificate");
+        return Err(TransportError::NoPeerCertificate { addr });
+    };
+    if !pinned.contains(&peer) {
+        connection.close(
+            VarInt::from_u32(CLOSE_CODE_NOT_PINNED),
+            b"not in this agent's peer list",
+        );
+        return Err(TransportError::NotPinned { peer, addr });
     }
+    Ok((connection, peer))
 }
 
 fn transport_config() -> quinn::TransportConfig {
@@ -691,11 +725,12 @@ mod tests {
 
         let server_task = async {
             match server.transport.accept().await {
-                Some(Err(TransportError::Handshake { source, .. })) => {
-                    let text = source.to_string();
+                Some(Err(e @ TransportError::NotPinned { .. })) => {
+                    let text = e.to_string();
                     assert!(
-                        text.contains(&client.identity.peer_id().to_string()),
-                        "refusal should name the client: {text}"
+                        text.contains(&client.identity.peer_id().to_string())
+                            && text.contains("is not in this agent's [[peer]] list"),
+                        "refusal should name the client in a sentence: {text}"
                     );
                     Ok(())
                 }
@@ -704,8 +739,8 @@ mod tests {
             }
         };
         let client_task = async {
-            // The client may finish its half of the handshake before the server
-            // checks its certificate; either way the connection must not survive.
+            // The client's key is proved by the handshake, then the server closes the
+            // connection before any stream: the client is not pinned.
             match client
                 .transport
                 .connect(server_addr, server.identity.peer_id())
@@ -714,7 +749,9 @@ mod tests {
                 Err(TransportError::Handshake { .. }) => Ok(()),
                 Err(e) => Err(format!("unexpected error {e}")),
                 Ok(conn) => match conn.closed().await {
-                    ConnectionError::TransportError(_) | ConnectionError::ConnectionClosed(_) => {
+                    ConnectionError::ApplicationClosed(close)
+                        if close.error_code == VarInt::from_u32(CLOSE_CODE_NOT_PINNED) =>
+                    {
                         Ok(())
                     }
                     e => Err(format!("unexpected close {e}")),

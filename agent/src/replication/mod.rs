@@ -9,14 +9,21 @@
 //! receiver itself sent are skipped. Applying is idempotent, so a replay is harmless;
 //! catch-up costs what changed while apart. A document left with missing
 //! dependencies is repaired by a per-document exchange of heads.
+//!
+//! The [`policy`] decides what to do with each session event against the engine;
+//! it runs inside the core's group commit, for the QUIC driver and the simulator
+//! alike.
 
 mod message;
+pub mod policy;
 mod session;
 
 pub use message::{Message, decode, encode};
+pub use policy::Action;
 pub use session::{
     ACK_DELAY_MS, ACK_ENTRIES_MAX, ACK_TIMEOUT_MS, DOC_HEADS_MAX, ENTRIES_PER_MESSAGE_MAX, Event,
-    HELLO_TIMEOUT_MS, IN_FLIGHT_ENTRIES_MAX, MESSAGE_CHANGE_BYTES_MAX, ProtocolError,
+    HELLO_TIMEOUT_MS, IN_FLIGHT_ENTRIES_MAX, MESSAGE_CHANGE_BYTES_MAX, NEED_DOCS_IN_FLIGHT_MAX,
+    ProtocolError,
     SUBSCRIBE_COLLECTIONS_MAX, SUBSCRIBE_TIMEOUT_MS, Session,
 };
 

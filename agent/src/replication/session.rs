@@ -6,11 +6,12 @@
 //! Log reads go through [`Session::wants`] and [`Session::send_entries`], so the
 //! session never touches the store itself.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use super::PROTOCOL_VERSION;
 use super::message::{Message, decode, encode};
+use super::policy::Action;
 use crate::engine::WireEntry;
 use crate::store::{LogEntry, StoreId};
 
@@ -35,6 +36,9 @@ pub const ACK_TIMEOUT_MS: u64 = 30_000;
 pub const SUBSCRIBE_TIMEOUT_MS: u64 = 10_000;
 /// How long a peer has to say hello.
 pub const HELLO_TIMEOUT_MS: u64 = 10_000;
+/// Repair requests (`NeedDoc`) sent and not yet answered, at most; more are not sent
+/// until answers arrive (the document stays waiting and is asked for again later).
+pub const NEED_DOCS_IN_FLIGHT_MAX: usize = 4096;
 
 /// Something the driver must act on.
 #[derive(Debug, Clone, PartialEq)]
@@ -44,6 +48,8 @@ pub enum Event {
     PeerHello {
         /// The peer's store id.
         store: StoreId,
+        /// The last seq of each of the peer's logs this agent syncs.
+        heads: Vec<(String, u64)>,
     },
     /// Entries of the peer's log to apply; then call [`Session::applied`].
     Apply {
@@ -184,12 +190,16 @@ pub struct Session {
     events: VecDeque<Event>,
     streams: BTreeMap<String, Stream>,
     inbound: BTreeMap<String, Inbound>,
-    /// The peer's log heads, from its hello.
-    peer_heads: Vec<(String, u64)>,
+    /// The collections this agent syncs with the peer: nothing else is streamed,
+    /// repaired or answered.
+    collections: BTreeSet<String>,
     /// Per collection in anti-entropy: queries and repairs not yet answered.
     anti_entropy: BTreeMap<String, usize>,
-    /// Documents repaired for anti-entropy, awaiting their changes.
-    repairs: BTreeMap<[u8; 16], String>,
+    /// Repair requests sent and not answered, in order: (document, collection,
+    /// whether anti-entropy counts it). The peer answers them in order.
+    asked: VecDeque<([u8; 16], String, bool)>,
+    /// Repair answers received and handed to the driver, not yet applied, in order.
+    repairing: VecDeque<([u8; 16], String, bool)>,
     /// Acknowledgements not sent yet: collection to the last seq persisted.
     acks: BTreeMap<String, u64>,
     /// Entries covered by `acks`.
@@ -205,8 +215,10 @@ pub struct Session {
 }
 
 impl Session {
-    /// A new session of the store `local`, whose logs end at `heads`; queues the hello.
+    /// A new session of the store `local`, syncing the collections of `heads`, whose
+    /// logs end at `heads`; queues the hello.
     pub fn new(local: StoreId, heads: Vec<(String, u64)>, now: Instant) -> Session {
+        let collections: Vec<String> = heads.iter().map(|(c, _)| c.clone()).collect();
         let mut session = Session {
             local,
             peer: None,
@@ -215,9 +227,10 @@ impl Session {
             events: VecDeque::new(),
             streams: BTreeMap::new(),
             inbound: BTreeMap::new(),
-            peer_heads: Vec::new(),
+            collections: collections.into_iter().collect(),
             anti_entropy: BTreeMap::new(),
-            repairs: BTreeMap::new(),
+            asked: VecDeque::new(),
+            repairing: VecDeque::new(),
             acks: BTreeMap::new(),
             ack_entries: 0,
             ack_deadline: None,
@@ -260,7 +273,6 @@ impl Session {
                 if heads.len() > SUBSCRIBE_COLLECTIONS_MAX {
                     return Err(ProtocolError::Limit("collections in a hello"));
                 }
-                self.peer_heads = heads;
                 if self.peer.is_some() {
                     return Err(ProtocolError::Unexpected("a second hello"));
                 }
@@ -273,7 +285,11 @@ impl Session {
                 self.peer = Some(store);
                 self.hello_deadline = None;
                 self.subscribe_deadline = Some(now + Duration::from_millis(SUBSCRIBE_TIMEOUT_MS));
-                self.events.push_back(Event::PeerHello { store });
+                let heads = heads
+                    .into_iter()
+                    .filter(|(c, _)| self.collections.contains(c))
+                    .collect();
+                self.events.push_back(Event::PeerHello { store, heads });
             }
             Message::Subscribe { cursors } => {
                 if cursors.len() > SUBSCRIBE_COLLECTIONS_MAX {
@@ -283,6 +299,11 @@ impl Session {
                     return Err(ProtocolError::Unexpected("a second subscription"));
                 }
                 for (collection, next) in cursors {
+                    // A collection this agent does not sync with the peer is not
+                    // streamed (and costs nothing).
+                    if !self.collections.contains(&collection) {
+                        continue;
+                    }
                     let next = next.max(1);
                     let stream = Stream {
                         next,
@@ -347,6 +368,7 @@ impl Session {
                 if heads.len() > DOC_HEADS_MAX {
                     return Err(ProtocolError::Limit("heads of a document"));
                 }
+                self.check_collection(&collection)?;
                 self.events.push_back(Event::NeedDoc {
                     collection,
                     doc,
@@ -361,6 +383,7 @@ impl Session {
                 if crate::store::child_bits(depth).is_none() || u64::from(prefix) >= 1 << depth {
                     return Err(ProtocolError::Unexpected("a digest query outside the tree"));
                 }
+                self.check_collection(&collection)?;
                 self.events.push_back(Event::DigestQuery {
                     collection,
                     depth,
@@ -368,6 +391,7 @@ impl Session {
                 });
             }
             Message::BucketQuery { collection, bucket } => {
+                self.check_collection(&collection)?;
                 self.events
                     .push_back(Event::BucketQuery { collection, bucket });
             }
@@ -408,6 +432,18 @@ impl Session {
                 doc,
                 changes,
             } => {
+                // Only the answer to the oldest repair request is accepted: changes
+                // nobody asked for are refused.
+                match self.asked.pop_front() {
+                    Some(asked) if asked.0 == doc && asked.1 == collection => {
+                        self.repairing.push_back(asked);
+                    }
+                    _ => {
+                        return Err(ProtocolError::Unexpected(
+                            "changes of a document not asked for",
+                        ));
+                    }
+                }
                 self.events.push_back(Event::DocChanges {
                     collection,
                     doc,
@@ -455,39 +491,38 @@ impl Session {
     }
 
     /// Asks the peer for the changes of `doc` that a document with `heads` lacks.
-    pub fn need_doc(&mut self, collection: String, doc: [u8; 16], heads: Vec<[u8; 32]>) {
+    /// Returns false, asking nothing, when [`NEED_DOCS_IN_FLIGHT_MAX`] requests wait
+    /// for their answers.
+    pub fn need_doc(&mut self, collection: String, doc: [u8; 16], heads: Vec<[u8; 32]>) -> bool {
+        self.ask(collection, doc, heads, false)
+    }
+
+    fn ask(
+        &mut self,
+        collection: String,
+        doc: [u8; 16],
+        heads: Vec<[u8; 32]>,
+        anti_entropy: bool,
+    ) -> bool {
+        if self.asked.len() + self.repairing.len() >= NEED_DOCS_IN_FLIGHT_MAX {
+            return false;
+        }
+        self.asked.push_back((doc, collection.clone(), anti_entropy));
         self.queue(&Message::NeedDoc {
             collection,
             doc,
             heads,
         });
+        true
     }
 
-    /// The last seq of the peer's log of `collection`, from its hello (0 if none).
-    pub fn peer_head(&self, collection: &str) -> u64 {
-        self.peer_heads
-            .iter()
-            .find(|(c, _)| c == collection)
-            .map_or(0, |(_, head)| *head)
-    }
-
-    /// Where to subscribe to the peer's log of `collection`, and whether to walk its
-    /// digest tree first, given the persisted `cursor` (0: none), whether an earlier
-    /// walk was cut short (`marked`) and whether this store holds documents of the
-    /// collection. A store with documents but no cursor (lost, or a new peer store)
-    /// streams from the peer's head and repairs the rest by digests instead of
-    /// replaying the peer's whole log.
-    pub fn subscription(
-        &self,
-        collection: &str,
-        cursor: u64,
-        marked: bool,
-        holds_docs: bool,
-    ) -> (u64, bool) {
-        if marked || (cursor == 0 && holds_docs) {
-            (cursor.max(self.peer_head(collection) + 1), true)
+    fn check_collection(&self, collection: &str) -> Result<(), ProtocolError> {
+        if self.collections.contains(collection) {
+            Ok(())
         } else {
-            (cursor, false)
+            Err(ProtocolError::Unexpected(
+                "a request about a collection not synced with this peer",
+            ))
         }
     }
 
@@ -518,8 +553,10 @@ impl Session {
     /// [`Session::repaired`]).
     pub fn repair(&mut self, collection: String, doc: [u8; 16], heads: Vec<[u8; 32]>) {
         *self.anti_entropy.entry(collection.clone()).or_default() += 1;
-        self.repairs.insert(doc, collection.clone());
-        self.need_doc(collection, doc, heads);
+        if !self.ask(collection.clone(), doc, heads, true) {
+            // Too many repairs wait; this one is left for the next session's walk.
+            self.answered(&collection);
+        }
     }
 
     /// Acts on an [`Event::Digests`], given our digests of the same children: queries
@@ -564,8 +601,68 @@ impl Session {
 
     /// The driver applied the changes of `doc` from an [`Event::DocChanges`].
     pub fn repaired(&mut self, doc: [u8; 16]) {
-        if let Some(collection) = self.repairs.remove(&doc) {
+        debug_assert!(self.repairing.front().is_some_and(|(d, _, _)| *d == doc));
+        if let Some((_, collection, anti_entropy)) = self.repairing.pop_front()
+            && anti_entropy
+        {
             self.answered(&collection);
+        }
+    }
+
+    /// Carries out an [`Action`] of the peer policy, once its batch is committed.
+    pub fn act(&mut self, now: Instant, action: Action) {
+        match action {
+            Action::Subscribe {
+                cursors,
+                anti_entropy,
+            } => {
+                self.subscribe(cursors);
+                for collection in anti_entropy {
+                    self.start_anti_entropy(collection);
+                }
+            }
+            Action::Applied {
+                collection,
+                upto,
+                entries,
+            } => self.applied(now, collection, upto, entries),
+            Action::Ask {
+                collection,
+                doc,
+                heads,
+            } => {
+                self.need_doc(collection, doc, heads);
+            }
+            Action::Repaired { doc } => self.repaired(doc),
+            Action::Digests {
+                collection,
+                depth,
+                prefix,
+                digests,
+            } => self.digests(collection, depth, prefix, digests),
+            Action::Bucket {
+                collection,
+                bucket,
+                docs,
+            } => self.bucket(collection, bucket, docs),
+            Action::DocChanges {
+                collection,
+                doc,
+                changes,
+            } => self.doc_changes(collection, doc, changes),
+            Action::CompareDigests {
+                collection,
+                depth,
+                prefix,
+                theirs,
+                ours,
+            } => self.compare_digests(&collection, depth, prefix, &theirs, &ours),
+            Action::Repair {
+                collection,
+                doc,
+                heads,
+            } => self.repair(collection, doc, heads),
+            Action::Answered { collection } => self.answered(&collection),
         }
     }
 
@@ -758,12 +855,12 @@ mod tests {
     {
         let now = Instant::now();
         let (a_id, b_id) = ([1; 16], [2; 16]);
-        let mut a = Session::new(a_id, vec![], now);
-        let mut b = Session::new(b_id, vec![], now);
+        let mut a = Session::new(a_id, vec![("customers".into(), 0), ("c".into(), 0)], now);
+        let mut b = Session::new(b_id, vec![("customers".into(), 0), ("c".into(), 0)], now);
         deliver(&mut a, &mut b, now)?;
         deliver(&mut b, &mut a, now)?;
-        assert_eq!(a.poll_event(), Some(Event::PeerHello { store: b_id }));
-        assert_eq!(b.poll_event(), Some(Event::PeerHello { store: a_id }));
+        assert!(matches!(a.poll_event(), Some(Event::PeerHello { store, .. }) if store == b_id));
+        assert!(matches!(b.poll_event(), Some(Event::PeerHello { store, .. }) if store == a_id));
         // B already holds A's log up to seq 2.
         b.subscribe(vec![("customers".into(), 3)]);
         deliver(&mut b, &mut a, now)?;
@@ -812,8 +909,8 @@ mod tests {
     #[test]
     fn flow_control_stops_reading_until_acks_arrive() -> Result<(), ProtocolError> {
         let now = Instant::now();
-        let mut a = Session::new([1; 16], vec![], now);
-        let mut b = Session::new([2; 16], vec![], now);
+        let mut a = Session::new([1; 16], vec![("customers".into(), 0), ("c".into(), 0)], now);
+        let mut b = Session::new([2; 16], vec![("customers".into(), 0), ("c".into(), 0)], now);
         deliver(&mut a, &mut b, now)?;
         deliver(&mut b, &mut a, now)?;
         b.subscribe(vec![("c".into(), 1)]);
@@ -868,7 +965,7 @@ mod tests {
     #[test]
     fn protocol_violations_are_errors() {
         let now = Instant::now();
-        let mut a = Session::new([1; 16], vec![], now);
+        let mut a = Session::new([1; 16], vec![("customers".into(), 0), ("c".into(), 0)], now);
         assert!(matches!(
             a.handle(now, &[0xff, 0xff, 0xff]),
             Err(ProtocolError::Malformed(_))
@@ -884,7 +981,7 @@ mod tests {
             a.handle(now, &ack),
             Err(ProtocolError::Unexpected("a message before hello"))
         );
-        let mut a = Session::new([1; 16], vec![], now);
+        let mut a = Session::new([1; 16], vec![("customers".into(), 0), ("c".into(), 0)], now);
         let hello = encode(
             0,
             &Message::Hello {
@@ -897,7 +994,7 @@ mod tests {
             a.handle(now, &hello),
             Err(ProtocolError::Version(PROTOCOL_VERSION + 1))
         );
-        let mut a = Session::new([1; 16], vec![], now);
+        let mut a = Session::new([1; 16], vec![("customers".into(), 0), ("c".into(), 0)], now);
         let hello = encode(
             0,
             &Message::Hello {
@@ -920,7 +1017,7 @@ mod tests {
                 "ack of a collection not streamed"
             ))
         );
-        let mut a = Session::new([1; 16], vec![], now);
+        let mut a = Session::new([1; 16], vec![("customers".into(), 0), ("c".into(), 0)], now);
         a.handle(now, &hello).expect("hello");
         let entries = encode(
             1,
@@ -934,7 +1031,7 @@ mod tests {
             a.handle(now, &entries).is_err(),
             "entries before subscribing"
         );
-        let mut a = Session::new([1; 16], vec![], now);
+        let mut a = Session::new([1; 16], vec![("customers".into(), 0), ("c".into(), 0)], now);
         a.handle(now, &hello).expect("hello");
         a.subscribe(vec![("c".into(), 5)]);
         let stale = encode(
@@ -967,7 +1064,7 @@ mod tests {
             },
         );
         let sub = |seq| encode(seq, &Message::Subscribe { cursors: vec![] });
-        let mut a = Session::new([1; 16], vec![], now);
+        let mut a = Session::new([1; 16], vec![("customers".into(), 0), ("c".into(), 0)], now);
         a.handle(now, &hello).expect("hello");
         assert_eq!(
             a.handle(now, &sub(2)),
@@ -976,7 +1073,7 @@ mod tests {
                 got: 2
             })
         );
-        let mut a = Session::new([1; 16], vec![], now);
+        let mut a = Session::new([1; 16], vec![("customers".into(), 0), ("c".into(), 0)], now);
         a.handle(now, &hello).expect("hello");
         assert_eq!(
             a.handle(now, &hello),
@@ -990,8 +1087,8 @@ mod tests {
     #[test]
     fn unanswered_entries_and_a_missing_subscription_time_out() -> Result<(), ProtocolError> {
         let now = Instant::now();
-        let mut a = Session::new([1; 16], vec![], now);
-        let mut b = Session::new([2; 16], vec![], now);
+        let mut a = Session::new([1; 16], vec![("customers".into(), 0), ("c".into(), 0)], now);
+        let mut b = Session::new([2; 16], vec![("customers".into(), 0), ("c".into(), 0)], now);
         deliver(&mut a, &mut b, now)?;
         deliver(&mut b, &mut a, now)?;
         let deadline = a.poll_timeout().expect("a subscribe deadline");
@@ -1012,7 +1109,7 @@ mod tests {
     #[test]
     fn a_silent_peer_times_out() {
         let now = Instant::now();
-        let mut a = Session::new([1; 16], vec![], now);
+        let mut a = Session::new([1; 16], vec![("customers".into(), 0), ("c".into(), 0)], now);
         let deadline = a.poll_timeout().expect("a hello deadline");
         assert_eq!(
             a.handle_timeout(deadline - Duration::from_millis(1)),

@@ -1,0 +1,141 @@
+//! Capture: the local tool's changed rows become changes of their documents.
+
+use connectors::sqlite::{CapturedChange, RowState};
+use crdt_model::{DocId, Edit, Record, Value};
+
+use super::{Engine, project, tombstoned};
+use crate::store::{Batch, DeadLetter, LetterReason, StoreError, tool_cursor};
+
+impl Engine {
+    /// Stages captured changes of the local tool, made at `now_ms` (milliseconds since
+    /// the Unix epoch), and the new capture cursor.
+    ///
+    /// Only fields that differ from the shadow (what the tool was known to hold) are
+    /// written, so a capture never reverts a remote edit not yet written back. A row
+    /// created where the document is deleted starts the record anew: fields the row
+    /// does not have are removed, so nothing of the dead record comes back.
+    pub fn capture(
+        &mut self,
+        batch: &mut Batch,
+        changes: Vec<CapturedChange>,
+        cursor: u64,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let rescan = cursor <= self.rescan_upto;
+        for change in changes {
+            self.capture_one(batch, change, now_ms, rescan)?;
+        }
+        let name = tool_cursor(&self.tool);
+        debug_assert!(
+            cursor >= self.store.cursor(&name)?,
+            "the capture cursor went backwards"
+        );
+        self.store.stage_cursor(batch, &name, cursor);
+        self.captured_upto = self.captured_upto.max(cursor);
+        Ok(())
+    }
+
+    fn capture_one(
+        &mut self,
+        batch: &mut Batch,
+        change: CapturedChange,
+        now_ms: i64,
+        rescan: bool,
+    ) -> Result<(), StoreError> {
+        let CapturedChange {
+            collection,
+            key,
+            state,
+        } = change;
+        let Some(info) = self.collections.get(&collection).cloned() else {
+            return Ok(());
+        };
+        let shadow = self.store.shadow(&self.tool, &collection, &key)?;
+        let id = DocId::of(&collection, &key);
+        let (edit, after) = match state {
+            RowState::Invalid(invalid) => {
+                tracing::warn!(tool = %self.tool, %collection, %key, reason = %invalid, "row set aside as a dead letter");
+                let letter = DeadLetter {
+                    tool: self.tool.clone(),
+                    collection: collection.clone(),
+                    key: key.clone(),
+                    reason: LetterReason::InvalidRow(invalid),
+                };
+                self.store
+                    .stage_dead_letter(batch, &self.tool, &collection, &key, Some(&letter));
+                self.stats.dead_letters += 1;
+                return Ok(());
+            }
+            RowState::Absent => match shadow {
+                None => return Ok(()),
+                Some(_) => (
+                    Edit {
+                        deleted: Some(true),
+                        time_ms: now_ms,
+                        ..Edit::default()
+                    },
+                    None,
+                ),
+            },
+            RowState::Present(record) => {
+                let created = shadow.is_none();
+                // A row the tool created revives its record; a row found by a
+                // rescan does not overrule a delete made elsewhere.
+                let revive = created && !rescan;
+                let reset = revive && tombstoned(self.store.doc(id)?);
+                // A new row's empty columns are not written: two sites creating the
+                // same record offline then merge what each knew instead of one site's
+                // nulls hiding the other's values. A reset removes every other field.
+                let fields: Record = record
+                    .iter()
+                    .filter(|(name, value)| match &shadow {
+                        Some(shadow) => shadow.get(*name) != Some(*value),
+                        None => **value != Value::Null,
+                    })
+                    .map(|(name, value)| (name.clone(), value.clone()))
+                    .collect();
+                let edit = Edit {
+                    fields,
+                    external_id: created.then(|| (self.tool.clone(), key.clone())),
+                    deleted: revive.then_some(false),
+                    reset,
+                    time_ms: now_ms,
+                };
+                (edit, Some(record))
+            }
+        };
+        self.store
+            .stage_dead_letter(batch, &self.tool, &collection, &key, None);
+        if after.is_some() && edit.external_id.is_some() {
+            self.store
+                .stage_external_id(batch, &self.tool, &collection, &key, id);
+        }
+        self.store
+            .stage_shadow(batch, &self.tool, &collection, &key, after.as_ref());
+        let doc = self.store.doc(id)?;
+        let was_empty = doc.is_empty();
+        let change = match doc.edit(&collection, &key, &edit) {
+            Ok(change) => change,
+            Err(e) => {
+                // The document holds something the edit cannot work with: set it
+                // aside rather than stop capturing everything else.
+                self.store.forget(id);
+                self.quarantine(batch, id, &collection, None, e.to_string());
+                return Ok(());
+            }
+        };
+        if let Some(change) = change {
+            self.store
+                .stage_doc(batch, id, &collection, vec![change], None)?;
+            self.stats.captured += 1;
+        }
+        // The merged record may differ from what the tool holds (a concurrent remote
+        // edit won, or the record is deleted): then the tool needs a write-back. A
+        // document this capture created holds exactly the tool's record.
+        if !was_empty && let Some(state) = self.read_or_quarantine(batch, id, &collection)? {
+            let differs = project(&state, &info).as_ref() != after.as_ref();
+            self.set_pending(batch, id, differs);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,311 @@
+//! The engine's decisions on real fjall stores.
+
+use std::collections::HashMap;
+
+use connectors::sqlite::{CapturedChange, OpOutcome, RowState, WriteOp};
+use crdt_model::{DocId, Edit, Record, RecordDoc, Value};
+
+use super::*;
+use crate::engine::{RemoteError, WireEntry};
+use crate::store::DOC_CACHE_MAX;
+
+fn engine(dir: &std::path::Path) -> Result<Engine, StoreError> {
+    let collections = BTreeMap::from([(
+        "customers".to_owned(),
+        CollectionInfo {
+            columns: vec!["name".to_owned()],
+        },
+    )]);
+    Engine::new(Store::open(dir)?, "sqlite".to_owned(), collections)
+}
+
+fn captured(key: &str, name: &str) -> CapturedChange {
+    CapturedChange {
+        collection: "customers".to_owned(),
+        key: key.to_owned(),
+        state: RowState::Present(Record::from([(
+            "name".to_owned(),
+            Value::Text(name.to_owned()),
+        )])),
+    }
+}
+
+/// A change whose dependencies never arrived (a gap no cursor can see) is
+/// repaired by exchanging the document's heads.
+#[test]
+fn a_document_with_missing_dependencies_is_repaired_by_a_heads_exchange()
+-> Result<(), Box<dyn std::error::Error>> {
+    let (dir_a, dir_b) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let (mut a, mut b) = (engine(dir_a.path())?, engine(dir_b.path())?);
+    for (cursor, name) in [(1, "Ada"), (2, "Ada Lovelace")] {
+        let mut batch = a.store().batch();
+        a.capture(&mut batch, vec![captured("1", name)], cursor, 0)?;
+        a.store().commit(batch)?;
+    }
+    let log = a.store().reader().log_from("customers", 1, 10)?;
+    assert_eq!(log.len(), 2);
+    let id = DocId(log[1].1.doc);
+
+    // B gets only the second entry.
+    let second = WireEntry {
+        seq: 2,
+        doc: log[1].1.doc,
+        changes: log[1].1.changes.clone(),
+    };
+    let mut batch = b.store().batch();
+    let outcome = b.apply_remote(
+        &mut batch,
+        a.store().actor(),
+        "customers",
+        Some(2),
+        vec![second],
+    )?;
+    b.store().commit(batch)?;
+    assert_eq!(outcome.missing, vec![id]);
+
+    let heads = b.heads(id)?;
+    let repair = a.changes_since("customers", id, &heads)?.ok_or("A knows the document")?;
+    assert_eq!(repair.collection, "customers");
+    let entry = WireEntry {
+        seq: 0,
+        doc: id.0,
+        changes: repair.changes,
+    };
+    let mut batch = b.store().batch();
+    let outcome = b.apply_remote(
+        &mut batch,
+        a.store().actor(),
+        "customers",
+        None,
+        vec![entry],
+    )?;
+    b.store().commit(batch)?;
+    assert!(outcome.missing.is_empty());
+    assert_eq!(b.heads(id)?, a.heads(id)?);
+    let state = b.store().doc(id)?.read()?;
+    assert_eq!(state.fields["name"], Value::Text("Ada Lovelace".to_owned()));
+    Ok(())
+}
+
+/// A peer cannot put a record into a document whose id belongs to another.
+#[test]
+fn changes_under_a_foreign_document_id_are_refused() -> Result<(), Box<dyn std::error::Error>> {
+    let (dir_a, dir_b) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let (mut a, mut b) = (engine(dir_a.path())?, engine(dir_b.path())?);
+    let mut batch = a.store().batch();
+    a.capture(&mut batch, vec![captured("1", "Ada")], 1, 0)?;
+    a.store().commit(batch)?;
+    let log = a.store().reader().log_from("customers", 1, 10)?;
+    let forged = WireEntry {
+        seq: 1,
+        doc: DocId::of("customers", "2").0,
+        changes: log[0].1.changes.clone(),
+    };
+    let mut batch = b.store().batch();
+    let result = b.apply_remote(
+        &mut batch,
+        a.store().actor(),
+        "customers",
+        Some(1),
+        vec![forged],
+    );
+    assert!(
+        matches!(result, Err(RemoteError::WrongIdentity { .. })),
+        "{result:?}"
+    );
+    Ok(())
+}
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+fn name_of(engine: &mut Engine, key: &str) -> Result<Option<Value>, Box<dyn std::error::Error>> {
+    let state = engine.store().doc(DocId::of("customers", key))?.read()?;
+    Ok(state.fields.get("name").cloned())
+}
+
+/// A log entry of `key` made by a foreign store, as a peer would send it.
+fn remote_edit(actor: u8, key: &str, base: &[Vec<u8>], name: &str) -> Result<WireEntry, Box<dyn std::error::Error>> {
+    let mut doc = RecordDoc::new(&[actor; 16]);
+    doc.apply(base)?;
+    let mut edit = Edit::default();
+    edit.fields.insert("name".to_owned(), Value::Text(name.to_owned()));
+    let change = doc.edit("customers", key, &edit)?.ok_or("a change")?;
+    Ok(WireEntry {
+        seq: 1,
+        doc: DocId::of("customers", key).0,
+        changes: vec![change],
+    })
+}
+
+/// Regression (read-your-writes inside a group commit): a `WritesDone` and the next
+/// `Capture` shared a batch; the capture read the committed shadow, took the
+/// agent's own just-written value for a user edit and reverted a remote edit that
+/// arrived meanwhile.
+#[test]
+fn a_capture_in_the_same_batch_as_the_write_back_sees_its_shadow() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let mut a = engine(dir.path())?;
+    let mut batch = a.store().batch();
+    a.capture(&mut batch, vec![captured("1", "Ada")], 1, 0)?;
+    a.store().commit(batch)?;
+    let base: Vec<Vec<u8>> = a.store().reader().log_from("customers", 1, 10)?
+        .into_iter().flat_map(|(_, e)| e.changes).collect();
+
+    // A peer renames the record; the agent plans and writes "Grace" into the tool.
+    let peer = [9; 16];
+    let mut batch = a.store().batch();
+    a.apply_remote(&mut batch, peer, "customers", Some(1), vec![remote_edit(9, "1", &base, "Grace")?])?;
+    a.store().commit(batch)?;
+    let mut batch = a.store().batch();
+    let plan = a.plan_writes(&mut batch, 10, 0)?;
+    a.store().commit(batch)?;
+    assert_eq!(plan.writes.len(), 1);
+
+    // Meanwhile the peer renames it again. Then, in one group commit: the write-back
+    // result, and a capture of the row that the write-back left holding "Grace".
+    let newer = {
+        let mut doc = RecordDoc::new(&[9; 16]);
+        doc.apply(&base)?;
+        let first = remote_edit(9, "1", &base, "Grace")?;
+        doc.apply(&first.changes)?;
+        let mut edit = Edit::default();
+        edit.fields.insert("name".to_owned(), Value::Text("Grace Hopper".to_owned()));
+        let change = doc.edit("customers", "1", &edit)?.ok_or("a change")?;
+        WireEntry { seq: 2, doc: DocId::of("customers", "1").0, changes: vec![change] }
+    };
+    let mut batch = a.store().batch();
+    a.apply_remote(&mut batch, peer, "customers", Some(2), vec![newer])?;
+    a.store().commit(batch)?;
+    let mut batch = a.store().batch();
+    a.writes_done(&mut batch, plan, vec![OpOutcome::Written], 0)?;
+    a.capture(&mut batch, vec![captured("1", "Grace")], 2, 0)?;
+    a.store().commit(batch)?;
+    assert_eq!(
+        name_of(&mut a, "1")?,
+        Some(Value::Text("Grace Hopper".to_owned())),
+        "the agent's own write was captured as a user edit and reverted the peer's"
+    );
+    Ok(())
+}
+
+/// Regression: a batch that touched more documents than the cache holds evicted a
+/// staged document, loaded its stale bytes from disk and staged them again, losing
+/// a change.
+#[test]
+fn a_batch_larger_than_the_document_cache_loses_nothing() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let mut a = engine(dir.path())?;
+    let mut batch = a.store().batch();
+    a.capture(&mut batch, vec![captured("0", "first")], 1, 0)?;
+    a.store().commit(batch)?;
+    let mut batch = a.store().batch();
+    a.capture(&mut batch, vec![captured("0", "second")], 2, 0)?;
+    let others: Vec<CapturedChange> = (1..=DOC_CACHE_MAX + 10)
+        .map(|i| captured(&i.to_string(), "x"))
+        .collect();
+    a.capture(&mut batch, others, 3, 0)?;
+    a.capture(&mut batch, vec![captured("0", "third")], 4, 0)?;
+    a.store().commit(batch)?;
+    drop(a);
+    let mut a = engine(dir.path())?;
+    assert_eq!(name_of(&mut a, "0")?, Some(Value::Text("third".to_owned())));
+    let doc = a.store().doc(DocId::of("customers", "0"))?;
+    assert_eq!(doc.automerge().get_changes(&[]).len(), 3, "a change was lost");
+    Ok(())
+}
+
+/// Regression: one value from a peer that Concord cannot read (a counter) was
+/// stored and made every later start abort in planning. It is refused, the
+/// document is quarantined, and the agent goes on.
+#[test]
+fn an_unreadable_value_from_a_peer_is_refused_and_quarantined() -> TestResult {
+    use automerge::transaction::Transactable;
+    let dir = tempfile::tempdir()?;
+    let mut a = engine(dir.path())?;
+    let mut doc = RecordDoc::new(&[9; 16]);
+    doc.edit("customers", "1", &Edit::default())?;
+    doc.automerge().put(automerge::ROOT, "f:name", automerge::ScalarValue::counter(1))?;
+    doc.automerge().commit();
+    let changes: Vec<Vec<u8>> = doc.automerge().get_changes(&[]).iter().map(|c| c.raw_bytes().to_vec()).collect();
+    let entry = WireEntry { seq: 1, doc: DocId::of("customers", "1").0, changes };
+    let mut batch = a.store().batch();
+    let result = a.apply_remote(&mut batch, [9; 16], "customers", Some(1), vec![entry]);
+    assert!(matches!(result, Err(RemoteError::UnreadableValue { .. })), "{result:?}");
+    a.store().commit(batch)?;
+    let quarantined = a.reader().quarantined()?;
+    assert_eq!(quarantined.len(), 1);
+    assert!(quarantined[0].reason.contains("name"), "{:?}", quarantined[0]);
+    assert_eq!(quarantined[0].peer, Some([9; 16]));
+    // Nothing of it is kept: planning works, now and after a restart.
+    let mut batch = a.store().batch();
+    assert!(a.plan_writes(&mut batch, 10, 0)?.writes.is_empty());
+    a.store().commit(batch)?;
+    drop(a);
+    let mut a = engine(dir.path())?;
+    let mut batch = a.store().batch();
+    assert!(a.plan_writes(&mut batch, 10, 0)?.writes.is_empty());
+    assert!(!a.store().has_doc(DocId::of("customers", "1"))?);
+    Ok(())
+}
+
+/// Regression (a re-inserted key inherited the deleted record): the new row starts
+/// the record anew; fields it lacks are empty.
+#[test]
+fn a_row_created_after_a_delete_starts_from_the_row() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let collections = BTreeMap::from([(
+        "customers".to_owned(),
+        CollectionInfo { columns: vec!["name".to_owned(), "email".to_owned()] },
+    )]);
+    let mut a = Engine::new(Store::open(dir.path())?, "sqlite".to_owned(), collections)?;
+    let row = |name: &str, email: Option<&str>| CapturedChange {
+        collection: "customers".to_owned(),
+        key: "5".to_owned(),
+        state: RowState::Present(Record::from([
+            ("name".to_owned(), Value::Text(name.to_owned())),
+            ("email".to_owned(), email.map_or(Value::Null, |e| Value::Text(e.to_owned()))),
+        ])),
+    };
+    let steps = [
+        row("Old Name", Some("old@example.com")),
+        CapturedChange { collection: "customers".to_owned(), key: "5".to_owned(), state: RowState::Absent },
+        row("New Person", None),
+    ];
+    for (cursor, change) in (1..).zip(steps) {
+        let mut batch = a.store().batch();
+        a.capture(&mut batch, vec![change], cursor, 0)?;
+        a.store().commit(batch)?;
+    }
+    let state = a.store().doc(DocId::of("customers", "5"))?.read()?;
+    assert!(!state.deleted);
+    assert_eq!(state.fields.get("email"), None, "the dead record's email came back");
+    let mut batch = a.store().batch();
+    assert!(a.plan_writes(&mut batch, 10, 0)?.writes.is_empty(), "the tool already holds it");
+    Ok(())
+}
+
+/// A write refused as stale leaves its document pending; the others are done.
+#[test]
+fn stale_writes_stay_pending_and_the_rest_are_done() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let mut a = engine(dir.path())?;
+    let peer = [9; 16];
+    let mut batch = a.store().batch();
+    let entries = vec![remote_edit(9, "1", &[], "One")?, WireEntry { seq: 2, ..remote_edit(9, "2", &[], "Two")? }];
+    a.apply_remote(&mut batch, peer, "customers", Some(2), entries)?;
+    a.store().commit(batch)?;
+    let mut batch = a.store().batch();
+    let plan = a.plan_writes(&mut batch, 10, 0)?;
+    assert_eq!(plan.writes.len(), 2);
+    let keys: HashMap<DocId, usize> = plan.writes.iter().enumerate().map(|(i, w)| (w.doc, i)).collect();
+    let mut outcomes = vec![OpOutcome::Written; 2];
+    outcomes[keys[&DocId::of("customers", "1")]] = OpOutcome::Stale;
+    a.writes_done(&mut batch, plan, outcomes, 0)?;
+    a.store().commit(batch)?;
+    let mut batch = a.store().batch();
+    let again = a.plan_writes(&mut batch, 10, 0)?;
+    assert_eq!(again.writes.len(), 1);
+    assert_eq!(again.writes[0].doc, DocId::of("customers", "1"));
+    assert!(matches!(again.writes[0].op, WriteOp::Upsert { .. }));
+    Ok(())
+}

@@ -1,0 +1,200 @@
+//! Write-back: planning what the local tool must hold, and learning what it did.
+
+use std::collections::BTreeSet;
+
+use connectors::sqlite::{OpOutcome, WriteOp};
+use crdt_model::{DocId, Record};
+
+use super::{Engine, project};
+use crate::store::{Batch, DeadLetter, LetterReason, StoreError};
+
+/// Write-backs of one document refused as stale in a row before it waits between
+/// attempts: a record the user keeps changing does not hold up the others.
+pub const WRITE_BACK_STALE_RETRIES_MAX: u32 = 8;
+/// The first wait after [`WRITE_BACK_STALE_RETRIES_MAX`] stale refusals; it doubles
+/// with each further one, up to [`WRITE_BACK_STALE_WAIT_MAX_MS`].
+pub const WRITE_BACK_STALE_WAIT_MS: i64 = 10;
+/// The longest wait between write-back attempts of a document refused as stale.
+pub const WRITE_BACK_STALE_WAIT_MAX_MS: i64 = 1_000;
+
+/// One write planned for the local tool, with what the tool will hold after it.
+#[derive(Debug, Clone)]
+pub struct PlannedWrite {
+    /// The document projected.
+    pub doc: DocId,
+    /// The operation for the connector.
+    pub op: WriteOp,
+    /// The record the tool holds once the op is done (`None` after a delete).
+    pub after: Option<Record>,
+}
+
+/// A batch of planned writes, stamped with the capture cursor it was planned at.
+#[derive(Debug, Clone)]
+pub struct WritePlan {
+    /// Everything up to this outbox seq was captured when the plan was made; a
+    /// record the tool changed after it is stale and must not be written.
+    pub captured_upto: u64,
+    /// The writes.
+    pub writes: Vec<PlannedWrite>,
+}
+
+impl Engine {
+    /// Plans up to `max` writes that bring the local tool in line with the merged
+    /// documents, skipping documents whose projection the tool already holds and
+    /// documents waiting after repeated stale refusals (until `now_ms`).
+    pub fn plan_writes(
+        &mut self,
+        batch: &mut Batch,
+        max: usize,
+        now_ms: i64,
+    ) -> Result<WritePlan, StoreError> {
+        debug_assert!(self.in_flight.is_empty(), "one write-back plan at a time");
+        let waiting = |id: &DocId| {
+            self.stale
+                .get(id)
+                .is_some_and(|&(_, until)| until > now_ms)
+        };
+        let ids: Vec<DocId> = self
+            .pending
+            .iter()
+            .filter(|id| !waiting(id))
+            .take(max)
+            .copied()
+            .collect();
+        let mut writes = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(write) = self.plan_one(batch, id)? {
+                writes.push(write);
+            }
+        }
+        self.in_flight = writes.iter().map(|w| w.doc).collect();
+        self.changed_in_flight.clear();
+        Ok(WritePlan {
+            captured_upto: self.captured_upto,
+            writes,
+        })
+    }
+
+    /// The write that brings the tool in line with document `id`, if one is needed;
+    /// otherwise the document stops being pending.
+    fn plan_one(&mut self, batch: &mut Batch, id: DocId) -> Result<Option<PlannedWrite>, StoreError> {
+        let collection = match self.store.doc(id)?.identity() {
+            Ok(Some((collection, _))) => collection,
+            _ => String::new(),
+        };
+        let Some(state) = self.read_or_quarantine(batch, id, &collection)? else {
+            return Ok(None);
+        };
+        let Some(info) = self.collections.get(&state.collection) else {
+            self.set_pending(batch, id, false);
+            return Ok(None);
+        };
+        let shadow = self.store.shadow(&self.tool, &state.collection, &state.key)?;
+        let projected = project(&state, info);
+        let op = match (&projected, &shadow) {
+            (None, None) => None,
+            (None, Some(_)) => Some(WriteOp::Delete {
+                collection: state.collection.clone(),
+                key: state.key.clone(),
+            }),
+            (Some(record), shadow) => {
+                let fields: Record = record
+                    .iter()
+                    .filter(|(name, value)| shadow.as_ref().and_then(|s| s.get(*name)) != Some(*value))
+                    .map(|(name, value)| (name.clone(), value.clone()))
+                    .collect();
+                (!fields.is_empty()).then(|| WriteOp::Upsert {
+                    collection: state.collection.clone(),
+                    key: state.key.clone(),
+                    fields,
+                })
+            }
+        };
+        match op {
+            Some(op) => Ok(Some(PlannedWrite {
+                doc: id,
+                op,
+                after: projected,
+            })),
+            None => {
+                self.set_pending(batch, id, false);
+                Ok(None)
+            }
+        }
+    }
+
+    /// Stages what the tool did with a plan, one outcome per write: shadows of
+    /// written records, dead letters of rejected ones; stale ones stay pending.
+    pub fn writes_done(
+        &mut self,
+        batch: &mut Batch,
+        plan: WritePlan,
+        outcomes: Vec<OpOutcome>,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        debug_assert_eq!(plan.writes.len(), outcomes.len(), "one outcome per write");
+        self.in_flight.clear();
+        let changed_in_flight = std::mem::take(&mut self.changed_in_flight);
+        for (write, outcome) in plan.writes.into_iter().zip(outcomes) {
+            let (WriteOp::Upsert {
+                collection, key, ..
+            }
+            | WriteOp::Delete { collection, key }) = &write.op;
+            match outcome {
+                OpOutcome::Written => {
+                    self.store
+                        .stage_shadow(batch, &self.tool, collection, key, write.after.as_ref());
+                    self.stats.writes += 1;
+                    self.stale.remove(&write.doc);
+                    // The document changed again while the plan was on its way (a
+                    // peer's change arrived): it stays pending.
+                    if !changed_in_flight.contains(&write.doc) {
+                        self.set_pending(batch, write.doc, false);
+                    }
+                }
+                OpOutcome::Stale => {
+                    self.stats.stale_writes += 1;
+                    self.note_stale(write.doc, now_ms);
+                }
+                OpOutcome::Rejected(rejection) => {
+                    tracing::warn!(tool = %self.tool, %collection, %key, reason = %rejection, "write-back set aside as a dead letter");
+                    let letter = DeadLetter {
+                        tool: self.tool.clone(),
+                        collection: collection.clone(),
+                        key: key.clone(),
+                        reason: LetterReason::Rejected(rejection),
+                    };
+                    self.store
+                        .stage_dead_letter(batch, &self.tool, collection, key, Some(&letter));
+                    self.stats.dead_letters += 1;
+                    self.stale.remove(&write.doc);
+                    self.set_pending(batch, write.doc, false);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands a plan back unwritten (the tool failed): its documents stay pending.
+    pub fn writes_failed(&mut self) {
+        self.in_flight.clear();
+        self.changed_in_flight.clear();
+    }
+
+    /// Counts a stale refusal of document `id`; after too many in a row it waits.
+    fn note_stale(&mut self, id: DocId, now_ms: i64) {
+        let entry = self.stale.entry(id).or_insert((0, 0));
+        entry.0 += 1;
+        if let Some(over) = entry.0.checked_sub(WRITE_BACK_STALE_RETRIES_MAX) {
+            let wait = WRITE_BACK_STALE_WAIT_MS
+                .saturating_mul(1 << over.min(16))
+                .min(WRITE_BACK_STALE_WAIT_MAX_MS);
+            entry.1 = now_ms.saturating_add(wait);
+        }
+    }
+
+    /// The documents of the plan in flight.
+    pub fn in_flight(&self) -> &BTreeSet<DocId> {
+        &self.in_flight
+    }
+}
