@@ -1,18 +1,26 @@
 //! Deterministic simulation of many Concord agents under injected faults, in the
 //! tradition of FoundationDB's simulator and TigerBeetle's VOPR.
 //!
-//! One seed drives one exact run: the real [`Engine`] (capture, merge, write-back and
-//! its echo rules over a real fjall store), the real replication [`Session`] and the
-//! real `crdt-model`, with a simulated clock, a simulated network and simulated tools
-//! ([`tool::SimTool`]). Nothing reads the wall clock or a socket, and nothing runs
-//! on another thread, so the same seed gives the same trace hash.
+//! One seed drives one exact run of the agent's real loops: the real [`Core`] (its
+//! group commit over the real engine and a real fjall store), the real peer policy
+//! and replication [`Session`], the real tool loop ([`ToolLoop`]) and the real
+//! `crdt-model`, with a simulated clock, a simulated network and simulated tools
+//! ([`tool::SimTool`]). Only the pumps are the simulator's own: it moves frames,
+//! hands requests to each agent's core queue and decides when the core drains it,
+//! so batches of many sizes and mixes happen, as they do under load. Nothing reads
+//! the wall clock or a socket, and nothing runs on another thread, so the same seed
+//! gives the same trace hash.
 //!
-//! A run has two phases. During the **fault phase** users edit their tools while
-//! faults, mixed per seed (swarm testing), hit the cluster: symmetric and one-way
-//! partitions; message loss, duplication, reordering and delay; crashes with
-//! restarts; clock skew. In the **heal phase** faults stop, every agent runs and
-//! every link is up, and the cluster must converge within [`Config::heal_bound_ms`]
-//! and then stay quiet. Every run checks the invariants listed on [`Report`].
+//! A run has two phases. During the **fault phase** users edit their tools (single
+//! edits, deletes, re-inserts of deleted keys, and bulk imports larger than the
+//! document cache) while faults, mixed per seed (swarm testing), hit the cluster:
+//! symmetric and one-way partitions; message loss, duplication, reordering and
+//! delay; crashes with restarts; store wipes; clock skew; a core that falls behind
+//! its queue. In the **heal phase** faults stop, every agent runs and every link is
+//! up, and the cluster must converge within [`Config::heal_bound_ms`] and then stay
+//! quiet. Then two probes run on the healed cluster: a record deleted and created
+//! again must start clean everywhere, and a tool that commits without pause must
+//! still receive remote edits. Every run checks the invariants listed on [`Report`].
 //!
 //! ```no_run
 //! let report = simulations::run(7, &simulations::Config::default());
@@ -23,16 +31,20 @@ pub mod rng;
 pub mod tool;
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use concord_agent::engine::{CollectionInfo, Engine, RemoteError, WireEntry, WritePlan};
-use concord_agent::replication::{Event, Session};
+use concord_agent::core::{Core, CoreRequest, GROUP_COMMIT_REQUESTS_MAX};
+use concord_agent::engine::{CollectionInfo, Engine, RemoteError, WritePlan};
+use concord_agent::peers::EVENTS_IN_FLIGHT_MAX;
+use concord_agent::replication::{Action, Session};
 use concord_agent::store::{Store, StoreId};
-use connectors::sqlite::{WriteOp, WriteOutcome};
+use concord_agent::tool::{ToolLoop, all_stale};
+use connectors::sqlite::{OpOutcome, WriteOp};
 use crdt_model::{ChangeHash, DocId, Record, Value};
 use sha2::{Digest, Sha256};
+use tokio::sync::oneshot;
 
 use crate::rng::Rng;
 use crate::tool::{COLLECTION, COLUMNS, SimTool};
@@ -41,14 +53,20 @@ use crate::tool::{COLLECTION, COLUMNS, SimTool};
 pub const TICK_MS: u64 = 5;
 /// Keys users pick from: few enough that agents create the same key offline.
 pub const KEYS_MAX: u64 = 24;
+/// Rows of a bulk import: more than the document cache holds, so one group commit
+/// touches more documents than the cache.
+pub const BULK_ROWS: u64 = 1_200;
 /// How long a link may see nothing in one direction before it is closed (QUIC's idle timeout).
 pub const LINK_IDLE_TIMEOUT_MS: u64 = 10_000;
-/// Outbox entries captured per step at most.
-pub const CAPTURE_BATCH_MAX: usize = 64;
-/// Writes planned per step at most.
-pub const WRITE_BACK_BATCH_MAX: usize = 64;
+/// Capture batches handed to an agent's core and not yet durable, at most.
+pub const CAPTURES_IN_FLIGHT_MAX: usize = 256;
+/// How long the probe's user commits without pause.
+pub const HOT_PROBE_MS: u64 = 5_000;
 /// The simulated wall clock starts here (2026-01-01), in ms since the Unix epoch.
 pub const EPOCH_MS: i64 = 1_767_225_600_000;
+/// Values a user writes carry the user's agent number times this, so the simulator
+/// can tell whose edit a value is.
+const VALUE_AGENT_STRIDE: i64 = 1_000_000;
 
 /// How a run is shaped.
 #[derive(Debug, Clone)]
@@ -82,8 +100,11 @@ impl Default for Config {
 /// acknowledged write: every change a capture committed is in every agent's
 /// document; (3) no duplicates: one document per key, holding its own identity;
 /// (4) quiet: no change, capture or write for [`Config::quiet_ms`] after converging,
-/// and no more writes per tool than captured edits; (5) determinism, by replaying a
-/// seed and comparing [`Report::trace_hash`].
+/// and no more writes per tool than captured edits; (5) no echo: a capture never
+/// records, as a local edit, a value the local user did not write; (6) a record
+/// deleted and created again starts from the new row on every agent; (7) a tool
+/// that commits all the time still receives remote edits; (8) determinism, by
+/// replaying a seed and comparing [`Report::trace_hash`].
 #[derive(Debug, Clone)]
 pub struct Report {
     /// The seed.
@@ -98,6 +119,8 @@ pub struct Report {
     pub edits: u64,
     /// Invariant checks that ran (and passed, unless `failure` says otherwise).
     pub checks: u64,
+    /// Group commits of more than one request.
+    pub group_commits: u64,
     /// The hash of everything that happened.
     pub trace_hash: [u8; 32],
     /// The first invariant violated, if any.
@@ -117,17 +140,27 @@ struct Swarm {
     loss: f64,
     duplicate: f64,
     reorder: f64,
+    /// Per-tick chance that an agent's core leaves its queue for later.
+    core_pause: f64,
+    /// Per-tick chance of a bulk import (one agent, once per run at most).
+    bulk: f64,
     slow: bool,
     skew: bool,
     topology: &'static str,
 }
 
+/// A session event's answer, awaited from the core.
+type PendingActions = oneshot::Receiver<Result<Vec<Action>, RemoteError>>;
+
 struct Agent {
     dir: PathBuf,
-    engine: Option<Engine>,
+    core: Option<Core>,
     tool: SimTool,
-    /// The connector's capture cursor (what it knows is durable).
-    cursor: u64,
+    tool_loop: ToolLoop,
+    /// The core's queue.
+    queue: VecDeque<CoreRequest>,
+    /// Answers to the captures handed to the core, in order.
+    captures: VecDeque<oneshot::Receiver<()>>,
     /// A write-back plan on its way to the tool, and when it arrives.
     plan: Option<(WritePlan, u64)>,
     skew_ms: i64,
@@ -136,6 +169,10 @@ struct Agent {
     log_version: u64,
     /// The end of the tool's rescan entries.
     rescan_upto: u64,
+    /// The agent's log read up to here for acknowledged changes.
+    acked_seq: u64,
+    /// Values this agent's user wrote, counted to make each one unique.
+    values: i64,
 }
 
 /// A frame in flight: (arrival ms, send order, bytes).
@@ -146,6 +183,8 @@ struct Link {
     b: usize,
     /// The two ends' sessions while connected: [a's, b's].
     ends: Option<[Session; 2]>,
+    /// Each end's events handed to its core, awaiting their actions, in order.
+    pending: [VecDeque<PendingActions>; 2],
     /// Frames in flight: [a→b, b→a], ordered by arrival time, then send order.
     queues: [BinaryHeap<Reverse<InFlight>>; 2],
     /// The last arrival time queued per direction (FIFO unless reordered).
@@ -174,6 +213,9 @@ struct Sim {
     acknowledged: Vec<(DocId, ChangeHash, Vec<u8>)>,
     frame_seq: u64,
     checks: u64,
+    group_commits: u64,
+    /// The first invariant broken while running (checked as it happens).
+    broken: Option<String>,
 }
 
 /// Runs the simulation of `seed`.
@@ -190,6 +232,7 @@ pub fn run(seed: u64, config: &Config) -> Report {
         faults: sim.faults.clone(),
         edits: sim.agents.iter().map(|a| a.tool.edits).sum(),
         checks: sim.checks,
+        group_commits: sim.group_commits,
         trace_hash: sim.hasher.clone().finalize().into(),
         failure,
         trace: sim.trace.take().unwrap_or_default(),
@@ -205,6 +248,7 @@ impl Report {
             faults: BTreeMap::new(),
             edits: 0,
             checks: 0,
+            group_commits: 0,
             trace_hash: [0; 32],
             failure: Some(failure),
             trace: Vec::new(),
@@ -226,6 +270,14 @@ fn scratch_dir() -> std::io::Result<tempfile::TempDir> {
     tempfile::Builder::new().prefix("concord-sim-").tempdir()
 }
 
+/// Why pumping a link stopped.
+enum Pump {
+    /// The session broke: close the link, reconnect later.
+    Closed(String),
+    /// The store failed or an invariant broke: the run is over.
+    Fatal(String),
+}
+
 impl Sim {
     fn new(seed: u64, config: &Config) -> anyhow::Result<Sim> {
         let mut rng = Rng::new(seed);
@@ -243,6 +295,8 @@ impl Sim {
         swarm.loss = on(&mut rng, 0.002);
         swarm.duplicate = on(&mut rng, 0.002);
         swarm.reorder = on(&mut rng, 0.002);
+        swarm.core_pause = on(&mut rng, 0.6);
+        swarm.bulk = on(&mut rng, 0.0002);
         swarm.slow = rng.chance(0.5);
         swarm.skew = rng.chance(0.5);
         swarm.topology = ["mesh", "line", "star"][rng.below(3) as usize];
@@ -256,14 +310,18 @@ impl Sim {
             };
             sim_agents.push(Agent {
                 dir: root.path().join(format!("agent-{i}")),
-                engine: None,
+                core: None,
                 tool: SimTool::default(),
-                cursor: 0,
+                tool_loop: ToolLoop::new(0, 0),
+                queue: VecDeque::new(),
+                captures: VecDeque::new(),
                 plan: None,
                 skew_ms,
                 restart_at: Some(0),
                 log_version: 0,
                 rescan_upto: 0,
+                acked_seq: 0,
+                values: 0,
             });
         }
         let mut links = Vec::new();
@@ -279,6 +337,7 @@ impl Sim {
                         a,
                         b,
                         ends: None,
+                        pending: [VecDeque::new(), VecDeque::new()],
                         queues: [BinaryHeap::new(), BinaryHeap::new()],
                         last_arrival: [0, 0],
                         log_seen: [0, 0],
@@ -304,6 +363,8 @@ impl Sim {
             acknowledged: Vec::new(),
             frame_seq: 0,
             checks: 0,
+            group_commits: 0,
+            broken: None,
         };
         let swarm = format!("{:?}", sim.swarm);
         sim.log(format!("seed {seed}: {agents} agents, {swarm}"));
@@ -336,16 +397,35 @@ impl Sim {
         self.base + Duration::from_millis(self.now)
     }
 
+    fn wall_ms(&self, i: usize) -> i64 {
+        EPOCH_MS + self.now as i64 + self.agents[i].skew_ms
+    }
+
     fn run(&mut self) -> Result<(), String> {
         while self.now < self.config.fault_ms {
             self.inject_faults();
             self.workload();
             self.tick()?;
         }
-        // Heal: no more faults or edits; every agent up, every link allowed.
+        self.heal();
+        self.converge()?;
+        self.checks += 1;
+        self.log("CONVERGED".to_owned());
+        self.check_acknowledged()?;
+        self.check_identities()?;
+        self.check_quiet()?;
+        self.probe_reinsert()?;
+        self.probe_hot_tool()?;
+        let heads = self.final_heads()?;
+        self.hasher.update(heads);
+        Ok(())
+    }
+
+    /// No more faults or edits; every agent up, every link allowed.
+    fn heal(&mut self) {
         self.log("HEAL".to_owned());
         for i in 0..self.agents.len() {
-            if self.agents[i].engine.is_none() {
+            if self.agents[i].core.is_none() {
                 self.agents[i].restart_at = Some(self.now);
             }
         }
@@ -356,13 +436,17 @@ impl Sim {
         self.swarm.loss = 0.0;
         self.swarm.duplicate = 0.0;
         self.swarm.reorder = 0.0;
+    }
+
+    /// Ticks until the cluster converged, within the heal bound.
+    fn converge(&mut self) -> Result<(), String> {
         let deadline = self.now + self.config.heal_bound_ms;
         let mut last_mismatch = String::new();
         loop {
             self.tick()?;
             if self.now.is_multiple_of(500) {
                 match self.converged() {
-                    Ok(()) => break,
+                    Ok(()) => return Ok(()),
                     Err(why) => last_mismatch = why,
                 }
             }
@@ -373,11 +457,10 @@ impl Sim {
                 ));
             }
         }
-        self.checks += 1;
-        self.log("CONVERGED".to_owned());
-        self.check_acknowledged()?;
-        self.check_identities()?;
-        // Quiet: nothing may happen any more.
+    }
+
+    /// Nothing may happen any more, and no tool got more writes than edits made.
+    fn check_quiet(&mut self) -> Result<(), String> {
         let before = self.activity()?;
         let until = self.now + self.config.quiet_ms;
         while self.now < until {
@@ -400,8 +483,6 @@ impl Sim {
             }
         }
         self.checks += 1;
-        let heads = self.final_heads()?;
-        self.hasher.update(heads);
         Ok(())
     }
 
@@ -416,7 +497,11 @@ impl Sim {
             self.step_link(l)?;
         }
         for i in 0..self.agents.len() {
-            self.step_agent(i)?;
+            self.step_tool(i);
+            self.step_core(i)?;
+        }
+        if let Some(broken) = self.broken.take() {
+            return Err(broken);
         }
         self.now += TICK_MS;
         Ok(())
@@ -438,15 +523,13 @@ impl Sim {
             .map_err(|e| format!("agent {i}: {e}"))?;
         agent.rescan_upto = agent.tool.claim(engine.store_id());
         engine.set_rescan_upto(agent.rescan_upto);
-        agent.cursor = engine.captured_upto();
-        agent.engine = Some(engine);
-        let store = concord_agent::store::hex(
-            &self.agents[i]
-                .engine
-                .as_ref()
-                .map(|e| e.store_id())
-                .unwrap_or_default()[..4],
-        );
+        agent.tool_loop = ToolLoop::new(engine.captured_upto(), agent.rescan_upto);
+        agent.acked_seq = engine
+            .reader()
+            .log_head(COLLECTION)
+            .map_err(|e| e.to_string())?;
+        let store = concord_agent::store::hex(&engine.store_id()[..4]);
+        agent.core = Some(Core::new(engine));
         self.log(format!("agent {i} starts (store {store})"));
         Ok(())
     }
@@ -454,9 +537,12 @@ impl Sim {
     fn crash_agent(&mut self, i: usize) {
         let down_ms = self.rng.range(500, 30_000);
         let agent = &mut self.agents[i];
-        if agent.engine.take().is_none() {
+        if agent.core.take().is_none() {
             return;
         }
+        // What the core had not committed is lost with the process.
+        agent.queue.clear();
+        agent.captures.clear();
         agent.plan = None;
         agent.restart_at = Some(self.now + down_ms);
         for l in 0..self.links.len() {
@@ -471,7 +557,7 @@ impl Sim {
     /// Acknowledged changes no other agent holds (running, or down with its store on
     /// disk) are lost with the disk, so they leave the acknowledged set.
     fn wipe_agent(&mut self, i: usize) {
-        if self.agents[i].engine.is_none() {
+        if self.agents[i].core.is_none() {
             return;
         }
         self.crash_agent(i);
@@ -484,8 +570,8 @@ impl Sim {
             }
             // A down agent's store is read from its folder; a wiped one has none.
             let mut opened = None;
-            let engine = match other.engine.as_mut() {
-                Some(engine) => engine,
+            let engine = match other.core.as_mut() {
+                Some(core) => core.engine(),
                 None if other.dir.exists() => {
                     let Ok(store) = Store::open_with(&other.dir, || [0; 16]) else {
                         continue;
@@ -518,98 +604,165 @@ impl Sim {
         self.fault("store wipe", format!("agent {i}"));
     }
 
-    fn wall_ms(&self, i: usize) -> i64 {
-        EPOCH_MS + self.now as i64 + self.agents[i].skew_ms
+    /// The tool thread's work, through the real tool loop: note durable captures,
+    /// capture what is new, trim, and run a write-back plan that arrived.
+    fn step_tool(&mut self, i: usize) {
+        if self.agents[i].core.is_none() {
+            return;
+        }
+        let agent = &mut self.agents[i];
+        while let Some(reply) = agent.captures.front_mut() {
+            match reply.try_recv() {
+                Ok(()) => {
+                    agent.captures.pop_front();
+                    agent.tool_loop.durable();
+                }
+                Err(_) => break,
+            }
+        }
+        let changed = agent.tool.changed_since(agent.tool_loop.capture_bounds().after);
+        if agent.tool_loop.wants_capture(changed) {
+            self.capture_all(i);
+        }
+        let agent = &mut self.agents[i];
+        let drained = agent.tool.head() == agent.tool_loop.cursor();
+        if let Some(upto) = agent.tool_loop.trim_due(drained) {
+            agent.tool.trim(upto);
+            agent.tool_loop.trimmed(upto);
+        }
+        let due = agent.plan.as_ref().is_some_and(|(_, at)| *at <= self.now);
+        if due {
+            self.write_back(i);
+        }
     }
 
-    /// The tool thread's work: capture, trim, plan and run write-backs.
-    fn step_agent(&mut self, i: usize) -> Result<(), String> {
-        if self.agents[i].engine.is_none() {
+    /// Captures everything new, handing each batch to the core's queue.
+    fn capture_all(&mut self, i: usize) {
+        let agent = &mut self.agents[i];
+        while agent.captures.len() < CAPTURES_IN_FLIGHT_MAX {
+            let bounds = agent.tool_loop.capture_bounds();
+            let batch = agent.tool.capture(bounds.after, bounds.upto, bounds.max);
+            if !agent.tool_loop.captured(&batch) {
+                return;
+            }
+            let (reply, answer) = oneshot::channel();
+            agent.queue.push_back(CoreRequest::Capture { batch, reply });
+            agent.captures.push_back(answer);
+        }
+    }
+
+    fn write_back(&mut self, i: usize) {
+        let Some((plan, _)) = self.agents[i].plan.take() else {
+            return;
+        };
+        let agent = &mut self.agents[i];
+        let ops: Vec<WriteOp> = plan.writes.iter().map(|w| w.op.clone()).collect();
+        let outcomes = match agent.tool_loop.changed_since(plan.captured_upto) {
+            Some(changed) => agent.tool.write_back(plan.captured_upto, &changed, &ops),
+            None => all_stale(ops.len()),
+        };
+        let stale = outcomes.iter().filter(|o| **o == OpOutcome::Stale).count();
+        agent.tool_loop.plan_done(plan.captured_upto, stale > 0);
+        if stale > 0 {
+            self.capture_all(i);
+        }
+        self.agents[i].queue.push_back(CoreRequest::WritesDone {
+            plan,
+            outcomes: Some(outcomes),
+        });
+        self.log(format!(
+            "agent {i} write-back of {} ops ({stale} stale)",
+            ops.len()
+        ));
+    }
+
+    /// The core thread's work: drain the queue in group commits of random sizes
+    /// (unless it falls behind this tick), then plan the next write-back.
+    fn step_core(&mut self, i: usize) -> Result<(), String> {
+        if self.agents[i].core.is_none() {
             return Ok(());
         }
-        self.capture(i)?;
-        let now = self.now;
-        let due = self.agents[i]
-            .plan
-            .as_ref()
-            .is_some_and(|(_, at)| *at <= now);
-        if due {
-            let (plan, _) = self.agents[i].plan.take().expect("due");
-            let ops: Vec<WriteOp> = plan.writes.iter().map(|w| w.op.clone()).collect();
-            let outcome = self.agents[i].tool.write_back(plan.captured_upto, &ops);
-            if outcome == WriteOutcome::CaptureFirst {
-                self.capture(i)?;
+        let pause = self.rng.chance(self.swarm.core_pause);
+        let wall = self.wall_ms(i);
+        let rescanning = self.agents[i].tool_loop.cursor() < self.agents[i].rescan_upto;
+        let mut committed = false;
+        while !pause && !self.agents[i].queue.is_empty() {
+            let len = self.agents[i].queue.len().min(GROUP_COMMIT_REQUESTS_MAX);
+            let n = self.rng.range(1, len as u64) as usize;
+            let agent = &mut self.agents[i];
+            let requests: Vec<CoreRequest> = agent.queue.drain(..n).collect();
+            let core = agent.core.as_mut().expect("running");
+            let result = core.step(requests, wall).map_err(|e| e.to_string())?;
+            if n > 1 {
+                self.group_commits += 1;
             }
-            self.log(format!(
-                "agent {i} write-back of {} ops: {outcome:?}",
-                ops.len()
-            ));
-            let engine = self.agents[i].engine.as_mut().expect("running");
-            let mut batch = engine.store().batch();
-            engine
-                .writes_done(&mut batch, plan, outcome)
-                .map_err(|e| e.to_string())?;
-            engine.store().commit(batch).map_err(|e| e.to_string())?;
+            if result.appended > 0 {
+                agent.log_version += 1;
+            }
+            committed = true;
         }
-        if self.agents[i].plan.is_none() {
-            let delay = self.rng.range(0, 20);
-            let engine = self.agents[i].engine.as_mut().expect("running");
-            let mut batch = engine.store().batch();
-            let plan = engine
-                .plan_writes(&mut batch, WRITE_BACK_BATCH_MAX)
-                .map_err(|e| e.to_string())?;
-            if !batch.is_empty() {
-                engine.store().commit(batch).map_err(|e| e.to_string())?;
-            }
-            if !plan.writes.is_empty() {
-                self.agents[i].plan = Some((plan, self.now + delay));
-            }
+        if committed {
+            self.record_acknowledged(i, rescanning)?;
+        }
+        let delay = self.rng.range(0, 20);
+        let agent = &mut self.agents[i];
+        let core = agent.core.as_mut().expect("running");
+        if let Some(plan) = core.plan(wall).map_err(|e| e.to_string())? {
+            agent.plan = Some((plan, self.now + delay));
         }
         Ok(())
     }
 
-    fn capture(&mut self, i: usize) -> Result<(), String> {
-        let wall = self.wall_ms(i);
-        let mut new_acks = Vec::new();
+    /// Reads the changes agent `i` committed since the last look: its own are
+    /// acknowledged (durable), and each must put only values its own user wrote
+    /// (no echo), unless they come from a rescan of the tool.
+    fn record_acknowledged(&mut self, i: usize, rescanning: bool) -> Result<(), String> {
         let agent = &mut self.agents[i];
-        let Some(engine) = agent.engine.as_mut() else {
+        let Some(core) = agent.core.as_mut() else {
             return Ok(());
         };
-        while agent.tool.changed_since(agent.cursor) {
-            let max = match agent.rescan_upto.checked_sub(agent.cursor) {
-                Some(left) if left > 0 => CAPTURE_BATCH_MAX.min(left as usize),
-                _ => CAPTURE_BATCH_MAX,
-            };
-            let captured = agent.tool.capture(agent.cursor, max);
-            let cursor = captured.cursor;
-            let mut batch = engine.store().batch();
-            engine
-                .capture(&mut batch, captured.changes, cursor, wall)
+        let actor = core.engine().store_id();
+        let reader = core.engine().reader();
+        let head = reader.log_head(COLLECTION).map_err(|e| e.to_string())?;
+        let mut new_acks = Vec::new();
+        let mut echo = None;
+        let mut from = agent.acked_seq + 1;
+        while from <= head {
+            let entries = reader
+                .log_from(COLLECTION, from, 512)
                 .map_err(|e| e.to_string())?;
-            let appended = engine.store().commit(batch).map_err(|e| e.to_string())?;
-            if !appended.is_empty() {
-                agent.log_version += 1;
-            }
-            let reader = engine.store().reader();
-            for (collection, seq) in appended {
-                for (_, entry) in reader
-                    .log_from(&collection, seq, 1)
-                    .map_err(|e| e.to_string())?
-                {
-                    for bytes in &entry.changes {
-                        let change = automerge::Change::from_bytes(bytes.clone())
-                            .map_err(|e| e.to_string())?;
-                        let actor = change.actor_id().to_bytes().to_vec();
-                        new_acks.push((DocId(entry.doc), change.hash(), actor));
+            let Some(&(last, _)) = entries.last() else {
+                break;
+            };
+            for (_, entry) in entries {
+                if entry.origin.is_some() {
+                    continue;
+                }
+                for bytes in &entry.changes {
+                    let change = automerge::Change::from_bytes(bytes.clone())
+                        .map_err(|e| e.to_string())?;
+                    if change.actor_id().to_bytes() != actor {
+                        continue;
                     }
+                    if !rescanning && echo.is_none() {
+                        echo = foreign_value(&change, i).map(|v| (DocId(entry.doc), v));
+                    }
+                    new_acks.push((DocId(entry.doc), change.hash(), actor.to_vec()));
                 }
             }
-            agent.cursor = cursor;
-            agent.tool.trim(cursor);
+            from = last + 1;
         }
+        agent.acked_seq = head;
         for (doc, hash, actor) in new_acks {
             self.log(format!("agent {i} acknowledged change {hash} of {doc}"));
             self.acknowledged.push((doc, hash, actor));
+        }
+        if let Some((doc, value)) = echo
+            && self.broken.is_none()
+        {
+            self.broken = Some(format!(
+                "agent {i} captured {value} in {doc} as its user's edit, but its user never wrote it (an echo of a write-back)"
+            ));
         }
         Ok(())
     }
@@ -626,22 +779,39 @@ impl Sim {
             let edit = if exists && roll < 2 {
                 None
             } else {
-                let mut fields = Record::new();
-                match self.rng.below(3) {
-                    0 => fields.insert(
-                        "name".into(),
-                        Value::Text(format!("n{}", self.rng.below(1000))),
-                    ),
-                    1 => fields.insert("qty".into(), Value::Int(self.rng.below(100) as i64)),
-                    _ => fields.insert(
-                        "note".into(),
-                        Value::Text(format!("note {}", self.rng.below(1000))),
-                    ),
-                };
-                Some(fields)
+                let field = ["name", "qty", "note"][self.rng.below(3) as usize];
+                Some(Record::from([(field.to_owned(), self.user_value(i, field))]))
             };
             self.log(format!("agent {i} user edits {key}: {edit:?}"));
             self.agents[i].tool.user_edit(&key, edit);
+        }
+        if self.rng.chance(self.swarm.bulk) {
+            self.swarm.bulk = 0.0;
+            let i = self.rng.below(self.agents.len() as u64) as usize;
+            self.log(format!("agent {i} user imports {BULK_ROWS} rows, then updates them all"));
+            for k in 0..BULK_ROWS {
+                let value = self.user_value(i, "name");
+                self.agents[i]
+                    .tool
+                    .user_edit(&format!("b{k}"), Some(Record::from([("name".to_owned(), value)])));
+            }
+            for k in 0..BULK_ROWS {
+                let value = self.user_value(i, "qty");
+                self.agents[i]
+                    .tool
+                    .user_edit(&format!("b{k}"), Some(Record::from([("qty".to_owned(), value)])));
+            }
+        }
+    }
+
+    /// A value for `field` that only agent `i`'s user writes.
+    fn user_value(&mut self, i: usize, field: &str) -> Value {
+        self.agents[i].values += 1;
+        let n = self.agents[i].values;
+        match field {
+            "qty" => Value::Int(i as i64 * VALUE_AGENT_STRIDE + n),
+            "note" => Value::Text(format!("note {i}:{n}")),
+            _ => Value::Text(format!("n{i}:{n}")),
         }
     }
 
@@ -692,6 +862,7 @@ impl Sim {
             return;
         }
         link.queues = [BinaryHeap::new(), BinaryHeap::new()];
+        link.pending = [VecDeque::new(), VecDeque::new()];
         link.last_arrival = [0, 0];
         link.reconnect_at = self.now + backoff;
         let (a, b) = (link.a, link.b);
@@ -700,48 +871,31 @@ impl Sim {
 
     fn step_link(&mut self, l: usize) -> Result<(), String> {
         let (a, b) = (self.links[l].a, self.links[l].b);
-        let up = self.agents[a].engine.is_some() && self.agents[b].engine.is_some();
-        if let Some((dir, since, until)) = self.links[l].oneway {
+        let up = self.agents[a].core.is_some() && self.agents[b].core.is_some();
+        if let Some((_, since, until)) = self.links[l].oneway {
             if self.now >= until {
                 self.links[l].oneway = None;
             } else if self.now >= since + LINK_IDLE_TIMEOUT_MS {
                 // Nothing came through one way for the idle timeout: QUIC gives up.
-                let _ = dir;
                 self.close(l, "idle timeout (one-way partition)");
             }
         }
         if self.links[l].ends.is_none() {
             let allowed = self.now >= self.links[l].partitioned_until
                 && self.now >= self.links[l].reconnect_at;
-            if up && allowed {
-                let store = |i: usize| self.agents[i].engine.as_ref().map(|e| e.store_id());
-                let (Some(sa), Some(sb)) = (store(a), store(b)) else {
-                    return Ok(());
-                };
-                let now = self.instant();
-                let heads = |i: usize| -> Result<Vec<(String, u64)>, String> {
-                    let engine = self.agents[i].engine.as_ref().ok_or("agent down")?;
-                    let head = engine
-                        .reader()
-                        .log_head(COLLECTION)
-                        .map_err(|e| e.to_string())?;
-                    Ok(vec![(COLLECTION.to_owned(), head)])
-                };
-                let (ha, hb) = (heads(a)?, heads(b)?);
-                self.links[l].ends = Some([Session::new(sa, ha, now), Session::new(sb, hb, now)]);
-                self.links[l].log_seen = [0, 0];
-                self.log(format!("link {a}-{b} connected"));
-            } else {
+            if !(up && allowed) {
                 return Ok(());
             }
+            let now = self.instant();
+            let (ha, hb) = (self.hello(a)?, self.hello(b)?);
+            self.links[l].ends = Some([Session::new(ha.0, ha.1, now), Session::new(hb.0, hb.1, now)]);
+            self.links[l].log_seen = [0, 0];
+            self.log(format!("link {a}-{b} connected"));
         }
         let mut ends = self.links[l].ends.take().expect("connected");
-        let result = self.pump(l, &mut ends);
-        match result {
+        match self.pump(l, &mut ends) {
             Ok(()) => {
-                if self.links[l].ends.is_none() && self.links[l].reconnect_at <= self.now {
-                    self.links[l].ends = Some(ends);
-                }
+                self.links[l].ends = Some(ends);
                 Ok(())
             }
             Err(Pump::Closed(why)) => {
@@ -753,14 +907,26 @@ impl Sim {
         }
     }
 
-    /// Delivers due frames to both ends, acts on their events, lets time pass and
-    /// queues what they send.
+    /// Agent `i`'s store id and log heads, for a new session.
+    fn hello(&mut self, i: usize) -> Result<(StoreId, Vec<(String, u64)>), String> {
+        let core = self.agents[i].core.as_mut().ok_or("agent down")?;
+        let engine = core.engine();
+        let head = engine
+            .reader()
+            .log_head(COLLECTION)
+            .map_err(|e| e.to_string())?;
+        Ok((engine.store_id(), vec![(COLLECTION.to_owned(), head)]))
+    }
+
+    /// Delivers due frames to both ends and hands their events to the cores, acts
+    /// on the cores' answers, lets time pass and queues what the sessions send: the
+    /// QUIC driver's pump, step by step.
     fn pump(&mut self, l: usize, ends: &mut [Session; 2]) -> Result<(), Pump> {
         let agents = [self.links[l].a, self.links[l].b];
         let now = self.instant();
         for side in 0..2 {
             let dir = 1 - side; // frames travelling towards `side`
-            loop {
+            while self.links[l].pending[side].len() < EVENTS_IN_FLIGHT_MAX {
                 let due = matches!(self.links[l].queues[dir].peek(), Some(Reverse((t, _, _))) if *t <= self.now);
                 if !due {
                     break;
@@ -773,24 +939,25 @@ impl Sim {
                 ends[side]
                     .handle(now, &frame)
                     .map_err(|e| Pump::Closed(format!("{} refused a frame: {e}", agents[side])))?;
-                self.events(agents[side], &mut ends[side])?;
+                self.hand_events(l, side, agents[side], &mut ends[side])?;
             }
         }
         for side in 0..2 {
+            self.take_actions(l, side, &mut ends[side])?;
             ends[side]
                 .handle_timeout(now)
                 .map_err(|e| Pump::Closed(format!("{}: {e}", agents[side])))?;
-            self.events(agents[side], &mut ends[side])?;
+            self.hand_events(l, side, agents[side], &mut ends[side])?;
             let version = self.agents[agents[side]].log_version;
             if self.links[l].log_seen[side] != version {
                 self.links[l].log_seen[side] = version;
                 ends[side].log_grew();
             }
-            let engine = self.agents[agents[side]]
-                .engine
+            let core = self.agents[agents[side]]
+                .core
                 .as_mut()
                 .ok_or(Pump::Closed("agent down".into()))?;
-            let reader = engine.store().reader();
+            let reader = core.engine().reader();
             for (collection, from, max) in ends[side].wants() {
                 let read = reader
                     .log_from(&collection, from, max)
@@ -799,6 +966,41 @@ impl Sim {
             }
             while let Some(frame) = ends[side].poll_transmit() {
                 self.transmit(l, side, frame);
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands the session's events to agent `i`'s core queue.
+    fn hand_events(&mut self, l: usize, side: usize, i: usize, session: &mut Session) -> Result<(), Pump> {
+        while let Some(event) = session.poll_event() {
+            let peer = session
+                .peer()
+                .ok_or(Pump::Closed("an event before hello".into()))?;
+            let (reply, answer) = oneshot::channel();
+            self.agents[i]
+                .queue
+                .push_back(CoreRequest::Peer { peer, event, reply });
+            self.links[l].pending[side].push_back(answer);
+        }
+        Ok(())
+    }
+
+    /// Carries out, in order, the actions the core answered so far.
+    fn take_actions(&mut self, l: usize, side: usize, session: &mut Session) -> Result<(), Pump> {
+        let now = self.instant();
+        while let Some(answer) = self.links[l].pending[side].front_mut() {
+            let actions = match answer.try_recv() {
+                Ok(Ok(actions)) => actions,
+                Ok(Err(e)) => return Err(Pump::Closed(format!("bad data from the peer: {e}"))),
+                Err(oneshot::error::TryRecvError::Empty) => return Ok(()),
+                Err(oneshot::error::TryRecvError::Closed) => {
+                    return Err(Pump::Closed("agent down".into()));
+                }
+            };
+            self.links[l].pending[side].pop_front();
+            for action in actions {
+                session.act(now, action);
             }
         }
         Ok(())
@@ -842,194 +1044,23 @@ impl Sim {
         self.links[l].queues[side].push(Reverse((arrival, self.frame_seq, frame)));
     }
 
-    /// Acts on a session's events against its agent's engine.
-    fn events(&mut self, i: usize, session: &mut Session) -> Result<(), Pump> {
-        let mut lines: Vec<String> = Vec::new();
-        let now = self.instant();
-        while let Some(event) = session.poll_event() {
-            let engine = self.agents[i]
-                .engine
-                .as_mut()
-                .ok_or(Pump::Closed("agent down".into()))?;
-            match event {
-                Event::PeerHello { store } => {
-                    let fatal = |e: concord_agent::store::StoreError| Pump::Fatal(e.to_string());
-                    let reader = engine.store().reader();
-                    let name = concord_agent::store::peer_cursor(&store, COLLECTION);
-                    let mark = concord_agent::store::anti_entropy_mark(&store, COLLECTION);
-                    let (cursor, walk) = session.subscription(
-                        COLLECTION,
-                        reader.cursor(&name).map_err(fatal)?,
-                        reader.cursor(&mark).map_err(fatal)? == 1,
-                        reader.log_head(COLLECTION).map_err(fatal)? > 0,
-                    );
-                    if walk {
-                        let mut batch = engine.store().batch();
-                        engine.store().stage_cursor(&mut batch, &name, cursor);
-                        engine.store().stage_cursor(&mut batch, &mark, 1);
-                        engine.store().commit(batch).map_err(fatal)?;
-                    }
-                    session.subscribe(vec![(COLLECTION.to_owned(), cursor)]);
-                    lines.push(format!(
-                        "agent {i} subscribes to {} from {cursor} (anti-entropy: {})",
-                        concord_agent::store::hex(&store[..4]),
-                        walk
-                    ));
-                    if walk {
-                        session.start_anti_entropy(COLLECTION.to_owned());
-                    }
-                }
-                Event::DigestQuery {
-                    collection,
-                    depth,
-                    prefix,
-                } => {
-                    let digests = engine
-                        .store()
-                        .digest_children(&collection, depth, prefix)
-                        .map_err(|e| Pump::Fatal(e.to_string()))?
-                        .ok_or(Pump::Closed("a digest query outside the tree".into()))?;
-                    session.digests(collection, depth, prefix, digests);
-                }
-                Event::BucketQuery { collection, bucket } => {
-                    let docs = engine
-                        .reader()
-                        .bucket_docs(&collection, bucket)
-                        .map_err(|e| Pump::Fatal(e.to_string()))?;
-                    session.bucket(collection, bucket, docs);
-                }
-                Event::Digests {
-                    collection,
-                    depth,
-                    prefix,
-                    digests,
-                } => {
-                    let ours = engine
-                        .store()
-                        .digest_children(&collection, depth, prefix)
-                        .map_err(|e| Pump::Fatal(e.to_string()))?
-                        .ok_or(Pump::Closed("digests outside the tree".into()))?;
-                    session.compare_digests(&collection, depth, prefix, &digests, &ours);
-                }
-                Event::Bucket {
-                    collection,
-                    bucket: _,
-                    docs,
-                } => {
-                    for (doc, theirs) in docs {
-                        let ours = engine
-                            .reader()
-                            .doc_digest(&collection, DocId(doc))
-                            .map_err(|e| Pump::Fatal(e.to_string()))?;
-                        if ours != theirs {
-                            lines.push(format!("agent {i} repairs {}", DocId(doc)));
-                            let heads = engine
-                                .heads(DocId(doc))
-                                .map_err(|e| Pump::Fatal(e.to_string()))?;
-                            session.repair(
-                                collection.clone(),
-                                doc,
-                                heads.iter().map(|h| h.0).collect(),
-                            );
-                        }
-                    }
-                    session.answered(&collection);
-                }
-                Event::AntiEntropyDone { collection } => {
-                    lines.push(format!("agent {i} anti-entropy done"));
-                    if let Some(store) = session.peer() {
-                        let mark = concord_agent::store::anti_entropy_mark(&store, &collection);
-                        let mut batch = engine.store().batch();
-                        engine.store().stage_cursor(&mut batch, &mark, 0);
-                        engine
-                            .store()
-                            .commit(batch)
-                            .map_err(|e| Pump::Fatal(e.to_string()))?;
-                    }
-                }
-                Event::Apply {
-                    collection,
-                    upto,
-                    entries,
-                } => {
-                    let count = entries.len();
-                    let (missing, grew) = apply(engine, session, &collection, Some(upto), entries)?;
-                    if grew {
-                        self.agents[i].log_version += 1;
-                    }
-                    let engine = self.agents[i]
-                        .engine
-                        .as_mut()
-                        .ok_or(Pump::Closed("agent down".into()))?;
-                    session.applied(now, collection.clone(), upto, count);
-                    for doc in missing {
-                        let heads = engine.heads(doc).map_err(|e| Pump::Fatal(e.to_string()))?;
-                        session.need_doc(
-                            collection.clone(),
-                            doc.0,
-                            heads.iter().map(|h| h.0).collect(),
-                        );
-                    }
-                }
-                Event::DocChanges {
-                    collection,
-                    doc,
-                    changes,
-                } => {
-                    let entry = WireEntry {
-                        seq: 0,
-                        doc,
-                        changes,
-                    };
-                    let n = entry.changes.len();
-                    let (_, grew) = apply(engine, session, &collection, None, vec![entry])?;
-                    lines.push(format!(
-                        "agent {i} got {n} changes of {} (new: {grew})",
-                        DocId(doc)
-                    ));
-                    if grew {
-                        self.agents[i].log_version += 1;
-                    }
-                    session.repaired(doc);
-                }
-                Event::NeedDoc {
-                    collection,
-                    doc,
-                    heads,
-                } => {
-                    let heads: Vec<ChangeHash> = heads.into_iter().map(ChangeHash).collect();
-                    match engine
-                        .changes_since(DocId(doc), &heads)
-                        .map_err(|e| Pump::Fatal(e.to_string()))?
-                    {
-                        Some(found) => session.doc_changes(found.collection, doc, found.changes),
-                        None => session.doc_changes(collection, doc, Vec::new()),
-                    }
-                }
-            }
-        }
-        for line in lines {
-            self.log(line);
-        }
-        Ok(())
-    }
-
     /// Every document's heads on every running agent, or why they differ.
     fn converged(&mut self) -> Result<(), String> {
         let mut reference: Option<BTreeMap<DocId, Vec<ChangeHash>>> = None;
         for i in 0..self.agents.len() {
             let agent = &mut self.agents[i];
-            if agent.plan.is_some() || agent.tool.changed_since(agent.cursor) {
+            if agent.plan.is_some()
+                || !agent.queue.is_empty()
+                || !agent.captures.is_empty()
+                || agent.tool.changed_since(agent.tool_loop.cursor())
+            {
                 return Err(format!("agent {i} has work in flight"));
             }
-            let Some(engine) = agent.engine.as_mut() else {
+            let Some(core) = agent.core.as_mut() else {
                 return Err(format!("agent {i} is down"));
             };
-            let ids = engine
-                .store()
-                .reader()
-                .doc_ids()
-                .map_err(|e| e.to_string())?;
+            let engine = core.engine();
+            let ids = engine.reader().doc_ids().map_err(|e| e.to_string())?;
             let mut heads = BTreeMap::new();
             let mut projection = BTreeMap::new();
             for id in ids {
@@ -1075,24 +1106,8 @@ impl Sim {
                         .iter()
                         .find(|(id, h)| heads.get(*id) != Some(*h))
                         .map(|(id, _)| *id);
-                    let detail = match differing {
-                        Some(id) => {
-                            let am = engine
-                                .store()
-                                .doc(id)
-                                .map_err(|e| e.to_string())?
-                                .automerge();
-                            format!(
-                                "{id}: heads {:?} vs {:?}, agent {i} waits for {:?}",
-                                heads.get(&id),
-                                r.get(&id),
-                                am.get_missing_deps(&[])
-                            )
-                        }
-                        None => String::new(),
-                    };
                     return Err(format!(
-                        "agent {i}'s documents differ from agent 0's ({} vs {} documents; {detail}; first differing: {differing:?})",
+                        "agent {i}'s documents differ from agent 0's ({} vs {} documents; first differing: {differing:?})",
                         heads.len(),
                         r.len()
                     ));
@@ -1106,9 +1121,10 @@ impl Sim {
     fn check_acknowledged(&mut self) -> Result<(), String> {
         let acknowledged = std::mem::take(&mut self.acknowledged);
         for (i, agent) in self.agents.iter_mut().enumerate() {
-            let engine = agent.engine.as_mut().ok_or("agent down after healing")?;
+            let core = agent.core.as_mut().ok_or("agent down after healing")?;
             for (doc, hash, _) in &acknowledged {
-                let am = engine
+                let am = core
+                    .engine()
                     .store()
                     .doc(*doc)
                     .map_err(|e| e.to_string())?
@@ -1128,13 +1144,8 @@ impl Sim {
 
     fn check_identities(&mut self) -> Result<(), String> {
         for (i, agent) in self.agents.iter_mut().enumerate() {
-            let engine = agent.engine.as_mut().ok_or("agent down after healing")?;
-            for id in engine
-                .store()
-                .reader()
-                .doc_ids()
-                .map_err(|e| e.to_string())?
-            {
+            let engine = agent.core.as_mut().ok_or("agent down after healing")?.engine();
+            for id in engine.reader().doc_ids().map_err(|e| e.to_string())? {
                 let doc = engine.store().doc(id).map_err(|e| e.to_string())?;
                 let (collection, key) = doc
                     .identity()
@@ -1151,13 +1162,84 @@ impl Sim {
         Ok(())
     }
 
+    /// Probe on the healed cluster: a record deleted and created again with fewer
+    /// fields holds only the new row's fields, in every tool.
+    fn probe_reinsert(&mut self) -> Result<(), String> {
+        let h = self.rng.below(self.agents.len() as u64) as usize;
+        let key = "probe";
+        self.log(format!("PROBE agent {h} creates, deletes and re-creates {key}"));
+        let full: Record = COLUMNS
+            .iter()
+            .map(|c| ((*c).to_owned(), self.user_value(h, c)))
+            .collect();
+        self.agents[h].tool.user_edit(key, Some(full));
+        self.converge()?;
+        self.agents[h].tool.user_edit(key, None);
+        self.converge()?;
+        let name = self.user_value(h, "name");
+        self.agents[h]
+            .tool
+            .user_edit(key, Some(Record::from([("name".to_owned(), name.clone())])));
+        self.converge()?;
+        let expected: Record = COLUMNS
+            .iter()
+            .map(|c| ((*c).to_owned(), if *c == "name" { name.clone() } else { Value::Null }))
+            .collect();
+        for (j, agent) in self.agents.iter().enumerate() {
+            if agent.tool.rows.get(key) != Some(&expected) {
+                return Err(format!(
+                    "a record created again after a delete inherited the dead record: agent {j}'s tool holds {:?}, the new row is {expected:?}",
+                    agent.tool.rows.get(key)
+                ));
+            }
+        }
+        self.checks += 1;
+        Ok(())
+    }
+
+    /// Probe on the healed cluster: while one user commits every tick, another
+    /// agent's edits still reach that user's tool (write-back is not starved).
+    fn probe_hot_tool(&mut self) -> Result<(), String> {
+        let n = self.agents.len() as u64;
+        let hot = self.rng.below(n) as usize;
+        let other = (hot + 1 + self.rng.below(n - 1) as usize) % self.agents.len();
+        self.log(format!("PROBE agent {hot}'s user commits every tick while agent {other}'s edits"));
+        let mut wanted = BTreeMap::new();
+        for k in 0..5 {
+            let key = format!("p{k}");
+            let value = self.user_value(other, "name");
+            self.agents[other]
+                .tool
+                .user_edit(&key, Some(Record::from([("name".to_owned(), value.clone())])));
+            wanted.insert(key, value);
+        }
+        let until = self.now + HOT_PROBE_MS;
+        while self.now < until {
+            let value = self.user_value(hot, "qty");
+            self.agents[hot]
+                .tool
+                .user_edit("hot", Some(Record::from([("qty".to_owned(), value)])));
+            self.tick()?;
+            let rows = &self.agents[hot].tool.rows;
+            if wanted
+                .iter()
+                .all(|(key, value)| rows.get(key).and_then(|r| r.get("name")) == Some(value))
+            {
+                self.checks += 1;
+                return Ok(());
+            }
+        }
+        Err(format!(
+            "agent {hot}'s tool, committing every {TICK_MS} ms, did not receive agent {other}'s edits within {HOT_PROBE_MS} ms (write-back starved)"
+        ))
+    }
+
     /// Counters that must not move once the cluster is quiet.
     fn activity(&mut self) -> Result<Vec<u64>, String> {
         let mut out = Vec::new();
         for agent in &mut self.agents {
-            let engine = agent.engine.as_mut().ok_or("agent down")?;
+            let engine = agent.core.as_mut().ok_or("agent down")?.engine();
             let head = engine
-                .store()
                 .reader()
                 .log_head(COLLECTION)
                 .map_err(|e| e.to_string())?;
@@ -1176,13 +1258,9 @@ impl Sim {
 
     fn final_heads(&mut self) -> Result<Vec<u8>, String> {
         let mut out = Vec::new();
-        if let Some(engine) = self.agents[0].engine.as_mut() {
-            for id in engine
-                .store()
-                .reader()
-                .doc_ids()
-                .map_err(|e| e.to_string())?
-            {
+        if let Some(core) = self.agents[0].core.as_mut() {
+            let engine = core.engine();
+            for id in engine.reader().doc_ids().map_err(|e| e.to_string())? {
                 out.extend_from_slice(&id.0);
                 for h in engine.heads(id).map_err(|e| e.to_string())? {
                     out.extend_from_slice(&h.0);
@@ -1193,33 +1271,28 @@ impl Sim {
     }
 }
 
-/// Why pumping a link stopped.
-enum Pump {
-    /// The session broke: close the link, reconnect later.
-    Closed(String),
-    /// The store failed: the run is broken.
-    Fatal(String),
-}
-
-fn apply(
-    engine: &mut Engine,
-    session: &Session,
-    collection: &str,
-    upto: Option<u64>,
-    entries: Vec<WireEntry>,
-) -> Result<(Vec<DocId>, bool), Pump> {
-    let origin: StoreId = session
-        .peer()
-        .ok_or(Pump::Closed("entries before hello".into()))?;
-    let mut batch = engine.store().batch();
-    let outcome = match engine.apply_remote(&mut batch, origin, collection, upto, entries) {
-        Ok(outcome) => outcome,
-        Err(RemoteError::Store(e)) => return Err(Pump::Fatal(e.to_string())),
-        Err(e) => return Err(Pump::Closed(e.to_string())),
-    };
-    let appended = engine
-        .store()
-        .commit(batch)
-        .map_err(|e| Pump::Fatal(e.to_string()))?;
-    Ok((outcome.missing, !appended.is_empty()))
+/// A field value that `change` puts and that agent `agent`'s user never wrote, if any.
+fn foreign_value(change: &automerge::Change, agent: usize) -> Option<String> {
+    use automerge::ScalarValue;
+    use automerge::legacy::{Key, OpType};
+    for op in change.decode().operations {
+        let (Key::Map(key), OpType::Put(value)) = (&op.key, &op.action) else {
+            continue;
+        };
+        if !key.starts_with("f:") {
+            continue;
+        }
+        let own = match value {
+            ScalarValue::Str(text) => {
+                text.starts_with(&format!("n{agent}:")) || text.starts_with(&format!("note {agent}:"))
+            }
+            ScalarValue::Int(qty) => qty.div_euclid(VALUE_AGENT_STRIDE) == agent as i64,
+            ScalarValue::Null => true,
+            _ => false,
+        };
+        if !own {
+            return Some(format!("{key} = {value}"));
+        }
+    }
+    None
 }

@@ -54,6 +54,7 @@ fn main() -> std::process::ExitCode {
     let started = Instant::now();
     let mut faults: BTreeMap<&'static str, u64> = BTreeMap::new();
     let (mut runs, mut sim_ms, mut checks, mut edits, mut agents) = (0u64, 0u64, 0u64, 0u64, 0u64);
+    let mut group_commits = 0u64;
     let mut failures: Vec<Report> = Vec::new();
     for seed in cli.seeds.clone() {
         let report = run(seed, &config);
@@ -66,6 +67,7 @@ fn main() -> std::process::ExitCode {
         sim_ms += report.sim_ms;
         checks += report.checks;
         edits += report.edits;
+        group_commits += report.group_commits;
         agents += report.agents as u64;
         for (kind, n) in &report.faults {
             *faults.entry(kind).or_default() += n;
@@ -84,6 +86,7 @@ fn main() -> std::process::ExitCode {
     println!("simulated time       {:.1} h", sim_ms as f64 / 3_600_000.0);
     println!("user edits           {edits}");
     println!("invariant checks     {checks}");
+    println!("group commits        {group_commits} (of two requests or more)");
     for (kind, n) in &faults {
         println!("fault {kind:<20} {n}");
     }

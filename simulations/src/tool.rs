@@ -1,14 +1,14 @@
 //! A simulated tool: an in-memory table honouring the SQLite connector's contract.
 //!
 //! Its edits append to an outbox with ever-growing sequence numbers (trimming keeps
-//! the highest); capture reports each entry with the row's current state; the
-//! agent's writes leave no outbox entry (no echo); and a write-back planned before
-//! the latest edit was captured is refused with `CaptureFirst`, exactly as the
-//! SQLite connector does with its triggers and `sqlite_sequence`.
+//! the highest); capture reads entries after a cursor and up to a bound, with each
+//! row's current state; the agent's writes leave no outbox entry (no echo); and a
+//! write of a record the user changed after the plan's capture is refused as stale,
+//! record by record, exactly as the SQLite connector does with its outbox.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
-use connectors::sqlite::{CaptureBatch, CapturedChange, RowState, WriteOp, WriteOutcome};
+use connectors::sqlite::{CaptureBatch, CapturedChange, OpOutcome, RowState, WriteOp};
 use crdt_model::{Record, Value};
 
 /// The one collection simulated.
@@ -32,17 +32,20 @@ pub struct SimTool {
     rescan_upto: u64,
 }
 
+fn empty_row() -> Record {
+    COLUMNS
+        .iter()
+        .map(|c| ((*c).to_owned(), Value::Null))
+        .collect()
+}
+
 impl SimTool {
-    /// The user sets `fields` of row `key` (creating it), or deletes it with `None`.
+    /// The user sets `fields` of row `key` (creating it with the others empty), or
+    /// deletes it with `None`.
     pub fn user_edit(&mut self, key: &str, fields: Option<Record>) {
         match fields {
             Some(fields) => {
-                let row = self.rows.entry(key.to_owned()).or_insert_with(|| {
-                    COLUMNS
-                        .iter()
-                        .map(|c| ((*c).to_owned(), Value::Null))
-                        .collect()
-                });
+                let row = self.rows.entry(key.to_owned()).or_insert_with(empty_row);
                 row.extend(fields);
             }
             None => {
@@ -61,14 +64,23 @@ impl SimTool {
         self.head > cursor
     }
 
-    /// Reads up to `max` outbox entries after `after`, with each row's current state.
-    pub fn capture(&self, after: u64, max: usize) -> CaptureBatch {
+    /// The highest outbox seq ever given out.
+    pub fn head(&self) -> u64 {
+        self.head
+    }
+
+    /// Reads up to `max` outbox entries after `after` and up to `upto`, with each
+    /// row's current state.
+    pub fn capture(&self, after: u64, upto: u64, max: usize) -> CaptureBatch {
         let mut batch = CaptureBatch {
             changes: Vec::new(),
             cursor: after,
         };
+        if after >= upto {
+            return batch;
+        }
         let mut seen = BTreeSet::new();
-        for (&seq, key) in self.outbox.range(after + 1..).take(max) {
+        for (&seq, key) in self.outbox.range(after + 1..=upto).take(max) {
             batch.cursor = seq;
             if !seen.insert(key.clone()) {
                 continue;
@@ -110,20 +122,31 @@ impl SimTool {
         self.outbox = self.outbox.split_off(&(upto + 1));
     }
 
-    /// Applies the agent's writes unless the user edited after `captured_upto`.
-    pub fn write_back(&mut self, captured_upto: u64, ops: &[WriteOp]) -> WriteOutcome {
-        if self.head > captured_upto {
-            return WriteOutcome::CaptureFirst;
-        }
+    /// Applies the agent's writes, each unless its record changed after
+    /// `captured_upto` (an outbox entry after it, or named in `changed_since`).
+    pub fn write_back(
+        &mut self,
+        captured_upto: u64,
+        changed_since: &HashSet<(String, String)>,
+        ops: &[WriteOp],
+    ) -> Vec<OpOutcome> {
+        let uncaptured: HashSet<&String> = self
+            .outbox
+            .range(captured_upto + 1..)
+            .map(|(_, key)| key)
+            .collect();
+        let mut outcomes = Vec::with_capacity(ops.len());
         for op in ops {
+            let (WriteOp::Upsert { key, .. } | WriteOp::Delete { key, .. }) = op;
+            if uncaptured.contains(key)
+                || changed_since.contains(&(COLLECTION.to_owned(), key.clone()))
+            {
+                outcomes.push(OpOutcome::Stale);
+                continue;
+            }
             match op {
                 WriteOp::Upsert { key, fields, .. } => {
-                    let row = self.rows.entry(key.clone()).or_insert_with(|| {
-                        COLUMNS
-                            .iter()
-                            .map(|c| ((*c).to_owned(), Value::Null))
-                            .collect()
-                    });
+                    let row = self.rows.entry(key.clone()).or_insert_with(empty_row);
                     row.extend(fields.clone());
                 }
                 WriteOp::Delete { key, .. } => {
@@ -131,9 +154,8 @@ impl SimTool {
                 }
             }
             self.writes += 1;
+            outcomes.push(OpOutcome::Written);
         }
-        WriteOutcome::Written {
-            rejected: Vec::new(),
-        }
+        outcomes
     }
 }

@@ -172,6 +172,8 @@ struct Stream {
     in_flight: usize,
     /// The last read found the end of the log.
     caught_up: bool,
+    /// A message moved the peer's cursor in this session.
+    advanced: bool,
 }
 
 #[derive(Debug, Default)]
@@ -750,9 +752,14 @@ impl Session {
             });
         }
         stream.next = upto + 1;
-        if entries.is_empty() {
+        // A read of only the peer's own entries sends nothing, except once a session
+        // when nothing was sent yet: an empty message then moves the peer's cursor, so
+        // a peer that only ever sent to this agent does not walk digests on every
+        // reconnect as if its cursor were lost.
+        if entries.is_empty() && (stream.advanced || !stream.caught_up) {
             return;
         }
+        stream.advanced = true;
         stream.sent_upto = upto;
         stream.unacked.push_back((upto, entries.len(), now));
         stream.in_flight += entries.len();

@@ -11,11 +11,12 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use concord_agent::engine::{CollectionInfo, Engine, WireEntry};
-use concord_agent::replication::{Event, Session};
+use anyhow::Context;
+use concord_agent::engine::{CollectionInfo, Engine};
+use concord_agent::replication::{Action, Event, Session, policy};
 use concord_agent::store::{Store, peer_cursor};
 use connectors::sqlite::{CapturedChange, RowState};
-use crdt_model::{ChangeHash, DocId, Record, Value};
+use crdt_model::{Record, Value};
 
 /// Catch-up cost after a peer was away.
 #[derive(Debug, Parser)]
@@ -87,8 +88,11 @@ fn catch_up(
     let mut sa = Session::new(a_id, heads(a)?, now);
     let mut sb = Session::new(b.store_id(), heads(b)?, now);
     let (mut to_b, mut to_a) = (0u64, 0u64);
-    let (mut applied_upto, mut subscribed_from) = (0, u64::MAX);
-    let mut anti_entropy_done = false;
+    let mut progress = Progress {
+        applied_upto: 0,
+        subscribed_from: u64::MAX,
+        anti_entropy_done: false,
+    };
     for _round in 0..10_000_000u64 {
         let mut moved = false;
         while let Some(frame) = sa.poll_transmit() {
@@ -101,112 +105,8 @@ fn catch_up(
             sa.handle(now, &frame)?;
             moved = true;
         }
-        while let Some(event) = sa.poll_event() {
-            match event {
-                Event::PeerHello { .. } => sa.subscribe(vec![(COLLECTION.to_owned(), 1)]),
-                Event::DigestQuery {
-                    collection,
-                    depth,
-                    prefix,
-                } => {
-                    let digests = a
-                        .store()
-                        .digest_children(&collection, depth, prefix)?
-                        .unwrap_or_default();
-                    sa.digests(collection, depth, prefix, digests);
-                }
-                Event::BucketQuery { collection, bucket } => {
-                    let docs = a.reader().bucket_docs(&collection, bucket)?;
-                    sa.bucket(collection, bucket, docs);
-                }
-                Event::NeedDoc {
-                    collection,
-                    doc,
-                    heads,
-                } => {
-                    let heads: Vec<ChangeHash> = heads.into_iter().map(ChangeHash).collect();
-                    let changes = a
-                        .changes_since(DocId(doc), &heads)?
-                        .map(|f| f.changes)
-                        .unwrap_or_default();
-                    sa.doc_changes(collection, doc, changes);
-                }
-                other => anyhow::bail!("unexpected event at A: {other:?}"),
-            }
-        }
-        while let Some(event) = sb.poll_event() {
-            match event {
-                Event::PeerHello { store } => {
-                    let (cursor, walk) = sb.subscription(
-                        COLLECTION,
-                        b.reader().cursor(&peer_cursor(&store, COLLECTION))?,
-                        false,
-                        b.reader().log_head(COLLECTION)? > 0,
-                    );
-                    subscribed_from = cursor;
-                    sb.subscribe(vec![(COLLECTION.to_owned(), cursor)]);
-                    if walk {
-                        sb.start_anti_entropy(COLLECTION.to_owned());
-                    } else {
-                        anti_entropy_done = true;
-                    }
-                }
-                Event::Apply {
-                    collection,
-                    upto,
-                    entries,
-                } => {
-                    let count = entries.len();
-                    let mut batch = b.store().batch();
-                    b.apply_remote(&mut batch, a_id, &collection, Some(upto), entries)?;
-                    b.store().commit(batch)?;
-                    sb.applied(now, collection, upto, count);
-                    applied_upto = upto;
-                }
-                Event::Digests {
-                    collection,
-                    depth,
-                    prefix,
-                    digests,
-                } => {
-                    let ours = b
-                        .store()
-                        .digest_children(&collection, depth, prefix)?
-                        .unwrap_or_default();
-                    sb.compare_digests(&collection, depth, prefix, &digests, &ours);
-                }
-                Event::Bucket {
-                    collection,
-                    bucket: _,
-                    docs,
-                } => {
-                    for (doc, theirs) in docs {
-                        if b.reader().doc_digest(&collection, DocId(doc))? != theirs {
-                            let heads = b.heads(DocId(doc))?;
-                            sb.repair(collection.clone(), doc, heads.iter().map(|h| h.0).collect());
-                        }
-                    }
-                    sb.answered(&collection);
-                }
-                Event::DocChanges {
-                    collection,
-                    doc,
-                    changes,
-                } => {
-                    let mut batch = b.store().batch();
-                    let entry = WireEntry {
-                        seq: 0,
-                        doc,
-                        changes,
-                    };
-                    b.apply_remote(&mut batch, a_id, &collection, None, vec![entry])?;
-                    b.store().commit(batch)?;
-                    sb.repaired(doc);
-                }
-                Event::AntiEntropyDone { .. } => anti_entropy_done = true,
-                other => anyhow::bail!("unexpected event at B: {other:?}"),
-            }
-        }
+        pump_events(a, &mut sa, now, None)?;
+        pump_events(b, &mut sb, now, Some(&mut progress))?;
         for (collection, from, max) in sa.wants() {
             let read = a.reader().log_from(&collection, from, max)?;
             sa.send_entries(now, &collection, read, max);
@@ -214,12 +114,54 @@ fn catch_up(
         }
         // Flush B's delayed acknowledgements; B's own log is not served here.
         sb.handle_timeout(now + Duration::from_secs(1))?;
-        let log_done = applied_upto >= head || subscribed_from > head;
-        if log_done && anti_entropy_done && !moved {
+        let log_done = progress.applied_upto >= head || progress.subscribed_from > head;
+        if log_done && progress.anti_entropy_done && !moved {
             break;
         }
     }
     Ok((started.elapsed(), to_b, to_a))
+}
+
+/// How far B got: the last seq applied, where it subscribed, whether its walk ended.
+struct Progress {
+    applied_upto: u64,
+    subscribed_from: u64,
+    anti_entropy_done: bool,
+}
+
+/// Acts on a session's events with the real peer policy, one commit per event.
+fn pump_events(
+    engine: &mut Engine,
+    session: &mut Session,
+    now: Instant,
+    mut progress: Option<&mut Progress>,
+) -> anyhow::Result<()> {
+    while let Some(event) = session.poll_event() {
+        let peer = session.peer().context("an event before hello")?;
+        if let (Some(p), Event::AntiEntropyDone { .. }) = (progress.as_deref_mut(), &event) {
+            p.anti_entropy_done = true;
+        }
+        let mut batch = engine.store().batch();
+        let actions = policy::on_event(engine, &mut batch, peer, event)?;
+        engine.store().commit(batch)?;
+        for action in actions {
+            if let Some(p) = progress.as_deref_mut() {
+                match &action {
+                    Action::Subscribe {
+                        cursors,
+                        anti_entropy,
+                    } => {
+                        p.subscribed_from = cursors.first().map_or(u64::MAX, |(_, c)| *c);
+                        p.anti_entropy_done = anti_entropy.is_empty();
+                    }
+                    Action::Applied { upto, .. } => p.applied_upto = p.applied_upto.max(*upto),
+                    _ => {}
+                }
+            }
+            session.act(now, action);
+        }
+    }
+    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
