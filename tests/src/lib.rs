@@ -40,8 +40,13 @@ pub struct Node {
 impl Node {
     /// A fresh node in `root/name`.
     pub fn new(root: &Path, name: &str) -> anyhow::Result<Node> {
+        Node::with_schema(root, name, SCHEMA)
+    }
+
+    /// A fresh node in `root/name` whose database holds `schema` (a `customers` table).
+    pub fn with_schema(root: &Path, name: &str, schema: &str) -> anyhow::Result<Node> {
         Ok(Node {
-            files: AgentFiles::create(&root.join(name), SCHEMA)?,
+            files: AgentFiles::create(&root.join(name), schema)?,
             config: None,
         })
     }
@@ -57,7 +62,17 @@ impl Node {
         listen: &str,
         peers: &[(PeerId, Option<String>)],
     ) -> anyhow::Result<Config> {
-        let config = self.files.config(listen, peers, &COLUMNS)?;
+        self.configure_columns(listen, peers, &COLUMNS)
+    }
+
+    /// Writes its config syncing `columns` of `customers`.
+    pub fn configure_columns(
+        &mut self,
+        listen: &str,
+        peers: &[(PeerId, Option<String>)],
+        columns: &[&str],
+    ) -> anyhow::Result<Config> {
+        let config = self.files.config(listen, peers, columns)?;
         self.config = Some(config.clone());
         Ok(config)
     }
@@ -178,14 +193,28 @@ pub struct Process {
 impl Process {
     /// Starts `concord run` with the node's config and waits for its listening line.
     pub fn start(node: &Node) -> anyhow::Result<Process> {
+        Process::start_logging(node, Some("warn"), Stdio::inherit())
+    }
+
+    /// Starts `concord run` with `RUST_LOG` set to `log` (unset: the default) and
+    /// its log written to `stderr`.
+    pub fn start_logging(
+        node: &Node,
+        log: Option<&str>,
+        stderr: impl Into<Stdio>,
+    ) -> anyhow::Result<Process> {
         use std::io::{BufRead, BufReader};
-        let mut child = Command::new(concord_bin()?)
+        let mut command = Command::new(concord_bin()?);
+        command
             .args(["run", "--config"])
             .arg(node.config_path())
-            .env("RUST_LOG", "warn")
+            .env_remove("RUST_LOG")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()?;
+            .stderr(stderr);
+        if let Some(log) = log {
+            command.env("RUST_LOG", log);
+        }
+        let mut child = command.spawn()?;
         let stdout = child.stdout.take().context("stdout")?;
         let mut line = String::new();
         BufReader::new(stdout).read_line(&mut line)?;

@@ -2,6 +2,7 @@
 
 use concord_agent::agent::{self, StartError};
 use concord_agent::config::Config;
+use concord_agent::store::LetterReason;
 use concord_tests::{Node, converged};
 
 #[test]
@@ -107,10 +108,14 @@ async fn a_row_that_does_not_fit_its_type_is_set_aside_and_the_rest_syncs() -> a
         (letters[0].collection.as_str(), letters[0].key.as_str()),
         ("customers", "2")
     );
+    let reason = letters[0].reason.to_string();
     assert!(
-        letters[0].reason.contains("age") && letters[0].reason.contains("thirty"),
-        "{}",
-        letters[0].reason
+        matches!(letters[0].reason, LetterReason::InvalidRow(_)),
+        "{reason}"
+    );
+    assert!(
+        reason.contains("age") && reason.contains("thirty"),
+        "{reason}"
     );
 
     // Fixing the row takes it out of the dead letters and syncs it.
@@ -120,5 +125,27 @@ async fn a_row_that_does_not_fit_its_type_is_set_aside_and_the_rest_syncs() -> a
     assert!(agent_a.reader().dead_letters()?.is_empty());
     agent_a.shutdown().await;
     agent_b.shutdown().await;
+    Ok(())
+}
+
+/// Regression: a failed start left an empty database file behind. A database that
+/// does not exist is refused, named, and not created.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_database_is_refused_and_not_created() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let mut a = Node::new(tmp.path(), "a")?;
+    a.configure("127.0.0.1:0", &[])?;
+    let path = a.config_path();
+    let text = std::fs::read_to_string(&path)?.replace("app.db", "missing.db");
+    std::fs::write(&path, text)?;
+    let err = agent::start(Config::load(&path)?)
+        .await
+        .expect_err("a missing database must be refused")
+        .to_string();
+    assert!(err.contains("missing.db") && err.contains("does not exist"), "{err}");
+    assert!(
+        !a.files.dir.join("missing.db").exists(),
+        "the database file was created"
+    );
     Ok(())
 }

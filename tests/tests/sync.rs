@@ -298,3 +298,131 @@ async fn a_peer_that_lost_its_cursor_catches_up_by_digests() -> anyhow::Result<(
     agent_b.shutdown().await;
     Ok(())
 }
+
+/// Regression (a re-inserted key inherited the deleted record): insert (5, 'Old
+/// Name', 'old@example.com'), sync, delete, sync, insert (5, 'New Person') without
+/// an email. Both databases used to end with `5|New Person|old@example.com`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_re_inserted_key_starts_from_the_new_row() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let (a, b, agent_a, agent_b) = pair(tmp.path()).await?;
+    a.db()?.execute(
+        "INSERT INTO customers (id, name, email) VALUES (5, 'Old Name', 'old@example.com')",
+        [],
+    )?;
+    let rows = converged(&[&a, &b]).await?;
+    assert_eq!(rows.len(), 1);
+    a.db()?.execute("DELETE FROM customers WHERE id = 5", [])?;
+    let rows = converged(&[&a, &b]).await?;
+    assert!(rows.is_empty());
+    a.db()?
+        .execute("INSERT INTO customers (id, name) VALUES (5, 'New Person')", [])?;
+    // The new row must stay as the user wrote it, in A and in B.
+    concord_tests::wait_for("B to hold the new row", concord_tests::CONVERGE_TIMEOUT, || {
+        Ok(b.rows()?.len() == 1)
+    })
+    .await?;
+    let rows = converged(&[&a, &b]).await?;
+    assert_eq!(rows, vec![(5, Some("New Person".into()), None, None, None)]);
+    agent_a.shutdown().await;
+    agent_b.shutdown().await;
+    Ok(())
+}
+
+/// Regression (write-back starved): any edit the tool committed after a plan's
+/// cursor refused the whole plan, and capture-and-replan had no bound, so a tool that
+/// commits every few milliseconds kept remote changes out for ever. Now only the
+/// records it changed wait.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tool_that_commits_continuously_still_receives_remote_edits() -> anyhow::Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let tmp = tempfile::tempdir()?;
+    let (a, b, agent_a, agent_b) = pair(tmp.path()).await?;
+    b.db()?
+        .execute("INSERT INTO customers (id, name, age) VALUES (1, 'hot', 0)", [])?;
+    converged(&[&a, &b]).await?;
+
+    // B's user commits without pause, one small transaction after another.
+    let stop = Arc::new(AtomicBool::new(false));
+    let editor = {
+        let stop = stop.clone();
+        let db = b.db()?;
+        std::thread::spawn(move || -> anyhow::Result<u64> {
+            let mut commits = 0u64;
+            // Bounded: the test stops it, or it gives up after a minute's worth.
+            while !stop.load(Ordering::Relaxed) && commits < 2_000_000 {
+                db.execute("UPDATE customers SET age = age + 1 WHERE id = 1", [])?;
+                commits += 1;
+            }
+            Ok(commits)
+        })
+    };
+    for id in 100..150 {
+        a.db()?.execute(
+            "INSERT INTO customers (id, name) VALUES (?1, 'remote')",
+            [id],
+        )?;
+    }
+    let arrived = concord_tests::wait_for(
+        "A's 50 inserts in B while B's user keeps committing",
+        concord_tests::CONVERGE_TIMEOUT,
+        || Ok(b.rows()?.iter().filter(|r| r.0 >= 100).count() == 50),
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let commits = editor
+        .join()
+        .map_err(|_| anyhow::anyhow!("the editor panicked"))??;
+    arrived?;
+    assert!(commits > 100, "the editor made only {commits} commits");
+    let rows = converged(&[&a, &b]).await?;
+    assert_eq!(rows.len(), 51);
+    agent_a.shutdown().await;
+    agent_b.shutdown().await;
+    Ok(())
+}
+
+/// Regression (fidelity of written values): a row written in A as `2024-03-01
+/// 09:15:00` arrived in B as `2024-03-01T09:15:00.000000Z`. A value written back
+/// takes the form its column uses in the receiving database.
+#[tokio::test(flavor = "multi_thread")]
+async fn written_timestamps_keep_the_receiving_columns_format() -> anyhow::Result<()> {
+    const SCHEMA: &str = "CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT, seen TIMESTAMP)";
+    let tmp = tempfile::tempdir()?;
+    let mut a = Node::with_schema(tmp.path(), "a", SCHEMA)?;
+    let mut b = Node::with_schema(tmp.path(), "b", SCHEMA)?;
+    // B's application writes RFC 3339 with milliseconds; A's writes SQLite's format.
+    b.db()?.execute(
+        "INSERT INTO customers (id, name, seen) VALUES (1, 'b', '2024-01-01T08:00:00.000Z')",
+        [],
+    )?;
+    let columns = ["name", "seen"];
+    a.configure_columns("127.0.0.1:0", &[(b.id(), None)], &columns)?;
+    let agent_a = a.start().await?;
+    b.configure_columns(
+        "127.0.0.1:0",
+        &[(a.id(), Some(agent_a.local_addr().to_string()))],
+        &columns,
+    )?;
+    let agent_b = b.start().await?;
+    a.db()?.execute(
+        "INSERT INTO customers (id, name, seen) VALUES (2, 'a', '2024-03-01 09:15:00')",
+        [],
+    )?;
+    let seen = |node: &Node, id: i64| -> anyhow::Result<Option<String>> {
+        Ok(node
+            .db()?
+            .query_row("SELECT seen FROM customers WHERE id = ?1", [id], |r| r.get(0))
+            .ok())
+    };
+    concord_tests::wait_for("both rows on both sides", concord_tests::CONVERGE_TIMEOUT, || {
+        Ok(seen(&a, 1)?.is_some() && seen(&b, 2)?.is_some())
+    })
+    .await?;
+    assert_eq!(seen(&b, 2)?.as_deref(), Some("2024-03-01T09:15:00.000Z"));
+    assert_eq!(seen(&a, 1)?.as_deref(), Some("2024-01-01 08:00:00"));
+    agent_a.shutdown().await;
+    agent_b.shutdown().await;
+    Ok(())
+}
