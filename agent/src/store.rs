@@ -263,6 +263,13 @@ impl Store {
         Ok(store)
     }
 
+    /// Bounds the document cache at `docs` documents (at least one). The simulator
+    /// shrinks it so that small workloads reach what large ones do.
+    pub fn set_doc_cache_max(&mut self, docs: usize) {
+        self.cache
+            .resize(NonZeroUsize::new(docs.max(1)).expect("at least one"));
+    }
+
     /// This store's actor id, which also names it to peers.
     pub fn actor(&self) -> StoreId {
         self.actor

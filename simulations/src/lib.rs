@@ -53,9 +53,12 @@ use crate::tool::{COLLECTION, COLUMNS, SimTool};
 pub const TICK_MS: u64 = 5;
 /// Keys users pick from: few enough that agents create the same key offline.
 pub const KEYS_MAX: u64 = 24;
-/// Rows of a bulk import: more than the document cache holds, so one group commit
-/// touches more documents than the cache.
-pub const BULK_ROWS: u64 = 1_200;
+/// Documents each simulated store caches: small, so that a bulk import touches more
+/// documents in one group commit than the cache holds, as a large one does in an
+/// agent with the real bound.
+pub const SIM_DOC_CACHE_MAX: usize = 64;
+/// Rows of a bulk import: more than the document cache holds.
+pub const BULK_ROWS: u64 = 150;
 /// How long a link may see nothing in one direction before it is closed (QUIC's idle timeout).
 pub const LINK_IDLE_TIMEOUT_MS: u64 = 10_000;
 /// Capture batches handed to an agent's core and not yet durable, at most.
@@ -511,8 +514,9 @@ impl Sim {
         let actor = self.rng.bytes16();
         let agent = &mut self.agents[i];
         agent.restart_at = None;
-        let store =
+        let mut store =
             Store::open_with(&agent.dir, || actor).map_err(|e| format!("agent {i}: {e}"))?;
+        store.set_doc_cache_max(SIM_DOC_CACHE_MAX);
         let collections = BTreeMap::from([(
             COLLECTION.to_owned(),
             CollectionInfo {
