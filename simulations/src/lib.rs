@@ -176,6 +176,10 @@ struct Agent {
     acked_seq: u64,
     /// Values this agent's user wrote, counted to make each one unique.
     values: i64,
+    /// Keys of rows the agent wrote in its last write-back: users answer what they
+    /// just received, while the agent's own bookkeeping of the write may still wait
+    /// in the core's queue.
+    just_written: Vec<String>,
 }
 
 /// A frame in flight: (arrival ms, send order, bytes).
@@ -325,6 +329,7 @@ impl Sim {
                 rescan_upto: 0,
                 acked_seq: 0,
                 values: 0,
+                just_written: Vec::new(),
             });
         }
         let mut links = Vec::new();
@@ -666,6 +671,15 @@ impl Sim {
             None => all_stale(ops.len()),
         };
         let stale = outcomes.iter().filter(|o| **o == OpOutcome::Stale).count();
+        agent.just_written = ops
+            .iter()
+            .zip(&outcomes)
+            .filter(|(_, o)| **o == OpOutcome::Written)
+            .filter_map(|(op, _)| match op {
+                WriteOp::Upsert { key, .. } => Some(key.clone()),
+                WriteOp::Delete { .. } => None,
+            })
+            .collect();
         agent.tool_loop.plan_done(plan.captured_upto, stale > 0);
         if stale > 0 {
             self.capture_all(i);
@@ -774,6 +788,16 @@ impl Sim {
     /// Simulated users edit their tools (their agents may be down: the tool is not).
     fn workload(&mut self) {
         for i in 0..self.agents.len() {
+            if !self.agents[i].just_written.is_empty() && self.rng.chance(0.2) {
+                let written = std::mem::take(&mut self.agents[i].just_written);
+                let key = written[self.rng.below(written.len() as u64) as usize].clone();
+                if self.agents[i].tool.rows.contains_key(&key) {
+                    let field = ["name", "qty", "note"][self.rng.below(3) as usize];
+                    let edit = Record::from([(field.to_owned(), self.user_value(i, field))]);
+                    self.log(format!("agent {i} user answers {key}: {edit:?}"));
+                    self.agents[i].tool.user_edit(&key, Some(edit));
+                }
+            }
             if !self.rng.chance(TICK_MS as f64 / 2_000.0) {
                 continue;
             }
