@@ -210,9 +210,9 @@ impl Core {
                 }
                 CoreRequest::WritesDone { plan, outcomes } => {
                     match outcomes {
-                        Some(outcomes) => {
-                            self.engine.writes_done(&mut batch, plan, outcomes, now_ms)?
-                        }
+                        Some(outcomes) => self
+                            .engine
+                            .writes_done(&mut batch, plan, outcomes, now_ms)?,
                         None => self.engine.writes_failed(),
                     }
                     self.write_back_in_flight = false;
@@ -242,11 +242,11 @@ impl Core {
 pub fn run(engine: Engine, mut rx: mpsc::Receiver<CoreRequest>, outputs: CoreOutputs) {
     let mut core = Core::new(engine);
     loop {
-        if let Some(plan) = core.plan(now_ms()).unwrap_or_else(|e| fatal(&e)) {
-            if outputs.write_back.try_send(plan).is_err() {
-                // The connector is gone; nothing will write back.
-                core.plan_lost();
-            }
+        if let Some(plan) = core.plan(now_ms()).unwrap_or_else(|e| fatal(&e))
+            && outputs.write_back.try_send(plan).is_err()
+        {
+            // The connector is gone; nothing will write back.
+            core.plan_lost();
         }
         let Some(first) = rx.blocking_recv() else {
             return;

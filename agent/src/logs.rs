@@ -52,9 +52,16 @@ mod tests {
         let start = Instant::now();
         assert_eq!(limiter.allow("a".into(), start), Some(0));
         for i in 1..=1000 {
-            assert_eq!(limiter.allow("a".into(), start + Duration::from_millis(i)), None);
+            assert_eq!(
+                limiter.allow("a".into(), start + Duration::from_millis(i)),
+                None
+            );
         }
-        assert_eq!(limiter.allow("b".into(), start), Some(0), "other kinds pass");
+        assert_eq!(
+            limiter.allow("b".into(), start),
+            Some(0),
+            "other kinds pass"
+        );
         let later = start + Duration::from_millis(REPEAT_LOG_INTERVAL_MS);
         assert_eq!(limiter.allow("a".into(), later), Some(1000));
     }

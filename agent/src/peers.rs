@@ -293,7 +293,10 @@ async fn drive(
             *established = true;
             let (reply, answer) = oneshot::channel();
             let request = CoreRequest::Peer { peer, event, reply };
-            ctx.core.send(request).await.map_err(|_| DriveError::Stopping)?;
+            ctx.core
+                .send(request)
+                .await
+                .map_err(|_| DriveError::Stopping)?;
             pending.push_back(answer);
         }
         for (collection, from, max) in session.wants() {

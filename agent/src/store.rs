@@ -804,8 +804,11 @@ impl Store {
         collection: &str,
         bucket: u16,
     ) -> Result<Vec<([u8; 16], u64)>, StoreError> {
-        let mut docs: std::collections::BTreeMap<[u8; 16], u64> =
-            self.reader().bucket_docs(collection, bucket)?.into_iter().collect();
+        let mut docs: std::collections::BTreeMap<[u8; 16], u64> = self
+            .reader()
+            .bucket_docs(collection, bucket)?
+            .into_iter()
+            .collect();
         for ((staged_collection, id), digest) in &self.staged.digests {
             if staged_collection == collection && bucket_of(*id) == usize::from(bucket) {
                 docs.insert(id.0, *digest);

@@ -333,7 +333,11 @@ fn capture_all(
         if !state.captured(&batch) {
             return Ok(());
         }
-        tracing::debug!(changes = batch.changes.len(), cursor = batch.cursor, "captured");
+        tracing::debug!(
+            changes = batch.changes.len(),
+            cursor = batch.cursor,
+            "captured"
+        );
         let (reply, done) = oneshot::channel();
         core.blocking_send(CoreRequest::Capture { batch, reply })?;
         done.blocking_recv().map_err(|_| CoreStopped)?;
@@ -398,7 +402,9 @@ mod tests {
     #[test]
     fn a_plan_older_than_what_is_remembered_is_refused_whole() {
         let mut state = ToolLoop::new(0, 0);
-        let keys: Vec<String> = (0..CAPTURED_KEYS_REMEMBERED_MAX).map(|i| i.to_string()).collect();
+        let keys: Vec<String> = (0..CAPTURED_KEYS_REMEMBERED_MAX)
+            .map(|i| i.to_string())
+            .collect();
         let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
         assert!(state.captured(&batch(1, &keys)));
         state.durable();

@@ -178,7 +178,9 @@ mod capture {
         assert_eq!(states(&first), vec![("1", &one), ("2", &two)]);
         assert_eq!(first.cursor, 3);
 
-        let rest = connector.capture(first.cursor, u64::MAX, 3).expect("capture");
+        let rest = connector
+            .capture(first.cursor, u64::MAX, 3)
+            .expect("capture");
         assert_eq!(states(&rest), vec![("1", &one)]);
         assert_eq!(rest.cursor, 4);
 
@@ -355,7 +357,11 @@ mod capture {
 
         let cursor = connector.capture(0, u64::MAX, 10).expect("capture").cursor;
         let ops = [upsert("customers", "1", &[("name", text("Ada L."))])];
-        written(connector.write_back(cursor, &none(), &ops).expect("write back"));
+        written(
+            connector
+                .write_back(cursor, &none(), &ops)
+                .expect("write back"),
+        );
         assert!(!connector.changed().expect("changed"), "own write counted");
     }
 
@@ -429,7 +435,14 @@ mod write_back {
             upsert("customers", "2", &[("name", text("Bob"))]),
             upsert("customers", "3", &[]),
         ];
-        assert!(written(connector.write_back(cursor, &none(), &ops).expect("write back")).is_empty());
+        assert!(
+            written(
+                connector
+                    .write_back(cursor, &none(), &ops)
+                    .expect("write back")
+            )
+            .is_empty()
+        );
         assert_eq!(connector.outbox_len().expect("len"), 0, "write-back echoed");
         assert!(!connector.changed().expect("changed"));
 
@@ -454,7 +467,14 @@ mod write_back {
             collection: "customers".into(),
             key: "2".into(),
         }];
-        assert!(written(connector.write_back(cursor, &none(), &delete).expect("delete")).is_empty());
+        assert!(
+            written(
+                connector
+                    .write_back(cursor, &none(), &delete)
+                    .expect("delete")
+            )
+            .is_empty()
+        );
         assert_eq!(connector.outbox_len().expect("len"), 0, "delete echoed");
         let count: i64 = fx
             .tool
@@ -497,7 +517,14 @@ mod write_back {
         assert_eq!(grace, "Grace");
 
         let cursor = connector.capture(0, u64::MAX, 10).expect("capture").cursor;
-        assert!(written(connector.write_back(cursor, &none(), &ops[..1]).expect("write back")).is_empty());
+        assert!(
+            written(
+                connector
+                    .write_back(cursor, &none(), &ops[..1])
+                    .expect("write back")
+            )
+            .is_empty()
+        );
         let name: String = fx
             .tool
             .query_row("SELECT name FROM customers WHERE id = 1", [], |r| r.get(0))
@@ -520,10 +547,19 @@ mod write_back {
         let ops = [upsert("customers", "1", &[("name", text("Agent"))])];
         let captured = HashSet::from([("customers".to_owned(), "1".to_owned())]);
         assert_eq!(
-            connector.write_back(0, &captured, &ops).expect("write back"),
+            connector
+                .write_back(0, &captured, &ops)
+                .expect("write back"),
             [OpOutcome::Stale]
         );
-        assert!(written(connector.write_back(cursor, &none(), &ops).expect("write back")).is_empty());
+        assert!(
+            written(
+                connector
+                    .write_back(cursor, &none(), &ops)
+                    .expect("write back")
+            )
+            .is_empty()
+        );
     }
 
     /// Regression: capture batches crossed the end of a rescan when the outbox
@@ -542,7 +578,10 @@ mod write_back {
         let rescan_upto = connector.claim(&[7; 16]).expect("claim a new store");
         assert_eq!(rescan_upto, 0, "the first claim rescans nothing");
         let rescan_upto = connector.claim(&[8; 16]).expect("claim by a wiped store");
-        assert_eq!(rescan_upto, 100, "50 rows queued again after 50 trimmed entries");
+        assert_eq!(
+            rescan_upto, 100,
+            "50 rows queued again after 50 trimmed entries"
+        );
         fx.tool
             .execute("INSERT INTO customers (id, name) VALUES (51, 'after')", [])
             .expect("insert");
@@ -550,7 +589,9 @@ mod write_back {
         let batch = connector.capture(0, rescan_upto, 1024).expect("capture");
         assert_eq!(batch.cursor, rescan_upto);
         assert_eq!(batch.changes.len(), 50);
-        let rest = connector.capture(batch.cursor, u64::MAX, 1024).expect("capture");
+        let rest = connector
+            .capture(batch.cursor, u64::MAX, 1024)
+            .expect("capture");
         assert_eq!(rest.changes.len(), 1);
     }
 
@@ -971,6 +1012,10 @@ mod failed_open {
     fn write_back_commits_are_fsynced() {
         let fx = fixture(CUSTOMERS);
         let connector = open(&fx, vec![customers()]);
-        assert_eq!(connector.synchronous().expect("pragma"), 2, "synchronous = FULL");
+        assert_eq!(
+            connector.synchronous().expect("pragma"),
+            2,
+            "synchronous = FULL"
+        );
     }
 }

@@ -267,7 +267,10 @@ fn a_reset_edit_removes_the_fields_of_the_dead_record() -> Result<(), ModelError
     a.edit(
         "customers",
         "5",
-        &edit(&[("name", text("Old Name")), ("email", text("old@example.com"))]),
+        &edit(&[
+            ("name", text("Old Name")),
+            ("email", text("old@example.com")),
+        ]),
     )?;
     a.edit(
         "customers",
@@ -307,9 +310,15 @@ fn a_value_of_an_unknown_kind_is_an_error_naming_the_field() -> Result<(), Model
     use automerge::transaction::Transactable;
     let mut doc = RecordDoc::new(&[1; 16]);
     doc.edit("customers", "1", &edit(&[("name", text("Ada"))]))?;
-    doc.automerge()
-        .put(automerge::ROOT, "f:visits", automerge::ScalarValue::counter(1))?;
+    doc.automerge().put(
+        automerge::ROOT,
+        "f:visits",
+        automerge::ScalarValue::counter(1),
+    )?;
     let err = doc.read().expect_err("a counter is not a Concord value");
-    assert!(err.to_string().contains("f:visits") || err.to_string().contains("visits"), "{err}");
+    assert!(
+        err.to_string().contains("f:visits") || err.to_string().contains("visits"),
+        "{err}"
+    );
     Ok(())
 }

@@ -629,7 +629,9 @@ impl Sim {
                 Err(_) => break,
             }
         }
-        let changed = agent.tool.changed_since(agent.tool_loop.capture_bounds().after);
+        let changed = agent
+            .tool
+            .changed_since(agent.tool_loop.capture_bounds().after);
         if agent.tool_loop.wants_capture(changed) {
             self.capture_all(i);
         }
@@ -757,8 +759,8 @@ impl Sim {
                     continue;
                 }
                 for bytes in &entry.changes {
-                    let change = automerge::Change::from_bytes(bytes.clone())
-                        .map_err(|e| e.to_string())?;
+                    let change =
+                        automerge::Change::from_bytes(bytes.clone()).map_err(|e| e.to_string())?;
                     if change.actor_id().to_bytes() != actor {
                         continue;
                     }
@@ -808,7 +810,10 @@ impl Sim {
                 None
             } else {
                 let field = ["name", "qty", "note"][self.rng.below(3) as usize];
-                Some(Record::from([(field.to_owned(), self.user_value(i, field))]))
+                Some(Record::from([(
+                    field.to_owned(),
+                    self.user_value(i, field),
+                )]))
             };
             self.log(format!("agent {i} user edits {key}: {edit:?}"));
             self.agents[i].tool.user_edit(&key, edit);
@@ -816,18 +821,22 @@ impl Sim {
         if self.rng.chance(self.swarm.bulk) {
             self.swarm.bulk = 0.0;
             let i = self.rng.below(self.agents.len() as u64) as usize;
-            self.log(format!("agent {i} user imports {BULK_ROWS} rows, then updates them all"));
+            self.log(format!(
+                "agent {i} user imports {BULK_ROWS} rows, then updates them all"
+            ));
             for k in 0..BULK_ROWS {
                 let value = self.user_value(i, "name");
-                self.agents[i]
-                    .tool
-                    .user_edit(&format!("b{k}"), Some(Record::from([("name".to_owned(), value)])));
+                self.agents[i].tool.user_edit(
+                    &format!("b{k}"),
+                    Some(Record::from([("name".to_owned(), value)])),
+                );
             }
             for k in 0..BULK_ROWS {
                 let value = self.user_value(i, "qty");
-                self.agents[i]
-                    .tool
-                    .user_edit(&format!("b{k}"), Some(Record::from([("qty".to_owned(), value)])));
+                self.agents[i].tool.user_edit(
+                    &format!("b{k}"),
+                    Some(Record::from([("qty".to_owned(), value)])),
+                );
             }
         }
     }
@@ -916,7 +925,8 @@ impl Sim {
             }
             let now = self.instant();
             let (ha, hb) = (self.hello(a)?, self.hello(b)?);
-            self.links[l].ends = Some([Session::new(ha.0, ha.1, now), Session::new(hb.0, hb.1, now)]);
+            self.links[l].ends =
+                Some([Session::new(ha.0, ha.1, now), Session::new(hb.0, hb.1, now)]);
             self.links[l].log_seen = [0, 0];
             self.log(format!("link {a}-{b} connected"));
         }
@@ -1000,7 +1010,13 @@ impl Sim {
     }
 
     /// Hands the session's events to agent `i`'s core queue.
-    fn hand_events(&mut self, l: usize, side: usize, i: usize, session: &mut Session) -> Result<(), Pump> {
+    fn hand_events(
+        &mut self,
+        l: usize,
+        side: usize,
+        i: usize,
+        session: &mut Session,
+    ) -> Result<(), Pump> {
         while let Some(event) = session.poll_event() {
             let peer = session
                 .peer()
@@ -1172,7 +1188,11 @@ impl Sim {
 
     fn check_identities(&mut self) -> Result<(), String> {
         for (i, agent) in self.agents.iter_mut().enumerate() {
-            let engine = agent.core.as_mut().ok_or("agent down after healing")?.engine();
+            let engine = agent
+                .core
+                .as_mut()
+                .ok_or("agent down after healing")?
+                .engine();
             for id in engine.reader().doc_ids().map_err(|e| e.to_string())? {
                 let doc = engine.store().doc(id).map_err(|e| e.to_string())?;
                 let (collection, key) = doc
@@ -1195,7 +1215,9 @@ impl Sim {
     fn probe_reinsert(&mut self) -> Result<(), String> {
         let h = self.rng.below(self.agents.len() as u64) as usize;
         let key = "probe";
-        self.log(format!("PROBE agent {h} creates, deletes and re-creates {key}"));
+        self.log(format!(
+            "PROBE agent {h} creates, deletes and re-creates {key}"
+        ));
         let full: Record = COLUMNS
             .iter()
             .map(|c| ((*c).to_owned(), self.user_value(h, c)))
@@ -1211,7 +1233,16 @@ impl Sim {
         self.converge()?;
         let expected: Record = COLUMNS
             .iter()
-            .map(|c| ((*c).to_owned(), if *c == "name" { name.clone() } else { Value::Null }))
+            .map(|c| {
+                (
+                    (*c).to_owned(),
+                    if *c == "name" {
+                        name.clone()
+                    } else {
+                        Value::Null
+                    },
+                )
+            })
             .collect();
         for (j, agent) in self.agents.iter().enumerate() {
             if agent.tool.rows.get(key) != Some(&expected) {
@@ -1231,14 +1262,17 @@ impl Sim {
         let n = self.agents.len() as u64;
         let hot = self.rng.below(n) as usize;
         let other = (hot + 1 + self.rng.below(n - 1) as usize) % self.agents.len();
-        self.log(format!("PROBE agent {hot}'s user commits every tick while agent {other}'s edits"));
+        self.log(format!(
+            "PROBE agent {hot}'s user commits every tick while agent {other}'s edits"
+        ));
         let mut wanted = BTreeMap::new();
         for k in 0..5 {
             let key = format!("p{k}");
             let value = self.user_value(other, "name");
-            self.agents[other]
-                .tool
-                .user_edit(&key, Some(Record::from([("name".to_owned(), value.clone())])));
+            self.agents[other].tool.user_edit(
+                &key,
+                Some(Record::from([("name".to_owned(), value.clone())])),
+            );
             wanted.insert(key, value);
         }
         let until = self.now + HOT_PROBE_MS;
@@ -1312,7 +1346,8 @@ fn foreign_value(change: &automerge::Change, agent: usize) -> Option<String> {
         }
         let own = match value {
             ScalarValue::Str(text) => {
-                text.starts_with(&format!("n{agent}:")) || text.starts_with(&format!("note {agent}:"))
+                text.starts_with(&format!("n{agent}:"))
+                    || text.starts_with(&format!("note {agent}:"))
             }
             ScalarValue::Int(qty) => qty.div_euclid(VALUE_AGENT_STRIDE) == agent as i64,
             ScalarValue::Null => true,

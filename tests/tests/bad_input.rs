@@ -142,7 +142,10 @@ async fn a_missing_database_is_refused_and_not_created() -> anyhow::Result<()> {
         .await
         .expect_err("a missing database must be refused")
         .to_string();
-    assert!(err.contains("missing.db") && err.contains("does not exist"), "{err}");
+    assert!(
+        err.contains("missing.db") && err.contains("does not exist"),
+        "{err}"
+    );
     assert!(
         !a.files.dir.join("missing.db").exists(),
         "the database file was created"

@@ -147,11 +147,25 @@ struct Rogue {
 impl Rogue {
     /// Connects to `addr` as `identity`, says hello and waits for the agent's
     /// subscription.
-    async fn connect(identity: &Identity, addr: std::net::SocketAddr, agent: concord_agent::identity::PeerId) -> anyhow::Result<Rogue> {
-        let transport = Transport::bind(identity, "127.0.0.1:0".parse()?, Arc::new(PinnedPeers::new([agent])))?;
+    async fn connect(
+        identity: &Identity,
+        addr: std::net::SocketAddr,
+        agent: concord_agent::identity::PeerId,
+    ) -> anyhow::Result<Rogue> {
+        let transport = Transport::bind(
+            identity,
+            "127.0.0.1:0".parse()?,
+            Arc::new(PinnedPeers::new([agent])),
+        )?;
         let connection = transport.connect(addr, agent).await?;
         let (send, recv) = connection.open_bi().await?;
-        let mut rogue = Rogue { connection, send, recv, sent: 0, _transport: transport };
+        let mut rogue = Rogue {
+            connection,
+            send,
+            recv,
+            sent: 0,
+            _transport: transport,
+        };
         rogue
             .send(&Message::Hello {
                 version: concord_agent::replication::PROTOCOL_VERSION,
@@ -192,14 +206,17 @@ impl Rogue {
 /// A change of customer 9 whose `age` is a counter: no value Concord can read.
 fn unreadable_change() -> anyhow::Result<Vec<u8>> {
     use automerge::transaction::Transactable;
-    let mut doc = automerge::AutoCommit::new().with_actor(automerge::ActorId::from(&[0x77; 16][..]));
+    let mut doc =
+        automerge::AutoCommit::new().with_actor(automerge::ActorId::from(&[0x77; 16][..]));
     doc.put(automerge::ROOT, "collection", "customers")?;
     doc.put(automerge::ROOT, "key", "9")?;
     doc.put(automerge::ROOT, "deleted", false)?;
     doc.put(automerge::ROOT, "f:name", "Mallory")?;
     doc.put(automerge::ROOT, "f:age", automerge::ScalarValue::counter(1))?;
     doc.commit();
-    let change = doc.get_last_local_change().ok_or_else(|| anyhow::anyhow!("a change"))?;
+    let change = doc
+        .get_last_local_change()
+        .ok_or_else(|| anyhow::anyhow!("a change"))?;
     Ok(change.raw_bytes().to_vec())
 }
 
@@ -216,7 +233,10 @@ async fn bad_data_from_a_peer_closes_its_session_and_nothing_else() -> anyhow::R
     let rogue = Identity::generate()?;
     a.configure("127.0.0.1:0", &[(b.id(), None), (rogue.peer_id(), None)])?;
     let agent_a = a.start().await?;
-    b.configure("127.0.0.1:0", &[(a.id(), Some(agent_a.local_addr().to_string()))])?;
+    b.configure(
+        "127.0.0.1:0",
+        &[(a.id(), Some(agent_a.local_addr().to_string()))],
+    )?;
     let agent_b = b.start().await?;
 
     let mut peer = Rogue::connect(&rogue, agent_a.local_addr(), a.id()).await?;
@@ -224,11 +244,18 @@ async fn bad_data_from_a_peer_closes_its_session_and_nothing_else() -> anyhow::R
     peer.send(&Message::Entries {
         collection: "customers".to_owned(),
         upto: 1,
-        entries: vec![WireEntry { seq: 1, doc, changes: vec![unreadable_change()?] }],
+        entries: vec![WireEntry {
+            seq: 1,
+            doc,
+            changes: vec![unreadable_change()?],
+        }],
     })
     .await?;
     let reason = peer.closed().await?;
-    assert!(reason.contains("age"), "the reason should name the field: {reason}");
+    assert!(
+        reason.contains("age"),
+        "the reason should name the field: {reason}"
+    );
     let quarantined = agent_a.reader().quarantined()?;
     assert_eq!(quarantined.len(), 1, "{quarantined:?}");
     assert_eq!(quarantined[0].doc, doc);
@@ -245,13 +272,15 @@ async fn bad_data_from_a_peer_closes_its_session_and_nothing_else() -> anyhow::R
 
     // A keeps serving B, and starts again (on the same port) with the bad peer's
     // data refused.
-    b.db()?.execute("INSERT INTO customers (id, name) VALUES (1, 'after')", [])?;
+    b.db()?
+        .execute("INSERT INTO customers (id, name) VALUES (1, 'after')", [])?;
     converged(&[&a, &b]).await?;
     let listen = agent_a.local_addr().to_string();
     agent_a.shutdown().await;
     a.configure(&listen, &[(b.id(), None), (rogue.peer_id(), None)])?;
     let agent_a = a.start().await?;
-    a.db()?.execute("UPDATE customers SET city = 'still here' WHERE id = 1", [])?;
+    a.db()?
+        .execute("UPDATE customers SET city = 'still here' WHERE id = 1", [])?;
     let rows = converged(&[&a, &b]).await?;
     assert_eq!(rows.len(), 1, "customer 9 must not appear: {rows:?}");
     assert_eq!(rows[0].3.as_deref(), Some("still here"));
@@ -269,7 +298,10 @@ async fn a_refused_peer_backs_off() -> anyhow::Result<()> {
     let mut x = Node::new(tmp.path(), "x")?;
     a.configure("127.0.0.1:0", &[])?;
     let agent_a = a.start().await?;
-    x.configure("127.0.0.1:0", &[(a.id(), Some(agent_a.local_addr().to_string()))])?;
+    x.configure(
+        "127.0.0.1:0",
+        &[(a.id(), Some(agent_a.local_addr().to_string()))],
+    )?;
     let agent_x = x.start().await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let dials = agent_x.dials();
@@ -307,7 +339,10 @@ async fn a_refused_peer_makes_one_plain_log_line() -> anyhow::Result<()> {
         "{}",
         refusals[0]
     );
-    assert!(!log.contains('\u{1b}'), "colour codes in a log file: {log:?}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "colour codes in a log file: {log:?}"
+    );
     assert!(!log.contains("fjall") && !log.contains("lsm_tree"), "{log}");
     Ok(())
 }
@@ -332,12 +367,17 @@ async fn junk_initials_do_not_lock_a_pinned_peer_out() -> anyhow::Result<()> {
     };
     // Let the junk fill whatever it can first.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let transport = Transport::bind(&friend, "127.0.0.1:0".parse()?, Arc::new(PinnedPeers::new([a.id()])))?;
+    let transport = Transport::bind(
+        &friend,
+        "127.0.0.1:0".parse()?,
+        Arc::new(PinnedPeers::new([a.id()])),
+    )?;
     let started = std::time::Instant::now();
     let mut connected = Err(anyhow::anyhow!("no attempt"));
     // A real peer retries a failed dial; within the second it must be in.
     while started.elapsed() < Duration::from_secs(1) {
-        match tokio::time::timeout(Duration::from_secs(1), transport.connect(target, a.id())).await {
+        match tokio::time::timeout(Duration::from_secs(1), transport.connect(target, a.id())).await
+        {
             Ok(Ok(connection)) => {
                 connected = Ok(connection);
                 break;
@@ -348,9 +388,14 @@ async fn junk_initials_do_not_lock_a_pinned_peer_out() -> anyhow::Result<()> {
     }
     let elapsed = started.elapsed();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let sent = junk.join().map_err(|_| anyhow::anyhow!("the junk sender panicked"))??;
+    let sent = junk
+        .join()
+        .map_err(|_| anyhow::anyhow!("the junk sender panicked"))??;
     let connection = connected?;
-    assert!(elapsed < Duration::from_secs(1), "connected after {elapsed:?}");
+    assert!(
+        elapsed < Duration::from_secs(1),
+        "connected after {elapsed:?}"
+    );
     assert!(sent >= 400, "only {sent} junk Initials were sent");
     connection.close(0u32.into(), b"done");
     agent_a.shutdown().await;
@@ -360,7 +405,10 @@ async fn junk_initials_do_not_lock_a_pinned_peer_out() -> anyhow::Result<()> {
 /// Sends QUIC Initial packets carrying a ClientHello from new connection ids at
 /// 1,000 a second, never answering: each would hold a handshake slot until it times
 /// out. Returns how many were sent.
-fn junk_initials(target: std::net::SocketAddr, stop: &std::sync::atomic::AtomicBool) -> anyhow::Result<u64> {
+fn junk_initials(
+    target: std::net::SocketAddr,
+    stop: &std::sync::atomic::AtomicBool,
+) -> anyhow::Result<u64> {
     let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
     let mut endpoint = quinn_proto::Endpoint::new(
         Arc::new(quinn_proto::EndpointConfig::default()),
@@ -403,7 +451,9 @@ fn junk_client_crypto() -> anyhow::Result<Arc<dyn quinn_proto::crypto::ClientCon
             rustls::pki_types::PrivateKeyDer::Pkcs8(identity.key().clone_key()),
         )?;
     tls.alpn_protocols = vec![concord_agent::transport::ALPN.to_vec()];
-    Ok(Arc::new(quinn_proto::crypto::rustls::QuicClientConfig::try_from(tls)?))
+    Ok(Arc::new(
+        quinn_proto::crypto::rustls::QuicClientConfig::try_from(tls)?,
+    ))
 }
 
 /// The junk sender never gets far enough to check a certificate.

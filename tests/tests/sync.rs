@@ -315,12 +315,16 @@ async fn a_re_inserted_key_starts_from_the_new_row() -> anyhow::Result<()> {
     a.db()?.execute("DELETE FROM customers WHERE id = 5", [])?;
     let rows = converged(&[&a, &b]).await?;
     assert!(rows.is_empty());
-    a.db()?
-        .execute("INSERT INTO customers (id, name) VALUES (5, 'New Person')", [])?;
+    a.db()?.execute(
+        "INSERT INTO customers (id, name) VALUES (5, 'New Person')",
+        [],
+    )?;
     // The new row must stay as the user wrote it, in A and in B.
-    concord_tests::wait_for("B to hold the new row", concord_tests::CONVERGE_TIMEOUT, || {
-        Ok(b.rows()?.len() == 1)
-    })
+    concord_tests::wait_for(
+        "B to hold the new row",
+        concord_tests::CONVERGE_TIMEOUT,
+        || Ok(b.rows()?.len() == 1),
+    )
     .await?;
     let rows = converged(&[&a, &b]).await?;
     assert_eq!(rows, vec![(5, Some("New Person".into()), None, None, None)]);
@@ -339,8 +343,10 @@ async fn a_tool_that_commits_continuously_still_receives_remote_edits() -> anyho
     use std::sync::atomic::{AtomicBool, Ordering};
     let tmp = tempfile::tempdir()?;
     let (a, b, agent_a, agent_b) = pair(tmp.path()).await?;
-    b.db()?
-        .execute("INSERT INTO customers (id, name, age) VALUES (1, 'hot', 0)", [])?;
+    b.db()?.execute(
+        "INSERT INTO customers (id, name, age) VALUES (1, 'hot', 0)",
+        [],
+    )?;
     converged(&[&a, &b]).await?;
 
     // B's user commits without pause, one small transaction after another.
@@ -388,7 +394,8 @@ async fn a_tool_that_commits_continuously_still_receives_remote_edits() -> anyho
 /// takes the form its column uses in the receiving database.
 #[tokio::test(flavor = "multi_thread")]
 async fn written_timestamps_keep_the_receiving_columns_format() -> anyhow::Result<()> {
-    const SCHEMA: &str = "CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT, seen TIMESTAMP)";
+    const SCHEMA: &str =
+        "CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT, seen TIMESTAMP)";
     let tmp = tempfile::tempdir()?;
     let mut a = Node::with_schema(tmp.path(), "a", SCHEMA)?;
     let mut b = Node::with_schema(tmp.path(), "b", SCHEMA)?;
@@ -413,12 +420,16 @@ async fn written_timestamps_keep_the_receiving_columns_format() -> anyhow::Resul
     let seen = |node: &Node, id: i64| -> anyhow::Result<Option<String>> {
         Ok(node
             .db()?
-            .query_row("SELECT seen FROM customers WHERE id = ?1", [id], |r| r.get(0))
+            .query_row("SELECT seen FROM customers WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
             .ok())
     };
-    concord_tests::wait_for("both rows on both sides", concord_tests::CONVERGE_TIMEOUT, || {
-        Ok(seen(&a, 1)?.is_some() && seen(&b, 2)?.is_some())
-    })
+    concord_tests::wait_for(
+        "both rows on both sides",
+        concord_tests::CONVERGE_TIMEOUT,
+        || Ok(seen(&a, 1)?.is_some() && seen(&b, 2)?.is_some()),
+    )
     .await?;
     assert_eq!(seen(&b, 2)?.as_deref(), Some("2024-03-01T09:15:00.000Z"));
     assert_eq!(seen(&a, 1)?.as_deref(), Some("2024-01-01 08:00:00"));

@@ -23,8 +23,8 @@ use crate::store::{Batch, Quarantined, Store, StoreError, StoreId, StoreReader, 
 
 pub use remote::{ApplyOutcome, DocChanges, RemoteError, WireEntry};
 pub use write_back::{
-    PlannedWrite, WRITE_BACK_STALE_RETRIES_MAX, WRITE_BACK_STALE_WAIT_MAX_MS, WRITE_BACK_STALE_WAIT_MS,
-    WritePlan,
+    PlannedWrite, WRITE_BACK_STALE_RETRIES_MAX, WRITE_BACK_STALE_WAIT_MAX_MS,
+    WRITE_BACK_STALE_WAIT_MS, WritePlan,
 };
 
 /// One configured collection of the local tool.

@@ -64,7 +64,9 @@ fn a_document_with_missing_dependencies_is_repaired_by_a_heads_exchange()
     assert_eq!(outcome.missing, vec![id]);
 
     let heads = b.heads(id)?;
-    let repair = a.changes_since("customers", id, &heads)?.ok_or("A knows the document")?;
+    let repair = a
+        .changes_since("customers", id, &heads)?
+        .ok_or("A knows the document")?;
     assert_eq!(repair.collection, "customers");
     let entry = WireEntry {
         seq: 0,
@@ -124,11 +126,17 @@ fn name_of(engine: &mut Engine, key: &str) -> Result<Option<Value>, Box<dyn std:
 }
 
 /// A log entry of `key` made by a foreign store, as a peer would send it.
-fn remote_edit(actor: u8, key: &str, base: &[Vec<u8>], name: &str) -> Result<WireEntry, Box<dyn std::error::Error>> {
+fn remote_edit(
+    actor: u8,
+    key: &str,
+    base: &[Vec<u8>],
+    name: &str,
+) -> Result<WireEntry, Box<dyn std::error::Error>> {
     let mut doc = RecordDoc::new(&[actor; 16]);
     doc.apply(base)?;
     let mut edit = Edit::default();
-    edit.fields.insert("name".to_owned(), Value::Text(name.to_owned()));
+    edit.fields
+        .insert("name".to_owned(), Value::Text(name.to_owned()));
     let change = doc.edit("customers", key, &edit)?.ok_or("a change")?;
     Ok(WireEntry {
         seq: 1,
@@ -148,13 +156,24 @@ fn a_capture_in_the_same_batch_as_the_write_back_sees_its_shadow() -> TestResult
     let mut batch = a.store().batch();
     a.capture(&mut batch, vec![captured("1", "Ada")], 1, 0)?;
     a.store().commit(batch)?;
-    let base: Vec<Vec<u8>> = a.store().reader().log_from("customers", 1, 10)?
-        .into_iter().flat_map(|(_, e)| e.changes).collect();
+    let base: Vec<Vec<u8>> = a
+        .store()
+        .reader()
+        .log_from("customers", 1, 10)?
+        .into_iter()
+        .flat_map(|(_, e)| e.changes)
+        .collect();
 
     // A peer renames the record; the agent plans and writes "Grace" into the tool.
     let peer = [9; 16];
     let mut batch = a.store().batch();
-    a.apply_remote(&mut batch, peer, "customers", Some(1), vec![remote_edit(9, "1", &base, "Grace")?])?;
+    a.apply_remote(
+        &mut batch,
+        peer,
+        "customers",
+        Some(1),
+        vec![remote_edit(9, "1", &base, "Grace")?],
+    )?;
     a.store().commit(batch)?;
     let mut batch = a.store().batch();
     let plan = a.plan_writes(&mut batch, 10, 0)?;
@@ -169,9 +188,14 @@ fn a_capture_in_the_same_batch_as_the_write_back_sees_its_shadow() -> TestResult
         let first = remote_edit(9, "1", &base, "Grace")?;
         doc.apply(&first.changes)?;
         let mut edit = Edit::default();
-        edit.fields.insert("name".to_owned(), Value::Text("Grace Hopper".to_owned()));
+        edit.fields
+            .insert("name".to_owned(), Value::Text("Grace Hopper".to_owned()));
         let change = doc.edit("customers", "1", &edit)?.ok_or("a change")?;
-        WireEntry { seq: 2, doc: DocId::of("customers", "1").0, changes: vec![change] }
+        WireEntry {
+            seq: 2,
+            doc: DocId::of("customers", "1").0,
+            changes: vec![change],
+        }
     };
     let mut batch = a.store().batch();
     a.apply_remote(&mut batch, peer, "customers", Some(2), vec![newer])?;
@@ -210,7 +234,11 @@ fn a_batch_larger_than_the_document_cache_loses_nothing() -> TestResult {
     let mut a = engine(dir.path())?;
     assert_eq!(name_of(&mut a, "0")?, Some(Value::Text("third".to_owned())));
     let doc = a.store().doc(DocId::of("customers", "0"))?;
-    assert_eq!(doc.automerge().get_changes(&[]).len(), 3, "a change was lost");
+    assert_eq!(
+        doc.automerge().get_changes(&[]).len(),
+        3,
+        "a change was lost"
+    );
     Ok(())
 }
 
@@ -224,17 +252,37 @@ fn an_unreadable_value_from_a_peer_is_refused_and_quarantined() -> TestResult {
     let mut a = engine(dir.path())?;
     let mut doc = RecordDoc::new(&[9; 16]);
     doc.edit("customers", "1", &Edit::default())?;
-    doc.automerge().put(automerge::ROOT, "f:name", automerge::ScalarValue::counter(1))?;
+    doc.automerge().put(
+        automerge::ROOT,
+        "f:name",
+        automerge::ScalarValue::counter(1),
+    )?;
     doc.automerge().commit();
-    let changes: Vec<Vec<u8>> = doc.automerge().get_changes(&[]).iter().map(|c| c.raw_bytes().to_vec()).collect();
-    let entry = WireEntry { seq: 1, doc: DocId::of("customers", "1").0, changes };
+    let changes: Vec<Vec<u8>> = doc
+        .automerge()
+        .get_changes(&[])
+        .iter()
+        .map(|c| c.raw_bytes().to_vec())
+        .collect();
+    let entry = WireEntry {
+        seq: 1,
+        doc: DocId::of("customers", "1").0,
+        changes,
+    };
     let mut batch = a.store().batch();
     let result = a.apply_remote(&mut batch, [9; 16], "customers", Some(1), vec![entry]);
-    assert!(matches!(result, Err(RemoteError::UnreadableValue { .. })), "{result:?}");
+    assert!(
+        matches!(result, Err(RemoteError::UnreadableValue { .. })),
+        "{result:?}"
+    );
     a.store().commit(batch)?;
     let quarantined = a.reader().quarantined()?;
     assert_eq!(quarantined.len(), 1);
-    assert!(quarantined[0].reason.contains("name"), "{:?}", quarantined[0]);
+    assert!(
+        quarantined[0].reason.contains("name"),
+        "{:?}",
+        quarantined[0]
+    );
     assert_eq!(quarantined[0].peer, Some([9; 16]));
     // Nothing of it is kept: planning works, now and after a restart.
     let mut batch = a.store().batch();
@@ -255,7 +303,9 @@ fn a_row_created_after_a_delete_starts_from_the_row() -> TestResult {
     let dir = tempfile::tempdir()?;
     let collections = BTreeMap::from([(
         "customers".to_owned(),
-        CollectionInfo { columns: vec!["name".to_owned(), "email".to_owned()] },
+        CollectionInfo {
+            columns: vec!["name".to_owned(), "email".to_owned()],
+        },
     )]);
     let mut a = Engine::new(Store::open(dir.path())?, "sqlite".to_owned(), collections)?;
     let row = |name: &str, email: Option<&str>| CapturedChange {
@@ -263,12 +313,19 @@ fn a_row_created_after_a_delete_starts_from_the_row() -> TestResult {
         key: "5".to_owned(),
         state: RowState::Present(Record::from([
             ("name".to_owned(), Value::Text(name.to_owned())),
-            ("email".to_owned(), email.map_or(Value::Null, |e| Value::Text(e.to_owned()))),
+            (
+                "email".to_owned(),
+                email.map_or(Value::Null, |e| Value::Text(e.to_owned())),
+            ),
         ])),
     };
     let steps = [
         row("Old Name", Some("old@example.com")),
-        CapturedChange { collection: "customers".to_owned(), key: "5".to_owned(), state: RowState::Absent },
+        CapturedChange {
+            collection: "customers".to_owned(),
+            key: "5".to_owned(),
+            state: RowState::Absent,
+        },
         row("New Person", None),
     ];
     for (cursor, change) in (1..).zip(steps) {
@@ -278,9 +335,16 @@ fn a_row_created_after_a_delete_starts_from_the_row() -> TestResult {
     }
     let state = a.store().doc(DocId::of("customers", "5"))?.read()?;
     assert!(!state.deleted);
-    assert_eq!(state.fields.get("email"), None, "the dead record's email came back");
+    assert_eq!(
+        state.fields.get("email"),
+        None,
+        "the dead record's email came back"
+    );
     let mut batch = a.store().batch();
-    assert!(a.plan_writes(&mut batch, 10, 0)?.writes.is_empty(), "the tool already holds it");
+    assert!(
+        a.plan_writes(&mut batch, 10, 0)?.writes.is_empty(),
+        "the tool already holds it"
+    );
     Ok(())
 }
 
@@ -291,13 +355,24 @@ fn stale_writes_stay_pending_and_the_rest_are_done() -> TestResult {
     let mut a = engine(dir.path())?;
     let peer = [9; 16];
     let mut batch = a.store().batch();
-    let entries = vec![remote_edit(9, "1", &[], "One")?, WireEntry { seq: 2, ..remote_edit(9, "2", &[], "Two")? }];
+    let entries = vec![
+        remote_edit(9, "1", &[], "One")?,
+        WireEntry {
+            seq: 2,
+            ..remote_edit(9, "2", &[], "Two")?
+        },
+    ];
     a.apply_remote(&mut batch, peer, "customers", Some(2), entries)?;
     a.store().commit(batch)?;
     let mut batch = a.store().batch();
     let plan = a.plan_writes(&mut batch, 10, 0)?;
     assert_eq!(plan.writes.len(), 2);
-    let keys: HashMap<DocId, usize> = plan.writes.iter().enumerate().map(|(i, w)| (w.doc, i)).collect();
+    let keys: HashMap<DocId, usize> = plan
+        .writes
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (w.doc, i))
+        .collect();
     let mut outcomes = vec![OpOutcome::Written; 2];
     outcomes[keys[&DocId::of("customers", "1")]] = OpOutcome::Stale;
     a.writes_done(&mut batch, plan, outcomes, 0)?;

@@ -49,11 +49,7 @@ impl Engine {
         now_ms: i64,
     ) -> Result<WritePlan, StoreError> {
         debug_assert!(self.in_flight.is_empty(), "one write-back plan at a time");
-        let waiting = |id: &DocId| {
-            self.stale
-                .get(id)
-                .is_some_and(|&(_, until)| until > now_ms)
-        };
+        let waiting = |id: &DocId| self.stale.get(id).is_some_and(|&(_, until)| until > now_ms);
         let ids: Vec<DocId> = self
             .pending
             .iter()
@@ -77,7 +73,11 @@ impl Engine {
 
     /// The write that brings the tool in line with document `id`, if one is needed;
     /// otherwise the document stops being pending.
-    fn plan_one(&mut self, batch: &mut Batch, id: DocId) -> Result<Option<PlannedWrite>, StoreError> {
+    fn plan_one(
+        &mut self,
+        batch: &mut Batch,
+        id: DocId,
+    ) -> Result<Option<PlannedWrite>, StoreError> {
         let collection = match self.store.doc(id)?.identity() {
             Ok(Some((collection, _))) => collection,
             _ => String::new(),
@@ -89,7 +89,9 @@ impl Engine {
             self.set_pending(batch, id, false);
             return Ok(None);
         };
-        let shadow = self.store.shadow(&self.tool, &state.collection, &state.key)?;
+        let shadow = self
+            .store
+            .shadow(&self.tool, &state.collection, &state.key)?;
         let projected = project(&state, info);
         let op = match (&projected, &shadow) {
             (None, None) => None,
@@ -100,7 +102,9 @@ impl Engine {
             (Some(record), shadow) => {
                 let fields: Record = record
                     .iter()
-                    .filter(|(name, value)| shadow.as_ref().and_then(|s| s.get(*name)) != Some(*value))
+                    .filter(|(name, value)| {
+                        shadow.as_ref().and_then(|s| s.get(*name)) != Some(*value)
+                    })
                     .map(|(name, value)| (name.clone(), value.clone()))
                     .collect();
                 (!fields.is_empty()).then(|| WriteOp::Upsert {
@@ -142,8 +146,13 @@ impl Engine {
             | WriteOp::Delete { collection, key }) = &write.op;
             match outcome {
                 OpOutcome::Written => {
-                    self.store
-                        .stage_shadow(batch, &self.tool, collection, key, write.after.as_ref());
+                    self.store.stage_shadow(
+                        batch,
+                        &self.tool,
+                        collection,
+                        key,
+                        write.after.as_ref(),
+                    );
                     self.stats.writes += 1;
                     self.stale.remove(&write.doc);
                     // The document changed again while the plan was on its way (a

@@ -509,7 +509,8 @@ impl Session {
         if self.asked.len() + self.repairing.len() >= NEED_DOCS_IN_FLIGHT_MAX {
             return false;
         }
-        self.asked.push_back((doc, collection.clone(), anti_entropy));
+        self.asked
+            .push_back((doc, collection.clone(), anti_entropy));
         self.queue(&Message::NeedDoc {
             collection,
             doc,

@@ -167,7 +167,8 @@ pub(super) fn write_value<'a>(
             Ok(ToSqlOutput::Borrowed(ValueRef::Text(text.as_bytes())))
         }
         (FieldType::Bool, Value::Bool(b)) => owned(SqlValue::Integer(i64::from(*b))),
-        (FieldType::Timestamp, Value::Timestamp(t)) => match column.timestamp_style.get().write(*t) {
+        (FieldType::Timestamp, Value::Timestamp(t)) => match column.timestamp_style.get().write(*t)
+        {
             Some(value) => owned(value),
             None => Err(format!(
                 "cannot hold the instant {} us after the epoch: it lies outside the years 0000 to 9999",
@@ -300,9 +301,7 @@ impl TimestampStyle {
             ' '
         };
         let time = text.get(11..).unwrap_or_default();
-        let zone_at = time
-            .find(['Z', 'z', '+', '-'])
-            .unwrap_or(time.len());
+        let zone_at = time.find(['Z', 'z', '+', '-']).unwrap_or(time.len());
         let (clock, suffix) = time.split_at(zone_at);
         let seconds = clock.len() >= 8;
         let fraction = clock
@@ -362,7 +361,11 @@ impl TimestampStyle {
         };
         let local = instant.naive_utc() + chrono::TimeDelta::seconds(i64::from(offset));
         let mut text = local
-            .format(if seconds { "%Y-%m-%d %H:%M:%S" } else { "%Y-%m-%d %H:%M" })
+            .format(if seconds {
+                "%Y-%m-%d %H:%M:%S"
+            } else {
+                "%Y-%m-%d %H:%M"
+            })
             .to_string();
         if separator == 'T' {
             text.replace_range(10..11, "T");
@@ -378,7 +381,11 @@ impl TimestampStyle {
             Zone::Offset(offset) => {
                 let sign = if offset < 0 { '-' } else { '+' };
                 let offset = offset.unsigned_abs();
-                text.push_str(&format!("{sign}{:02}:{:02}", offset / 3600, offset % 3600 / 60));
+                text.push_str(&format!(
+                    "{sign}{:02}:{:02}",
+                    offset / 3600,
+                    offset % 3600 / 60
+                ));
             }
         }
         Some(SqlValue::Text(text))
@@ -489,7 +496,10 @@ mod tests {
             assert_eq!(written(style, base), text(stored), "{stored}");
             assert_eq!(micros(stored), Some(base), "{stored}");
         }
-        assert_eq!(written(TimestampStyle::SQLITE, base), text("2024-03-01 09:15:00"));
+        assert_eq!(
+            written(TimestampStyle::SQLITE, base),
+            text("2024-03-01 09:15:00")
+        );
         // More precision than the column shows is kept, never cut.
         assert_eq!(
             written(TimestampStyle::SQLITE, base + 250_000),
@@ -500,7 +510,10 @@ mod tests {
             text("2024-03-01 09:15:00.000001")
         );
         let midnight = micros("2024-05-01").expect("parses");
-        assert_eq!(written(TimestampStyle::DateOnly, midnight), text("2024-05-01"));
+        assert_eq!(
+            written(TimestampStyle::DateOnly, midnight),
+            text("2024-05-01")
+        );
         assert_eq!(
             written(TimestampStyle::DateOnly, midnight + 1_000_000),
             text("2024-05-01 00:00:01")

@@ -218,7 +218,9 @@ pub enum Rejection {
         collection: String,
     },
     /// The key is not an integer but the table's key column is.
-    #[error("{table} key {key}: the key is not an integer, but the primary key `{column}` is {declared}")]
+    #[error(
+        "{table} key {key}: the key is not an integer, but the primary key `{column}` is {declared}"
+    )]
     KeyNotInteger {
         /// The table.
         table: String,
@@ -413,9 +415,7 @@ impl SqliteConnector {
             .prepare_cached(OUTBOX_READ_SQL)?
             .query_map(
                 [seq_param(after), seq_param(upto), count_param(max)],
-                |row| {
-                    Ok((row.get(0)?, row.get(1)?, row.get(2)?))
-                },
+                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
             )?
             .collect::<Result<_, _>>()?;
         batch.changes.reserve(entries.len());
@@ -455,7 +455,9 @@ impl SqliteConnector {
 
     /// The connection's `PRAGMA synchronous` (2 is FULL: every commit is fsynced).
     pub fn synchronous(&self) -> Result<i64, SqliteError> {
-        Ok(self.conn.query_row("PRAGMA synchronous", [], |row| row.get(0))?)
+        Ok(self
+            .conn
+            .query_row("PRAGMA synchronous", [], |row| row.get(0))?)
     }
 
     /// The number of entries in the outbox.
@@ -588,12 +590,13 @@ impl SqliteConnector {
             collection, key, ..
         }
         | WriteOp::Delete { collection, key }) = op;
-        let index = *self
-            .by_collection
-            .get(collection)
-            .ok_or_else(|| Rejection::UnknownCollection {
-                collection: collection.clone(),
-            })?;
+        let index =
+            *self
+                .by_collection
+                .get(collection)
+                .ok_or_else(|| Rejection::UnknownCollection {
+                    collection: collection.clone(),
+                })?;
         let table = &self.tables[index];
         let short_key = || convert::shorten(key);
         let key_param = match key_param(table, key) {
@@ -696,7 +699,9 @@ impl SqliteConnector {
         // and the writes.
         let uncaptured: HashSet<(String, String)> = tx
             .prepare_cached(OUTBOX_SINCE_SQL)?
-            .query_map([seq_param(captured_upto)], |row| Ok((row.get(0)?, row.get(1)?)))?
+            .query_map([seq_param(captured_upto)], |row| {
+                Ok((row.get(0)?, row.get(1)?))
+            })?
             .collect::<Result<_, _>>()?;
         for (index, slot) in plans.iter_mut().enumerate() {
             let Some(plan) = slot else { continue };

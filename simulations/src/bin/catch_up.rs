@@ -10,8 +10,8 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use clap::Parser;
 use anyhow::Context;
+use clap::Parser;
 use concord_agent::engine::{CollectionInfo, Engine};
 use concord_agent::replication::{Action, Event, Session, policy};
 use concord_agent::store::{Store, peer_cursor};
