@@ -26,9 +26,22 @@ pub enum StartError {
     /// The key file could not be used.
     #[error("key file: {0}")]
     Identity(#[from] IdentityError),
-    /// The tool's database refused the configuration.
-    #[error("{0}")]
-    Tool(String),
+    /// The tool's database could not be used.
+    #[error("{}: {source}", path.display())]
+    Tool {
+        /// The database.
+        path: std::path::PathBuf,
+        /// Why.
+        source: SqliteError,
+    },
+    /// The store's folder could not be created.
+    #[error("data directory {}: {source}", path.display())]
+    DataDir {
+        /// The folder.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The store could not be opened.
     #[error("store: {0}")]
     Store(#[from] StoreError),
@@ -60,6 +73,68 @@ pub struct RunningAgent {
 /// Starts an agent. Must be called inside a tokio runtime.
 pub async fn start(config: Config) -> Result<RunningAgent, StartError> {
     let identity = Identity::load(&config.key_file)?;
+    let mut connector = open_tool(&config)?;
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    })?;
+    let store = Store::open(&config.data_dir)?;
+    let store_id = store.actor();
+    let reader = store.reader();
+    let tool = config.sqlite.name.clone();
+    let cursor = reader.cursor(&tool_cursor(&tool))?;
+    let collections = collections(&config);
+    let collection_names: Vec<String> = collections.keys().cloned().collect();
+    let rescan_upto = connector
+        .claim(&store_id)
+        .map_err(|e| tool_error(&config, e))?;
+    let mut engine = Engine::new(store, tool, collections)?;
+    engine.set_rescan_upto(rescan_upto);
+    let threads = spawn_threads(
+        engine,
+        connector,
+        crate::tool::ToolLoop::new(cursor, rescan_upto),
+    )?;
+
+    let pinned = Arc::new(PinnedPeers::new(config.peer_ids()));
+    let transport = Arc::new(Transport::bind(&identity, config.listen, pinned)?);
+    let local_addr = transport.local_addr()?;
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let ctx = Arc::new(PeerContext {
+        me: identity.peer_id(),
+        store: store_id,
+        collections: collection_names,
+        core: threads.core.clone(),
+        reader: reader.clone(),
+        log_version: threads.log_version,
+        registry: Registry::default(),
+        shutdown: shutdown_rx,
+        dials: AtomicU64::new(0),
+    });
+    tokio::spawn(peers::accept_loop(transport.clone(), ctx.clone()));
+    for peer in &config.peers {
+        if let (Some(addr), Ok(id)) = (peer.addr, peer.id.get_ref().parse::<PeerId>()) {
+            tokio::spawn(peers::dial_loop(transport.clone(), id, addr, ctx.clone()));
+        }
+    }
+    tracing::info!(peer_id = %identity.peer_id(), listen = %local_addr, store = %crate::store::hex(&store_id), "agent started");
+    Ok(RunningAgent {
+        peer_id: identity.peer_id(),
+        local_addr,
+        core: threads.core,
+        reader,
+        ctx,
+        transport,
+        shutdown,
+        stop_tool: threads.stop_tool,
+        core_thread: Some(threads.core_thread),
+        tool_thread: Some(threads.tool_thread),
+        commits: threads.commits,
+    })
+}
+
+/// Opens the configured database and checks the configuration against it.
+fn open_tool(config: &Config) -> Result<SqliteConnector, StartError> {
     let specs: Vec<CollectionSpec> = config
         .sqlite
         .collections
@@ -71,20 +146,12 @@ pub async fn start(config: Config) -> Result<RunningAgent, StartError> {
             columns: c.columns.get_ref().clone(),
         })
         .collect();
-    let connector =
-        SqliteConnector::open(&config.sqlite.path, specs).map_err(|e| tool_error(&config, e))?;
-    std::fs::create_dir_all(&config.data_dir).map_err(|e| {
-        StartError::Store(StoreError::Corrupt {
-            what: "data directory",
-            reason: e.to_string(),
-        })
-    })?;
-    let store = Store::open(&config.data_dir)?;
-    let store_id = store.actor();
-    let reader = store.reader();
-    let tool = config.sqlite.name.clone();
-    let cursor = reader.cursor(&tool_cursor(&tool))?;
-    let collections: BTreeMap<String, CollectionInfo> = config
+    SqliteConnector::open(&config.sqlite.path, specs).map_err(|e| tool_error(config, e))
+}
+
+/// The configured collections, as the engine knows them.
+fn collections(config: &Config) -> BTreeMap<String, CollectionInfo> {
+    config
         .sqlite
         .collections
         .iter()
@@ -96,17 +163,26 @@ pub async fn start(config: Config) -> Result<RunningAgent, StartError> {
                 },
             )
         })
-        .collect();
-    let collection_names: Vec<String> = collections.keys().cloned().collect();
-    let mut connector = connector;
-    let rescan_upto = connector
-        .claim(&store_id)
-        .map_err(|e| tool_error(&config, e))?;
-    let mut engine = Engine::new(store, tool, collections)?;
-    engine.set_rescan_upto(rescan_upto);
+        .collect()
+}
 
+/// The core and tool threads, and what the rest of the agent holds of them.
+struct Threads {
+    core: CoreHandle,
+    log_version: watch::Receiver<u64>,
+    commits: Arc<AtomicU64>,
+    stop_tool: Arc<AtomicBool>,
+    core_thread: std::thread::JoinHandle<()>,
+    tool_thread: std::thread::JoinHandle<()>,
+}
+
+fn spawn_threads(
+    engine: Engine,
+    connector: SqliteConnector,
+    state: crate::tool::ToolLoop,
+) -> Result<Threads, StartError> {
     let (core, core_rx) = core::channel();
-    let (log_tx, log_rx) = watch::channel(0u64);
+    let (log_tx, log_version) = watch::channel(0u64);
     let (plan_tx, plan_rx) = std::sync::mpsc::sync_channel(core::WRITE_BACK_PLANS_IN_FLIGHT_MAX);
     let commits = Arc::new(AtomicU64::new(0));
     let outputs = CoreOutputs {
@@ -124,47 +200,16 @@ pub async fn start(config: Config) -> Result<RunningAgent, StartError> {
         let stop = stop_tool.clone();
         std::thread::Builder::new()
             .name("concord-tool".into())
-            .spawn(move || {
-                let state = crate::tool::ToolLoop::new(cursor, rescan_upto);
-                crate::tool::run(connector, core, plan_rx, state, stop)
-            })
+            .spawn(move || crate::tool::run(connector, core, plan_rx, state, stop))
             .map_err(StartError::Thread)?
     };
-
-    let pinned = Arc::new(PinnedPeers::new(config.peer_ids()));
-    let transport = Arc::new(Transport::bind(&identity, config.listen, pinned)?);
-    let local_addr = transport.local_addr()?;
-    let (shutdown, shutdown_rx) = watch::channel(false);
-    let ctx = Arc::new(PeerContext {
-        me: identity.peer_id(),
-        store: store_id,
-        collections: collection_names,
-        core: core.clone(),
-        reader: reader.clone(),
-        log_version: log_rx,
-        registry: Registry::default(),
-        shutdown: shutdown_rx,
-        dials: AtomicU64::new(0),
-    });
-    tokio::spawn(peers::accept_loop(transport.clone(), ctx.clone()));
-    for peer in &config.peers {
-        if let (Some(addr), Ok(id)) = (peer.addr, peer.id.get_ref().parse::<PeerId>()) {
-            tokio::spawn(peers::dial_loop(transport.clone(), id, addr, ctx.clone()));
-        }
-    }
-    tracing::info!(peer_id = %identity.peer_id(), listen = %local_addr, store = %crate::store::hex(&store_id), "agent started");
-    Ok(RunningAgent {
-        peer_id: identity.peer_id(),
-        local_addr,
+    Ok(Threads {
         core,
-        reader,
-        ctx,
-        transport,
-        shutdown,
-        stop_tool,
-        core_thread: Some(core_thread),
-        tool_thread: Some(tool_thread),
+        log_version,
         commits,
+        stop_tool,
+        core_thread,
+        tool_thread,
     })
 }
 
@@ -198,7 +243,10 @@ fn tool_error(config: &Config, error: SqliteError) -> StartError {
             }
         }
     }
-    StartError::Tool(format!("{}: {message}", config.sqlite.path.display()))
+    StartError::Tool {
+        path: config.sqlite.path.clone(),
+        source: error,
+    }
 }
 
 impl RunningAgent {

@@ -22,10 +22,12 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+use data_encoding::{BASE32_NOPAD, BASE32_NOPAD_NOCASE, DecodeKind};
+use pem::{EncodeConfig, LineEnding, Pem, encode_many_config};
 use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256};
 use ring::digest::{SHA256, digest};
 use rustls::crypto::ring::default_provider;
-use rustls::pki_types::pem::{self, PemObject};
+use rustls::pki_types::pem::{self as pem_section, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::sign::CertifiedKey;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -47,9 +49,6 @@ pub const IDENTITY_FILE_BYTES_MAX: u64 = 64 * 1024;
 
 /// How much of a rejected peer id string an error message quotes.
 const PEER_ID_INPUT_QUOTE_CHARS_MAX: usize = 80;
-
-/// The RFC 4648 base32 alphabet, lower-cased.
-const BASE32_ALPHABET: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
 
 /// What can go wrong creating, storing, loading or naming an identity.
 #[derive(Debug, thiserror::Error)]
@@ -92,7 +91,7 @@ pub enum IdentityError {
         section: &'static str,
         /// The underlying error.
         #[source]
-        source: pem::Error,
+        source: pem_section::Error,
     },
     /// The identity file's certificate or key is unusable, or they do not belong together.
     #[error("identity file {} holds an unusable certificate or key: {source}", path.display())]
@@ -150,27 +149,7 @@ impl PeerId {
 
 impl fmt::Display for PeerId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut text = [0u8; PEER_ID_CHARS];
-        let mut bits: u16 = 0;
-        let mut bit_count = 0;
-        let mut out = 0;
-        for &byte in &self.0 {
-            bits = (bits << 8) | u16::from(byte);
-            bit_count += 8;
-            while bit_count >= 5 {
-                bit_count -= 5;
-                text[out] = BASE32_ALPHABET[usize::from((bits >> bit_count) & 0x1f)];
-                out += 1;
-            }
-        }
-        if bit_count > 0 {
-            text[out] = BASE32_ALPHABET[usize::from((bits << (5 - bit_count)) & 0x1f)];
-        }
-        // The alphabet is ASCII, so every byte written is a valid character.
-        for &c in &text {
-            fmt::Write::write_char(f, char::from(c))?;
-        }
-        Ok(())
+        f.write_str(&BASE32_NOPAD.encode(&self.0).to_ascii_lowercase())
     }
 }
 
@@ -192,32 +171,30 @@ impl FromStr for PeerId {
                 len,
             });
         }
-        let mut bytes = [0u8; PEER_ID_BYTES];
-        let mut bits: u16 = 0;
-        let mut bit_count = 0;
-        let mut out = 0;
-        for (position, character) in s.chars().enumerate() {
-            let value = base32_value(character).ok_or_else(|| IdentityError::PeerIdCharacter {
-                input: quote_input(s),
-                character,
-                position,
-            })?;
-            bits = (bits << 5) | u16::from(value);
-            bit_count += 5;
-            if bit_count >= 8 {
-                bit_count -= 8;
-                // Only the low eight bits are wanted here.
-                bytes[out] = ((bits >> bit_count) & 0xff) as u8;
-                out += 1;
+        // The last character carries bits beyond the 32 bytes; they must be zero so
+        // that each id has exactly one text form (the codec checks them).
+        let bytes = BASE32_NOPAD_NOCASE.decode(s.as_bytes()).map_err(|e| {
+            if e.kind == DecodeKind::Trailing {
+                return IdentityError::PeerIdNotCanonical {
+                    input: quote_input(s),
+                };
             }
-        }
-        // 52 characters carry 260 bits; the 4 left over must be zero so that each
-        // id has exactly one text form.
-        if bits & ((1 << bit_count) - 1) != 0 {
-            return Err(IdentityError::PeerIdNotCanonical {
+            let at = (0..=e.position.min(s.len()))
+                .rev()
+                .find(|i| s.is_char_boundary(*i))
+                .unwrap_or(0);
+            IdentityError::PeerIdCharacter {
                 input: quote_input(s),
-            });
-        }
+                character: s[at..].chars().next().unwrap_or('?'),
+                position: s[..at].chars().count(),
+            }
+        })?;
+        let bytes = <[u8; PEER_ID_BYTES]>::try_from(bytes.as_slice()).map_err(|_| {
+            IdentityError::PeerIdLength {
+                input: quote_input(s),
+                len,
+            }
+        })?;
         Ok(PeerId(bytes))
     }
 }
@@ -245,15 +222,6 @@ impl<'de> Deserialize<'de> for PeerId {
         }
 
         deserializer.deserialize_str(PeerIdVisitor)
-    }
-}
-
-fn base32_value(character: char) -> Option<u8> {
-    match character {
-        'a'..='z' => Some(character as u8 - b'a'),
-        'A'..='Z' => Some(character as u8 - b'A'),
-        '2'..='7' => Some(character as u8 - b'2' + 26),
-        _ => None,
     }
 }
 
@@ -428,40 +396,15 @@ fn write_pem(
     cert: &CertificateDer<'_>,
     key: &PrivatePkcs8KeyDer<'_>,
 ) -> io::Result<()> {
-    let mut text = pem_section("CERTIFICATE", cert.as_ref());
-    text.push_str(&pem_section("PRIVATE KEY", key.secret_pkcs8_der()));
+    let sections = [
+        Pem::new("CERTIFICATE", cert.as_ref()),
+        Pem::new("PRIVATE KEY", key.secret_pkcs8_der()),
+    ];
+    let text = encode_many_config(
+        &sections,
+        EncodeConfig::new().set_line_ending(LineEnding::LF),
+    );
     file.write_all(text.as_bytes())
-}
-
-/// Encodes one PEM section (RFC 7468): base64 in lines of 64 characters.
-fn pem_section(label: &str, der: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    const LINE_CHARS: usize = 64;
-
-    let mut base64 = Vec::with_capacity(der.len().div_ceil(3) * 4);
-    for chunk in der.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                base64.push(ALPHABET[((n >> (18 - 6 * i)) & 0x3f) as usize]);
-            } else {
-                base64.push(b'=');
-            }
-        }
-    }
-    let mut text = format!("-----BEGIN {label}-----\n");
-    for line in base64.chunks(LINE_CHARS) {
-        // The alphabet is ASCII, so each byte is one character.
-        text.extend(line.iter().map(|&c| char::from(c)));
-        text.push('\n');
-    }
-    text.push_str(&format!("-----END {label}-----\n"));
-    text
 }
 
 /// Makes the new directory entry durable, not just the file's contents.
@@ -585,24 +528,6 @@ mod tests {
             Err(IdentityError::Certificate(_))
         ));
         Ok(())
-    }
-
-    #[test]
-    fn pem_sections_are_rfc4648_base64() {
-        // Test vectors from RFC 4648 section 10, one for each padding length.
-        for (der, base64) in [
-            (&b"f"[..], "Zg=="),
-            (b"fo", "Zm8="),
-            (b"foo", "Zm9v"),
-            (b"foobar", "Zm9vYmFy"),
-        ] {
-            assert_eq!(
-                pem_section("X", der),
-                format!("-----BEGIN X-----\n{base64}\n-----END X-----\n")
-            );
-        }
-        let long = pem_section("X", &[0u8; 100]);
-        assert!(long.lines().all(|line| line.len() <= 64), "{long}");
     }
 
     #[test]

@@ -271,97 +271,14 @@ impl Session {
                 version,
                 store,
                 heads,
-            } => {
-                if heads.len() > SUBSCRIBE_COLLECTIONS_MAX {
-                    return Err(ProtocolError::Limit("collections in a hello"));
-                }
-                if self.peer.is_some() {
-                    return Err(ProtocolError::Unexpected("a second hello"));
-                }
-                if version != PROTOCOL_VERSION {
-                    return Err(ProtocolError::Version(version));
-                }
-                if store == self.local {
-                    return Err(ProtocolError::Unexpected("a hello from this very store"));
-                }
-                self.peer = Some(store);
-                self.hello_deadline = None;
-                self.subscribe_deadline = Some(now + Duration::from_millis(SUBSCRIBE_TIMEOUT_MS));
-                let heads = heads
-                    .into_iter()
-                    .filter(|(c, _)| self.collections.contains(c))
-                    .collect();
-                self.events.push_back(Event::PeerHello { store, heads });
-            }
-            Message::Subscribe { cursors } => {
-                if cursors.len() > SUBSCRIBE_COLLECTIONS_MAX {
-                    return Err(ProtocolError::Limit("collections in a subscription"));
-                }
-                if self.subscribe_deadline.take().is_none() {
-                    return Err(ProtocolError::Unexpected("a second subscription"));
-                }
-                for (collection, next) in cursors {
-                    // A collection this agent does not sync with the peer is not
-                    // streamed (and costs nothing).
-                    if !self.collections.contains(&collection) {
-                        continue;
-                    }
-                    let next = next.max(1);
-                    let stream = Stream {
-                        next,
-                        sent_upto: next - 1,
-                        ..Stream::default()
-                    };
-                    self.streams.insert(collection, stream);
-                }
-            }
+            } => self.on_hello(now, version, store, heads),
+            Message::Subscribe { cursors } => self.on_subscribe(cursors),
             Message::Entries {
                 collection,
                 upto,
                 entries,
-            } => {
-                if entries.len() > ENTRIES_PER_MESSAGE_MAX {
-                    return Err(ProtocolError::Limit("entries in a message"));
-                }
-                let Some(inbound) = self.inbound.get_mut(&collection) else {
-                    return Err(ProtocolError::Unexpected(
-                        "entries of a collection not subscribed to",
-                    ));
-                };
-                let mut last = inbound.upto;
-                for entry in &entries {
-                    if entry.seq <= last || entry.seq > upto {
-                        return Err(ProtocolError::Unexpected("entries out of order"));
-                    }
-                    last = entry.seq;
-                }
-                if upto < inbound.upto {
-                    return Err(ProtocolError::Unexpected("a log that went backwards"));
-                }
-                inbound.upto = upto;
-                self.events.push_back(Event::Apply {
-                    collection,
-                    upto,
-                    entries,
-                });
-            }
-            Message::Ack { collection, upto } => {
-                let Some(stream) = self.streams.get_mut(&collection) else {
-                    return Err(ProtocolError::Unexpected(
-                        "ack of a collection not streamed",
-                    ));
-                };
-                if upto > stream.sent_upto {
-                    return Err(ProtocolError::Unexpected("ack of entries never sent"));
-                }
-                while let Some(&(sent, entries, _)) = stream.unacked.front() {
-                    if sent > upto {
-                        break;
-                    }
-                    stream.unacked.pop_front();
-                    stream.in_flight -= entries;
-                }
-            }
+            } => self.on_entries(collection, upto, entries),
+            Message::Ack { collection, upto } => self.on_ack(&collection, upto),
             Message::NeedDoc {
                 collection,
                 doc,
@@ -376,6 +293,7 @@ impl Session {
                     doc,
                     heads,
                 });
+                Ok(())
             }
             Message::DigestQuery {
                 collection,
@@ -391,30 +309,20 @@ impl Session {
                     depth,
                     prefix,
                 });
+                Ok(())
             }
             Message::BucketQuery { collection, bucket } => {
                 self.check_collection(&collection)?;
                 self.events
                     .push_back(Event::BucketQuery { collection, bucket });
+                Ok(())
             }
             Message::Digests {
                 collection,
                 depth,
                 prefix,
                 digests,
-            } => {
-                let bits = crate::store::child_bits(depth)
-                    .ok_or(ProtocolError::Unexpected("digests outside the tree"))?;
-                if digests.len() != 1 << bits || !self.anti_entropy.contains_key(&collection) {
-                    return Err(ProtocolError::Unexpected("digests not asked for"));
-                }
-                self.events.push_back(Event::Digests {
-                    collection,
-                    depth,
-                    prefix,
-                    digests,
-                });
-            }
+            } => self.on_digests(collection, depth, prefix, digests),
             Message::Bucket {
                 collection,
                 bucket,
@@ -428,31 +336,166 @@ impl Session {
                     bucket,
                     docs,
                 });
+                Ok(())
             }
             Message::DocChanges {
                 collection,
                 doc,
                 changes,
-            } => {
-                // Only the answer to the oldest repair request is accepted: changes
-                // nobody asked for are refused.
-                match self.asked.pop_front() {
-                    Some(asked) if asked.0 == doc && asked.1 == collection => {
-                        self.repairing.push_back(asked);
-                    }
-                    _ => {
-                        return Err(ProtocolError::Unexpected(
-                            "changes of a document not asked for",
-                        ));
-                    }
-                }
-                self.events.push_back(Event::DocChanges {
-                    collection,
-                    doc,
-                    changes,
-                });
+            } => self.on_doc_changes(collection, doc, changes),
+        }
+    }
+
+    fn on_hello(
+        &mut self,
+        now: Instant,
+        version: u16,
+        store: StoreId,
+        heads: Vec<(String, u64)>,
+    ) -> Result<(), ProtocolError> {
+        if heads.len() > SUBSCRIBE_COLLECTIONS_MAX {
+            return Err(ProtocolError::Limit("collections in a hello"));
+        }
+        if self.peer.is_some() {
+            return Err(ProtocolError::Unexpected("a second hello"));
+        }
+        if version != PROTOCOL_VERSION {
+            return Err(ProtocolError::Version(version));
+        }
+        if store == self.local {
+            return Err(ProtocolError::Unexpected("a hello from this very store"));
+        }
+        self.peer = Some(store);
+        self.hello_deadline = None;
+        self.subscribe_deadline = Some(now + Duration::from_millis(SUBSCRIBE_TIMEOUT_MS));
+        let heads = heads
+            .into_iter()
+            .filter(|(c, _)| self.collections.contains(c))
+            .collect();
+        self.events.push_back(Event::PeerHello { store, heads });
+        Ok(())
+    }
+
+    fn on_subscribe(&mut self, cursors: Vec<(String, u64)>) -> Result<(), ProtocolError> {
+        if cursors.len() > SUBSCRIBE_COLLECTIONS_MAX {
+            return Err(ProtocolError::Limit("collections in a subscription"));
+        }
+        if self.subscribe_deadline.take().is_none() {
+            return Err(ProtocolError::Unexpected("a second subscription"));
+        }
+        for (collection, next) in cursors {
+            // A collection this agent does not sync with the peer is not streamed
+            // (and costs nothing).
+            if !self.collections.contains(&collection) {
+                continue;
+            }
+            let next = next.max(1);
+            let stream = Stream {
+                next,
+                sent_upto: next - 1,
+                ..Stream::default()
+            };
+            self.streams.insert(collection, stream);
+        }
+        Ok(())
+    }
+
+    fn on_entries(
+        &mut self,
+        collection: String,
+        upto: u64,
+        entries: Vec<WireEntry>,
+    ) -> Result<(), ProtocolError> {
+        if entries.len() > ENTRIES_PER_MESSAGE_MAX {
+            return Err(ProtocolError::Limit("entries in a message"));
+        }
+        let Some(inbound) = self.inbound.get_mut(&collection) else {
+            return Err(ProtocolError::Unexpected(
+                "entries of a collection not subscribed to",
+            ));
+        };
+        let mut last = inbound.upto;
+        for entry in &entries {
+            if entry.seq <= last || entry.seq > upto {
+                return Err(ProtocolError::Unexpected("entries out of order"));
+            }
+            last = entry.seq;
+        }
+        if upto < inbound.upto {
+            return Err(ProtocolError::Unexpected("a log that went backwards"));
+        }
+        inbound.upto = upto;
+        self.events.push_back(Event::Apply {
+            collection,
+            upto,
+            entries,
+        });
+        Ok(())
+    }
+
+    fn on_ack(&mut self, collection: &str, upto: u64) -> Result<(), ProtocolError> {
+        let Some(stream) = self.streams.get_mut(collection) else {
+            return Err(ProtocolError::Unexpected(
+                "ack of a collection not streamed",
+            ));
+        };
+        if upto > stream.sent_upto {
+            return Err(ProtocolError::Unexpected("ack of entries never sent"));
+        }
+        while let Some(&(sent, entries, _)) = stream.unacked.front() {
+            if sent > upto {
+                break;
+            }
+            stream.unacked.pop_front();
+            stream.in_flight -= entries;
+        }
+        Ok(())
+    }
+
+    fn on_digests(
+        &mut self,
+        collection: String,
+        depth: u8,
+        prefix: u32,
+        digests: Vec<u64>,
+    ) -> Result<(), ProtocolError> {
+        let bits = crate::store::child_bits(depth)
+            .ok_or(ProtocolError::Unexpected("digests outside the tree"))?;
+        if digests.len() != 1 << bits || !self.anti_entropy.contains_key(&collection) {
+            return Err(ProtocolError::Unexpected("digests not asked for"));
+        }
+        self.events.push_back(Event::Digests {
+            collection,
+            depth,
+            prefix,
+            digests,
+        });
+        Ok(())
+    }
+
+    fn on_doc_changes(
+        &mut self,
+        collection: String,
+        doc: [u8; 16],
+        changes: Vec<Vec<u8>>,
+    ) -> Result<(), ProtocolError> {
+        // Only the answer to the oldest repair request is accepted: changes nobody
+        // asked for are refused.
+        match self.asked.pop_front() {
+            Some(asked) if asked.0 == doc && asked.1 == collection => {
+                self.repairing.push_back(asked);
+            }
+            _ => {
+                return Err(ProtocolError::Unexpected(
+                    "changes of a document not asked for",
+                ));
             }
         }
+        self.events.push_back(Event::DocChanges {
+            collection,
+            doc,
+            changes,
+        });
         Ok(())
     }
 

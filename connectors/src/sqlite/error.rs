@@ -13,7 +13,9 @@ pub enum SqliteError {
     #[error("SQLite failed: {0}")]
     Sqlite(#[from] rusqlite::Error),
     /// The configured database file does not exist; Concord never creates it.
-    #[error("database {} does not exist; Concord syncs an existing database and never creates one", path.display())]
+    #[error(
+        "the database does not exist; Concord syncs an existing database and never creates one"
+    )]
     MissingDatabase { path: std::path::PathBuf },
     /// A configured table does not exist in the database.
     #[error("table `{table}` does not exist")]
