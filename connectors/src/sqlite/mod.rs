@@ -19,9 +19,12 @@
 //! [`SqliteConnector::write_back`] sets the flag in `_concord_echo` at the start of its
 //! transaction and clears it before the commit; the triggers record nothing while the
 //! flag is set. Other connections never see the flag set, so their edits are always
-//! captured. Write-back refuses to run ([`WriteOutcome::CaptureFirst`]) while the
-//! outbox holds entries the agent has not captured, so it never overwrites an edit
-//! the agent has not seen.
+//! captured. Inside the same write transaction it reads the outbox entries after the
+//! plan's capture cursor: an op whose record has one (or that the caller names as
+//! captured since) is refused as [`OpOutcome::Stale`] and writes nothing, so the agent
+//! never overwrites an edit it has not seen, and a tool that commits all the time holds
+//! back only the records it keeps changing. Commits use `synchronous = FULL`: a
+//! write-back is durable before the agent records what the tool holds.
 //!
 //! # Keys and types
 //!
@@ -37,7 +40,7 @@
 //! | `Decimal`   | INTEGER; text of a decimal; a REAL as its shortest round-trip text  | `Decimal` as canonical text; `Int`|
 //! | `Text`      | TEXT                                                                | `Text` as TEXT                    |
 //! | `Bool`      | INTEGER 0 or 1; text `true` or `false`                              | `Bool` as 0 or 1                  |
-//! | `Timestamp` | RFC 3339, `YYYY-MM-DD HH:MM:SS[.f]` or `YYYY-MM-DD` (UTC); INTEGER Unix seconds | `Timestamp` as `2024-05-01T10:00:00.000000Z`, or `2024-05-01` in a `DATE` column at midnight UTC |
+//! | `Timestamp` | RFC 3339, `YYYY-MM-DD HH:MM:SS[.f]` or `YYYY-MM-DD` (UTC); INTEGER Unix seconds | in the form the column's values use (separator, fraction digits, zone suffix, date alone, Unix seconds), else `2024-05-01 10:00:00` (`2024-05-01` in a `DATE` column); never less precise than the instant |
 //! | `Json`      | JSON text (numbers that fit `i64` become `Int`); a bare number      | `List`, `Map`, `Bool`, `Int`, `Float`, `Text` as JSON text |
 //!
 //! A stored value that does not fit is captured as [`RowState::Invalid`] with a reason

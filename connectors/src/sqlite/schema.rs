@@ -212,97 +212,14 @@ impl Table {
     /// Checks `spec` against the database schema and derives the column types.
     pub(super) fn validate(conn: &Connection, spec: &CollectionSpec) -> Result<Table, SqliteError> {
         let table = spec.table.as_str();
-        if table
-            .get(..RESERVED_PREFIX.len())
-            .is_some_and(|prefix| prefix.eq_ignore_ascii_case(RESERVED_PREFIX))
-        {
-            return Err(SqliteError::ReservedTable {
-                table: table.to_owned(),
-            });
-        }
-        let kind: Option<String> = conn
-            .prepare_cached(
-                "SELECT type FROM sqlite_schema
-                 WHERE type IN ('table', 'view') AND name = ?1 COLLATE NOCASE",
-            )?
-            .query_row([table], |row| row.get(0))
-            .optional()?;
-        match kind.as_deref() {
-            None => {
-                return Err(SqliteError::MissingTable {
-                    table: table.to_owned(),
-                });
-            }
-            Some("view") => {
-                return Err(SqliteError::NotATable {
-                    table: table.to_owned(),
-                });
-            }
-            Some(_) => {}
-        }
-
+        check_table_kind(conn, table)?;
         // (name, declared type, position in the primary key or 0)
         let info: Vec<(String, String, i64)> = conn
             .prepare_cached("SELECT name, type, pk FROM pragma_table_info(?1)")?
             .query_map([table], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
             .collect::<Result<_, _>>()?;
-        let mut key_columns: Vec<&(String, String, i64)> =
-            info.iter().filter(|(_, _, pk)| *pk > 0).collect();
-        key_columns.sort_by_key(|(_, _, pk)| *pk);
-        let (key_name, key_declared) = match key_columns.as_slice() {
-            [] => {
-                return Err(SqliteError::NoPrimaryKey {
-                    table: table.to_owned(),
-                });
-            }
-            [(name, declared, _)] => (name, declared),
-            several => {
-                let names: Vec<&str> = several.iter().map(|(name, _, _)| name.as_str()).collect();
-                return Err(SqliteError::CompositePrimaryKey {
-                    table: table.to_owned(),
-                    columns: names.join(", "),
-                });
-            }
-        };
-        if !key_name.eq_ignore_ascii_case(&spec.primary_key) {
-            return Err(SqliteError::PrimaryKeyMismatch {
-                table: table.to_owned(),
-                configured: spec.primary_key.clone(),
-                actual: key_name.clone(),
-            });
-        }
-        let key = Column::new(table, &spec.primary_key, key_name, key_declared)?;
-
-        let mut columns: Vec<Column> = Vec::with_capacity(spec.columns.len());
-        for configured in &spec.columns {
-            if columns
-                .iter()
-                .any(|column| column.field.eq_ignore_ascii_case(configured))
-            {
-                continue;
-            }
-            let (actual, declared, _) = info
-                .iter()
-                .find(|(name, _, _)| name.eq_ignore_ascii_case(configured))
-                .ok_or_else(|| SqliteError::MissingColumn {
-                    table: table.to_owned(),
-                    column: configured.clone(),
-                })?;
-            columns.push(Column::new(table, configured, actual, declared)?);
-        }
-        for column in &columns {
-            if column.field_type == FieldType::Decimal && !column.keeps_text {
-                tracing::info!(
-                    table,
-                    column = column.field,
-                    declared = column.declared,
-                    "column has NUMERIC affinity: SQLite keeps about 15 significant digits of \
-                     a decimal, so write-back rejects longer decimals; declare the column \
-                     DECIMAL_TEXT to keep decimals exact"
-                );
-            }
-        }
-
+        let key = key_column(table, spec, &info)?;
+        let columns = configured_columns(table, spec, &info)?;
         let sql_name = quote_ident(table);
         let selected = if columns.is_empty() {
             "1".to_owned()
@@ -396,6 +313,106 @@ impl Table {
             table = self.sql_name,
         )
     }
+}
+
+/// Refuses a name of Concord's own, a missing table and a view.
+fn check_table_kind(conn: &Connection, table: &str) -> Result<(), SqliteError> {
+    if table
+        .get(..RESERVED_PREFIX.len())
+        .is_some_and(|prefix| prefix.eq_ignore_ascii_case(RESERVED_PREFIX))
+    {
+        return Err(SqliteError::ReservedTable {
+            table: table.to_owned(),
+        });
+    }
+    let kind: Option<String> = conn
+        .prepare_cached(
+            "SELECT type FROM sqlite_schema
+             WHERE type IN ('table', 'view') AND name = ?1 COLLATE NOCASE",
+        )?
+        .query_row([table], |row| row.get(0))
+        .optional()?;
+    match kind.as_deref() {
+        None => Err(SqliteError::MissingTable {
+            table: table.to_owned(),
+        }),
+        Some("view") => Err(SqliteError::NotATable {
+            table: table.to_owned(),
+        }),
+        Some(_) => Ok(()),
+    }
+}
+
+/// The table's single-column PRIMARY KEY, which must be the one configured.
+fn key_column(
+    table: &str,
+    spec: &CollectionSpec,
+    info: &[(String, String, i64)],
+) -> Result<Column, SqliteError> {
+    let mut key_columns: Vec<&(String, String, i64)> =
+        info.iter().filter(|(_, _, pk)| *pk > 0).collect();
+    key_columns.sort_by_key(|(_, _, pk)| *pk);
+    let (key_name, key_declared) = match key_columns.as_slice() {
+        [] => {
+            return Err(SqliteError::NoPrimaryKey {
+                table: table.to_owned(),
+            });
+        }
+        [(name, declared, _)] => (name, declared),
+        several => {
+            let names: Vec<&str> = several.iter().map(|(name, _, _)| name.as_str()).collect();
+            return Err(SqliteError::CompositePrimaryKey {
+                table: table.to_owned(),
+                columns: names.join(", "),
+            });
+        }
+    };
+    if !key_name.eq_ignore_ascii_case(&spec.primary_key) {
+        return Err(SqliteError::PrimaryKeyMismatch {
+            table: table.to_owned(),
+            configured: spec.primary_key.clone(),
+            actual: key_name.clone(),
+        });
+    }
+    Column::new(table, &spec.primary_key, key_name, key_declared)
+}
+
+/// The configured columns, in configured order, without duplicates.
+fn configured_columns(
+    table: &str,
+    spec: &CollectionSpec,
+    info: &[(String, String, i64)],
+) -> Result<Vec<Column>, SqliteError> {
+    let mut columns: Vec<Column> = Vec::with_capacity(spec.columns.len());
+    for configured in &spec.columns {
+        if columns
+            .iter()
+            .any(|column| column.field.eq_ignore_ascii_case(configured))
+        {
+            continue;
+        }
+        let (actual, declared, _) = info
+            .iter()
+            .find(|(name, _, _)| name.eq_ignore_ascii_case(configured))
+            .ok_or_else(|| SqliteError::MissingColumn {
+                table: table.to_owned(),
+                column: configured.clone(),
+            })?;
+        columns.push(Column::new(table, configured, actual, declared)?);
+    }
+    for column in &columns {
+        if column.field_type == FieldType::Decimal && !column.keeps_text {
+            tracing::info!(
+                table,
+                column = column.field,
+                declared = column.declared,
+                "column has NUMERIC affinity: SQLite keeps about 15 significant digits of \
+                 a decimal, so write-back rejects longer decimals; declare the column \
+                 DECIMAL_TEXT to keep decimals exact"
+            );
+        }
+    }
+    Ok(columns)
 }
 
 /// The names of the triggers Concord installed earlier.
