@@ -22,7 +22,7 @@
 //! Documents are loaded on demand through a bounded LRU cache, so memory does not
 //! grow with the number of records.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::num::NonZeroUsize;
 use std::path::Path;
 
@@ -153,11 +153,13 @@ pub struct Store {
 /// The state the open batch staged, read before the committed state.
 #[derive(Default)]
 struct Staged {
-    /// The bytes staged for each document: a document evicted from the cache before
-    /// the commit reloads from here, never from its stale bytes on disk.
+    /// The documents staged.
+    doc_ids: HashSet<DocId>,
+    /// The staged bytes of staged documents evicted from the cache before the
+    /// commit: such a document reloads from here, never from its stale bytes on disk.
     docs: HashMap<DocId, Vec<u8>>,
-    /// Shadows staged, by shadow key (`None`: removed).
-    shadows: HashMap<Vec<u8>, Option<Record>>,
+    /// Shadows staged, encoded, by shadow key (`None`: removed).
+    shadows: HashMap<Vec<u8>, Option<Vec<u8>>>,
     /// Cursors staged.
     cursors: HashMap<String, u64>,
     /// Heads digests staged.
@@ -166,7 +168,7 @@ struct Staged {
 
 impl Staged {
     fn is_empty(&self) -> bool {
-        self.docs.is_empty()
+        self.doc_ids.is_empty()
             && self.shadows.is_empty()
             && self.cursors.is_empty()
             && self.digests.is_empty()
@@ -323,7 +325,7 @@ impl Store {
         if staged.is_empty() {
             return;
         }
-        for id in staged.docs.into_keys() {
+        for id in staged.doc_ids {
             self.cache.pop(&id);
         }
         // Log seqs and bucket digests moved with what was staged: rebuild them from disk.
@@ -340,14 +342,14 @@ impl Store {
     /// Whether the store holds the document `id`.
     pub fn has_doc(&self, id: DocId) -> Result<bool, StoreError> {
         Ok(self.cache.contains(&id)
-            || self.staged.docs.contains_key(&id)
+            || self.staged.doc_ids.contains(&id)
             || self.docs.contains_key(id.0)?)
     }
 
     fn cached(&mut self, id: DocId) -> Result<&mut CachedDoc, StoreError> {
         if !self.cache.contains(&id) {
-            let bytes = match self.staged.docs.get(&id) {
-                Some(staged) => Some(fjall::Slice::from(staged.as_slice())),
+            let bytes = match self.staged.docs.remove(&id) {
+                Some(staged) => Some(fjall::Slice::from(staged)),
                 None => self.docs.get(id.0)?,
             };
             let entry = match bytes {
@@ -366,7 +368,13 @@ impl Store {
                     appends: 0,
                 },
             };
-            self.cache.put(id, entry);
+            if let Some((evicted, old)) = self.cache.push(id, entry)
+                && evicted != id
+                && self.staged.doc_ids.contains(&evicted)
+            {
+                // Staged and not committed: keep its bytes (moved, not copied).
+                self.staged.docs.insert(evicted, old.stored);
+            }
         }
         Ok(self.cache.get_mut(&id).expect("just inserted"))
     }
@@ -394,10 +402,9 @@ impl Store {
             cached.appends += 1;
         }
         batch.inner.insert(&docs, id.0, cached.stored.as_slice());
-        let stored = cached.stored.clone();
         let mut heads = cached.doc.heads();
         heads.sort();
-        self.staged.docs.insert(id, stored);
+        self.staged.doc_ids.insert(id);
         self.stage_digest(batch, collection, id, heads_digest(id, &heads), new_doc)?;
         let seq = self.next_seq(collection)?;
         let entry = LogEntry {
@@ -437,11 +444,14 @@ impl Store {
         record: Option<&Record>,
     ) {
         let k = record_key(tool, collection, key);
-        match record {
-            Some(record) => batch.inner.insert(&self.shadow, k.clone(), encode(record)),
+        let bytes = record.map(encode);
+        match &bytes {
+            Some(bytes) => batch
+                .inner
+                .insert(&self.shadow, k.clone(), bytes.as_slice()),
             None => batch.inner.remove(&self.shadow, k.clone()),
         }
-        self.staged.shadows.insert(k, record.cloned());
+        self.staged.shadows.insert(k, bytes);
     }
 
     /// The record `tool` is known to hold, if any, counting what the open batch staged.
@@ -453,7 +463,8 @@ impl Store {
     ) -> Result<Option<Record>, StoreError> {
         let k = record_key(tool, collection, key);
         match self.staged.shadows.get(&k) {
-            Some(staged) => Ok(staged.clone()),
+            Some(Some(bytes)) => Ok(Some(decode(bytes, "shadow record")?)),
+            Some(None) => Ok(None),
             None => match self.shadow.get(k)? {
                 Some(bytes) => Ok(Some(decode(&bytes, "shadow record")?)),
                 None => Ok(None),
@@ -914,6 +925,11 @@ impl Store {
     /// Drops the cached copy of document `id`, so the next use reloads what is
     /// stored or staged: changes made to it in memory and not staged are undone.
     pub fn forget(&mut self, id: DocId) {
-        self.cache.pop(&id);
+        if let Some(old) = self.cache.pop(&id)
+            && self.staged.doc_ids.contains(&id)
+        {
+            // Its stored bytes are what the open batch staged.
+            self.staged.docs.insert(id, old.stored);
+        }
     }
 }

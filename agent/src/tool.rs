@@ -267,7 +267,9 @@ fn step(
         capture_all(connector, core, state)?;
         busy = true;
     }
-    let drained = connector.outbox_head()? == state.cursor();
+    let drained = state.trim_due(false).is_none()
+        && state.trim_due(true).is_some()
+        && connector.outbox_head()? == state.cursor();
     if let Some(upto) = state.trim_due(drained) {
         connector.trim_outbox(upto)?;
         state.trimmed(upto);

@@ -269,6 +269,37 @@ impl RecordDoc {
         ))
     }
 
+    /// Checks that every value the document holds is one [`RecordDoc::read`] can
+    /// read, without building the record: cheaper than reading, for refusing a peer's
+    /// change before it is stored.
+    pub fn check_readable(&self) -> Result<(), ModelError> {
+        for item in self.doc.map_range(ObjId::Root, ..) {
+            let key: &str = &item.key;
+            let text_only = key == KEY_COLLECTION || key == KEY_IDENTITY;
+            match &item.value {
+                automerge::ValueRef::Scalar(scalar) if !item.conflict => {
+                    if !readable_scalar(scalar, text_only) {
+                        return Err(ModelError::UnknownValue {
+                            field: key.to_owned(),
+                        });
+                    }
+                }
+                // Nested values and concurrent values: the full path, which is rare.
+                _ => {
+                    for (value, id) in self.doc.get_all(ObjId::Root, key)? {
+                        let value = to_value(&self.doc, &value, &id, key)?;
+                        if text_only && !matches!(value, Value::Text(_)) {
+                            return Err(ModelError::UnknownValue {
+                                field: key.to_owned(),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Reads the merged record and any concurrent values.
     pub fn read(&self) -> Result<RecordState, ModelError> {
         let mut state = RecordState::default();
@@ -307,6 +338,24 @@ impl RecordDoc {
             }
         }
         Ok(state)
+    }
+}
+
+/// Whether [`to_value`] reads `scalar` (as text, if `text_only`).
+fn readable_scalar(scalar: &automerge::ScalarValueRef<'_>, text_only: bool) -> bool {
+    use automerge::ScalarValueRef as S;
+    match scalar {
+        S::Str(_) => true,
+        _ if text_only => false,
+        S::Null | S::Boolean(_) | S::Int(_) | S::F64(_) | S::Timestamp(_) => true,
+        S::Uint(u) => i64::try_from(*u).is_ok(),
+        S::Bytes(bytes) => match bytes.split_first() {
+            Some((&DECIMAL_TAG, text)) => std::str::from_utf8(text)
+                .ok()
+                .is_some_and(|text| Decimal::parse(text).is_ok()),
+            _ => false,
+        },
+        S::Counter(_) | S::Unknown { .. } => false,
     }
 }
 

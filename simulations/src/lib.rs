@@ -63,6 +63,9 @@ pub const BULK_ROWS: u64 = 150;
 pub const LINK_IDLE_TIMEOUT_MS: u64 = 10_000;
 /// Capture batches handed to an agent's core and not yet durable, at most.
 pub const CAPTURES_IN_FLIGHT_MAX: usize = 256;
+/// The chance that a user answers a row the agent just wrote: low enough that
+/// answers to answers die out instead of flooding the cluster.
+const ANSWER_CHANCE: f64 = 0.1;
 /// How long the probe's user commits without pause.
 pub const HOT_PROBE_MS: u64 = 5_000;
 /// The simulated wall clock starts here (2026-01-01), in ms since the Unix epoch.
@@ -790,8 +793,9 @@ impl Sim {
     /// Simulated users edit their tools (their agents may be down: the tool is not).
     fn workload(&mut self) {
         for i in 0..self.agents.len() {
-            if !self.agents[i].just_written.is_empty() && self.rng.chance(0.2) {
-                let written = std::mem::take(&mut self.agents[i].just_written);
+            // Users answer what they just received, or not at all.
+            let written = std::mem::take(&mut self.agents[i].just_written);
+            if !written.is_empty() && self.rng.chance(ANSWER_CHANCE) {
                 let key = written[self.rng.below(written.len() as u64) as usize].clone();
                 if self.agents[i].tool.rows.contains_key(&key) {
                     let field = ["name", "qty", "note"][self.rng.below(3) as usize];

@@ -16,6 +16,7 @@ mod remote;
 mod write_back;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use crdt_model::{DocId, Record, RecordDoc, RecordState, Value};
 
@@ -56,7 +57,7 @@ pub struct EngineStats {
 pub struct Engine {
     store: Store,
     tool: String,
-    collections: BTreeMap<String, CollectionInfo>,
+    collections: BTreeMap<String, Arc<CollectionInfo>>,
     captured_upto: u64,
     /// Documents awaiting write-back: the stored set, mirrored in memory so that
     /// planning does not scan the keyspace.
@@ -85,6 +86,10 @@ impl Engine {
         let reader = store.reader();
         let captured_upto = reader.cursor(&tool_cursor(&tool))?;
         let pending = reader.pending(usize::MAX)?.into_iter().collect();
+        let collections = collections
+            .into_iter()
+            .map(|(name, info)| (name, Arc::new(info)))
+            .collect();
         Ok(Engine {
             store,
             tool,

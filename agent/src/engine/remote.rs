@@ -136,7 +136,7 @@ impl Engine {
         }
         // Every value must be readable, or planning and projecting the document
         // would fail on every start: refuse the change now.
-        if let Err(e) = doc.read() {
+        if let Err(e) = doc.check_readable() {
             return Err(RemoteError::UnreadableValue {
                 doc: id,
                 reason: e.to_string(),
