@@ -38,7 +38,7 @@ pub const OUTBOX_TRIM_EVERY: u64 = 256;
 pub const TOOL_RETRY_DELAY_MAX_MS: u64 = 5_000;
 /// Records remembered as captured after the last plan's cursor, at most. Beyond it
 /// the oldest are forgotten, and a plan older than them is refused whole as stale.
-pub const CAPTURED_KEYS_REMEMBERED_MAX: usize = 65_536;
+pub const CAPTURED_KEYS_REMEMBERED_MAX: usize = 16_384;
 
 /// A (collection, key) pair naming one record of the tool.
 pub type RecordKey = (String, String);
