@@ -1157,6 +1157,88 @@ mod tests {
         Ok(())
     }
 
+    /// Regression (unsolicited `DocChanges`): repair answers nobody asked for were
+    /// accepted for any collection, and each new collection name cost memory. Now
+    /// only the answer to the oldest repair request is taken, and requests about a
+    /// collection this agent does not sync with the peer are refused.
+    #[test]
+    fn unsolicited_repairs_and_foreign_collections_are_refused() -> Result<(), ProtocolError> {
+        let now = Instant::now();
+        let hello = encode(
+            0,
+            &Message::Hello {
+                version: PROTOCOL_VERSION,
+                store: [2; 16],
+                heads: vec![],
+            },
+        );
+        let fresh = || -> Result<Session, ProtocolError> {
+            let mut a = Session::new([1; 16], vec![("customers".into(), 0)], now);
+            a.handle(now, &hello)?;
+            Ok(a)
+        };
+        let changes = |doc: u8, collection: &str| {
+            encode(
+                1,
+                &Message::DocChanges {
+                    collection: collection.into(),
+                    doc: [doc; 16],
+                    changes: vec![],
+                },
+            )
+        };
+        assert_eq!(
+            fresh()?.handle(now, &changes(7, "customers")),
+            Err(ProtocolError::Unexpected(
+                "changes of a document not asked for"
+            ))
+        );
+        let mut a = fresh()?;
+        assert!(a.need_doc("customers".into(), [7; 16], vec![]));
+        assert_eq!(
+            a.handle(now, &changes(8, "customers")),
+            Err(ProtocolError::Unexpected(
+                "changes of a document not asked for"
+            ))
+        );
+        let mut a = fresh()?;
+        assert!(a.need_doc("customers".into(), [7; 16], vec![]));
+        assert_eq!(a.handle(now, &changes(7, "customers")), Ok(()));
+        for foreign in [
+            Message::NeedDoc {
+                collection: "secrets".into(),
+                doc: [1; 16],
+                heads: vec![],
+            },
+            Message::BucketQuery {
+                collection: "secrets".into(),
+                bucket: 0,
+            },
+            Message::DigestQuery {
+                collection: "secrets".into(),
+                depth: 0,
+                prefix: 0,
+            },
+        ] {
+            assert_eq!(
+                fresh()?.handle(now, &encode(1, &foreign)),
+                Err(ProtocolError::Unexpected(
+                    "a request about a collection not synced with this peer"
+                )),
+                "{foreign:?}"
+            );
+        }
+        // A subscription to a collection not synced here streams nothing.
+        let mut a = fresh()?;
+        let subscribe = Message::Subscribe {
+            cursors: vec![("secrets".into(), 1), ("customers".into(), 1)],
+        };
+        a.handle(now, &encode(1, &subscribe))?;
+        let wanted: Vec<String> = a.wants().into_iter().map(|(c, _, _)| c).collect();
+        assert_eq!(wanted, ["customers"]);
+        Ok(())
+    }
+
     #[test]
     fn a_silent_peer_times_out() {
         let now = Instant::now();
