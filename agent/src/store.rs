@@ -292,7 +292,7 @@ impl Store {
     }
 
     /// Starts a batch of writes. One batch is open at a time: the store's single
-    /// writer commits (or discards) it before starting the next.
+    /// writer commits it before starting the next (a batch left open is discarded).
     pub fn batch(&mut self) -> Batch {
         debug_assert!(self.staged.is_empty(), "a batch was left open");
         if !self.staged.is_empty() {
@@ -311,13 +311,6 @@ impl Store {
         }
         self.staged = Staged::default();
         Ok(batch.appended)
-    }
-
-    /// Drops `batch` without writing it: documents it changed are dropped from the
-    /// cache, so the next use reloads what is stored.
-    pub fn discard(&mut self, batch: Batch) {
-        drop(batch);
-        self.discard_staged();
     }
 
     fn discard_staged(&mut self) {
@@ -422,13 +415,7 @@ impl Store {
     fn next_seq(&mut self, collection: &str) -> Result<u64, StoreError> {
         let next = match self.log_next.get(collection) {
             Some(next) => *next,
-            None => {
-                let prefix = log_prefix(collection);
-                match self.log.prefix(&prefix).next_back() {
-                    Some(guard) => decode_seq(&guard.key()?[prefix.len()..])? + 1,
-                    None => 1,
-                }
-            }
+            None => committed_log_head(&self.log, collection)? + 1,
         };
         self.log_next.insert(collection.to_owned(), next + 1);
         Ok(next)
@@ -465,10 +452,7 @@ impl Store {
         match self.staged.shadows.get(&k) {
             Some(Some(bytes)) => Ok(Some(decode(bytes, "shadow record")?)),
             Some(None) => Ok(None),
-            None => match self.shadow.get(k)? {
-                Some(bytes) => Ok(Some(decode(&bytes, "shadow record")?)),
-                None => Ok(None),
-            },
+            None => committed_shadow(&self.shadow, k),
         }
     }
 
@@ -476,10 +460,7 @@ impl Store {
     pub fn cursor(&self, name: &str) -> Result<u64, StoreError> {
         match self.staged.cursors.get(name) {
             Some(value) => Ok(*value),
-            None => match self.cursors.get(name)? {
-                Some(bytes) => decode_seq(&bytes),
-                None => Ok(0),
-            },
+            None => committed_cursor(&self.cursors, name),
         }
     }
 
@@ -548,10 +529,7 @@ impl StoreReader {
         collection: &str,
         key: &str,
     ) -> Result<Option<Record>, StoreError> {
-        match self.shadow.get(record_key(tool, collection, key))? {
-            Some(bytes) => Ok(Some(decode(&bytes, "shadow record")?)),
-            None => Ok(None),
-        }
+        committed_shadow(&self.shadow, record_key(tool, collection, key))
     }
 
     /// All shadows of `tool` in `collection`, as (key, record).
@@ -572,10 +550,7 @@ impl StoreReader {
 
     /// A cursor's value, 0 if never set.
     pub fn cursor(&self, name: &str) -> Result<u64, StoreError> {
-        match self.cursors.get(name)? {
-            Some(bytes) => decode_seq(&bytes),
-            None => Ok(0),
-        }
+        committed_cursor(&self.cursors, name)
     }
 
     /// Up to `max` entries of `collection`'s log with seq ≥ `from`, in order.
@@ -600,11 +575,7 @@ impl StoreReader {
 
     /// The highest seq in `collection`'s log, 0 if empty.
     pub fn log_head(&self, collection: &str) -> Result<u64, StoreError> {
-        let prefix = log_prefix(collection);
-        match self.log.prefix(&prefix).next_back() {
-            Some(guard) => decode_seq(&guard.key()?[prefix.len()..]),
-            None => Ok(0),
-        }
+        committed_log_head(&self.log, collection)
     }
 
     /// All dead letters.
@@ -742,10 +713,7 @@ impl Store {
             Some(old) => *old,
             // A document never stored before has no digest yet: no read needed.
             None if new_doc => 0,
-            None => match self.digests.get(digest_key(collection, id))? {
-                Some(bytes) => decode_seq(&bytes)?,
-                None => 0,
-            },
+            None => committed_digest(&self.digests, collection, id)?,
         };
         self.load_buckets(collection)?;
         let buckets = self.buckets.get_mut(collection).expect("just loaded");
@@ -815,11 +783,10 @@ impl Store {
         collection: &str,
         bucket: u16,
     ) -> Result<Vec<([u8; 16], u64)>, StoreError> {
-        let mut docs: std::collections::BTreeMap<[u8; 16], u64> = self
-            .reader()
-            .bucket_docs(collection, bucket)?
-            .into_iter()
-            .collect();
+        let mut docs: std::collections::BTreeMap<[u8; 16], u64> =
+            committed_bucket_docs(&self.digests, collection, bucket)?
+                .into_iter()
+                .collect();
         for ((staged_collection, id), digest) in &self.staged.digests {
             if staged_collection == collection && bucket_of(*id) == usize::from(bucket) {
                 docs.insert(id.0, *digest);
@@ -833,7 +800,7 @@ impl Store {
     pub fn doc_digest(&self, collection: &str, id: DocId) -> Result<u64, StoreError> {
         match self.staged.digests.get(&(collection.to_owned(), id)) {
             Some(digest) => Ok(*digest),
-            None => self.reader().doc_digest(collection, id),
+            None => committed_digest(&self.digests, collection, id),
         }
     }
 
@@ -842,7 +809,7 @@ impl Store {
     pub fn log_head(&self, collection: &str) -> Result<u64, StoreError> {
         match self.log_next.get(collection) {
             Some(next) => Ok(next - 1),
-            None => self.reader().log_head(collection),
+            None => committed_log_head(&self.log, collection),
         }
     }
 }
@@ -866,28 +833,64 @@ impl StoreReader {
         collection: &str,
         bucket: u16,
     ) -> Result<Vec<([u8; 16], u64)>, StoreError> {
-        let mut prefix = log_prefix(collection);
-        let start = prefix.len();
-        prefix.extend_from_slice(&bucket.to_be_bytes());
-        let mut out = Vec::new();
-        for guard in self.digests.prefix(&prefix) {
-            let (k, v) = guard.into_inner()?;
-            let id = <[u8; 16]>::try_from(&k[start..]).map_err(|_| StoreError::Corrupt {
-                what: "digest key",
-                reason: format!("{} bytes", k.len()),
-            })?;
-            out.push((id, decode_seq(&v)?));
-        }
-        Ok(out)
+        committed_bucket_docs(&self.digests, collection, bucket)
     }
 
     /// The heads digest of document `id` in `collection`, 0 if unknown.
     pub fn doc_digest(&self, collection: &str, id: DocId) -> Result<u64, StoreError> {
-        match self.digests.get(digest_key(collection, id))? {
-            Some(bytes) => decode_seq(&bytes),
-            None => Ok(0),
-        }
+        committed_digest(&self.digests, collection, id)
     }
+}
+
+// Reads of the committed state, shared by the writer (under its overlay) and readers.
+
+fn committed_shadow(shadow: &Keyspace, key: Vec<u8>) -> Result<Option<Record>, StoreError> {
+    match shadow.get(key)? {
+        Some(bytes) => Ok(Some(decode(&bytes, "shadow record")?)),
+        None => Ok(None),
+    }
+}
+
+fn committed_cursor(cursors: &Keyspace, name: &str) -> Result<u64, StoreError> {
+    match cursors.get(name)? {
+        Some(bytes) => decode_seq(&bytes),
+        None => Ok(0),
+    }
+}
+
+fn committed_log_head(log: &Keyspace, collection: &str) -> Result<u64, StoreError> {
+    let prefix = log_prefix(collection);
+    match log.prefix(&prefix).next_back() {
+        Some(guard) => decode_seq(&guard.key()?[prefix.len()..]),
+        None => Ok(0),
+    }
+}
+
+fn committed_digest(digests: &Keyspace, collection: &str, id: DocId) -> Result<u64, StoreError> {
+    match digests.get(digest_key(collection, id))? {
+        Some(bytes) => decode_seq(&bytes),
+        None => Ok(0),
+    }
+}
+
+fn committed_bucket_docs(
+    digests: &Keyspace,
+    collection: &str,
+    bucket: u16,
+) -> Result<Vec<([u8; 16], u64)>, StoreError> {
+    let mut prefix = log_prefix(collection);
+    let start = prefix.len();
+    prefix.extend_from_slice(&bucket.to_be_bytes());
+    let mut out = Vec::new();
+    for guard in digests.prefix(&prefix) {
+        let (k, v) = guard.into_inner()?;
+        let id = <[u8; 16]>::try_from(&k[start..]).map_err(|_| StoreError::Corrupt {
+            what: "digest key",
+            reason: format!("{} bytes", k.len()),
+        })?;
+        out.push((id, decode_seq(&v)?));
+    }
+    Ok(out)
 }
 
 /// The digest of a document's heads (sorted), as kept in the digest tree.

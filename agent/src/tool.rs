@@ -153,11 +153,6 @@ impl ToolLoop {
         }
     }
 
-    /// Whether captures wait for the core.
-    pub fn capturing(&self) -> bool {
-        !self.in_flight.is_empty()
-    }
-
     /// The outbox seq to trim up to, if a trim is due; `drained` says whether the
     /// outbox holds nothing after the durable cursor.
     pub fn trim_due(&self, drained: bool) -> Option<u64> {
@@ -267,10 +262,16 @@ fn step(
         capture_all(connector, core, state)?;
         busy = true;
     }
-    let drained = state.trim_due(false).is_none()
-        && state.trim_due(true).is_some()
-        && connector.outbox_head()? == state.cursor();
-    if let Some(upto) = state.trim_due(drained) {
+    // Whether the outbox is drained is only asked when that alone would decide.
+    let due = match state.trim_due(false) {
+        Some(upto) => Some(upto),
+        None if state.trim_due(true).is_some() => {
+            let drained = connector.outbox_head()? == state.cursor();
+            state.trim_due(drained)
+        }
+        None => None,
+    };
+    if let Some(upto) = due {
         connector.trim_outbox(upto)?;
         state.trimmed(upto);
     }

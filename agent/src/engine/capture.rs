@@ -132,7 +132,7 @@ impl Engine {
         // The merged record may differ from what the tool holds (a concurrent remote
         // edit won, or the record is deleted): then the tool needs a write-back. A
         // document this capture created holds exactly the tool's record.
-        if !was_empty && let Some(state) = self.read_or_quarantine(batch, id, &collection)? {
+        if !was_empty && let Some(state) = self.read_or_quarantine(batch, id)? {
             let differs = project(&state, &info).as_ref() != after.as_ref();
             self.set_pending(batch, id, differs);
         }

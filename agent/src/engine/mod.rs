@@ -129,11 +129,6 @@ impl Engine {
         self.collections.keys().map(String::as_str)
     }
 
-    /// Whether the local tool syncs `collection`.
-    pub fn syncs(&self, collection: &str) -> bool {
-        self.collections.contains_key(collection)
-    }
-
     /// What the engine did so far.
     pub fn stats(&self) -> &EngineStats {
         &self.stats
@@ -169,12 +164,16 @@ impl Engine {
         &mut self,
         batch: &mut Batch,
         id: DocId,
-        collection: &str,
     ) -> Result<Option<RecordState>, StoreError> {
-        match self.store.doc(id)?.read() {
+        let doc = self.store.doc(id)?;
+        match doc.read() {
             Ok(state) => Ok(Some(state)),
             Err(e) => {
-                self.quarantine(batch, id, collection, None, e.to_string());
+                let collection = match doc.identity() {
+                    Ok(Some((collection, _))) => collection,
+                    _ => String::new(),
+                };
+                self.quarantine(batch, id, &collection, None, e.to_string());
                 Ok(None)
             }
         }

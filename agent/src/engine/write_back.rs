@@ -1,7 +1,5 @@
 //! Write-back: planning what the local tool must hold, and learning what it did.
 
-use std::collections::BTreeSet;
-
 use connectors::sqlite::{OpOutcome, WriteOp};
 use crdt_model::{DocId, Record};
 
@@ -78,11 +76,7 @@ impl Engine {
         batch: &mut Batch,
         id: DocId,
     ) -> Result<Option<PlannedWrite>, StoreError> {
-        let collection = match self.store.doc(id)?.identity() {
-            Ok(Some((collection, _))) => collection,
-            _ => String::new(),
-        };
-        let Some(state) = self.read_or_quarantine(batch, id, &collection)? else {
+        let Some(state) = self.read_or_quarantine(batch, id)? else {
             return Ok(None);
         };
         let Some(info) = self.collections.get(&state.collection) else {
@@ -200,10 +194,5 @@ impl Engine {
                 .min(WRITE_BACK_STALE_WAIT_MAX_MS);
             entry.1 = now_ms.saturating_add(wait);
         }
-    }
-
-    /// The documents of the plan in flight.
-    pub fn in_flight(&self) -> &BTreeSet<DocId> {
-        &self.in_flight
     }
 }

@@ -11,7 +11,7 @@
 
 use crdt_model::{ChangeHash, DocId};
 
-use super::Event;
+use super::{Event, Message};
 use crate::engine::{Engine, RemoteError, WireEntry};
 use crate::store::{Batch, StoreError, StoreId, anti_entropy_mark, peer_cursor};
 
@@ -49,35 +49,8 @@ pub enum Action {
         /// The document.
         doc: [u8; 16],
     },
-    /// Answer a digest query.
-    Digests {
-        /// The collection.
-        collection: String,
-        /// The node's depth.
-        depth: u8,
-        /// The node's prefix.
-        prefix: u32,
-        /// One digest per child.
-        digests: Vec<u64>,
-    },
-    /// Answer a bucket query.
-    Bucket {
-        /// The collection.
-        collection: String,
-        /// The bucket.
-        bucket: u16,
-        /// (document, heads digest).
-        docs: Vec<([u8; 16], u64)>,
-    },
-    /// Answer a repair request.
-    DocChanges {
-        /// The collection.
-        collection: String,
-        /// The document.
-        doc: [u8; 16],
-        /// The changes the peer lacks (none if unknown here).
-        changes: Vec<Vec<u8>>,
-    },
+    /// Answer one of the peer's queries (`Digests`, `Bucket` or `DocChanges`).
+    Answer(Message),
     /// Query the children whose digests differ.
     CompareDigests {
         /// The collection.
@@ -176,11 +149,11 @@ pub fn on_event(
                 .changes_since(&collection, DocId(doc), &heads)?
                 .map(|found| found.changes)
                 .unwrap_or_default();
-            vec![Action::DocChanges {
+            vec![Action::Answer(Message::DocChanges {
                 collection,
                 doc,
                 changes,
-            }]
+            })]
         }
         Event::DigestQuery {
             collection,
@@ -191,20 +164,20 @@ pub fn on_event(
                 .store()
                 .digest_children(&collection, depth, prefix)?
                 .unwrap_or_default();
-            vec![Action::Digests {
+            vec![Action::Answer(Message::Digests {
                 collection,
                 depth,
                 prefix,
                 digests,
-            }]
+            })]
         }
         Event::BucketQuery { collection, bucket } => {
             let docs = engine.store().bucket_docs(&collection, bucket)?;
-            vec![Action::Bucket {
+            vec![Action::Answer(Message::Bucket {
                 collection,
                 bucket,
                 docs,
-            }]
+            })]
         }
         Event::Digests {
             collection,

@@ -60,7 +60,7 @@ pub enum Event {
         /// The entries.
         entries: Vec<WireEntry>,
     },
-    /// The peer lacks changes of a document: answer with [`Session::doc_changes`],
+    /// The peer lacks changes of a document: the policy answers with `DocChanges`,
     /// with no changes if the document is unknown here.
     NeedDoc {
         /// The document's collection.
@@ -71,7 +71,7 @@ pub enum Event {
         heads: Vec<[u8; 32]>,
     },
     /// The peer asks for the digests of the children of a node of the digest tree:
-    /// answer with [`Session::digests`].
+    /// the policy answers with `Digests`.
     DigestQuery {
         /// The collection.
         collection: String,
@@ -80,7 +80,7 @@ pub enum Event {
         /// The node's prefix.
         prefix: u32,
     },
-    /// The peer asks for the documents of a bucket: answer with [`Session::bucket`].
+    /// The peer asks for the documents of a bucket: the policy answers with `Bucket`.
     BucketQuery {
         /// The collection.
         collection: String,
@@ -680,22 +680,7 @@ impl Session {
                 self.need_doc(collection, doc, heads);
             }
             Action::Repaired { doc } => self.repaired(doc),
-            Action::Digests {
-                collection,
-                depth,
-                prefix,
-                digests,
-            } => self.digests(collection, depth, prefix, digests),
-            Action::Bucket {
-                collection,
-                bucket,
-                docs,
-            } => self.bucket(collection, bucket, docs),
-            Action::DocChanges {
-                collection,
-                doc,
-                changes,
-            } => self.doc_changes(collection, doc, changes),
+            Action::Answer(message) => self.queue(&message),
             Action::CompareDigests {
                 collection,
                 depth,
@@ -710,34 +695,6 @@ impl Session {
             } => self.repair(collection, doc, heads),
             Action::Answered { collection } => self.answered(&collection),
         }
-    }
-
-    /// Answers [`Event::DigestQuery`].
-    pub fn digests(&mut self, collection: String, depth: u8, prefix: u32, digests: Vec<u64>) {
-        self.queue(&Message::Digests {
-            collection,
-            depth,
-            prefix,
-            digests,
-        });
-    }
-
-    /// Answers [`Event::BucketQuery`].
-    pub fn bucket(&mut self, collection: String, bucket: u16, docs: Vec<([u8; 16], u64)>) {
-        self.queue(&Message::Bucket {
-            collection,
-            bucket,
-            docs,
-        });
-    }
-
-    /// Answers [`Event::NeedDoc`].
-    pub fn doc_changes(&mut self, collection: String, doc: [u8; 16], changes: Vec<Vec<u8>>) {
-        self.queue(&Message::DocChanges {
-            collection,
-            doc,
-            changes,
-        });
     }
 
     /// The log reads the session wants now: (collection, first seq, most entries).
