@@ -1,20 +1,21 @@
-//! Assembles a running agent from its configuration: store, core thread, tool
-//! thread, QUIC transport and peer drivers.
+//! Assembles a running agent from its configuration: store, core thread, one thread
+//! per tool, QUIC transport and peer drivers.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use connectors::Connector;
 use connectors::sqlite::{CollectionSpec, SqliteConnector, SqliteError};
 use tokio::sync::{oneshot, watch};
 
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, ToolConfig, ToolKind};
 use crate::core::{self, CoreHandle, CoreOutputs, CoreRequest};
-use crate::engine::{CollectionInfo, Engine, EngineStats};
+use crate::engine::{CollectionInfo, Engine, EngineStats, ToolSpec};
 use crate::identity::{Identity, IdentityError, PeerId};
 use crate::peers::{self, PeerContext, Registry};
-use crate::store::{Store, StoreError, StoreReader, tool_cursor};
+use crate::store::{Store, StoreError, StoreReader};
+use crate::tool::{ToolLoop, ToolThread};
 use crate::transport::{PinnedPeers, Transport, TransportError};
 
 /// Why an agent could not start.
@@ -26,13 +27,13 @@ pub enum StartError {
     /// The key file could not be used.
     #[error("key file: {0}")]
     Identity(#[from] IdentityError),
-    /// The tool's database could not be used.
-    #[error("{}: {source}", path.display())]
+    /// A tool could not be used.
+    #[error("tool `{tool}`: {source}")]
     Tool {
-        /// The database.
-        path: std::path::PathBuf,
+        /// The tool's name.
+        tool: String,
         /// Why.
-        source: SqliteError,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// The store's folder could not be created.
     #[error("data directory {}: {source}", path.display())]
@@ -64,16 +65,16 @@ pub struct RunningAgent {
     ctx: Arc<PeerContext>,
     transport: Arc<Transport>,
     shutdown: watch::Sender<bool>,
-    stop_tool: Arc<AtomicBool>,
+    stop_tools: Arc<AtomicBool>,
     core_thread: Option<std::thread::JoinHandle<()>>,
-    tool_thread: Option<std::thread::JoinHandle<()>>,
+    tool_threads: Vec<std::thread::JoinHandle<()>>,
     commits: Arc<AtomicU64>,
 }
 
 /// Starts an agent. Must be called inside a tokio runtime.
 pub async fn start(config: Config) -> Result<RunningAgent, StartError> {
     let identity = Identity::load(&config.key_file)?;
-    let mut connector = open_tool(&config)?;
+    let mut connectors = open_tools(&config)?;
     std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
         path: config.data_dir.clone(),
         source,
@@ -81,20 +82,24 @@ pub async fn start(config: Config) -> Result<RunningAgent, StartError> {
     let store = Store::open(&config.data_dir)?;
     let store_id = store.actor();
     let reader = store.reader();
-    let tool = config.sqlite.name.clone();
-    let cursor = reader.cursor(&tool_cursor(&tool))?;
-    let collections = collections(&config);
-    let collection_names: Vec<String> = collections.keys().cloned().collect();
-    let rescan_upto = connector
-        .claim(&store_id)
-        .map_err(|e| tool_error(&config, e))?;
-    let mut engine = Engine::new(store, tool, collections)?;
-    engine.set_rescan_upto(rescan_upto);
-    let threads = spawn_threads(
-        engine,
-        connector,
-        crate::tool::ToolLoop::new(cursor, rescan_upto),
+    let mut loops = Vec::with_capacity(connectors.len());
+    for (tool, connector) in config.tools.iter().zip(&mut connectors) {
+        connector
+            .claim(&store_id)
+            .map_err(|source| StartError::Tool {
+                tool: tool.name.get_ref().clone(),
+                source: source.0,
+            })?;
+        loops.push(ToolLoop::new(reader.tool_cursor(tool.name.get_ref())?));
+    }
+    let engine = Engine::new(
+        store,
+        tool_specs(&config, &identity.peer_id()),
+        config.collections.iter().map(|c| c.name.get_ref().clone()),
     )?;
+    let collection_names: Vec<String> = engine.collections().map(str::to_owned).collect();
+    let names = config.tools.iter().map(|t| t.name.get_ref().clone());
+    let threads = spawn_threads(engine, connectors.into_iter().zip(names).zip(loops))?;
 
     let pinned = Arc::new(PinnedPeers::new(config.peer_ids()));
     let transport = Arc::new(Transport::bind(&identity, config.listen, pinned)?);
@@ -117,7 +122,7 @@ pub async fn start(config: Config) -> Result<RunningAgent, StartError> {
             tokio::spawn(peers::dial_loop(transport.clone(), id, addr, ctx.clone()));
         }
     }
-    tracing::info!(peer_id = %identity.peer_id(), listen = %local_addr, store = %crate::store::hex(&store_id), "agent started");
+    tracing::info!(peer_id = %identity.peer_id(), listen = %local_addr, store = %crate::store::hex(&store_id), tools = config.tools.len(), "agent started");
     Ok(RunningAgent {
         peer_id: identity.peer_id(),
         local_addr,
@@ -126,95 +131,154 @@ pub async fn start(config: Config) -> Result<RunningAgent, StartError> {
         ctx,
         transport,
         shutdown,
-        stop_tool: threads.stop_tool,
+        stop_tools: threads.stop_tools,
         core_thread: Some(threads.core_thread),
-        tool_thread: Some(threads.tool_thread),
+        tool_threads: threads.tool_threads,
         commits: threads.commits,
     })
 }
 
-/// Opens the configured database and checks the configuration against it.
-fn open_tool(config: &Config) -> Result<SqliteConnector, StartError> {
-    let specs: Vec<CollectionSpec> = config
-        .sqlite
-        .collections
+/// Opens every configured tool and checks the configuration against it.
+fn open_tools(config: &Config) -> Result<Vec<Box<dyn Connector>>, StartError> {
+    config
+        .tools
         .iter()
-        .map(|c| CollectionSpec {
-            collection: c.name.get_ref().clone(),
-            table: c.table.get_ref().clone(),
-            primary_key: c.primary_key.get_ref().clone(),
-            columns: c.columns.get_ref().clone(),
-        })
-        .collect();
-    SqliteConnector::open(&config.sqlite.path, specs).map_err(|e| tool_error(config, e))
+        .enumerate()
+        .map(|(t, tool)| open_tool(config, t, tool))
+        .collect()
 }
 
-/// The configured collections, as the engine knows them.
-fn collections(config: &Config) -> BTreeMap<String, CollectionInfo> {
-    config
-        .sqlite
-        .collections
-        .iter()
-        .map(|c| {
-            (
-                c.name.get_ref().clone(),
-                CollectionInfo {
+/// Opens one tool.
+fn open_tool(
+    config: &Config,
+    t: usize,
+    tool: &ToolConfig,
+) -> Result<Box<dyn Connector>, StartError> {
+    match tool.kind.get_ref() {
+        ToolKind::Sqlite => {
+            let path = tool
+                .path
+                .as_ref()
+                .map(|p| p.get_ref().clone())
+                .unwrap_or_default();
+            let specs: Vec<CollectionSpec> = tool
+                .collections
+                .iter()
+                .map(|c| CollectionSpec {
+                    collection: c.name.get_ref().clone(),
+                    table: c.table.get_ref().clone(),
+                    primary_key: c.primary_key.get_ref().clone(),
                     columns: c.columns.get_ref().clone(),
-                },
-            )
+                })
+                .collect();
+            match SqliteConnector::open(&path, specs) {
+                Ok(connector) => Ok(Box::new(connector)),
+                Err(e) => Err(sqlite_error(config, t, tool, &path, e)),
+            }
+        }
+    }
+}
+
+/// Each tool as the engine knows it. A tool's id in documents joins this agent's
+/// peer id (its first characters) and the tool's name, so two agents' tools of the
+/// same name never share external ids.
+fn tool_specs(config: &Config, me: &PeerId) -> Vec<ToolSpec> {
+    let agent = me.to_string();
+    let agent = &agent[..agent.len().min(TOOL_UID_AGENT_CHARS)];
+    config
+        .tools
+        .iter()
+        .map(|tool| ToolSpec {
+            name: tool.name.get_ref().clone(),
+            uid: format!("{agent}.{}", tool.name.get_ref()),
+            collections: tool
+                .collections
+                .iter()
+                .map(|c| {
+                    (
+                        c.name.get_ref().clone(),
+                        CollectionInfo {
+                            columns: c.columns.get_ref().clone(),
+                        },
+                    )
+                })
+                .collect(),
         })
         .collect()
 }
+
+/// Characters of the peer id in a tool's id in documents (40 bits).
+pub const TOOL_UID_AGENT_CHARS: usize = 8;
 
 /// The core and tool threads, and what the rest of the agent holds of them.
 struct Threads {
     core: CoreHandle,
     log_version: watch::Receiver<u64>,
     commits: Arc<AtomicU64>,
-    stop_tool: Arc<AtomicBool>,
+    stop_tools: Arc<AtomicBool>,
     core_thread: std::thread::JoinHandle<()>,
-    tool_thread: std::thread::JoinHandle<()>,
+    tool_threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 fn spawn_threads(
     engine: Engine,
-    connector: SqliteConnector,
-    state: crate::tool::ToolLoop,
+    tools: impl ExactSizeIterator<Item = ((Box<dyn Connector>, String), ToolLoop)>,
 ) -> Result<Threads, StartError> {
     let (core, core_rx) = core::channel();
     let (log_tx, log_version) = watch::channel(0u64);
-    let (plan_tx, plan_rx) = std::sync::mpsc::sync_channel(core::WRITE_BACK_PLANS_IN_FLIGHT_MAX);
     let commits = Arc::new(AtomicU64::new(0));
+    let stop_tools = Arc::new(AtomicBool::new(false));
+    let mut senders = Vec::with_capacity(tools.len());
+    let mut pending_threads = Vec::with_capacity(tools.len());
+    for (tool, ((connector, name), state)) in tools.enumerate() {
+        let (events_tx, events) = std::sync::mpsc::sync_channel(core::TOOL_EVENTS_MAX);
+        senders.push(events_tx.clone());
+        let thread = ToolThread {
+            tool,
+            name,
+            connector,
+            core: core.clone(),
+            events,
+            wake: events_tx,
+        };
+        pending_threads.push((thread, state));
+    }
     let outputs = CoreOutputs {
         log_version: log_tx,
-        write_back: plan_tx,
+        write_back: senders,
         commits: commits.clone(),
     };
     let core_thread = std::thread::Builder::new()
         .name("concord-core".into())
         .spawn(move || core::run(engine, core_rx, outputs))
         .map_err(StartError::Thread)?;
-    let stop_tool = Arc::new(AtomicBool::new(false));
-    let tool_thread = {
-        let core = core.clone();
-        let stop = stop_tool.clone();
-        std::thread::Builder::new()
-            .name("concord-tool".into())
-            .spawn(move || crate::tool::run(connector, core, plan_rx, state, stop))
-            .map_err(StartError::Thread)?
-    };
+    let mut tool_threads = Vec::with_capacity(pending_threads.len());
+    for (thread, state) in pending_threads {
+        let stop = stop_tools.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("concord-tool-{}", thread.tool))
+            .spawn(move || crate::tool::run(thread, state, stop))
+            .map_err(StartError::Thread)?;
+        tool_threads.push(handle);
+    }
     Ok(Threads {
         core,
         log_version,
         commits,
-        stop_tool,
+        stop_tools,
         core_thread,
-        tool_thread,
+        tool_threads,
     })
 }
 
-/// Names the configuration entry behind a connector error.
-fn tool_error(config: &Config, error: SqliteError) -> StartError {
+/// Names the configuration entry behind a SQLite connector's error at start.
+fn sqlite_error(
+    config: &Config,
+    t: usize,
+    tool: &ToolConfig,
+    path: &std::path::Path,
+    error: SqliteError,
+) -> StartError {
     let message = error.to_string();
     let table = match &error {
         SqliteError::MissingTable { table }
@@ -227,25 +291,25 @@ fn tool_error(config: &Config, error: SqliteError) -> StartError {
         _ => None,
     };
     if let Some((table, field)) = table {
-        for (i, c) in config.sqlite.collections.iter().enumerate() {
+        for (i, c) in tool.collections.iter().enumerate() {
             if *c.table.get_ref() == table {
                 let span = match field {
                     "primary_key" => c.primary_key.span(),
                     "columns" => c.columns.span(),
                     _ => c.table.span(),
                 };
-                let message = format!("{message} (database {})", config.sqlite.path.display());
+                let message = format!("{message} (database {})", path.display());
                 return StartError::Config(config.invalid(
                     span,
-                    format!("sqlite.collection[{i}].{field}"),
+                    format!("tool[{t}].collection[{i}].{field}"),
                     message,
                 ));
             }
         }
     }
     StartError::Tool {
-        path: config.sqlite.path.clone(),
-        source: error,
+        tool: tool.name.get_ref().clone(),
+        source: format!("{}: {error}", path.display()).into(),
     }
 }
 
@@ -296,8 +360,8 @@ impl RunningAgent {
     pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(true);
         self.transport.close();
-        self.stop_tool.store(true, Ordering::Relaxed);
-        let tool = self.tool_thread.take();
+        self.stop_tools.store(true, Ordering::Relaxed);
+        let tools = std::mem::take(&mut self.tool_threads);
         let core_thread = self.core_thread.take();
         // The core ends once every handle is gone: ours, the tool's, the drivers'.
         let RunningAgent {
@@ -311,7 +375,7 @@ impl RunningAgent {
         transport.wait_idle().await;
         drop(transport);
         let _ = tokio::task::spawn_blocking(move || {
-            if let Some(tool) = tool {
+            for tool in tools {
                 let _ = tool.join();
             }
             if let Some(core_thread) = core_thread {

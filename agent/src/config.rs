@@ -58,8 +58,16 @@ pub struct Config {
     /// The peers this agent trusts; any other is refused.
     #[serde(default, rename = "peer")]
     pub peers: Vec<PeerConfig>,
-    /// The SQLite database this agent keeps in sync.
-    pub sqlite: SqliteConfig,
+    /// The tools this agent keeps in sync; none makes the agent a hub.
+    #[serde(default, rename = "tool")]
+    pub tools: Vec<ToolConfig>,
+    /// Collections this agent syncs with its peers besides its tools' (a hub lists
+    /// the collections it relays here).
+    #[serde(default, rename = "collection")]
+    pub collections: Vec<RelayedCollection>,
+    /// The shape before `[[tool]]`: refused with what to write instead.
+    #[serde(default)]
+    sqlite: Option<toml::Value>,
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
@@ -82,18 +90,36 @@ pub struct PeerConfig {
     pub addr: Option<SocketAddr>,
 }
 
-/// The SQLite tool.
+/// One tool: a database or an application whose records this agent syncs.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct SqliteConfig {
-    /// The database file.
-    pub path: PathBuf,
-    /// The tool's name in documents (external ids, shadows); defaults to `sqlite`.
-    #[serde(default = "default_tool_name")]
-    pub name: String,
-    /// The collections synced from this database.
-    #[serde(rename = "collection")]
+pub struct ToolConfig {
+    /// The tool's name, unique in this agent (letters, digits, `-` and `_`).
+    pub name: Spanned<String>,
+    /// What kind of tool it is.
+    pub kind: Spanned<ToolKind>,
+    /// `sqlite`: the database file.
+    #[serde(default)]
+    pub path: Option<Spanned<PathBuf>>,
+    /// The collections synced with this tool.
+    #[serde(default, rename = "collection")]
     pub collections: Vec<CollectionConfig>,
+}
+
+/// The kinds of tools Concord speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ToolKind {
+    /// A SQLite database file.
+    Sqlite,
+}
+
+/// A collection this agent relays without a tool of its own.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayedCollection {
+    /// The collection's name, the same on every agent.
+    pub name: Spanned<String>,
 }
 
 /// One synced table.
@@ -130,10 +156,6 @@ pub enum LogFormat {
     Json,
 }
 
-fn default_tool_name() -> String {
-    "sqlite".to_owned()
-}
-
 impl Config {
     /// Reads and checks the file at `path`; relative paths in it become relative to its folder.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -152,14 +174,23 @@ impl Config {
         })?;
         config.path = path.to_owned();
         config.source = source;
+        if config.sqlite.is_some() {
+            return Err(ConfigError::Parse {
+                path: path.to_owned(),
+                message: OLD_SQLITE_SHAPE.to_owned(),
+            });
+        }
         let base = path.parent().unwrap_or(Path::new("."));
-        for p in [
-            &mut config.data_dir,
-            &mut config.key_file,
-            &mut config.sqlite.path,
-        ] {
+        let absolute = |p: &mut PathBuf| {
             if p.is_relative() {
                 *p = base.join(&*p);
+            }
+        };
+        absolute(&mut config.data_dir);
+        absolute(&mut config.key_file);
+        for tool in &mut config.tools {
+            if let Some(p) = &mut tool.path {
+                absolute(p.get_mut());
             }
         }
         config.check()?;
@@ -172,37 +203,100 @@ impl Config {
                 return Err(self.invalid(peer.id.span(), format!("peer[{i}].id"), e.to_string()));
             }
         }
-        if self.sqlite.collections.is_empty() {
+        if self.tools.is_empty() && self.collections.is_empty() {
             return Err(ConfigError::Parse {
                 path: self.path.clone(),
-                message: "`sqlite.collection`: at least one collection is needed".to_owned(),
+                message: "nothing to sync: add a `[[tool]]` with its `[[tool.collection]]` \
+                          tables, or, for a hub that only relays, a `[[collection]]` table \
+                          per collection"
+                    .to_owned(),
             });
         }
-        for (i, c) in self.sqlite.collections.iter().enumerate() {
-            if c.name.get_ref().is_empty() || c.name.get_ref().contains(['\0', '/']) {
-                return Err(self.invalid(
-                    c.name.span(),
-                    format!("sqlite.collection[{i}].name"),
-                    "a collection name is non-empty and has no `/` or NUL".to_owned(),
-                ));
+        for (t, tool) in self.tools.iter().enumerate() {
+            self.check_tool(t, tool)?;
+        }
+        for (i, c) in self.collections.iter().enumerate() {
+            self.check_collection_name(&c.name, format!("collection[{i}].name"))?;
+        }
+        Ok(())
+    }
+
+    fn check_tool(&self, t: usize, tool: &ToolConfig) -> Result<(), ConfigError> {
+        let name = tool.name.get_ref();
+        let valid = !name.is_empty()
+            && name.len() <= TOOL_NAME_LEN_MAX
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !valid {
+            return Err(self.invalid(
+                tool.name.span(),
+                format!("tool[{t}].name"),
+                format!("a tool name has 1 to {TOOL_NAME_LEN_MAX} letters, digits, `-` or `_`"),
+            ));
+        }
+        if self.tools[..t].iter().any(|o| o.name.get_ref() == name) {
+            return Err(self.invalid(
+                tool.name.span(),
+                format!("tool[{t}].name"),
+                format!("tool `{name}` is configured twice; tool names are unique in an agent"),
+            ));
+        }
+        match tool.kind.get_ref() {
+            ToolKind::Sqlite => {
+                if tool.path.is_none() {
+                    return Err(self.invalid(
+                        tool.kind.span(),
+                        format!("tool[{t}].path"),
+                        "a `sqlite` tool needs `path`, the database file".to_owned(),
+                    ));
+                }
             }
+        }
+        if tool.collections.is_empty() {
+            return Err(self.invalid(
+                tool.name.span(),
+                format!("tool[{t}].collection"),
+                "add at least one `[[tool.collection]]`".to_owned(),
+            ));
+        }
+        for (i, c) in tool.collections.iter().enumerate() {
+            self.check_collection_name(&c.name, format!("tool[{t}].collection[{i}].name"))?;
             if c.columns.get_ref().is_empty() {
                 return Err(self.invalid(
                     c.columns.span(),
-                    format!("sqlite.collection[{i}].columns"),
+                    format!("tool[{t}].collection[{i}].columns"),
                     "list at least one column".to_owned(),
                 ));
             }
-            let dup = self.sqlite.collections[..i]
+            let dup = tool.collections[..i]
                 .iter()
                 .any(|o| o.name.get_ref() == c.name.get_ref());
             if dup {
                 return Err(self.invalid(
                     c.name.span(),
-                    format!("sqlite.collection[{i}].name"),
-                    format!("collection `{}` is configured twice", c.name.get_ref()),
+                    format!("tool[{t}].collection[{i}].name"),
+                    format!(
+                        "collection `{}` is configured twice for this tool",
+                        c.name.get_ref()
+                    ),
                 ));
             }
+        }
+        Ok(())
+    }
+
+    fn check_collection_name(
+        &self,
+        name: &Spanned<String>,
+        field: String,
+    ) -> Result<(), ConfigError> {
+        if name.get_ref().is_empty() || name.get_ref().contains(['\0', '/']) {
+            return Err(self.invalid(
+                name.span(),
+                field,
+                "a collection name is non-empty and has no `/` or NUL".to_owned(),
+            ));
         }
         Ok(())
     }
@@ -230,6 +324,14 @@ impl Config {
     }
 }
 
+/// Tool names are at most this long.
+pub const TOOL_NAME_LEN_MAX: usize = 64;
+
+/// What a configuration of the old shape is told.
+const OLD_SQLITE_SHAPE: &str = "the `[sqlite]` table is replaced by `[[tool]]`: write \
+`[[tool]]` with `name = \"sqlite\"`, `kind = \"sqlite\"` and the same `path`, and turn each \
+`[[sqlite.collection]]` into `[[tool.collection]]` (its keys stay the same)";
+
 /// The commented configuration `concord init` writes.
 pub fn template(listen: SocketAddr, peer_id: &PeerId) -> String {
     format!(
@@ -248,14 +350,17 @@ listen = "{listen}"
 # id = "..."
 # addr = "127.0.0.1:7401"
 
-[sqlite]
-# The database kept in sync.
+# Each tool kept in sync: a unique name in this agent, its kind and where it is.
+# Without any [[tool]] the agent is a hub: list the collections it relays as
+# [[collection]] tables with a `name`.
+[[tool]]
+name = "app"
+kind = "sqlite"
+# The database file (it must exist; Concord never creates it).
 path = "app.db"
-# This tool's name in the documents.
-name = "sqlite"
 
 # Each synced table. The collection name must match on every agent.
-[[sqlite.collection]]
+[[tool.collection]]
 name = "customers"
 table = "customers"
 primary_key = "id"
@@ -277,10 +382,12 @@ data_dir = "data"
 key_file = "k.pem"
 listen = "127.0.0.1:7400"
 
-[sqlite]
+[[tool]]
+name = "crm"
+kind = "sqlite"
 path = "a.db"
 
-[[sqlite.collection]]
+[[tool.collection]]
 name = "customers"
 table = "customers"
 primary_key = "id"
@@ -290,8 +397,9 @@ columns = ["name"]
     #[test]
     fn a_good_file_loads_with_paths_made_relative_to_it() -> Result<(), ConfigError> {
         let config = Config::parse(Path::new("/etc/concord/agent.toml"), GOOD.to_owned())?;
-        assert_eq!(config.sqlite.path, Path::new("/etc/concord/a.db"));
-        assert_eq!(config.sqlite.name, "sqlite");
+        let path = config.tools[0].path.as_ref().map(|p| p.get_ref().clone());
+        assert_eq!(path.as_deref(), Some(Path::new("/etc/concord/a.db")));
+        assert_eq!(config.tools[0].name.get_ref(), "crm");
         Ok(())
     }
 
@@ -305,17 +413,60 @@ columns = ["name"]
             .expect_err("unknown key")
             .to_string();
         assert!(err.contains("agent.toml"), "{err}");
-        assert!(err.contains("line 12"), "{err}");
+        assert!(err.contains("line 14"), "{err}");
         assert!(err.contains("colums"), "{err}");
     }
 
     #[test]
     fn a_bad_peer_id_names_its_line() {
-        let bad = GOOD.replacen("[sqlite]", "[[peer]]\nid = \"nope\"\n\n[sqlite]", 1);
+        let bad = GOOD.replacen("[[tool]]", "[[peer]]\nid = \"nope\"\n\n[[tool]]", 1);
         let err = Config::parse(Path::new("agent.toml"), bad)
             .expect_err("bad id")
             .to_string();
         assert!(err.starts_with("agent.toml:7: `peer[0].id`"), "{err}");
+    }
+
+    #[test]
+    fn the_old_sqlite_table_is_refused_with_what_to_write_instead() {
+        let old = GOOD
+            .replace(
+                "[[tool]]\nname = \"crm\"\nkind = \"sqlite\"\n",
+                "[sqlite]\n",
+            )
+            .replace("[[tool.collection]]", "[[sqlite.collection]]");
+        let err = Config::parse(Path::new("agent.toml"), old)
+            .expect_err("old shape")
+            .to_string();
+        assert!(err.contains("[[tool]]"), "{err}");
+        assert!(err.contains("kind = \"sqlite\""), "{err}");
+        assert!(err.contains("[[tool.collection]]"), "{err}");
+    }
+
+    #[test]
+    fn tool_names_are_unique_in_an_agent() {
+        let twice = format!("{GOOD}\n{}", &GOOD[GOOD.find("[[tool]]").unwrap_or(0)..]);
+        let err = Config::parse(Path::new("agent.toml"), twice)
+            .expect_err("two tools named crm")
+            .to_string();
+        assert!(err.contains("`tool[1].name`"), "{err}");
+        assert!(err.contains("configured twice"), "{err}");
+    }
+
+    #[test]
+    fn a_hub_lists_the_collections_it_relays() -> Result<(), ConfigError> {
+        let hub = format!(
+            "{}[[collection]]\nname = \"customers\"\n",
+            &GOOD[..GOOD.find("[[tool]]").unwrap_or(0)]
+        );
+        let config = Config::parse(Path::new("hub.toml"), hub)?;
+        assert!(config.tools.is_empty());
+        assert_eq!(config.collections[0].name.get_ref(), "customers");
+        let empty = GOOD[..GOOD.find("[[tool]]").unwrap_or(0)].to_owned();
+        let err = Config::parse(Path::new("hub.toml"), empty)
+            .expect_err("nothing to sync")
+            .to_string();
+        assert!(err.contains("nothing to sync"), "{err}");
+        Ok(())
     }
 
     #[test]

@@ -13,10 +13,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::SyncSender;
 
-use connectors::sqlite::{CaptureBatch, OpOutcome};
+use connectors::{CaptureBatch, OpOutcome};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::engine::{Engine, EngineStats, RemoteError, WritePlan};
+use crate::engine::{Engine, EngineStats, RemoteError, ToolIx, WritePlan};
 use crate::replication::{Action, Event, policy};
 use crate::store::{StoreError, StoreId};
 
@@ -26,16 +26,20 @@ pub const CORE_QUEUE_MAX: usize = 256;
 pub const GROUP_COMMIT_REQUESTS_MAX: usize = 64;
 /// Writes planned for the tool in one write-back at most.
 pub const WRITE_BACK_BATCH_MAX: usize = 512;
-/// Write-back plans handed to the tool and not finished, at most.
+/// Write-back plans handed to one tool and not finished, at most.
 pub const WRITE_BACK_PLANS_IN_FLIGHT_MAX: usize = 1;
 
 /// A request to the core.
 #[derive(Debug)]
 pub enum CoreRequest {
-    /// The connector captured changes; reply once they are durable.
+    /// A tool's connector captured changes; reply once they are durable.
     Capture {
+        /// The tool.
+        tool: ToolIx,
         /// What was captured.
         batch: CaptureBatch,
+        /// The tool loop's number of this capture.
+        mark: u64,
         /// Answered after the commit.
         reply: oneshot::Sender<()>,
     },
@@ -49,7 +53,8 @@ pub enum CoreRequest {
         /// The session's actions, or why the peer's data was refused.
         reply: oneshot::Sender<Result<Vec<Action>, RemoteError>>,
     },
-    /// The connector finished a write-back plan (`None`: it failed, nothing was written).
+    /// A tool's connector finished a write-back plan (`None`: it failed, nothing was
+    /// written).
     WritesDone {
         /// The plan.
         plan: WritePlan,
@@ -91,8 +96,8 @@ impl CoreHandle {
 pub struct CoreOutputs {
     /// Bumped after every commit that appended log entries.
     pub log_version: watch::Sender<u64>,
-    /// Write-back plans for the connector (capacity [`WRITE_BACK_PLANS_IN_FLIGHT_MAX`]).
-    pub write_back: SyncSender<WritePlan>,
+    /// Write-back plans for each tool's loop, by tool.
+    pub write_back: Vec<SyncSender<ToolEvent>>,
     /// Commits done, for status.
     pub commits: Arc<AtomicU64>,
 }
@@ -127,21 +132,38 @@ pub struct Committed {
     pub appended: usize,
 }
 
+/// What a tool's loop waits for: a plan from the core, or a wake-up from its
+/// connector (the tool signalled a change).
+#[derive(Debug)]
+pub enum ToolEvent {
+    /// Write this plan back.
+    Plan(WritePlan),
+    /// The tool may have changed: capture.
+    Wake,
+}
+
+/// Events queued for one tool's loop at most: one plan (see
+/// [`WRITE_BACK_PLANS_IN_FLIGHT_MAX`]) and one wake-up (wake-ups coalesce).
+pub const TOOL_EVENTS_MAX: usize = WRITE_BACK_PLANS_IN_FLIGHT_MAX + 1;
+
 /// The core's logic: group commits over the engine, and write-back planning.
 #[derive(Debug)]
 pub struct Core {
     engine: Engine,
-    write_back_in_flight: bool,
-    plan_needed: bool,
+    /// Per tool, whether a plan is on its way to the tool.
+    write_back_in_flight: Vec<bool>,
+    /// Per tool, whether something changed since its last plan.
+    plan_needed: Vec<bool>,
 }
 
 impl Core {
     /// A core over `engine`; the first [`Core::plan`] plans whatever is pending.
     pub fn new(engine: Engine) -> Core {
+        let tools = engine.tool_count();
         Core {
             engine,
-            write_back_in_flight: false,
-            plan_needed: true,
+            write_back_in_flight: vec![false; tools],
+            plan_needed: vec![true; tools],
         }
     }
 
@@ -150,29 +172,39 @@ impl Core {
         &mut self.engine
     }
 
-    /// Plans the next write-back if one is due and none is in flight; the caller
-    /// hands it to the tool (or calls [`Core::plan_lost`] if it cannot).
-    pub fn plan(&mut self, now_ms: i64) -> Result<Option<WritePlan>, StoreError> {
-        if !self.plan_needed || self.write_back_in_flight {
-            return Ok(None);
+    /// Plans the next write-back of every tool that has one due and none in flight;
+    /// the caller hands each to its tool (or calls [`Core::plan_lost`] if it cannot).
+    pub fn plan(&mut self, now_ms: i64) -> Result<Vec<WritePlan>, StoreError> {
+        let mut plans = Vec::new();
+        for tool in 0..self.plan_needed.len() {
+            if !self.plan_needed[tool] || self.write_back_in_flight[tool] {
+                continue;
+            }
+            self.plan_needed[tool] = false;
+            let mut batch = self.engine.store().batch();
+            let plan = self
+                .engine
+                .plan_writes(&mut batch, tool, WRITE_BACK_BATCH_MAX, now_ms)?;
+            self.engine.store().commit(batch)?;
+            if !plan.writes.is_empty() {
+                self.write_back_in_flight[tool] = true;
+                plans.push(plan);
+            }
         }
-        self.plan_needed = false;
-        let mut batch = self.engine.store().batch();
-        let plan = self
-            .engine
-            .plan_writes(&mut batch, WRITE_BACK_BATCH_MAX, now_ms)?;
-        self.engine.store().commit(batch)?;
-        if plan.writes.is_empty() {
-            return Ok(None);
-        }
-        self.write_back_in_flight = true;
-        Ok(Some(plan))
+        Ok(plans)
     }
 
-    /// The plan could not be handed to the tool: nothing will write it back.
-    pub fn plan_lost(&mut self) {
-        self.write_back_in_flight = false;
-        self.engine.writes_failed();
+    /// `tool`'s plan could not be handed to it: nothing will write it back.
+    pub fn plan_lost(&mut self, tool: ToolIx) {
+        self.write_back_in_flight[tool] = false;
+        self.engine.writes_failed(tool);
+    }
+
+    /// Every tool plans again (something may have changed for each).
+    fn replan_all(&mut self) {
+        self.plan_needed
+            .iter_mut()
+            .for_each(|needed| *needed = true);
     }
 
     /// Stages every request into one batch, commits it with one fsync, then sends
@@ -188,12 +220,14 @@ impl Core {
         for request in requests {
             match request {
                 CoreRequest::Capture {
+                    tool,
                     batch: captured,
+                    mark,
                     reply,
                 } => {
                     self.engine
-                        .capture(&mut batch, captured.changes, captured.cursor, now_ms)?;
-                    self.plan_needed = true;
+                        .capture(&mut batch, tool, captured, mark, now_ms)?;
+                    self.replan_all();
                     replies.push(Box::new(move || {
                         let _ = reply.send(());
                     }));
@@ -203,20 +237,21 @@ impl Core {
                         Err(RemoteError::Store(e)) => return Err(e),
                         result => result,
                     };
-                    self.plan_needed = true;
+                    self.replan_all();
                     replies.push(Box::new(move || {
                         let _ = reply.send(result);
                     }));
                 }
                 CoreRequest::WritesDone { plan, outcomes } => {
+                    let tool = plan.tool;
                     match outcomes {
                         Some(outcomes) => self
                             .engine
                             .writes_done(&mut batch, plan, outcomes, now_ms)?,
-                        None => self.engine.writes_failed(),
+                        None => self.engine.writes_failed(tool),
                     }
-                    self.write_back_in_flight = false;
-                    self.plan_needed = true;
+                    self.write_back_in_flight[tool] = false;
+                    self.plan_needed[tool] = true;
                 }
                 CoreRequest::Stats { reply } => {
                     let stats = self.engine.stats().clone();
@@ -242,11 +277,15 @@ impl Core {
 pub fn run(engine: Engine, mut rx: mpsc::Receiver<CoreRequest>, outputs: CoreOutputs) {
     let mut core = Core::new(engine);
     loop {
-        if let Some(plan) = core.plan(now_ms()).unwrap_or_else(|e| fatal(&e))
-            && outputs.write_back.try_send(plan).is_err()
-        {
-            // The connector is gone; nothing will write back.
-            core.plan_lost();
+        for plan in core.plan(now_ms()).unwrap_or_else(|e| fatal(&e)) {
+            let tool = plan.tool;
+            if outputs.write_back[tool]
+                .try_send(ToolEvent::Plan(plan))
+                .is_err()
+            {
+                // The tool's loop is gone; nothing will write back.
+                core.plan_lost(tool);
+            }
         }
         let Some(first) = rx.blocking_recv() else {
             return;

@@ -67,7 +67,7 @@ impl AgentFiles {
         }
         let columns: Vec<String> = columns.iter().map(|c| format!("\"{c}\"")).collect();
         text.push_str(&format!(
-            "\n[sqlite]\npath = \"app.db\"\n\n[[sqlite.collection]]\nname = \"customers\"\ntable = \"customers\"\nprimary_key = \"id\"\ncolumns = [{}]\n",
+            "\n[[tool]]\nname = \"app\"\nkind = \"sqlite\"\npath = \"app.db\"\n\n[[tool.collection]]\nname = \"customers\"\ntable = \"customers\"\nprimary_key = \"id\"\ncolumns = [{}]\n",
             columns.join(", ")
         ));
         let path = self.dir.join("concord.toml");

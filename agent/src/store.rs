@@ -9,8 +9,8 @@
 //! | `log`     | collection, 0, seq (u64 BE)           | [`LogEntry`]                       |
 //! | `ext`     | tool, 0, collection, 0, external id   | doc id                             |
 //! | `shadow`  | tool, 0, collection, 0, key           | the record the tool is known to hold |
-//! | `cursors` | `tool/<tool>` or `peer/<store>/<collection>` | u64 BE                      |
-//! | `pending` | doc id                                | empty: the doc awaits write-back   |
+//! | `cursors` | `tool/<tool>` or `peer/<store>/<collection>` | the connector's cursor; u64 BE |
+//! | `pending` | tool, 0, doc id                       | empty: the doc awaits write-back to the tool |
 //! | `dead`    | tool, 0, collection, 0, key           | [`DeadLetter`]                     |
 //! | `digests` | collection, 0, doc id                 | the document's heads digest (u64 BE) |
 //! | `quarantine` | doc id                             | [`Quarantined`]                    |
@@ -26,6 +26,7 @@ use std::collections::{HashMap, HashSet};
 use std::num::NonZeroUsize;
 use std::path::Path;
 
+use connectors::Cursor;
 use crdt_model::{ActorBytes, DocId, Record, RecordDoc};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use lru::LruCache;
@@ -98,10 +99,10 @@ pub struct DeadLetter {
 pub enum LetterReason {
     /// The tool's row holds a value that does not fit its column.
     #[error("{0}")]
-    InvalidRow(connectors::sqlite::InvalidValue),
+    InvalidRow(connectors::InvalidValue),
     /// The tool refused the write-back.
     #[error("{0}")]
-    Rejected(connectors::sqlite::Rejection),
+    Rejected(connectors::Rejection),
 }
 
 /// A document set aside because a peer's change made it unreadable: the change was
@@ -488,13 +489,21 @@ impl Store {
         self.staged.cursors.insert(name.to_owned(), value);
     }
 
-    /// Marks or unmarks the document as awaiting write-back to the local tool.
-    pub fn stage_pending(&self, batch: &mut Batch, id: DocId, pending: bool) {
+    /// Marks or unmarks the document as awaiting write-back to `tool`.
+    pub fn stage_pending(&self, batch: &mut Batch, tool: &str, id: DocId, pending: bool) {
+        let k = pending_key(tool, id);
         if pending {
-            batch.inner.insert(&self.pending, id.0, []);
+            batch.inner.insert(&self.pending, k, []);
         } else {
-            batch.inner.remove(&self.pending, id.0);
+            batch.inner.remove(&self.pending, k);
         }
+    }
+
+    /// Stages `tool`'s capture cursor (the connector's opaque bytes).
+    pub fn stage_tool_cursor(&self, batch: &mut Batch, tool: &str, cursor: &Cursor) {
+        batch
+            .inner
+            .insert(&self.cursors, tool_cursor(tool), cursor.as_bytes().to_vec());
     }
 
     /// Stages a quarantined document.
@@ -594,15 +603,28 @@ impl StoreReader {
             .collect()
     }
 
-    /// The ids of documents awaiting write-back, up to `max`.
-    pub fn pending(&self, max: usize) -> Result<Vec<DocId>, StoreError> {
+    /// `tool`'s capture cursor (the start if never set).
+    pub fn tool_cursor(&self, tool: &str) -> Result<Cursor, StoreError> {
+        Ok(Cursor(
+            self.cursors
+                .get(tool_cursor(tool))?
+                .map(|bytes| bytes.to_vec())
+                .unwrap_or_default(),
+        ))
+    }
+
+    /// The ids of documents awaiting write-back to `tool`, up to `max`.
+    pub fn pending(&self, tool: &str, max: usize) -> Result<Vec<DocId>, StoreError> {
+        let prefix = pending_key(tool, DocId([0; 16]));
+        let prefix = &prefix[..prefix.len() - 16];
         let mut out = Vec::new();
-        for guard in self.pending.iter().take(max) {
+        for guard in self.pending.prefix(prefix).take(max) {
             let key = guard.key()?;
-            let id = <[u8; 16]>::try_from(&key[..]).map_err(|_| StoreError::Corrupt {
-                what: "pending doc id",
-                reason: format!("{} bytes", key.len()),
-            })?;
+            let id =
+                <[u8; 16]>::try_from(&key[prefix.len()..]).map_err(|_| StoreError::Corrupt {
+                    what: "pending doc id",
+                    reason: format!("{} bytes", key.len()),
+                })?;
             out.push(DocId(id));
         }
         Ok(out)
@@ -626,6 +648,15 @@ impl StoreReader {
         }
         Ok(ids)
     }
+}
+
+/// The key of a pending mark: tool, 0, doc id.
+fn pending_key(tool: &str, id: DocId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(tool.len() + 17);
+    k.extend_from_slice(tool.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&id.0);
+    k
 }
 
 /// The name of a tool's capture cursor.

@@ -1,89 +1,75 @@
-//! The local tool's loop: capture and write-back, as a sans-IO [`ToolLoop`] that the
-//! tool thread ([`run`]) and the simulator drive alike.
+//! A tool's loop: capture and write-back, as a sans-IO [`ToolLoop`] that the tool
+//! thread ([`run`]) and the simulator drive alike.
 //!
-//! The loop captures whenever the tool commits (the thread polls `PRAGMA
-//! data_version` every [`CAPTURE_POLL_US`]), hands each batch to the core, and trims
-//! the outbox only behind a cursor the core made durable. Captures never cross the
-//! end of a rescan. When the core's write-back plan arrives, the loop tells the
-//! connector which records changed since the capture the plan was made from (those
-//! it captured itself, whose outbox entries may be trimmed); the connector adds the
-//! ones still in its outbox, and refuses those records as stale, one by one. After
-//! a stale refusal the loop captures before it reports the outcome, so the core
-//! plans again from what the tool now holds.
+//! The loop captures whenever the connector says the tool changed (it waits on the
+//! connector's push signal, or polls at the interval the connector names), hands
+//! each batch to the core, and acknowledges a cursor to the connector only once the
+//! core made it durable. When the core's write-back plan arrives, the loop tells the
+//! connector which records it captured since the capture the plan was made from
+//! (the tool may have forgotten them); the connector adds the ones it still knows
+//! of, and refuses those records as stale, one by one. After a stale refusal the
+//! loop captures before it reports the outcome, so the core plans again from what
+//! the tool now holds.
+//!
+//! Cursors are the connector's opaque bytes, so the loop numbers its captures
+//! itself ("marks", restarting with the process) to know which came after a plan.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
 use std::time::{Duration, Instant};
 
-use connectors::sqlite::{CaptureBatch, OpOutcome, SqliteConnector, SqliteError, WriteOp};
+use connectors::{
+    CaptureBatch, ChangeFeed, Connector, ConnectorError, Cursor, OpOutcome, RecordKey, WriteOp,
+};
 use tokio::sync::oneshot;
 
-use crate::core::{CoreHandle, CoreRequest, CoreStopped};
-use crate::engine::WritePlan;
+use crate::core::{CoreHandle, CoreRequest, CoreStopped, ToolEvent};
+use crate::engine::{ToolIx, WritePlan};
 
-/// How often the connector checks the tool for new commits while it is busy.
-pub const CAPTURE_POLL_US: u64 = 250;
-/// How often it checks once nothing happened for [`CAPTURE_BUSY_WINDOW_MS`]: an idle
-/// agent wakes 500 times a second instead of 4,000.
-pub const CAPTURE_POLL_IDLE_US: u64 = 2_000;
-/// How long after the last capture or write-back the connector counts as busy.
+/// How long after the last capture or write-back a polled tool counts as busy (it
+/// is polled at the connector's busy interval, then at its idle one).
 pub const CAPTURE_BUSY_WINDOW_MS: u64 = 2_000;
-/// Outbox entries captured in one batch at most.
+/// Changes captured in one batch at most.
 pub const CAPTURE_BATCH_MAX: usize = 1024;
-/// Captured outbox entries that trigger a trim of the outbox.
-pub const OUTBOX_TRIM_EVERY: u64 = 256;
+/// Batches captured in a row at most before the loop looks at its plans: a tool
+/// that commits faster than the agent captures never holds write-back up.
+pub const CAPTURE_BATCHES_PER_STEP_MAX: usize = 16;
 /// Longest wait before retrying after the tool failed.
 pub const TOOL_RETRY_DELAY_MAX_MS: u64 = 5_000;
-/// Records remembered as captured after the last plan's cursor, at most. Beyond it
+/// Records remembered as captured after the last plan's capture, at most. Beyond it
 /// the oldest are forgotten, and a plan older than them is refused whole as stale.
 pub const CAPTURED_KEYS_REMEMBERED_MAX: usize = 16_384;
-
-/// A (collection, key) pair naming one record of the tool.
-pub type RecordKey = (String, String);
-
-/// What the next capture reads: outbox entries after `after`, up to `upto`, at most `max`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CaptureBounds {
-    /// The last outbox seq already captured.
-    pub after: u64,
-    /// The last outbox seq this capture may read (the end of a rescan, or `u64::MAX`).
-    pub upto: u64,
-    /// Entries at most.
-    pub max: usize,
-}
 
 /// The tool loop's state and decisions, without threads or IO.
 #[derive(Debug)]
 pub struct ToolLoop {
-    /// The outbox seq captured and durable in the store.
-    cursor: u64,
-    /// The outbox seq trimmed.
-    trimmed: u64,
-    /// The end of the tool's rescan entries, which a capture must not cross.
-    rescan_upto: u64,
-    /// Capture even if the tool reports no new commit.
+    /// The capture cursor durable in the store.
+    cursor: Cursor,
+    /// Capture even if the tool reports no change.
     force: bool,
-    /// Cursors of captured batches handed to the core and not durable yet, in order.
-    in_flight: VecDeque<u64>,
-    /// Records captured, by the cursor of their batch, since the last plan's cursor.
+    /// The mark the next capture gets.
+    next_mark: u64,
+    /// Captured batches handed to the core and not durable yet, in order: mark and
+    /// cursor.
+    in_flight: VecDeque<(u64, Cursor)>,
+    /// Records captured, by the mark of their batch, since the last plan's mark.
     recent: VecDeque<(u64, Vec<RecordKey>)>,
     /// Records in `recent`.
     recent_len: usize,
-    /// Batches up to this cursor were forgotten from `recent`.
+    /// Batches up to this mark were forgotten from `recent`.
     forgotten_upto: u64,
 }
 
 impl ToolLoop {
-    /// A loop whose durable capture cursor is `cursor`; the tool's rescan entries end
-    /// at `rescan_upto` (0: none). It captures once at start, whatever the tool says.
-    pub fn new(cursor: u64, rescan_upto: u64) -> ToolLoop {
+    /// A loop whose durable capture cursor is `cursor`. It captures once at start,
+    /// whatever the tool says.
+    pub fn new(cursor: Cursor) -> ToolLoop {
         ToolLoop {
             cursor,
-            trimmed: 0,
-            rescan_upto,
             force: true,
+            next_mark: 1,
             in_flight: VecDeque::new(),
             recent: VecDeque::new(),
             recent_len: 0,
@@ -92,101 +78,82 @@ impl ToolLoop {
     }
 
     /// The durable capture cursor.
-    pub fn cursor(&self) -> u64 {
-        self.cursor
+    pub fn cursor(&self) -> &Cursor {
+        &self.cursor
     }
 
-    /// Whether to capture now, given whether the tool committed since the last look.
+    /// Whether to capture now, given whether the tool changed since the last look.
     pub fn wants_capture(&self, changed: bool) -> bool {
         changed || self.force
     }
 
-    /// The bounds of the next capture: after what was read last, never across the
-    /// end of the rescan (whatever gap of trimmed entries lies before it).
-    pub fn capture_bounds(&self) -> CaptureBounds {
-        let after = self.in_flight.back().copied().unwrap_or(self.cursor);
-        let upto = if after < self.rescan_upto {
-            self.rescan_upto
-        } else {
-            u64::MAX
-        };
-        CaptureBounds {
-            after,
-            upto,
-            max: CAPTURE_BATCH_MAX,
-        }
+    /// Where the next capture starts: after what was read last.
+    pub fn capture_after(&self) -> &Cursor {
+        self.in_flight
+            .back()
+            .map_or(&self.cursor, |(_, cursor)| cursor)
     }
 
-    /// A capture read `batch`. Returns true when it must go to the core (then call
-    /// [`ToolLoop::durable`] once the core committed it); false when the outbox held
-    /// nothing new: the loop is caught up.
-    pub fn captured(&mut self, batch: &CaptureBatch) -> bool {
-        let bounds = self.capture_bounds();
-        if batch.cursor == bounds.after {
+    /// A capture read `batch`. Returns its mark when it must go to the core (then
+    /// call [`ToolLoop::durable`] once the core committed it); `None` when the tool
+    /// held nothing new: the loop is caught up.
+    pub fn captured(&mut self, batch: &CaptureBatch) -> Option<u64> {
+        if batch.cursor == *self.capture_after() {
+            debug_assert!(batch.changes.is_empty(), "changes without a new cursor");
             self.force = false;
-            return false;
+            return None;
         }
-        debug_assert!(batch.cursor > bounds.after && batch.cursor <= bounds.upto);
+        let mark = self.next_mark;
+        self.next_mark += 1;
         let keys: Vec<RecordKey> = batch
             .changes
             .iter()
             .map(|c| (c.collection.clone(), c.key.clone()))
             .collect();
         self.recent_len += keys.len();
-        self.recent.push_back((batch.cursor, keys));
+        self.recent.push_back((mark, keys));
         while self.recent_len > CAPTURED_KEYS_REMEMBERED_MAX {
-            let Some((cursor, keys)) = self.recent.pop_front() else {
+            let Some((mark, keys)) = self.recent.pop_front() else {
                 break;
             };
             self.recent_len -= keys.len();
-            self.forgotten_upto = cursor;
+            self.forgotten_upto = mark;
         }
-        self.in_flight.push_back(batch.cursor);
-        true
+        self.in_flight.push_back((mark, batch.cursor.clone()));
+        Some(mark)
     }
 
-    /// The oldest capture handed to the core is durable.
-    pub fn durable(&mut self) {
-        if let Some(cursor) = self.in_flight.pop_front() {
-            debug_assert!(cursor > self.cursor, "the capture cursor went backwards");
+    /// The oldest capture handed to the core is durable; returns its cursor, which
+    /// the connector may now be told.
+    pub fn durable(&mut self) -> &Cursor {
+        if let Some((_, cursor)) = self.in_flight.pop_front() {
             self.cursor = cursor;
         }
+        &self.cursor
     }
 
-    /// The outbox seq to trim up to, if a trim is due; `drained` says whether the
-    /// outbox holds nothing after the durable cursor.
-    pub fn trim_due(&self, drained: bool) -> Option<u64> {
-        let due = self.cursor > self.trimmed
-            && (self.cursor - self.trimmed >= OUTBOX_TRIM_EVERY || drained);
-        due.then_some(self.cursor)
-    }
-
-    /// The outbox was trimmed up to `upto`.
-    pub fn trimmed(&mut self, upto: u64) {
-        self.trimmed = self.trimmed.max(upto);
-    }
-
-    /// The records captured after `captured_upto` (a plan's cursor): a plan must not
-    /// write them. `None` when some of them were forgotten: refuse the whole plan.
-    pub fn changed_since(&self, captured_upto: u64) -> Option<HashSet<RecordKey>> {
-        if captured_upto < self.forgotten_upto {
+    /// The records captured after the capture numbered `mark` (a plan's): a plan
+    /// must not write them. `None` when some of them were forgotten: refuse the
+    /// whole plan.
+    pub fn changed_since(&self, mark: u64) -> Option<HashSet<RecordKey>> {
+        if mark < self.forgotten_upto {
             return None;
         }
         Some(
             self.recent
                 .iter()
-                .filter(|(cursor, _)| *cursor > captured_upto)
+                .filter(|(m, _)| *m > mark)
                 .flat_map(|(_, keys)| keys.iter().cloned())
                 .collect(),
         )
     }
 
-    /// A plan made at `captured_upto` was written: later plans are made at that
-    /// cursor or after, so records captured up to it need not be remembered.
-    /// `any_stale` says whether it refused some records as stale: then capture first.
-    pub fn plan_done(&mut self, captured_upto: u64, any_stale: bool) {
-        while let Some((cursor, keys)) = self.recent.front() {
-            if *cursor > captured_upto {
+    /// A plan made at `mark` was written: later plans are made at that mark or
+    /// after, so records captured up to it need not be remembered. `any_stale` says
+    /// whether it refused some records as stale: then capture first.
+    pub fn plan_done(&mut self, mark: u64, any_stale: bool) {
+        while let Some((m, keys)) = self.recent.front() {
+            if *m > mark {
                 break;
             }
             self.recent_len -= keys.len();
@@ -206,23 +173,73 @@ pub fn all_stale(ops: usize) -> Vec<OpOutcome> {
     vec![OpOutcome::Stale; ops]
 }
 
+/// One tool's thread: its connector, the core, and the events it waits on.
+#[derive(Debug)]
+pub struct ToolThread {
+    /// The tool's index among the agent's tools.
+    pub tool: ToolIx,
+    /// The tool's name, for logs.
+    pub name: String,
+    /// The connector.
+    pub connector: Box<dyn Connector>,
+    /// The core.
+    pub core: CoreHandle,
+    /// Plans from the core and wake-ups from the connector.
+    pub events: Receiver<ToolEvent>,
+    /// Where wake-ups are sent.
+    pub wake: SyncSender<ToolEvent>,
+}
+
 /// Runs until `stop` is set or the core stops.
-pub fn run(
-    mut connector: SqliteConnector,
-    core: CoreHandle,
-    plans: Receiver<WritePlan>,
-    mut state: ToolLoop,
-    stop: Arc<AtomicBool>,
-) {
+pub fn run(thread: ToolThread, mut state: ToolLoop, stop: Arc<AtomicBool>) {
+    let ToolThread {
+        tool,
+        name,
+        mut connector,
+        core,
+        events,
+        wake,
+    } = thread;
+    let _span = tracing::info_span!("tool", tool = %name).entered();
+    // A wake-up is queued only when none is: they coalesce, and the queue stays bounded.
+    let woken = Arc::new(AtomicBool::new(false));
+    let on_wake = {
+        let woken = woken.clone();
+        Arc::new(move || {
+            if !woken.swap(true, Ordering::AcqRel) {
+                let _ = wake.try_send(ToolEvent::Wake);
+            }
+        })
+    };
+    let feed = connector.change_feed();
     let mut delay_ms = 10;
+    let mut subscribed = false;
     let mut last_busy = Instant::now();
+    let io = Io {
+        tool,
+        core: &core,
+        events: &events,
+    };
     while !stop.load(Ordering::Relaxed) {
-        let poll = if last_busy.elapsed() < Duration::from_millis(CAPTURE_BUSY_WINDOW_MS) {
-            Duration::from_micros(CAPTURE_POLL_US)
-        } else {
-            Duration::from_micros(CAPTURE_POLL_IDLE_US)
+        if !subscribed {
+            match connector.subscribe(on_wake.clone()) {
+                Ok(()) => subscribed = true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot subscribe to the tool's changes; polling")
+                }
+            }
+        }
+        let wait = match feed {
+            ChangeFeed::Push { fallback } => fallback,
+            ChangeFeed::Poll { interval, idle } => {
+                if last_busy.elapsed() < Duration::from_millis(CAPTURE_BUSY_WINDOW_MS) {
+                    interval
+                } else {
+                    idle
+                }
+            }
         };
-        match step(&mut connector, &core, &plans, &mut state, poll) {
+        match step(connector.as_mut(), &io, &mut state, wait, &woken) {
             Ok(busy) => {
                 delay_ms = 10;
                 if busy {
@@ -232,6 +249,7 @@ pub fn run(
             Err(StepError::Core(_)) => return,
             Err(StepError::Tool(e)) => {
                 state.failed();
+                subscribed = false;
                 tracing::error!(error = %e, retry_in_ms = delay_ms, "the tool failed; retrying");
                 std::thread::sleep(Duration::from_millis(delay_ms));
                 delay_ms = (delay_ms * 2).min(TOOL_RETRY_DELAY_MAX_MS);
@@ -240,45 +258,49 @@ pub fn run(
     }
 }
 
+/// What a step talks to besides the connector.
+struct Io<'a> {
+    tool: ToolIx,
+    core: &'a CoreHandle,
+    events: &'a Receiver<ToolEvent>,
+}
+
 #[derive(Debug, thiserror::Error)]
 enum StepError {
     #[error(transparent)]
-    Tool(#[from] SqliteError),
+    Tool(#[from] ConnectorError),
     #[error(transparent)]
     Core(#[from] CoreStopped),
 }
 
-/// One round: capture what is new, trim, run a plan if one comes within `poll`.
+/// One round: capture what is new, then run a plan if one comes within `wait`.
 /// Returns whether anything happened.
 fn step(
-    connector: &mut SqliteConnector,
-    core: &CoreHandle,
-    plans: &Receiver<WritePlan>,
+    connector: &mut dyn Connector,
+    io: &Io<'_>,
     state: &mut ToolLoop,
-    poll: Duration,
+    wait: Duration,
+    woken: &AtomicBool,
 ) -> Result<bool, StepError> {
     let mut busy = false;
+    let mut wait = wait;
     if state.wants_capture(connector.changed()?) {
-        capture_all(connector, core, state)?;
-        busy = true;
-    }
-    // Whether the outbox is drained is only asked when that alone would decide.
-    let due = match state.trim_due(false) {
-        Some(upto) => Some(upto),
-        None if state.trim_due(true).is_some() => {
-            let drained = connector.outbox_head()? == state.cursor();
-            state.trim_due(drained)
+        let progress = capture_all(connector, io, state)?;
+        busy |= progress.captured;
+        if !progress.caught_up {
+            // More to capture: look at the plans without waiting, then go on.
+            state.force = true;
+            wait = Duration::ZERO;
         }
-        None => None,
-    };
-    if let Some(upto) = due {
-        connector.trim_outbox(upto)?;
-        state.trimmed(upto);
     }
-    match plans.recv_timeout(poll) {
-        Ok(plan) => {
-            write_back(connector, core, state, plan)?;
+    match io.events.recv_timeout(wait) {
+        Ok(ToolEvent::Plan(plan)) => {
+            write_back(connector, io, state, plan)?;
             busy = true;
+        }
+        Ok(ToolEvent::Wake) => {
+            woken.store(false, Ordering::Release);
+            state.force = true;
         }
         Err(RecvTimeoutError::Timeout) => {}
         Err(RecvTimeoutError::Disconnected) => return Err(CoreStopped.into()),
@@ -289,19 +311,19 @@ fn step(
 /// Runs a plan and reports the outcome; records changed since its capture are
 /// refused as stale, and are captured before the outcome goes back.
 fn write_back(
-    connector: &mut SqliteConnector,
-    core: &CoreHandle,
+    connector: &mut dyn Connector,
+    io: &Io<'_>,
     state: &mut ToolLoop,
     plan: WritePlan,
 ) -> Result<(), StepError> {
     let ops: Vec<WriteOp> = plan.writes.iter().map(|w| w.op.clone()).collect();
-    let outcomes = match state.changed_since(plan.captured_upto) {
-        Some(changed) => match connector.write_back(plan.captured_upto, &changed, &ops) {
+    let outcomes = match state.changed_since(plan.mark) {
+        Some(changed) => match connector.write_back(&plan.captured, &changed, &ops) {
             Ok(outcomes) => outcomes,
             Err(e) => {
                 // Nothing was written: hand the plan back (its documents stay
                 // pending) so the core plans again once the tool recovers.
-                core.blocking_send(CoreRequest::WritesDone {
+                io.core.blocking_send(CoreRequest::WritesDone {
                     plan,
                     outcomes: None,
                 })?;
@@ -312,45 +334,68 @@ fn write_back(
     };
     let stale = outcomes.iter().filter(|o| **o == OpOutcome::Stale).count();
     tracing::debug!(ops = ops.len(), stale, "wrote back");
-    state.plan_done(plan.captured_upto, stale > 0);
-    if stale > 0 {
-        capture_all(connector, core, state)?;
+    state.plan_done(plan.mark, stale > 0);
+    if stale > 0 && !capture_all(connector, io, state)?.caught_up {
+        state.force = true;
     }
-    core.blocking_send(CoreRequest::WritesDone {
+    io.core.blocking_send(CoreRequest::WritesDone {
         plan,
         outcomes: Some(outcomes),
     })?;
     Ok(())
 }
 
-/// Captures everything in the outbox past the cursor, waiting for each batch to be
-/// durable.
+/// What one round of capturing did.
+struct Progress {
+    /// Something was captured.
+    captured: bool,
+    /// The tool holds nothing more to capture (as of the last read).
+    caught_up: bool,
+}
+
+/// Captures what is new, up to [`CAPTURE_BATCHES_PER_STEP_MAX`] batches, waiting
+/// for each batch to be durable, then acknowledges the durable cursor to the
+/// connector.
 fn capture_all(
-    connector: &mut SqliteConnector,
-    core: &CoreHandle,
+    connector: &mut dyn Connector,
+    io: &Io<'_>,
     state: &mut ToolLoop,
-) -> Result<(), StepError> {
-    loop {
-        let bounds = state.capture_bounds();
-        let batch = connector.capture(bounds.after, bounds.upto, bounds.max)?;
-        if !state.captured(&batch) {
-            return Ok(());
-        }
+) -> Result<Progress, StepError> {
+    let mut progress = Progress {
+        captured: false,
+        caught_up: false,
+    };
+    for _ in 0..CAPTURE_BATCHES_PER_STEP_MAX {
+        let batch = connector.capture(state.capture_after(), CAPTURE_BATCH_MAX)?;
+        let Some(mark) = state.captured(&batch) else {
+            progress.caught_up = true;
+            break;
+        };
+        progress.captured = true;
         tracing::debug!(
             changes = batch.changes.len(),
-            cursor = batch.cursor,
+            rescan = batch.rescan,
             "captured"
         );
         let (reply, done) = oneshot::channel();
-        core.blocking_send(CoreRequest::Capture { batch, reply })?;
+        io.core.blocking_send(CoreRequest::Capture {
+            tool: io.tool,
+            batch,
+            mark,
+            reply,
+        })?;
         done.blocking_recv().map_err(|_| CoreStopped)?;
         state.durable();
     }
+    if progress.captured {
+        connector.acknowledge(state.cursor())?;
+    }
+    Ok(progress)
 }
 
 #[cfg(test)]
 mod tests {
-    use connectors::sqlite::CapturedChange;
+    use connectors::{CapturedChange, RowState};
 
     use super::*;
 
@@ -361,59 +406,55 @@ mod tests {
                 .map(|key| CapturedChange {
                     collection: "c".to_owned(),
                     key: (*key).to_owned(),
-                    state: connectors::sqlite::RowState::Absent,
+                    state: RowState::Absent,
                 })
                 .collect(),
-            cursor,
+            cursor: Cursor(cursor.to_be_bytes().to_vec()),
+            rescan: false,
         }
-    }
-
-    /// Regression: the rescan boundary was crossed when a wiped store's outbox
-    /// started after a gap of trimmed entries, because the batch size came from seq
-    /// arithmetic (`rescan_upto - cursor`). The bound is the seq itself.
-    #[test]
-    fn a_capture_never_crosses_the_end_of_the_rescan() {
-        let mut state = ToolLoop::new(0, 600);
-        assert_eq!(
-            state.capture_bounds(),
-            CaptureBounds {
-                after: 0,
-                upto: 600,
-                max: CAPTURE_BATCH_MAX
-            }
-        );
-        assert!(state.captured(&batch(600, &["a"])));
-        state.durable();
-        assert_eq!(state.capture_bounds().upto, u64::MAX);
     }
 
     #[test]
     fn records_captured_after_a_plan_are_stale_for_it() {
-        let mut state = ToolLoop::new(10, 0);
-        assert!(state.captured(&batch(12, &["a"])));
+        let mut state = ToolLoop::new(Cursor(10u64.to_be_bytes().to_vec()));
+        let first = state.captured(&batch(12, &["a"])).expect("new");
         state.durable();
-        assert!(state.captured(&batch(15, &["b"])));
+        let second = state.captured(&batch(15, &["b"])).expect("new");
         state.durable();
-        let changed = state.changed_since(12).expect("remembered");
+        assert!(second > first);
+        let changed = state.changed_since(first).expect("remembered");
         assert_eq!(changed, HashSet::from([("c".to_owned(), "b".to_owned())]));
-        assert_eq!(state.changed_since(10).map(|c| c.len()), Some(2));
-        state.plan_done(12, false);
-        assert_eq!(state.changed_since(12).map(|c| c.len()), Some(1));
-        assert!(!state.captured(&batch(15, &[])), "nothing new: caught up");
+        assert_eq!(state.changed_since(0).map(|c| c.len()), Some(2));
+        state.plan_done(first, false);
+        assert_eq!(state.changed_since(first).map(|c| c.len()), Some(1));
+        assert_eq!(
+            state.captured(&batch(15, &[])),
+            None,
+            "nothing new: caught up"
+        );
+    }
+
+    #[test]
+    fn a_capture_is_durable_only_once_the_core_says_so() {
+        let mut state = ToolLoop::new(Cursor::start());
+        state.captured(&batch(3, &["a"])).expect("new");
+        assert_eq!(state.cursor(), &Cursor::start(), "not durable yet");
+        assert_eq!(state.capture_after(), &Cursor(3u64.to_be_bytes().to_vec()));
+        assert_eq!(state.durable(), &Cursor(3u64.to_be_bytes().to_vec()));
     }
 
     #[test]
     fn a_plan_older_than_what_is_remembered_is_refused_whole() {
-        let mut state = ToolLoop::new(0, 0);
+        let mut state = ToolLoop::new(Cursor::start());
         let keys: Vec<String> = (0..CAPTURED_KEYS_REMEMBERED_MAX)
             .map(|i| i.to_string())
             .collect();
         let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-        assert!(state.captured(&batch(1, &keys)));
+        let first = state.captured(&batch(1, &keys)).expect("new");
         state.durable();
-        assert!(state.captured(&batch(2, &["one more"])));
+        state.captured(&batch(2, &["one more"])).expect("new");
         state.durable();
         assert!(state.changed_since(0).is_none());
-        assert!(state.changed_since(1).is_some());
+        assert!(state.changed_since(first).is_some());
     }
 }

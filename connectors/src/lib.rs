@@ -5,12 +5,11 @@
 //! cursors, never Automerge: mapping records to documents is the agent's job. Each
 //! connector blocks, and the agent runs it on a dedicated thread.
 //!
-//! Every connector follows the same cycle:
-//!
-//! 1. poll for changes cheaply (`changed`),
-//! 2. capture the changed records after the agent's cursor (`capture`),
-//! 3. once the cursor is stored durably, let the tool forget what was captured,
-//! 4. write merged records back, tagged so that step 2 never sees them again.
+//! Every connector implements [`Connector`]: wait for a change (pushed, or polled),
+//! capture after an opaque [`Cursor`], acknowledge what the agent stored, and write
+//! merged records back with an [`OpOutcome`] per op. The native types
+//! ([`CaptureBatch`], [`RowState`], [`WriteOp`], [`FieldType`]) are the same for
+//! every kind of tool.
 //!
 //! Architecture Invariant: a connector never writes over an edit the agent has not
 //! captured: an op whose record changed in the tool since the capture it was planned
@@ -53,9 +52,15 @@
 //!     fields: Record::from([("name".to_owned(), Value::Text("Ada L.".into()))]),
 //! };
 //! let outcomes = connector.write_back(batch.cursor, &HashSet::new(), &[rename])?;
-//! assert_eq!(outcomes, [OpOutcome::Written]);
+//! assert_eq!(outcomes, [OpOutcome::WRITTEN]);
 //! assert_eq!(connector.outbox_len()?, 0);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod contract;
 pub mod sqlite;
+
+pub use contract::{
+    CaptureBatch, CapturedChange, ChangeFeed, Connector, ConnectorError, Cursor, FieldType,
+    InvalidValue, OpOutcome, RecordKey, Rejection, RowState, Wake, WriteOp,
+};

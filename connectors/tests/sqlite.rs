@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 
 use connectors::sqlite::{
-    CaptureBatch, CollectionSpec, FieldType, OpOutcome, RowState, SqliteConnector, SqliteError,
+    CollectionSpec, FieldType, OpOutcome, OutboxBatch, RowState, SqliteConnector, SqliteError,
     WriteOp,
 };
 use crdt_model::{Decimal, Record, Timestamp, Value};
@@ -64,7 +64,7 @@ fn upsert(collection: &str, key: &str, fields: &[(&str, Value)]) -> WriteOp {
 }
 
 /// The (key, state) pairs of a batch.
-fn states(batch: &CaptureBatch) -> Vec<(&str, &RowState)> {
+fn states(batch: &OutboxBatch) -> Vec<(&str, &RowState)> {
     batch
         .changes
         .iter()
@@ -78,7 +78,7 @@ fn written(outcomes: Vec<OpOutcome>) -> Vec<(usize, String)> {
         .into_iter()
         .enumerate()
         .filter_map(|(index, outcome)| match outcome {
-            OpOutcome::Written => None,
+            OpOutcome::Written { .. } => None,
             OpOutcome::Rejected(rejection) => Some((index, rejection.to_string())),
             OpOutcome::Stale => panic!("op {index} was refused as stale"),
         })
@@ -504,7 +504,7 @@ mod write_back {
             upsert("customers", "2", &[("name", text("Grace"))]),
         ];
         let outcomes = connector.write_back(0, &none(), &ops).expect("write back");
-        assert_eq!(outcomes, [OpOutcome::Stale, OpOutcome::Written]);
+        assert_eq!(outcomes, [OpOutcome::Stale, OpOutcome::WRITTEN]);
         let name: String = fx
             .tool
             .query_row("SELECT name FROM customers WHERE id = 1", [], |r| r.get(0))

@@ -36,12 +36,12 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use concord_agent::core::{Core, CoreRequest, GROUP_COMMIT_REQUESTS_MAX};
-use concord_agent::engine::{CollectionInfo, Engine, RemoteError, WritePlan};
+use concord_agent::engine::{CollectionInfo, Engine, RemoteError, ToolSpec, WritePlan};
 use concord_agent::peers::EVENTS_IN_FLIGHT_MAX;
 use concord_agent::replication::{Action, Session};
 use concord_agent::store::{Store, StoreId};
-use concord_agent::tool::{ToolLoop, all_stale};
-use connectors::sqlite::{OpOutcome, WriteOp};
+use concord_agent::tool::{CAPTURE_BATCH_MAX, ToolLoop, all_stale};
+use connectors::{Connector, OpOutcome, WriteOp};
 use crdt_model::{ChangeHash, DocId, Record, Value};
 use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
@@ -173,8 +173,6 @@ struct Agent {
     restart_at: Option<u64>,
     /// Bumped whenever the agent's log grows, as the real core announces it.
     log_version: u64,
-    /// The end of the tool's rescan entries.
-    rescan_upto: u64,
     /// The agent's log read up to here for acknowledged changes.
     acked_seq: u64,
     /// Values this agent's user wrote, counted to make each one unique.
@@ -322,14 +320,13 @@ impl Sim {
                 dir: root.path().join(format!("agent-{i}")),
                 core: None,
                 tool: SimTool::default(),
-                tool_loop: ToolLoop::new(0, 0),
+                tool_loop: ToolLoop::new(connectors::Cursor::start()),
                 queue: VecDeque::new(),
                 captures: VecDeque::new(),
                 plan: None,
                 skew_ms,
                 restart_at: Some(0),
                 log_version: 0,
-                rescan_upto: 0,
                 acked_seq: 0,
                 values: 0,
                 just_written: Vec::new(),
@@ -531,11 +528,17 @@ impl Sim {
                 columns: COLUMNS.iter().map(|c| (*c).to_owned()).collect(),
             },
         )]);
-        let mut engine = Engine::new(store, "tool".to_owned(), collections)
+        let tool = ToolSpec {
+            name: "tool".to_owned(),
+            uid: format!("agent{i}.tool"),
+            collections,
+        };
+        let engine = Engine::new(store, vec![tool], []).map_err(|e| format!("agent {i}: {e}"))?;
+        agent
+            .tool
+            .claim(&engine.store_id())
             .map_err(|e| format!("agent {i}: {e}"))?;
-        agent.rescan_upto = agent.tool.claim(engine.store_id());
-        engine.set_rescan_upto(agent.rescan_upto);
-        agent.tool_loop = ToolLoop::new(engine.captured_upto(), agent.rescan_upto);
+        agent.tool_loop = ToolLoop::new(engine.captured(0).clone());
         agent.acked_seq = engine
             .reader()
             .log_head(COLLECTION)
@@ -588,7 +591,7 @@ impl Sim {
                     let Ok(store) = Store::open_with(&other.dir, || [0; 16]) else {
                         continue;
                     };
-                    let Ok(engine) = Engine::new(store, "tool".to_owned(), BTreeMap::new()) else {
+                    let Ok(engine) = Engine::new(store, Vec::new(), []) else {
                         continue;
                     };
                     opened.insert(engine)
@@ -627,23 +630,19 @@ impl Sim {
             match reply.try_recv() {
                 Ok(()) => {
                     agent.captures.pop_front();
-                    agent.tool_loop.durable();
+                    let durable = agent.tool_loop.durable().clone();
+                    if let Err(e) = agent.tool.acknowledge(&durable) {
+                        unreachable!("the simulated tool never fails: {e}");
+                    }
                 }
                 Err(_) => break,
             }
         }
-        let changed = agent
-            .tool
-            .changed_since(agent.tool_loop.capture_bounds().after);
+        let changed = agent.tool.changed().unwrap_or(true);
         if agent.tool_loop.wants_capture(changed) {
             self.capture_all(i);
         }
         let agent = &mut self.agents[i];
-        let drained = agent.tool.head() == agent.tool_loop.cursor();
-        if let Some(upto) = agent.tool_loop.trim_due(drained) {
-            agent.tool.trim(upto);
-            agent.tool_loop.trimmed(upto);
-        }
         let due = agent.plan.as_ref().is_some_and(|(_, at)| *at <= self.now);
         if due {
             self.write_back(i);
@@ -654,13 +653,20 @@ impl Sim {
     fn capture_all(&mut self, i: usize) {
         let agent = &mut self.agents[i];
         while agent.captures.len() < CAPTURES_IN_FLIGHT_MAX {
-            let bounds = agent.tool_loop.capture_bounds();
-            let batch = agent.tool.capture(bounds.after, bounds.upto, bounds.max);
-            if !agent.tool_loop.captured(&batch) {
+            let after = agent.tool_loop.capture_after().clone();
+            let Ok(batch) = agent.tool.capture(&after, CAPTURE_BATCH_MAX) else {
+                unreachable!("the simulated tool never fails");
+            };
+            let Some(mark) = agent.tool_loop.captured(&batch) else {
                 return;
-            }
+            };
             let (reply, answer) = oneshot::channel();
-            agent.queue.push_back(CoreRequest::Capture { batch, reply });
+            agent.queue.push_back(CoreRequest::Capture {
+                tool: 0,
+                batch,
+                mark,
+                reply,
+            });
             agent.captures.push_back(answer);
         }
     }
@@ -671,21 +677,24 @@ impl Sim {
         };
         let agent = &mut self.agents[i];
         let ops: Vec<WriteOp> = plan.writes.iter().map(|w| w.op.clone()).collect();
-        let outcomes = match agent.tool_loop.changed_since(plan.captured_upto) {
-            Some(changed) => agent.tool.write_back(plan.captured_upto, &changed, &ops),
+        let outcomes = match agent.tool_loop.changed_since(plan.mark) {
+            Some(changed) => match agent.tool.write_back(&plan.captured, &changed, &ops) {
+                Ok(outcomes) => outcomes,
+                Err(e) => unreachable!("the simulated tool never fails: {e}"),
+            },
             None => all_stale(ops.len()),
         };
         let stale = outcomes.iter().filter(|o| **o == OpOutcome::Stale).count();
         agent.just_written = ops
             .iter()
             .zip(&outcomes)
-            .filter(|(_, o)| **o == OpOutcome::Written)
+            .filter(|(_, o)| matches!(o, OpOutcome::Written { .. }))
             .filter_map(|(op, _)| match op {
                 WriteOp::Upsert { key, .. } => Some(key.clone()),
                 WriteOp::Delete { .. } => None,
             })
             .collect();
-        agent.tool_loop.plan_done(plan.captured_upto, stale > 0);
+        agent.tool_loop.plan_done(plan.mark, stale > 0);
         if stale > 0 {
             self.capture_all(i);
         }
@@ -707,7 +716,9 @@ impl Sim {
         }
         let pause = self.rng.chance(self.swarm.core_pause);
         let wall = self.wall_ms(i);
-        let rescanning = self.agents[i].tool_loop.cursor() < self.agents[i].rescan_upto;
+        let rescanning = self.agents[i]
+            .tool
+            .rescanning(self.agents[i].tool_loop.cursor());
         let mut committed = false;
         while !pause && !self.agents[i].queue.is_empty() {
             let len = self.agents[i].queue.len().min(GROUP_COMMIT_REQUESTS_MAX);
@@ -730,7 +741,7 @@ impl Sim {
         let delay = self.rng.range(0, 20);
         let agent = &mut self.agents[i];
         let core = agent.core.as_mut().expect("running");
-        if let Some(plan) = core.plan(wall).map_err(|e| e.to_string())? {
+        if let Some(plan) = core.plan(wall).map_err(|e| e.to_string())?.pop() {
             agent.plan = Some((plan, self.now + delay));
         }
         Ok(())
@@ -1100,7 +1111,9 @@ impl Sim {
             if agent.plan.is_some()
                 || !agent.queue.is_empty()
                 || !agent.captures.is_empty()
-                || agent.tool.changed_since(agent.tool_loop.cursor())
+                || agent
+                    .tool
+                    .changed_since(tool::seq(agent.tool_loop.cursor()))
             {
                 return Err(format!("agent {i} has work in flight"));
             }

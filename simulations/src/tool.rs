@@ -8,7 +8,10 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
-use connectors::sqlite::{CaptureBatch, CapturedChange, OpOutcome, RowState, WriteOp};
+use connectors::{
+    CaptureBatch, CapturedChange, ChangeFeed, Connector, ConnectorError, Cursor, OpOutcome,
+    RecordKey, RowState, WriteOp,
+};
 use crdt_model::{Record, Value};
 
 /// The one collection simulated.
@@ -30,6 +33,25 @@ pub struct SimTool {
     pub edits: u64,
     owner: Option<[u8; 16]>,
     rescan_upto: u64,
+    /// The head at the last [`Connector::changed`].
+    seen_head: u64,
+    trimmed: u64,
+}
+
+/// Outbox entries acknowledged before a trim (as the SQLite connector).
+const TRIM_EVERY: u64 = 256;
+
+/// The outbox seq of a cursor (8 bytes big-endian; empty is 0).
+pub fn seq(cursor: &Cursor) -> u64 {
+    cursor
+        .as_bytes()
+        .try_into()
+        .map(u64::from_be_bytes)
+        .unwrap_or(0)
+}
+
+fn cursor_of(seq: u64) -> Cursor {
+    Cursor(seq.to_be_bytes().to_vec())
 }
 
 fn empty_row() -> Record {
@@ -69,19 +91,24 @@ impl SimTool {
         self.head
     }
 
-    /// Reads up to `max` outbox entries after `after` and up to `upto`, with each
-    /// row's current state.
-    pub fn capture(&self, after: u64, upto: u64, max: usize) -> CaptureBatch {
+    /// Whether outbox entries up to `cursor` belong to a rescan.
+    pub fn rescanning(&self, cursor: &Cursor) -> bool {
+        seq(cursor) < self.rescan_upto
+    }
+
+    /// Reads up to `max` outbox entries after `after`, never across the end of a
+    /// rescan, with each row's current state.
+    fn read(&self, after: u64, max: usize) -> CaptureBatch {
+        let rescan = after < self.rescan_upto;
+        let upto = if rescan { self.rescan_upto } else { u64::MAX };
         let mut batch = CaptureBatch {
             changes: Vec::new(),
-            cursor: after,
+            cursor: cursor_of(after),
+            rescan,
         };
-        if after >= upto {
-            return batch;
-        }
         let mut seen = BTreeSet::new();
         for (&seq, key) in self.outbox.range(after + 1..=upto).take(max) {
-            batch.cursor = seq;
+            batch.cursor = cursor_of(seq);
             if !seen.insert(key.clone()) {
                 continue;
             }
@@ -100,7 +127,7 @@ impl SimTool {
 
     /// Records the store capturing this tool; a new store makes every row queued
     /// again. Returns the end of the rescan entries (as `SqliteConnector::claim`).
-    pub fn claim(&mut self, store: [u8; 16]) -> u64 {
+    fn claim_store(&mut self, store: [u8; 16]) -> u64 {
         match self.owner {
             Some(owner) if owner == store => {}
             None => {}
@@ -118,13 +145,13 @@ impl SimTool {
     }
 
     /// Drops outbox entries up to `upto`; the head is kept.
-    pub fn trim(&mut self, upto: u64) {
+    fn trim(&mut self, upto: u64) {
         self.outbox = self.outbox.split_off(&(upto + 1));
     }
 
     /// Applies the agent's writes, each unless its record changed after
     /// `captured_upto` (an outbox entry after it, or named in `changed_since`).
-    pub fn write_back(
+    fn apply(
         &mut self,
         captured_upto: u64,
         changed_since: &HashSet<(String, String)>,
@@ -154,8 +181,59 @@ impl SimTool {
                 }
             }
             self.writes += 1;
-            outcomes.push(OpOutcome::Written);
+            outcomes.push(OpOutcome::WRITTEN);
         }
         outcomes
+    }
+}
+
+/// The simulated tool under the same contract as every connector: the simulator's
+/// tool loop drives it exactly as the agent's tool thread drives SQLite.
+impl Connector for SimTool {
+    fn kind(&self) -> &'static str {
+        "simulated"
+    }
+
+    fn change_feed(&self) -> ChangeFeed {
+        ChangeFeed::Poll {
+            interval: std::time::Duration::from_millis(1),
+            idle: std::time::Duration::from_millis(1),
+        }
+    }
+
+    fn claim(&mut self, store: &[u8]) -> Result<(), ConnectorError> {
+        let store: [u8; 16] = store
+            .try_into()
+            .map_err(|_| ConnectorError("a store id has 16 bytes".into()))?;
+        self.claim_store(store);
+        Ok(())
+    }
+
+    fn changed(&mut self) -> Result<bool, ConnectorError> {
+        let changed = self.head != self.seen_head;
+        self.seen_head = self.head;
+        Ok(changed)
+    }
+
+    fn capture(&mut self, after: &Cursor, max: usize) -> Result<CaptureBatch, ConnectorError> {
+        Ok(self.read(seq(after), max))
+    }
+
+    fn acknowledge(&mut self, durable: &Cursor) -> Result<(), ConnectorError> {
+        let upto = seq(durable);
+        if upto > self.trimmed && (upto - self.trimmed >= TRIM_EVERY || upto == self.head) {
+            self.trim(upto);
+            self.trimmed = upto;
+        }
+        Ok(())
+    }
+
+    fn write_back(
+        &mut self,
+        captured: &Cursor,
+        changed_since: &HashSet<RecordKey>,
+        ops: &[WriteOp],
+    ) -> Result<Vec<OpOutcome>, ConnectorError> {
+        Ok(self.apply(seq(captured), changed_since, ops))
     }
 }

@@ -23,7 +23,7 @@ fn a_config_with_an_unknown_key_names_file_line_and_key() -> anyhow::Result<()> 
         err.contains(&path.display().to_string()),
         "file not named: {err}"
     );
-    assert!(err.contains("line 13"), "line not named: {err}");
+    assert!(err.contains("line 15"), "line not named: {err}");
     assert!(err.contains("primary_kee"), "key not named: {err}");
     Ok(())
 }
@@ -43,11 +43,11 @@ async fn a_missing_table_names_file_line_and_field() -> anyhow::Result<()> {
     assert!(matches!(err, StartError::Config(_)), "{err:?}");
     let err = err.to_string();
     assert!(
-        err.contains(&format!("{}:11:", path.display())),
+        err.contains(&format!("{}:13:", path.display())),
         "file and line not named: {err}"
     );
     assert!(
-        err.contains("sqlite.collection[0].table"),
+        err.contains("tool[0].collection[0].table"),
         "field not named: {err}"
     );
     assert!(err.contains("clients"), "table not named: {err}");

@@ -1,14 +1,15 @@
 //! Capture: the local tool's changed rows become changes of their documents.
 
-use connectors::sqlite::{CapturedChange, RowState};
+use connectors::{CaptureBatch, CapturedChange, RowState};
 use crdt_model::{DocId, Edit, Record, Value};
 
-use super::{Engine, project, tombstoned};
-use crate::store::{Batch, DeadLetter, LetterReason, StoreError, tool_cursor};
+use super::{Engine, ToolIx, project, tombstoned};
+use crate::store::{Batch, DeadLetter, LetterReason, StoreError};
 
 impl Engine {
-    /// Stages captured changes of the local tool, made at `now_ms` (milliseconds since
-    /// the Unix epoch), and the new capture cursor.
+    /// Stages the changes `tool` captured, made at `now_ms` (milliseconds since the
+    /// Unix epoch), and its new capture cursor. `mark` is the tool loop's number of
+    /// the capture (see [`super::WritePlan::mark`]).
     ///
     /// Only fields that differ from the shadow (what the tool was known to hold) are
     /// written, so a capture never reverts a remote edit not yet written back. A row
@@ -17,27 +18,26 @@ impl Engine {
     pub fn capture(
         &mut self,
         batch: &mut Batch,
-        changes: Vec<CapturedChange>,
-        cursor: u64,
+        tool: ToolIx,
+        captured: CaptureBatch,
+        mark: u64,
         now_ms: i64,
     ) -> Result<(), StoreError> {
-        let rescan = cursor <= self.rescan_upto;
-        for change in changes {
-            self.capture_one(batch, change, now_ms, rescan)?;
+        for change in captured.changes {
+            self.capture_one(batch, tool, change, now_ms, captured.rescan)?;
         }
-        let name = tool_cursor(&self.tool);
-        debug_assert!(
-            cursor >= self.store.cursor(&name)?,
-            "the capture cursor went backwards"
-        );
-        self.store.stage_cursor(batch, &name, cursor);
-        self.captured_upto = self.captured_upto.max(cursor);
+        let state = &mut self.tools[tool];
+        self.store
+            .stage_tool_cursor(batch, &state.name, &captured.cursor);
+        state.captured = captured.cursor;
+        state.captured_mark = state.captured_mark.max(mark);
         Ok(())
     }
 
     fn capture_one(
         &mut self,
         batch: &mut Batch,
+        tool: ToolIx,
         change: CapturedChange,
         now_ms: i64,
         rescan: bool,
@@ -47,22 +47,23 @@ impl Engine {
             key,
             state,
         } = change;
-        let Some(info) = self.collections.get(&collection).cloned() else {
+        let (name, uid) = (self.tools[tool].name.clone(), self.tools[tool].uid.clone());
+        let Some(info) = self.tools[tool].collections.get(&collection).cloned() else {
             return Ok(());
         };
-        let shadow = self.store.shadow(&self.tool, &collection, &key)?;
+        let shadow = self.store.shadow(&name, &collection, &key)?;
         let id = DocId::of(&collection, &key);
         let (edit, after) = match state {
             RowState::Invalid(invalid) => {
-                tracing::warn!(tool = %self.tool, %collection, %key, reason = %invalid, "row set aside as a dead letter");
+                tracing::warn!(tool = %name, %collection, %key, reason = %invalid, "row set aside as a dead letter");
                 let letter = DeadLetter {
-                    tool: self.tool.clone(),
+                    tool: name.clone(),
                     collection: collection.clone(),
                     key: key.clone(),
                     reason: LetterReason::InvalidRow(invalid),
                 };
                 self.store
-                    .stage_dead_letter(batch, &self.tool, &collection, &key, Some(&letter));
+                    .stage_dead_letter(batch, &name, &collection, &key, Some(&letter));
                 self.stats.dead_letters += 1;
                 return Ok(());
             }
@@ -96,7 +97,7 @@ impl Engine {
                     .collect();
                 let edit = Edit {
                     fields,
-                    external_id: created.then(|| (self.tool.clone(), key.clone())),
+                    external_id: created.then(|| (uid, key.clone())),
                     deleted: revive.then_some(false),
                     reset,
                     time_ms: now_ms,
@@ -105,13 +106,13 @@ impl Engine {
             }
         };
         self.store
-            .stage_dead_letter(batch, &self.tool, &collection, &key, None);
+            .stage_dead_letter(batch, &name, &collection, &key, None);
         if after.is_some() && edit.external_id.is_some() {
             self.store
-                .stage_external_id(batch, &self.tool, &collection, &key, id);
+                .stage_external_id(batch, &name, &collection, &key, id);
         }
         self.store
-            .stage_shadow(batch, &self.tool, &collection, &key, after.as_ref());
+            .stage_shadow(batch, &name, &collection, &key, after.as_ref());
         let doc = self.store.doc(id)?;
         let was_empty = doc.is_empty();
         let change = match doc.edit(&collection, &key, &edit) {
@@ -128,13 +129,15 @@ impl Engine {
             self.store
                 .stage_doc(batch, id, &collection, vec![change], None)?;
             self.stats.captured += 1;
+            // The agent's other tools of this collection take the change too.
+            self.set_pending_all(batch, &collection, id, Some(tool));
         }
         // The merged record may differ from what the tool holds (a concurrent remote
         // edit won, or the record is deleted): then the tool needs a write-back. A
         // document this capture created holds exactly the tool's record.
         if !was_empty && let Some(state) = self.read_or_quarantine(batch, id)? {
             let differs = project(&state, &info).as_ref() != after.as_ref();
-            self.set_pending(batch, id, differs);
+            self.set_pending(batch, tool, id, differs);
         }
         Ok(())
     }

@@ -20,7 +20,9 @@ use std::sync::Arc;
 
 use crdt_model::{DocId, Record, RecordDoc, RecordState, Value};
 
-use crate::store::{Batch, Quarantined, Store, StoreError, StoreId, StoreReader, tool_cursor};
+use connectors::Cursor;
+
+use crate::store::{Batch, Quarantined, Store, StoreError, StoreId, StoreReader};
 
 pub use remote::{ApplyOutcome, DocChanges, RemoteError, WireEntry};
 pub use write_back::{
@@ -28,12 +30,28 @@ pub use write_back::{
     WRITE_BACK_STALE_WAIT_MS, WritePlan,
 };
 
-/// One configured collection of the local tool.
+/// One collection a tool syncs.
 #[derive(Debug, Clone)]
 pub struct CollectionInfo {
     /// The columns synced, by name (the fields of the canonical record).
     pub columns: Vec<String>,
 }
+
+/// One tool of this agent, as the engine knows it.
+#[derive(Debug, Clone)]
+pub struct ToolSpec {
+    /// The tool's name in this agent (unique here): it keys the tool's shadows,
+    /// cursor, pending marks and dead letters in the store.
+    pub name: String,
+    /// The tool's id in documents, unique among all agents (this agent's peer id,
+    /// shortened, and the name): it keys the record's external id in that tool.
+    pub uid: String,
+    /// The collections it syncs.
+    pub collections: BTreeMap<String, CollectionInfo>,
+}
+
+/// The index of a tool among the engine's tools.
+pub type ToolIx = usize;
 
 /// Counters of what the engine did, for status and tests.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -56,11 +74,25 @@ pub struct EngineStats {
 #[derive(Debug)]
 pub struct Engine {
     store: Store,
-    tool: String,
+    tools: Vec<ToolState>,
+    /// Every collection this agent syncs (its tools' and those it only relays), with
+    /// the tools syncing each.
+    collections: BTreeMap<String, Vec<ToolIx>>,
+    stats: EngineStats,
+}
+
+/// What the engine keeps per tool.
+#[derive(Debug)]
+struct ToolState {
+    name: String,
+    uid: String,
     collections: BTreeMap<String, Arc<CollectionInfo>>,
-    captured_upto: u64,
-    /// Documents awaiting write-back: the stored set, mirrored in memory so that
-    /// planning does not scan the keyspace.
+    /// The capture cursor committed last (or staged in the open batch).
+    captured: Cursor,
+    /// The tool loop's number of the capture committed last (see [`WritePlan::mark`]).
+    captured_mark: u64,
+    /// Documents awaiting write-back to this tool: the stored set, mirrored in
+    /// memory so that planning does not scan the keyspace.
     pending: BTreeSet<DocId>,
     /// Documents in the write-back plan on its way to the tool.
     in_flight: BTreeSet<DocId>,
@@ -69,37 +101,47 @@ pub struct Engine {
     /// Per document, write-backs refused as stale in a row, and until when (ms since
     /// the epoch) it waits before the next attempt once there were too many.
     stale: HashMap<DocId, (u32, i64)>,
-    /// Outbox entries up to here belong to a rescan of the tool (see
-    /// `SqliteConnector::claim`): rows the tool holds are recorded without reviving
-    /// records deleted elsewhere.
-    rescan_upto: u64,
-    stats: EngineStats,
 }
 
 impl Engine {
-    /// An engine over `store` for the local tool named `tool` with its collections.
+    /// An engine over `store` for `tools`, also relaying the collections in `relayed`
+    /// (a hub has no tool and relays only).
     pub fn new(
         store: Store,
-        tool: String,
-        collections: BTreeMap<String, CollectionInfo>,
+        tools: Vec<ToolSpec>,
+        relayed: impl IntoIterator<Item = String>,
     ) -> Result<Engine, StoreError> {
         let reader = store.reader();
-        let captured_upto = reader.cursor(&tool_cursor(&tool))?;
-        let pending = reader.pending(usize::MAX)?.into_iter().collect();
-        let collections = collections
-            .into_iter()
-            .map(|(name, info)| (name, Arc::new(info)))
-            .collect();
+        let mut collections: BTreeMap<String, Vec<ToolIx>> =
+            relayed.into_iter().map(|c| (c, Vec::new())).collect();
+        let mut states = Vec::with_capacity(tools.len());
+        for (ix, tool) in tools.into_iter().enumerate() {
+            for collection in tool.collections.keys() {
+                collections.entry(collection.clone()).or_default().push(ix);
+            }
+            states.push(ToolState {
+                captured: reader.tool_cursor(&tool.name)?,
+                captured_mark: 0,
+                pending: reader
+                    .pending(&tool.name, usize::MAX)?
+                    .into_iter()
+                    .collect(),
+                in_flight: BTreeSet::new(),
+                changed_in_flight: BTreeSet::new(),
+                stale: HashMap::new(),
+                collections: tool
+                    .collections
+                    .into_iter()
+                    .map(|(name, info)| (name, Arc::new(info)))
+                    .collect(),
+                name: tool.name,
+                uid: tool.uid,
+            });
+        }
         Ok(Engine {
             store,
-            tool,
+            tools: states,
             collections,
-            captured_upto,
-            pending,
-            in_flight: BTreeSet::new(),
-            changed_in_flight: BTreeSet::new(),
-            stale: HashMap::new(),
-            rescan_upto: 0,
             stats: EngineStats::default(),
         })
     }
@@ -107,11 +149,6 @@ impl Engine {
     /// The store, for commits.
     pub fn store(&mut self) -> &mut Store {
         &mut self.store
-    }
-
-    /// Sets the end of the tool's rescan entries; capture batches must not straddle it.
-    pub fn set_rescan_upto(&mut self, upto: u64) {
-        self.rescan_upto = upto;
     }
 
     /// Read access to the committed store.
@@ -124,9 +161,14 @@ impl Engine {
         self.store.actor()
     }
 
-    /// The collections of the local tool.
+    /// Every collection this agent syncs with its peers.
     pub fn collections(&self) -> impl Iterator<Item = &str> {
         self.collections.keys().map(String::as_str)
+    }
+
+    /// How many tools the engine writes to.
+    pub fn tool_count(&self) -> usize {
+        self.tools.len()
     }
 
     /// What the engine did so far.
@@ -134,26 +176,47 @@ impl Engine {
         &self.stats
     }
 
-    /// The outbox seq up to which the tool's changes are captured and committed.
-    pub fn captured_upto(&self) -> u64 {
-        self.captured_upto
+    /// Tool `tool`'s capture cursor, committed (or staged in the open batch).
+    pub fn captured(&self, tool: ToolIx) -> &Cursor {
+        &self.tools[tool].captured
     }
 
-    /// Marks or unmarks a document as awaiting write-back, staging only real changes.
-    fn set_pending(&mut self, batch: &mut Batch, id: DocId, pending: bool) {
-        if pending && self.in_flight.contains(&id) {
-            self.changed_in_flight.insert(id);
+    /// Marks or unmarks a document as awaiting write-back to `tool`, staging only
+    /// real changes.
+    fn set_pending(&mut self, batch: &mut Batch, tool: ToolIx, id: DocId, pending: bool) {
+        let state = &mut self.tools[tool];
+        if pending && state.in_flight.contains(&id) {
+            state.changed_in_flight.insert(id);
         }
         let changed = if pending {
-            self.pending.insert(id)
+            state.pending.insert(id)
         } else {
-            self.pending.remove(&id)
+            state.pending.remove(&id)
         };
         if changed {
-            self.store.stage_pending(batch, id, pending);
+            self.store.stage_pending(batch, &state.name, id, pending);
         }
         if !pending {
-            self.stale.remove(&id);
+            state.stale.remove(&id);
+        }
+    }
+
+    /// Marks document `id` of `collection` as awaiting write-back to every tool that
+    /// syncs the collection, except `but`.
+    fn set_pending_all(
+        &mut self,
+        batch: &mut Batch,
+        collection: &str,
+        id: DocId,
+        but: Option<ToolIx>,
+    ) {
+        let Some(tools) = self.collections.get(collection) else {
+            return;
+        };
+        for tool in tools.clone() {
+            if Some(tool) != but {
+                self.set_pending(batch, tool, id, true);
+            }
         }
     }
 
@@ -196,7 +259,9 @@ impl Engine {
             reason,
         };
         self.store.stage_quarantine(batch, &quarantined);
-        self.set_pending(batch, id, false);
+        for tool in 0..self.tools.len() {
+            self.set_pending(batch, tool, id, false);
+        }
         self.stats.quarantined += 1;
     }
 }

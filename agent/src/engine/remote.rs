@@ -148,9 +148,7 @@ impl Engine {
         let origin = (!applied.released_earlier).then_some(origin);
         self.store
             .stage_doc(batch, id, collection, applied.new_changes, origin)?;
-        if self.collections.contains_key(collection) {
-            self.set_pending(batch, id, true);
-        }
+        self.set_pending_all(batch, collection, id, None);
         self.stats.applied += 1;
         Ok(applied.missing_deps)
     }

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use connectors::sqlite::{CapturedChange, OpOutcome, RowState, WriteOp};
+use connectors::{CaptureBatch, CapturedChange, Cursor, OpOutcome, RowState, WriteOp};
 use crdt_model::{DocId, Edit, Record, RecordDoc, Value};
 
 use super::*;
@@ -16,7 +16,30 @@ fn engine(dir: &std::path::Path) -> Result<Engine, StoreError> {
             columns: vec!["name".to_owned()],
         },
     )]);
-    Engine::new(Store::open(dir)?, "sqlite".to_owned(), collections)
+    Engine::new(Store::open(dir)?, vec![tool(collections)], [])
+}
+
+fn tool(collections: BTreeMap<String, CollectionInfo>) -> ToolSpec {
+    ToolSpec {
+        name: "sqlite".to_owned(),
+        uid: "agent.sqlite".to_owned(),
+        collections,
+    }
+}
+
+/// Stages `changes` as one capture of the engine's tool ending at outbox seq `seq`.
+fn capture(
+    engine: &mut Engine,
+    batch: &mut Batch,
+    changes: Vec<CapturedChange>,
+    seq: u64,
+) -> Result<(), StoreError> {
+    let captured = CaptureBatch {
+        changes,
+        cursor: Cursor(seq.to_be_bytes().to_vec()),
+        rescan: false,
+    };
+    engine.capture(batch, 0, captured, seq, 0)
 }
 
 fn captured(key: &str, name: &str) -> CapturedChange {
@@ -39,7 +62,7 @@ fn a_document_with_missing_dependencies_is_repaired_by_a_heads_exchange()
     let (mut a, mut b) = (engine(dir_a.path())?, engine(dir_b.path())?);
     for (cursor, name) in [(1, "Ada"), (2, "Ada Lovelace")] {
         let mut batch = a.store().batch();
-        a.capture(&mut batch, vec![captured("1", name)], cursor, 0)?;
+        capture(&mut a, &mut batch, vec![captured("1", name)], cursor)?;
         a.store().commit(batch)?;
     }
     let log = a.store().reader().log_from("customers", 1, 10)?;
@@ -95,7 +118,7 @@ fn changes_under_a_foreign_document_id_are_refused() -> Result<(), Box<dyn std::
     let (dir_a, dir_b) = (tempfile::tempdir()?, tempfile::tempdir()?);
     let (mut a, mut b) = (engine(dir_a.path())?, engine(dir_b.path())?);
     let mut batch = a.store().batch();
-    a.capture(&mut batch, vec![captured("1", "Ada")], 1, 0)?;
+    capture(&mut a, &mut batch, vec![captured("1", "Ada")], 1)?;
     a.store().commit(batch)?;
     let log = a.store().reader().log_from("customers", 1, 10)?;
     let forged = WireEntry {
@@ -154,7 +177,7 @@ fn a_capture_in_the_same_batch_as_the_write_back_sees_its_shadow() -> TestResult
     let dir = tempfile::tempdir()?;
     let mut a = engine(dir.path())?;
     let mut batch = a.store().batch();
-    a.capture(&mut batch, vec![captured("1", "Ada")], 1, 0)?;
+    capture(&mut a, &mut batch, vec![captured("1", "Ada")], 1)?;
     a.store().commit(batch)?;
     let base: Vec<Vec<u8>> = a
         .store()
@@ -176,7 +199,7 @@ fn a_capture_in_the_same_batch_as_the_write_back_sees_its_shadow() -> TestResult
     )?;
     a.store().commit(batch)?;
     let mut batch = a.store().batch();
-    let plan = a.plan_writes(&mut batch, 10, 0)?;
+    let plan = a.plan_writes(&mut batch, 0, 10, 0)?;
     a.store().commit(batch)?;
     assert_eq!(plan.writes.len(), 1);
 
@@ -201,8 +224,8 @@ fn a_capture_in_the_same_batch_as_the_write_back_sees_its_shadow() -> TestResult
     a.apply_remote(&mut batch, peer, "customers", Some(2), vec![newer])?;
     a.store().commit(batch)?;
     let mut batch = a.store().batch();
-    a.writes_done(&mut batch, plan, vec![OpOutcome::Written], 0)?;
-    a.capture(&mut batch, vec![captured("1", "Grace")], 2, 0)?;
+    a.writes_done(&mut batch, plan, vec![OpOutcome::WRITTEN], 0)?;
+    capture(&mut a, &mut batch, vec![captured("1", "Grace")], 2)?;
     a.store().commit(batch)?;
     assert_eq!(
         name_of(&mut a, "1")?,
@@ -220,15 +243,15 @@ fn a_batch_larger_than_the_document_cache_loses_nothing() -> TestResult {
     let dir = tempfile::tempdir()?;
     let mut a = engine(dir.path())?;
     let mut batch = a.store().batch();
-    a.capture(&mut batch, vec![captured("0", "first")], 1, 0)?;
+    capture(&mut a, &mut batch, vec![captured("0", "first")], 1)?;
     a.store().commit(batch)?;
     let mut batch = a.store().batch();
-    a.capture(&mut batch, vec![captured("0", "second")], 2, 0)?;
+    capture(&mut a, &mut batch, vec![captured("0", "second")], 2)?;
     let others: Vec<CapturedChange> = (1..=DOC_CACHE_MAX + 10)
         .map(|i| captured(&i.to_string(), "x"))
         .collect();
-    a.capture(&mut batch, others, 3, 0)?;
-    a.capture(&mut batch, vec![captured("0", "third")], 4, 0)?;
+    capture(&mut a, &mut batch, others, 3)?;
+    capture(&mut a, &mut batch, vec![captured("0", "third")], 4)?;
     a.store().commit(batch)?;
     drop(a);
     let mut a = engine(dir.path())?;
@@ -286,12 +309,12 @@ fn an_unreadable_value_from_a_peer_is_refused_and_quarantined() -> TestResult {
     assert_eq!(quarantined[0].peer, Some([9; 16]));
     // Nothing of it is kept: planning works, now and after a restart.
     let mut batch = a.store().batch();
-    assert!(a.plan_writes(&mut batch, 10, 0)?.writes.is_empty());
+    assert!(a.plan_writes(&mut batch, 0, 10, 0)?.writes.is_empty());
     a.store().commit(batch)?;
     drop(a);
     let mut a = engine(dir.path())?;
     let mut batch = a.store().batch();
-    assert!(a.plan_writes(&mut batch, 10, 0)?.writes.is_empty());
+    assert!(a.plan_writes(&mut batch, 0, 10, 0)?.writes.is_empty());
     assert!(!a.store().has_doc(DocId::of("customers", "1"))?);
     Ok(())
 }
@@ -307,7 +330,7 @@ fn a_row_created_after_a_delete_starts_from_the_row() -> TestResult {
             columns: vec!["name".to_owned(), "email".to_owned()],
         },
     )]);
-    let mut a = Engine::new(Store::open(dir.path())?, "sqlite".to_owned(), collections)?;
+    let mut a = Engine::new(Store::open(dir.path())?, vec![tool(collections)], [])?;
     let row = |name: &str, email: Option<&str>| CapturedChange {
         collection: "customers".to_owned(),
         key: "5".to_owned(),
@@ -330,7 +353,7 @@ fn a_row_created_after_a_delete_starts_from_the_row() -> TestResult {
     ];
     for (cursor, change) in (1..).zip(steps) {
         let mut batch = a.store().batch();
-        a.capture(&mut batch, vec![change], cursor, 0)?;
+        capture(&mut a, &mut batch, vec![change], cursor)?;
         a.store().commit(batch)?;
     }
     let state = a.store().doc(DocId::of("customers", "5"))?.read()?;
@@ -342,7 +365,7 @@ fn a_row_created_after_a_delete_starts_from_the_row() -> TestResult {
     );
     let mut batch = a.store().batch();
     assert!(
-        a.plan_writes(&mut batch, 10, 0)?.writes.is_empty(),
+        a.plan_writes(&mut batch, 0, 10, 0)?.writes.is_empty(),
         "the tool already holds it"
     );
     Ok(())
@@ -365,7 +388,7 @@ fn stale_writes_stay_pending_and_the_rest_are_done() -> TestResult {
     a.apply_remote(&mut batch, peer, "customers", Some(2), entries)?;
     a.store().commit(batch)?;
     let mut batch = a.store().batch();
-    let plan = a.plan_writes(&mut batch, 10, 0)?;
+    let plan = a.plan_writes(&mut batch, 0, 10, 0)?;
     assert_eq!(plan.writes.len(), 2);
     let keys: HashMap<DocId, usize> = plan
         .writes
@@ -373,12 +396,12 @@ fn stale_writes_stay_pending_and_the_rest_are_done() -> TestResult {
         .enumerate()
         .map(|(i, w)| (w.doc, i))
         .collect();
-    let mut outcomes = vec![OpOutcome::Written; 2];
+    let mut outcomes = vec![OpOutcome::WRITTEN; 2];
     outcomes[keys[&DocId::of("customers", "1")]] = OpOutcome::Stale;
     a.writes_done(&mut batch, plan, outcomes, 0)?;
     a.store().commit(batch)?;
     let mut batch = a.store().batch();
-    let again = a.plan_writes(&mut batch, 10, 0)?;
+    let again = a.plan_writes(&mut batch, 0, 10, 0)?;
     assert_eq!(again.writes.len(), 1);
     assert_eq!(again.writes[0].doc, DocId::of("customers", "1"));
     assert!(matches!(again.writes[0].op, WriteOp::Upsert { .. }));

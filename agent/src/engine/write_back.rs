@@ -1,9 +1,9 @@
 //! Write-back: planning what the local tool must hold, and learning what it did.
 
-use connectors::sqlite::{OpOutcome, WriteOp};
+use connectors::{Cursor, OpOutcome, WriteOp};
 use crdt_model::{DocId, Record};
 
-use super::{Engine, project};
+use super::{Engine, ToolIx, project};
 use crate::store::{Batch, DeadLetter, LetterReason, StoreError};
 
 /// Write-backs of one document refused as stale in a row before it waits between
@@ -15,7 +15,7 @@ pub const WRITE_BACK_STALE_WAIT_MS: i64 = 10;
 /// The longest wait between write-back attempts of a document refused as stale.
 pub const WRITE_BACK_STALE_WAIT_MAX_MS: i64 = 1_000;
 
-/// One write planned for the local tool, with what the tool will hold after it.
+/// One write planned for a tool, with what the tool will hold after it.
 #[derive(Debug, Clone)]
 pub struct PlannedWrite {
     /// The document projected.
@@ -26,29 +26,42 @@ pub struct PlannedWrite {
     pub after: Option<Record>,
 }
 
-/// A batch of planned writes, stamped with the capture cursor it was planned at.
+/// A batch of planned writes for one tool, stamped with the capture it was planned at.
 #[derive(Debug, Clone)]
 pub struct WritePlan {
-    /// Everything up to this outbox seq was captured when the plan was made; a
-    /// record the tool changed after it is stale and must not be written.
-    pub captured_upto: u64,
+    /// The tool to write.
+    pub tool: ToolIx,
+    /// The tool's capture cursor when the plan was made: a record the tool changed
+    /// after it is stale and must not be written.
+    pub captured: Cursor,
+    /// The tool loop's number of the last capture committed when the plan was made
+    /// (numbers restart with the process, like the loop): records the loop captured
+    /// after it are stale too, even once the tool forgot them.
+    pub mark: u64,
     /// The writes.
     pub writes: Vec<PlannedWrite>,
 }
 
 impl Engine {
-    /// Plans up to `max` writes that bring the local tool in line with the merged
-    /// documents, skipping documents whose projection the tool already holds and
-    /// documents waiting after repeated stale refusals (until `now_ms`).
+    /// Plans up to `max` writes that bring `tool` in line with the merged documents,
+    /// skipping documents whose projection the tool already holds and documents
+    /// waiting after repeated stale refusals (until `now_ms`).
     pub fn plan_writes(
         &mut self,
         batch: &mut Batch,
+        tool: ToolIx,
         max: usize,
         now_ms: i64,
     ) -> Result<WritePlan, StoreError> {
-        debug_assert!(self.in_flight.is_empty(), "one write-back plan at a time");
-        let waiting = |id: &DocId| self.stale.get(id).is_some_and(|&(_, until)| until > now_ms);
-        let ids: Vec<DocId> = self
+        let state = &self.tools[tool];
+        debug_assert!(state.in_flight.is_empty(), "one write-back plan at a time");
+        let waiting = |id: &DocId| {
+            state
+                .stale
+                .get(id)
+                .is_some_and(|&(_, until)| until > now_ms)
+        };
+        let ids: Vec<DocId> = state
             .pending
             .iter()
             .filter(|id| !waiting(id))
@@ -57,14 +70,17 @@ impl Engine {
             .collect();
         let mut writes = Vec::with_capacity(ids.len());
         for id in ids {
-            if let Some(write) = self.plan_one(batch, id)? {
+            if let Some(write) = self.plan_one(batch, tool, id)? {
                 writes.push(write);
             }
         }
-        self.in_flight = writes.iter().map(|w| w.doc).collect();
-        self.changed_in_flight.clear();
+        let state = &mut self.tools[tool];
+        state.in_flight = writes.iter().map(|w| w.doc).collect();
+        state.changed_in_flight.clear();
         Ok(WritePlan {
-            captured_upto: self.captured_upto,
+            tool,
+            captured: state.captured.clone(),
+            mark: state.captured_mark,
             writes,
         })
     }
@@ -74,18 +90,19 @@ impl Engine {
     fn plan_one(
         &mut self,
         batch: &mut Batch,
+        tool: ToolIx,
         id: DocId,
     ) -> Result<Option<PlannedWrite>, StoreError> {
         let Some(state) = self.read_or_quarantine(batch, id)? else {
             return Ok(None);
         };
-        let Some(info) = self.collections.get(&state.collection) else {
-            self.set_pending(batch, id, false);
+        let Some(info) = self.tools[tool].collections.get(&state.collection) else {
+            self.set_pending(batch, tool, id, false);
             return Ok(None);
         };
         let shadow = self
             .store
-            .shadow(&self.tool, &state.collection, &state.key)?;
+            .shadow(&self.tools[tool].name, &state.collection, &state.key)?;
         let projected = project(&state, info);
         let op = match (&projected, &shadow) {
             (None, None) => None,
@@ -115,7 +132,7 @@ impl Engine {
                 after: projected,
             })),
             None => {
-                self.set_pending(batch, id, false);
+                self.set_pending(batch, tool, id, false);
                 Ok(None)
             }
         }
@@ -131,62 +148,56 @@ impl Engine {
         now_ms: i64,
     ) -> Result<(), StoreError> {
         debug_assert_eq!(plan.writes.len(), outcomes.len(), "one outcome per write");
-        self.in_flight.clear();
-        let changed_in_flight = std::mem::take(&mut self.changed_in_flight);
+        let tool = plan.tool;
+        let name = self.tools[tool].name.clone();
+        self.tools[tool].in_flight.clear();
+        let changed_in_flight = std::mem::take(&mut self.tools[tool].changed_in_flight);
         for (write, outcome) in plan.writes.into_iter().zip(outcomes) {
-            let (WriteOp::Upsert {
-                collection, key, ..
-            }
-            | WriteOp::Delete { collection, key }) = &write.op;
+            let (collection, key) = (write.op.collection(), write.op.key());
             match outcome {
-                OpOutcome::Written => {
-                    self.store.stage_shadow(
-                        batch,
-                        &self.tool,
-                        collection,
-                        key,
-                        write.after.as_ref(),
-                    );
+                OpOutcome::Written { .. } => {
+                    self.store
+                        .stage_shadow(batch, &name, collection, key, write.after.as_ref());
                     self.stats.writes += 1;
-                    self.stale.remove(&write.doc);
+                    self.tools[tool].stale.remove(&write.doc);
                     // The document changed again while the plan was on its way (a
                     // peer's change arrived): it stays pending.
                     if !changed_in_flight.contains(&write.doc) {
-                        self.set_pending(batch, write.doc, false);
+                        self.set_pending(batch, tool, write.doc, false);
                     }
                 }
                 OpOutcome::Stale => {
                     self.stats.stale_writes += 1;
-                    self.note_stale(write.doc, now_ms);
+                    self.note_stale(tool, write.doc, now_ms);
                 }
                 OpOutcome::Rejected(rejection) => {
-                    tracing::warn!(tool = %self.tool, %collection, %key, reason = %rejection, "write-back set aside as a dead letter");
+                    tracing::warn!(tool = %name, %collection, %key, reason = %rejection, "write-back set aside as a dead letter");
                     let letter = DeadLetter {
-                        tool: self.tool.clone(),
-                        collection: collection.clone(),
-                        key: key.clone(),
+                        tool: name.clone(),
+                        collection: collection.to_owned(),
+                        key: key.to_owned(),
                         reason: LetterReason::Rejected(rejection),
                     };
                     self.store
-                        .stage_dead_letter(batch, &self.tool, collection, key, Some(&letter));
+                        .stage_dead_letter(batch, &name, collection, key, Some(&letter));
                     self.stats.dead_letters += 1;
-                    self.stale.remove(&write.doc);
-                    self.set_pending(batch, write.doc, false);
+                    self.tools[tool].stale.remove(&write.doc);
+                    self.set_pending(batch, tool, write.doc, false);
                 }
             }
         }
         Ok(())
     }
 
-    /// Hands a plan back unwritten (the tool failed): its documents stay pending.
-    pub fn writes_failed(&mut self) {
-        self.in_flight.clear();
-        self.changed_in_flight.clear();
+    /// Hands `tool`'s plan back unwritten (the tool failed): its documents stay pending.
+    pub fn writes_failed(&mut self, tool: ToolIx) {
+        self.tools[tool].in_flight.clear();
+        self.tools[tool].changed_in_flight.clear();
     }
 
     /// Counts a stale refusal of document `id`; after too many in a row it waits.
-    fn note_stale(&mut self, id: DocId, now_ms: i64) {
-        let entry = self.stale.entry(id).or_insert((0, 0));
+    fn note_stale(&mut self, tool: ToolIx, id: DocId, now_ms: i64) {
+        let entry = self.tools[tool].stale.entry(id).or_insert((0, 0));
         entry.0 += 1;
         if let Some(over) = entry.0.checked_sub(WRITE_BACK_STALE_RETRIES_MAX) {
             let wait = WRITE_BACK_STALE_WAIT_MS

@@ -8,7 +8,8 @@ use chrono::{DateTime, Datelike, NaiveDate, NaiveDateTime, Utc};
 use crdt_model::{Decimal, Timestamp, Value};
 use rusqlite::types::{ToSqlOutput, Value as SqlValue, ValueRef};
 
-use super::schema::{Column, FieldType};
+use super::schema::Column;
+use crate::FieldType;
 
 /// Longest text, in characters, that a message quotes before cutting it short.
 const QUOTED_CHARS_MAX: usize = 64;

@@ -62,4 +62,13 @@ pub enum SqliteError {
     /// A collection spec names one of Concord's own `_concord_` tables.
     #[error("table `{table}` belongs to Concord's bookkeeping and cannot be synced")]
     ReservedTable { table: String },
+    /// A stored capture cursor is not an outbox seq (8 bytes).
+    #[error("the stored capture cursor has {len} bytes; a SQLite outbox cursor has 8")]
+    BadCursor { len: usize },
+}
+
+impl From<SqliteError> for crate::ConnectorError {
+    fn from(error: SqliteError) -> crate::ConnectorError {
+        crate::ConnectorError(Box::new(error))
+    }
 }

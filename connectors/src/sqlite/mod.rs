@@ -67,13 +67,17 @@ use std::path::Path;
 use std::time::Duration;
 
 use crdt_model::{Record, Value};
+
+use crate::{ChangeFeed, Connector, ConnectorError, Cursor, RecordKey};
 use rusqlite::types::{ToSqlOutput, Value as SqlValue, ValueRef};
 use rusqlite::{
     Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior, params_from_iter,
 };
 
+pub use crate::{
+    CaptureBatch, CapturedChange, FieldType, InvalidValue, OpOutcome, Rejection, RowState, WriteOp,
+};
 pub use error::SqliteError;
-pub use schema::FieldType;
 use schema::Table;
 
 /// How long a statement waits for another connection's lock before failing.
@@ -94,6 +98,15 @@ const OUTBOX_HEAD_SQL: &str =
 const OUTBOX_LEN_SQL: &str = "SELECT COUNT(*) FROM _concord_outbox";
 const OUTBOX_TRIM_SQL: &str = "DELETE FROM _concord_outbox WHERE seq <= ?1";
 const ECHO_SET_SQL: &str = "UPDATE _concord_echo SET active = ?1 WHERE id = 1";
+
+/// How often the agent checks for new commits while the tool is busy.
+pub const CAPTURE_POLL_US: u64 = 250;
+/// How often it checks once the tool has been quiet: an idle agent wakes 500 times
+/// a second instead of 4,000.
+pub const CAPTURE_POLL_IDLE_US: u64 = 2_000;
+/// Acknowledged outbox entries that trigger a trim of the outbox (a drained outbox
+/// is trimmed at once).
+pub const OUTBOX_TRIM_EVERY: u64 = 256;
 
 /// Which table one collection syncs and which of its columns.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,160 +137,20 @@ pub struct SqliteConnector {
     by_collection: HashMap<String, usize>,
     /// The last `PRAGMA data_version` seen by [`SqliteConnector::changed`].
     data_version: i64,
+    /// Outbox entries up to here belong to a rescan (see [`SqliteConnector::claim`]).
+    rescan_upto: u64,
+    /// The outbox is trimmed up to here.
+    trimmed: u64,
 }
 
-/// The changes read by one [`SqliteConnector::capture`].
+/// The changes read by one [`SqliteConnector::capture`], with the outbox seq they
+/// end at.
 #[derive(Debug, Clone, PartialEq)]
-pub struct CaptureBatch {
+pub struct OutboxBatch {
     /// Changed rows in outbox order, each with its current state, each row once.
     pub changes: Vec<CapturedChange>,
     /// The highest outbox sequence number read; the `after` passed in when none was.
     pub cursor: u64,
-}
-
-/// One changed row and its state at capture time.
-#[derive(Debug, Clone, PartialEq)]
-pub struct CapturedChange {
-    /// The collection of the row's table.
-    pub collection: String,
-    /// The row's primary key as text.
-    pub key: String,
-    /// The row as it is now.
-    pub state: RowState,
-}
-
-/// The state of a row at capture time.
-#[derive(Debug, Clone, PartialEq)]
-pub enum RowState {
-    /// The row exists; its configured columns as record fields.
-    Present(Record),
-    /// No row has this key: it was deleted, or its key changed.
-    Absent,
-    /// The row holds a value that does not fit its column's field type.
-    Invalid(InvalidValue),
-}
-
-/// A stored value that does not fit its column's field type: it names table, key,
-/// column, the value and the type expected.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
-#[error("{table} key {key}: column `{column}` holds {found}, expected {expected} ({declared})")]
-pub struct InvalidValue {
-    /// The table.
-    pub table: String,
-    /// The row's key, shortened.
-    pub key: String,
-    /// The column.
-    pub column: String,
-    /// The value found, described and shortened.
-    pub found: String,
-    /// The field type expected.
-    pub expected: FieldType,
-    /// The column's declared type, as a phrase.
-    pub declared: String,
-}
-
-/// One write the agent asks for.
-#[derive(Debug, Clone, PartialEq)]
-pub enum WriteOp {
-    /// Sets the given fields of the row with `key`, inserting the row if missing.
-    /// Fields not given keep their values.
-    Upsert {
-        /// The collection to write.
-        collection: String,
-        /// The row's primary key as text.
-        key: String,
-        /// The fields to set.
-        fields: Record,
-    },
-    /// Deletes the row with `key`, if present.
-    Delete {
-        /// The collection to write.
-        collection: String,
-        /// The row's primary key as text.
-        key: String,
-    },
-}
-
-/// What [`SqliteConnector::write_back`] did with one op.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum OpOutcome {
-    /// The op was written and committed durably.
-    Written,
-    /// Nothing was written: the tool changed this record after the capture the op
-    /// was planned from. Capture it, then plan again.
-    Stale,
-    /// The op cannot be written; the reason says what and where.
-    Rejected(Rejection),
-}
-
-/// Why the tool refused one write: each variant is one kind, so refusals can be
-/// grouped and counted.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
-pub enum Rejection {
-    /// The op names a collection this connector does not sync.
-    #[error("unknown collection `{collection}`")]
-    UnknownCollection {
-        /// The collection named.
-        collection: String,
-    },
-    /// The key is not an integer but the table's key column is.
-    #[error(
-        "{table} key {key}: the key is not an integer, but the primary key `{column}` is {declared}"
-    )]
-    KeyNotInteger {
-        /// The table.
-        table: String,
-        /// The key, shortened.
-        key: String,
-        /// The key column.
-        column: String,
-        /// Its declared type, as a phrase.
-        declared: String,
-    },
-    /// A field named like the key column holds another value than the key.
-    #[error("{table} key {key}: field `{field}` holds {value}, which is not the key")]
-    KeyFieldMismatch {
-        /// The table.
-        table: String,
-        /// The key, shortened.
-        key: String,
-        /// The field.
-        field: String,
-        /// The value it holds, shortened.
-        value: String,
-    },
-    /// A field that is not a configured column.
-    #[error("{table} key {key}: `{field}` is not a configured column")]
-    UnknownColumn {
-        /// The table.
-        table: String,
-        /// The key, shortened.
-        key: String,
-        /// The field.
-        field: String,
-    },
-    /// A value that does not fit its column's type.
-    #[error("{table} key {key}: column `{column}` {problem}")]
-    ValueDoesNotFit {
-        /// The table.
-        table: String,
-        /// The key, shortened.
-        key: String,
-        /// The column.
-        column: String,
-        /// What does not fit, as the end of a sentence.
-        problem: String,
-    },
-    /// SQLite refused the write: a constraint or a trigger of the user's.
-    #[error("{table} key {key}: SQLite refused the write: {message}")]
-    Refused {
-        /// The table.
-        table: String,
-        /// The key, shortened.
-        key: String,
-        /// SQLite's message.
-        message: String,
-    },
 }
 
 impl SqliteConnector {
@@ -378,6 +251,8 @@ impl SqliteConnector {
             by_table_folded,
             by_collection,
             data_version,
+            rescan_upto: 0,
+            trimmed: 0,
         })
     }
 
@@ -405,8 +280,8 @@ impl SqliteConnector {
         after: u64,
         upto: u64,
         max: usize,
-    ) -> Result<CaptureBatch, SqliteError> {
-        let mut batch = CaptureBatch {
+    ) -> Result<OutboxBatch, SqliteError> {
+        let mut batch = OutboxBatch {
             changes: Vec::new(),
             cursor: after,
         };
@@ -548,7 +423,7 @@ impl SqliteConnector {
         changed_since: &HashSet<(String, String)>,
         ops: &[WriteOp],
     ) -> Result<Vec<OpOutcome>, SqliteError> {
-        let mut outcomes = vec![OpOutcome::Written; ops.len()];
+        let mut outcomes = vec![OpOutcome::WRITTEN; ops.len()];
         let mut plans: Vec<Option<Plan<'_>>> = ops
             .iter()
             .enumerate()
@@ -734,6 +609,7 @@ impl SqliteConnector {
                 return Err(error.into());
             };
             let rejection = Rejection::Refused {
+                tool: "SQLite".to_owned(),
                 table: table.name.clone(),
                 key: convert::shorten(plan.key),
                 message,
@@ -747,6 +623,90 @@ impl SqliteConnector {
         tx.commit()?;
         Ok(Attempt::Committed(refused))
     }
+}
+
+/// The SQLite connector under the common contract. Its cursor is the outbox seq as
+/// 8 big-endian bytes (empty: 0).
+impl Connector for SqliteConnector {
+    fn kind(&self) -> &'static str {
+        "sqlite"
+    }
+
+    fn change_feed(&self) -> ChangeFeed {
+        // SQLite cannot signal another process: `PRAGMA data_version` is cheap to poll.
+        ChangeFeed::Poll {
+            interval: Duration::from_micros(CAPTURE_POLL_US),
+            idle: Duration::from_micros(CAPTURE_POLL_IDLE_US),
+        }
+    }
+
+    fn claim(&mut self, store: &[u8]) -> Result<(), ConnectorError> {
+        self.rescan_upto = SqliteConnector::claim(self, store)?;
+        Ok(())
+    }
+
+    fn changed(&mut self) -> Result<bool, ConnectorError> {
+        Ok(SqliteConnector::changed(self)?)
+    }
+
+    fn capture(&mut self, after: &Cursor, max: usize) -> Result<CaptureBatch, ConnectorError> {
+        let after = seq_of(after)?;
+        // A batch never crosses the end of the rescan, whatever gap of trimmed
+        // entries lies before it.
+        let rescan = after < self.rescan_upto;
+        let upto = if rescan { self.rescan_upto } else { u64::MAX };
+        let batch = SqliteConnector::capture(self, after, upto, max)?;
+        Ok(CaptureBatch {
+            changes: batch.changes,
+            cursor: cursor_of(batch.cursor),
+            rescan,
+        })
+    }
+
+    fn acknowledge(&mut self, durable: &Cursor) -> Result<(), ConnectorError> {
+        let upto = seq_of(durable)?;
+        if upto <= self.trimmed {
+            return Ok(());
+        }
+        // Trim in chunks, or at once when the outbox is drained (asked only then).
+        if upto - self.trimmed >= OUTBOX_TRIM_EVERY || self.outbox_head()? == upto {
+            self.trim_outbox(upto)?;
+            self.trimmed = upto;
+        }
+        Ok(())
+    }
+
+    fn write_back(
+        &mut self,
+        captured: &Cursor,
+        changed_since: &HashSet<RecordKey>,
+        ops: &[WriteOp],
+    ) -> Result<Vec<OpOutcome>, ConnectorError> {
+        let captured = seq_of(captured)?;
+        Ok(SqliteConnector::write_back(
+            self,
+            captured,
+            changed_since,
+            ops,
+        )?)
+    }
+}
+
+/// The outbox seq a cursor stands for.
+fn seq_of(cursor: &Cursor) -> Result<u64, SqliteError> {
+    match cursor.as_bytes() {
+        [] => Ok(0),
+        bytes => {
+            Ok(u64::from_be_bytes(bytes.try_into().map_err(|_| {
+                SqliteError::BadCursor { len: bytes.len() }
+            })?))
+        }
+    }
+}
+
+/// The cursor of an outbox seq.
+pub fn cursor_of(seq: u64) -> Cursor {
+    Cursor(seq.to_be_bytes().to_vec())
 }
 
 /// One op, checked and converted, ready to run.

@@ -3,12 +3,11 @@
 //! echo-flag tables, and the capture triggers.
 
 use std::collections::BTreeMap;
-use std::fmt;
 
 use rusqlite::{Connection, OptionalExtension};
-use serde::{Deserialize, Serialize};
 
 use super::{CollectionSpec, SqliteError};
+use crate::FieldType;
 
 /// Prefix of every table and trigger Concord creates; user tables may not use it.
 pub(super) const RESERVED_PREFIX: &str = "_concord_";
@@ -42,73 +41,32 @@ CREATE TABLE IF NOT EXISTS _concord_owner (
 /// capture.
 const NOT_ECHO_SQL: &str = "COALESCE((SELECT active FROM _concord_echo WHERE id = 1), 0) = 0";
 
-/// The type of a synced field, derived from the column's declared SQL type.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FieldType {
-    /// A signed 64-bit integer (`INTEGER`, `BIGINT`, ...).
-    Integer,
-    /// A 64-bit float (`REAL`, `FLOAT`, `DOUBLE`).
-    Float,
-    /// An exact decimal (`DECIMAL`, `NUMERIC`, `MONEY`).
-    Decimal,
-    /// UTF-8 text (`TEXT`, `VARCHAR`, `CLOB`, or no declared type).
-    Text,
-    /// A boolean stored as 0 or 1 (`BOOLEAN`).
-    Bool,
-    /// An instant stored as RFC 3339 text (`TIMESTAMP`, `DATETIME`, `DATE`).
-    Timestamp,
-    /// A JSON document stored as text (`JSON`).
-    Json,
-}
-
-impl FieldType {
-    /// The field type for a declared SQL column type, or `None` when Concord cannot
-    /// sync such a column (for example `BLOB`).
-    ///
-    /// The rules look for substrings, case-insensitively and in this order, the way
-    /// SQLite derives column affinity: `BOOL`; `INT`; `DEC`, `NUMERIC` or `MONEY`;
-    /// `REAL`, `FLOA` or `DOUB`; `DATE` or `TIMESTAMP`; `JSON`; `TEXT`, `CHAR`, `CLOB`
-    /// or an empty type.
-    pub(super) fn from_declared(declared: &str) -> Option<FieldType> {
-        let upper = declared.to_ascii_uppercase();
-        let has = |needles: &[&str]| needles.iter().any(|needle| upper.contains(needle));
-        if has(&["BOOL"]) {
-            Some(FieldType::Bool)
-        } else if has(&["INT"]) {
-            Some(FieldType::Integer)
-        } else if has(&["DEC", "NUMERIC", "MONEY"]) {
-            Some(FieldType::Decimal)
-        } else if has(&["REAL", "FLOA", "DOUB"]) {
-            Some(FieldType::Float)
-        } else if has(&["TIMESTAMP", "DATE"]) {
-            Some(FieldType::Timestamp)
-        } else if has(&["JSON"]) {
-            Some(FieldType::Json)
-        } else if has(&["TEXT", "CHAR", "CLOB"]) || upper.trim().is_empty() {
-            Some(FieldType::Text)
-        } else {
-            None
-        }
-    }
-
-    /// The lower-case name used in messages and reports.
-    pub fn name(self) -> &'static str {
-        match self {
-            FieldType::Integer => "integer",
-            FieldType::Float => "float",
-            FieldType::Decimal => "decimal",
-            FieldType::Text => "text",
-            FieldType::Bool => "bool",
-            FieldType::Timestamp => "timestamp",
-            FieldType::Json => "json",
-        }
-    }
-}
-
-impl fmt::Display for FieldType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
+/// The field type for a declared SQLite column type, or `None` when Concord cannot
+/// sync such a column (for example `BLOB`).
+///
+/// The rules look for substrings, case-insensitively and in this order, the way
+/// SQLite derives column affinity: `BOOL`; `INT`; `DEC`, `NUMERIC` or `MONEY`;
+/// `REAL`, `FLOA` or `DOUB`; `DATE` or `TIMESTAMP`; `JSON`; `TEXT`, `CHAR`, `CLOB`
+/// or an empty type.
+pub(super) fn field_type_of(declared: &str) -> Option<FieldType> {
+    let upper = declared.to_ascii_uppercase();
+    let has = |needles: &[&str]| needles.iter().any(|needle| upper.contains(needle));
+    if has(&["BOOL"]) {
+        Some(FieldType::Bool)
+    } else if has(&["INT"]) {
+        Some(FieldType::Integer)
+    } else if has(&["DEC", "NUMERIC", "MONEY"]) {
+        Some(FieldType::Decimal)
+    } else if has(&["REAL", "FLOA", "DOUB"]) {
+        Some(FieldType::Float)
+    } else if has(&["TIMESTAMP", "DATE"]) {
+        Some(FieldType::Timestamp)
+    } else if has(&["JSON"]) {
+        Some(FieldType::Json)
+    } else if has(&["TEXT", "CHAR", "CLOB"]) || upper.trim().is_empty() {
+        Some(FieldType::Text)
+    } else {
+        None
     }
 }
 
@@ -139,12 +97,11 @@ impl Column {
         actual_name: &str,
         declared: &str,
     ) -> Result<Column, SqliteError> {
-        let field_type =
-            FieldType::from_declared(declared).ok_or_else(|| SqliteError::UnsupportedType {
-                table: table.to_owned(),
-                column: actual_name.to_owned(),
-                declared: declared.to_owned(),
-            })?;
+        let field_type = field_type_of(declared).ok_or_else(|| SqliteError::UnsupportedType {
+            table: table.to_owned(),
+            column: actual_name.to_owned(),
+            declared: declared.to_owned(),
+        })?;
         let upper = declared.to_ascii_uppercase();
         Ok(Column {
             field: field.to_owned(),
@@ -473,7 +430,7 @@ mod tests {
             ("UUID", None),
         ];
         for (declared, expected) in cases {
-            assert_eq!(FieldType::from_declared(declared), expected, "{declared:?}");
+            assert_eq!(field_type_of(declared), expected, "{declared:?}");
         }
     }
 

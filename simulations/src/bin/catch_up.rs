@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use concord_agent::engine::{CollectionInfo, Engine};
+use concord_agent::engine::{CollectionInfo, Engine, ToolSpec};
 use concord_agent::replication::{Action, Event, Session, policy};
 use concord_agent::store::{Store, peer_cursor};
-use connectors::sqlite::{CapturedChange, RowState};
+use connectors::{CaptureBatch, CapturedChange, Cursor, RowState};
 use crdt_model::{Record, Value};
 
 /// Catch-up cost after a peer was away.
@@ -40,11 +40,21 @@ fn engine(dir: &std::path::Path) -> anyhow::Result<Engine> {
             columns: vec!["name".to_owned(), "qty".to_owned()],
         },
     )]);
-    Ok(Engine::new(
-        Store::open(dir)?,
-        "tool".to_owned(),
+    let tool = ToolSpec {
+        name: "tool".to_owned(),
+        uid: "agent.tool".to_owned(),
         collections,
-    )?)
+    };
+    Ok(Engine::new(Store::open(dir)?, vec![tool], [])?)
+}
+
+/// Captured rows as the tool's batch ending at outbox seq `seq`.
+fn batch_of(changes: Vec<CapturedChange>, seq: u64) -> CaptureBatch {
+    CaptureBatch {
+        changes,
+        cursor: Cursor(seq.to_be_bytes().to_vec()),
+        rescan: false,
+    }
 }
 
 fn row(i: u64, round: u64) -> CapturedChange {
@@ -179,7 +189,7 @@ fn main() -> anyhow::Result<()> {
             .collect();
         cursor += rows.len() as u64;
         let mut batch = a.store().batch();
-        a.capture(&mut batch, rows, cursor, 0)?;
+        a.capture(&mut batch, 0, batch_of(rows, cursor), cursor, 0)?;
         a.store().commit(batch)?;
     }
     let filled = started.elapsed();
@@ -198,7 +208,7 @@ fn main() -> anyhow::Result<()> {
         .collect();
     cursor += rows.len() as u64;
     let mut batch = a.store().batch();
-    a.capture(&mut batch, rows, cursor, 0)?;
+    a.capture(&mut batch, 0, batch_of(rows, cursor), cursor, 0)?;
     a.store().commit(batch)?;
     let (time, to_b, to_a) = catch_up(&mut a, &mut b, false)?;
     println!(
@@ -214,7 +224,7 @@ fn main() -> anyhow::Result<()> {
         .collect();
     cursor += rows.len() as u64;
     let mut batch = a.store().batch();
-    a.capture(&mut batch, rows, cursor, 0)?;
+    a.capture(&mut batch, 0, batch_of(rows, cursor), cursor, 0)?;
     a.store().commit(batch)?;
     let (time, to_b, to_a) = catch_up(&mut a, &mut b, true)?;
     println!(
