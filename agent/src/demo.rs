@@ -57,6 +57,22 @@ impl AgentFiles {
         peers: &[(PeerId, Option<String>)],
         columns: &[&str],
     ) -> anyhow::Result<Config> {
+        let columns: Vec<String> = columns.iter().map(|c| format!("\"{c}\"")).collect();
+        let tool = format!(
+            "[[tool]]\nname = \"app\"\nkind = \"sqlite\"\npath = \"app.db\"\n\n[[tool.collection]]\nname = \"customers\"\ntable = \"customers\"\nprimary_key = \"id\"\ncolumns = [{}]\n",
+            columns.join(", ")
+        );
+        self.config_with(listen, peers, &tool)
+    }
+
+    /// Writes a config listening on `listen` and trusting `peers`, whose tools and
+    /// collections are `body` (TOML), and returns it loaded.
+    pub fn config_with(
+        &self,
+        listen: &str,
+        peers: &[(PeerId, Option<String>)],
+        body: &str,
+    ) -> anyhow::Result<Config> {
         let mut text =
             format!("data_dir = \"data\"\nkey_file = \"concord.key\"\nlisten = \"{listen}\"\n\n");
         for (id, addr) in peers {
@@ -65,11 +81,8 @@ impl AgentFiles {
                 text.push_str(&format!("addr = \"{addr}\"\n"));
             }
         }
-        let columns: Vec<String> = columns.iter().map(|c| format!("\"{c}\"")).collect();
-        text.push_str(&format!(
-            "\n[[tool]]\nname = \"app\"\nkind = \"sqlite\"\npath = \"app.db\"\n\n[[tool.collection]]\nname = \"customers\"\ntable = \"customers\"\nprimary_key = \"id\"\ncolumns = [{}]\n",
-            columns.join(", ")
-        ));
+        text.push('\n');
+        text.push_str(body);
         let path = self.dir.join("concord.toml");
         std::fs::write(&path, text)?;
         Ok(Config::load(&path)?)

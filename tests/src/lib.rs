@@ -77,6 +77,18 @@ impl Node {
         Ok(config)
     }
 
+    /// Writes its config with `body` (TOML) as its tools and collections.
+    pub fn configure_with(
+        &mut self,
+        listen: &str,
+        peers: &[(PeerId, Option<String>)],
+        body: &str,
+    ) -> anyhow::Result<Config> {
+        let config = self.files.config_with(listen, peers, body)?;
+        self.config = Some(config.clone());
+        Ok(config)
+    }
+
     /// Starts an agent in this process with the written config.
     pub async fn start(&self) -> anyhow::Result<RunningAgent> {
         let config = self.config.clone().context("configure the node first")?;
@@ -109,6 +121,39 @@ pub type Row = (
     Option<String>,
     Option<i64>,
 );
+
+/// A `[[tool]]` of kind sqlite named `name` syncing the customers table of the
+/// database at `path` (relative to the config), with the test columns.
+pub fn sqlite_tool(name: &str, path: &str) -> String {
+    let columns: Vec<String> = COLUMNS.iter().map(|c| format!("\"{c}\"")).collect();
+    format!(
+        "[[tool]]\nname = \"{name}\"\nkind = \"sqlite\"\npath = \"{path}\"\n\n\
+         [[tool.collection]]\nname = \"customers\"\ntable = \"customers\"\n\
+         primary_key = \"id\"\ncolumns = [{}]\n\n",
+        columns.join(", ")
+    )
+}
+
+/// Creates a SQLite database at `path` holding the test schema.
+pub fn create_db(path: &Path) -> anyhow::Result<()> {
+    Connection::open(path)?.execute_batch(SCHEMA)?;
+    Ok(())
+}
+
+/// Waits until the databases at `paths` hold the same rows, and returns them.
+pub async fn dbs_converged(paths: &[&Path]) -> anyhow::Result<Vec<Row>> {
+    wait_for("the databases to converge", CONVERGE_TIMEOUT, || {
+        let first = rows(paths[0])?;
+        for path in &paths[1..] {
+            if rows(path)? != first {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    })
+    .await?;
+    rows(paths[0])
+}
 
 /// Every customer row of the database at `path`.
 pub fn rows(path: &Path) -> anyhow::Result<Vec<Row>> {
