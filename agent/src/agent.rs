@@ -1,6 +1,7 @@
 //! Assembles a running agent from its configuration: store, core thread, one thread
 //! per tool, QUIC transport and peer drivers.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -9,9 +10,9 @@ use connectors::Connector;
 use connectors::sqlite::{CollectionSpec, SqliteConnector, SqliteError};
 use tokio::sync::{oneshot, watch};
 
-use crate::config::{Config, ConfigError, ToolConfig, ToolKind};
+use crate::config::{Config, ConfigError, IdentityConfig, ToolConfig, ToolKind};
 use crate::core::{self, CoreHandle, CoreOutputs, CoreRequest};
-use crate::engine::{CollectionInfo, Engine, EngineStats, ToolSpec};
+use crate::engine::{CollectionInfo, Engine, EngineStats, RecordIdentity, ToolSpec};
 use crate::identity::{Identity, IdentityError, PeerId};
 use crate::peers::{self, PeerContext, Registry};
 use crate::store::{Store, StoreError, StoreReader};
@@ -75,6 +76,8 @@ pub struct RunningAgent {
 pub async fn start(config: Config) -> Result<RunningAgent, StartError> {
     let identity = Identity::load(&config.key_file)?;
     let mut connectors = open_tools(&config)?;
+    // Checked before the store is created: a wrong identity leaves nothing behind.
+    tool_specs(&config, &identity.peer_id(), &connectors)?;
     std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
         path: config.data_dir.clone(),
         source,
@@ -92,9 +95,10 @@ pub async fn start(config: Config) -> Result<RunningAgent, StartError> {
             })?;
         loops.push(ToolLoop::new(reader.tool_cursor(tool.name.get_ref())?));
     }
+    let specs = tool_specs(&config, &identity.peer_id(), &connectors)?;
     let engine = Engine::new(
         store,
-        tool_specs(&config, &identity.peer_id()),
+        specs,
         config.collections.iter().map(|c| c.name.get_ref().clone()),
     )?;
     let collection_names: Vec<String> = engine.collections().map(str::to_owned).collect();
@@ -181,30 +185,80 @@ fn open_tool(
 
 /// Each tool as the engine knows it. A tool's id in documents joins this agent's
 /// peer id (its first characters) and the tool's name, so two agents' tools of the
-/// same name never share external ids.
-fn tool_specs(config: &Config, me: &PeerId) -> Vec<ToolSpec> {
+/// same name never share external ids. A collection's identity defaults to tool ids
+/// where the tool assigns the keys, to a shared key elsewhere; tools of one agent
+/// must agree on it.
+fn tool_specs(
+    config: &Config,
+    me: &PeerId,
+    connectors: &[Box<dyn Connector>],
+) -> Result<Vec<ToolSpec>, StartError> {
     let agent = me.to_string();
     let agent = &agent[..agent.len().min(TOOL_UID_AGENT_CHARS)];
-    config
-        .tools
-        .iter()
-        .map(|tool| ToolSpec {
+    let mut chosen: BTreeMap<String, (RecordIdentity, String)> = BTreeMap::new();
+    let mut specs = Vec::with_capacity(config.tools.len());
+    for (t, (tool, connector)) in config.tools.iter().zip(connectors).enumerate() {
+        let mut collections = BTreeMap::new();
+        for (i, c) in tool.collections.iter().enumerate() {
+            let name = c.name.get_ref();
+            let assigns = connector.assigns_keys(name);
+            let field = format!("tool[{t}].collection[{i}].identity");
+            let identity = match c.identity.as_ref().map(|s| (*s.get_ref(), s.span())) {
+                None if assigns => RecordIdentity::ToolIds,
+                None => RecordIdentity::SharedKey,
+                Some((IdentityConfig::SharedKey, _)) => RecordIdentity::SharedKey,
+                Some((IdentityConfig::ToolIds, _)) if assigns => RecordIdentity::ToolIds,
+                Some((IdentityConfig::ToolIds, span)) => {
+                    return Err(StartError::Config(config.invalid(
+                        span,
+                        field,
+                        format!(
+                            "`tool_ids` needs keys the tool assigns, but the key of `{}` is not \
+                             assigned by {} (use `shared_key`)",
+                            c.table.get_ref(),
+                            connector.kind()
+                        ),
+                    )));
+                }
+            };
+            if let Some((other, other_tool)) = chosen.get(name)
+                && *other != identity
+            {
+                return Err(StartError::Config(config.invalid(
+                    c.name.span(),
+                    field,
+                    format!(
+                        "collection `{name}` is identified by {} here but by {} in tool \
+                         `{other_tool}`; set the same `identity` for both",
+                        identity_name(identity),
+                        identity_name(*other)
+                    ),
+                )));
+            }
+            chosen.insert(name.clone(), (identity, tool.name.get_ref().clone()));
+            collections.insert(
+                name.clone(),
+                CollectionInfo {
+                    columns: c.columns.get_ref().clone(),
+                    identity,
+                },
+            );
+        }
+        specs.push(ToolSpec {
             name: tool.name.get_ref().clone(),
             uid: format!("{agent}.{}", tool.name.get_ref()),
-            collections: tool
-                .collections
-                .iter()
-                .map(|c| {
-                    (
-                        c.name.get_ref().clone(),
-                        CollectionInfo {
-                            columns: c.columns.get_ref().clone(),
-                        },
-                    )
-                })
-                .collect(),
-        })
-        .collect()
+            collections,
+        });
+    }
+    Ok(specs)
+}
+
+/// How the config spells an identity.
+fn identity_name(identity: RecordIdentity) -> &'static str {
+    match identity {
+        RecordIdentity::ToolIds => "`tool_ids`",
+        RecordIdentity::SharedKey => "`shared_key`",
+    }
 }
 
 /// Characters of the peer id in a tool's id in documents (40 bits).

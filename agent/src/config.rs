@@ -134,6 +134,20 @@ pub struct CollectionConfig {
     pub primary_key: Spanned<String>,
     /// The columns synced.
     pub columns: Spanned<Vec<String>>,
+    /// What makes two records the same: `tool_ids` (the default when the tool
+    /// assigns the keys itself) or `shared_key` (the default otherwise).
+    #[serde(default)]
+    pub identity: Option<Spanned<IdentityConfig>>,
+}
+
+/// The `identity` of a collection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdentityConfig {
+    /// Each tool keeps the ids it assigns.
+    ToolIds,
+    /// The key means the same record in every tool.
+    SharedKey,
 }
 
 /// Logging settings.

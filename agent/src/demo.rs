@@ -59,7 +59,7 @@ impl AgentFiles {
     ) -> anyhow::Result<Config> {
         let columns: Vec<String> = columns.iter().map(|c| format!("\"{c}\"")).collect();
         let tool = format!(
-            "[[tool]]\nname = \"app\"\nkind = \"sqlite\"\npath = \"app.db\"\n\n[[tool.collection]]\nname = \"customers\"\ntable = \"customers\"\nprimary_key = \"id\"\ncolumns = [{}]\n",
+            "[[tool]]\nname = \"app\"\nkind = \"sqlite\"\npath = \"app.db\"\n\n[[tool.collection]]\nname = \"customers\"\ntable = \"customers\"\nprimary_key = \"id\"\ncolumns = [{}]\nidentity = \"shared_key\"\n",
             columns.join(", ")
         );
         self.config_with(listen, peers, &tool)

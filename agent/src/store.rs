@@ -7,7 +7,8 @@
 //! | `meta`    | `actor`                               | this store's actor id (16 bytes)   |
 //! | `docs`    | doc id (16 bytes)                     | saved document, then appended changes |
 //! | `log`     | collection, 0, seq (u64 BE)           | [`LogEntry`]                       |
-//! | `ext`     | tool, 0, collection, 0, external id   | doc id                             |
+//! | `ext`     | tool, 0, collection, 0, external id   | doc id (the record's document)     |
+//! | `links`   | tool, 0, doc id                       | the external id of the document's record in the tool |
 //! | `shadow`  | tool, 0, collection, 0, key           | the record the tool is known to hold |
 //! | `cursors` | `tool/<tool>` or `peer/<store>/<collection>` | the connector's cursor; u64 BE |
 //! | `pending` | tool, 0, doc id                       | empty: the doc awaits write-back to the tool |
@@ -103,6 +104,13 @@ pub enum LetterReason {
     /// The tool refused the write-back.
     #[error("{0}")]
     Rejected(connectors::Rejection),
+    /// The record has no key this tool can use: it was created under tool ids and
+    /// the tool's collection uses a shared key, or the tool did not return the key it
+    /// assigned.
+    #[error(
+        "the record has no key this tool can use (created under tool ids elsewhere, or the tool did not return the key it assigned)"
+    )]
+    NoKey,
 }
 
 /// A document set aside because a peer's change made it unreadable: the change was
@@ -133,6 +141,7 @@ pub struct Store {
     docs: Keyspace,
     log: Keyspace,
     ext: Keyspace,
+    links: Keyspace,
     shadow: Keyspace,
     cursors: Keyspace,
     pending: Keyspace,
@@ -165,6 +174,11 @@ struct Staged {
     cursors: HashMap<String, u64>,
     /// Heads digests staged.
     digests: HashMap<(String, DocId), u64>,
+    /// Links from a tool's record to its document staged, by `ext` key.
+    ext: HashMap<Vec<u8>, DocId>,
+    /// Links from a document to a tool's record staged, by `links` key (`None`:
+    /// removed).
+    links: HashMap<Vec<u8>, Option<String>>,
 }
 
 impl Staged {
@@ -173,6 +187,8 @@ impl Staged {
             && self.shadows.is_empty()
             && self.cursors.is_empty()
             && self.digests.is_empty()
+            && self.ext.is_empty()
+            && self.links.is_empty()
     }
 }
 
@@ -250,6 +266,7 @@ impl Store {
             docs: open("docs")?,
             log: open("log")?,
             ext: open("ext")?,
+            links: open("links")?,
             shadow: open("shadow")?,
             cursors: open("cursors")?,
             pending: open("pending")?,
@@ -465,20 +482,89 @@ impl Store {
         }
     }
 
-    /// Stages the external id of a document in `tool`.
-    pub fn stage_external_id(
-        &self,
+    /// Stages the link between the record `external` of `collection` in `tool` and
+    /// document `id`, both ways: the `ext` index (record to document) and the
+    /// `links` index (document to record).
+    pub fn stage_link(
+        &mut self,
         batch: &mut Batch,
         tool: &str,
         collection: &str,
         external: &str,
         id: DocId,
     ) {
-        batch.inner.insert(
-            &self.ext,
-            record_key(tool, collection, external),
-            id.0.to_vec(),
-        );
+        let k = record_key(tool, collection, external);
+        batch.inner.insert(&self.ext, k.clone(), id.0.to_vec());
+        self.staged.ext.insert(k, id);
+        let k = link_key(tool, id);
+        batch
+            .inner
+            .insert(&self.links, k.clone(), external.as_bytes().to_vec());
+        self.staged.links.insert(k, Some(external.to_owned()));
+    }
+
+    /// Stages the record index entry alone (record to document), for a record whose
+    /// key names its document (a shared key).
+    pub fn stage_external_id(
+        &mut self,
+        batch: &mut Batch,
+        tool: &str,
+        collection: &str,
+        external: &str,
+        id: DocId,
+    ) {
+        let k = record_key(tool, collection, external);
+        batch.inner.insert(&self.ext, k.clone(), id.0.to_vec());
+        self.staged.ext.insert(k, id);
+    }
+
+    /// Stages that document `id` is linked to no record of `tool` any more (the
+    /// record was linked to a new document).
+    pub fn stage_unlink_doc(&mut self, batch: &mut Batch, tool: &str, id: DocId) {
+        let k = link_key(tool, id);
+        batch.inner.remove(&self.links, k.clone());
+        self.staged.links.insert(k, None);
+    }
+
+    /// The document the record `external` of `collection` in `tool` is linked to,
+    /// counting what the open batch staged.
+    pub fn linked_doc(
+        &self,
+        tool: &str,
+        collection: &str,
+        external: &str,
+    ) -> Result<Option<DocId>, StoreError> {
+        let k = record_key(tool, collection, external);
+        if let Some(id) = self.staged.ext.get(&k) {
+            return Ok(Some(*id));
+        }
+        match self.ext.get(&k)? {
+            Some(bytes) => Ok(Some(DocId(<[u8; 16]>::try_from(&bytes[..]).map_err(
+                |_| StoreError::Corrupt {
+                    what: "linked doc id",
+                    reason: format!("{} bytes", bytes.len()),
+                },
+            )?))),
+            None => Ok(None),
+        }
+    }
+
+    /// The key of the record of `tool` linked to document `id`, counting what the
+    /// open batch staged.
+    pub fn linked_key(&self, tool: &str, id: DocId) -> Result<Option<String>, StoreError> {
+        let k = link_key(tool, id);
+        if let Some(key) = self.staged.links.get(&k) {
+            return Ok(key.clone());
+        }
+        match self.links.get(&k)? {
+            Some(bytes) => Ok(Some(String::from_utf8(bytes.to_vec()).map_err(|_| {
+                StoreError::Corrupt {
+                    what: "linked record key",
+                    reason: "not UTF-8".to_owned(),
+                }
+            })?)),
+            None => Ok(None),
+        }
     }
 
     /// Stages a cursor value.
@@ -648,6 +734,11 @@ impl StoreReader {
         }
         Ok(ids)
     }
+}
+
+/// The key of a document's link to a tool's record: tool, 0, doc id.
+fn link_key(tool: &str, id: DocId) -> Vec<u8> {
+    pending_key(tool, id)
 }
 
 /// The key of a pending mark: tool, 0, doc id.

@@ -160,6 +160,15 @@ pub enum WriteOp {
         /// The fields to set.
         fields: Record,
     },
+    /// Inserts a new record with the given fields; the tool assigns its key, which
+    /// the outcome returns ([`OpOutcome::Written`]). Only for collections whose keys
+    /// the tool assigns ([`Connector::assigns_keys`]).
+    Insert {
+        /// The collection to write.
+        collection: String,
+        /// The fields to set.
+        fields: Record,
+    },
     /// Deletes the record with `key`, if present.
     Delete {
         /// The collection to write.
@@ -172,14 +181,18 @@ pub enum WriteOp {
 impl WriteOp {
     /// The collection the op writes.
     pub fn collection(&self) -> &str {
-        let (WriteOp::Upsert { collection, .. } | WriteOp::Delete { collection, .. }) = self;
+        let (WriteOp::Upsert { collection, .. }
+        | WriteOp::Insert { collection, .. }
+        | WriteOp::Delete { collection, .. }) = self;
         collection
     }
 
-    /// The key of the record the op writes.
-    pub fn key(&self) -> &str {
-        let (WriteOp::Upsert { key, .. } | WriteOp::Delete { key, .. }) = self;
-        key
+    /// The key of the record the op writes; `None` for an insert (the tool assigns it).
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            WriteOp::Upsert { key, .. } | WriteOp::Delete { key, .. } => Some(key),
+            WriteOp::Insert { .. } => None,
+        }
     }
 }
 
@@ -188,6 +201,8 @@ impl WriteOp {
 pub enum OpOutcome {
     /// The op was written and committed durably.
     Written {
+        /// The key the tool assigned to an inserted record ([`WriteOp::Insert`]).
+        key: Option<String>,
         /// The record's version in the tool after the write (an ETag, a revision),
         /// where the tool has one.
         version: Option<String>,
@@ -201,7 +216,10 @@ pub enum OpOutcome {
 
 impl OpOutcome {
     /// Written, by a tool that keeps no record versions.
-    pub const WRITTEN: OpOutcome = OpOutcome::Written { version: None };
+    pub const WRITTEN: OpOutcome = OpOutcome::Written {
+        key: None,
+        version: None,
+    };
 }
 
 /// Why the tool refused one write: each variant is one kind, so refusals can be
@@ -213,6 +231,17 @@ pub enum Rejection {
     UnknownCollection {
         /// The collection named.
         collection: String,
+    },
+    /// An insert asks the tool to assign a key, but this table's key is not one the
+    /// tool assigns.
+    #[error(
+        "{table}: the primary key `{column}` is not assigned by the tool, so a record without a key cannot be inserted"
+    )]
+    KeyNotAssigned {
+        /// The table.
+        table: String,
+        /// The key column.
+        column: String,
     },
     /// The key is not an integer but the table's key column is.
     #[error(
@@ -311,6 +340,11 @@ pub trait Connector: Send + fmt::Debug {
         let _ = wake;
         Ok(())
     }
+
+    /// Whether the tool assigns the keys of new records of `collection` itself (an
+    /// autoincrement or `INTEGER PRIMARY KEY`, a serial, server-side ids): such a
+    /// collection can take [`WriteOp::Insert`].
+    fn assigns_keys(&self, collection: &str) -> bool;
 
     /// Records `store` as the agent store capturing this tool. When another store
     /// captured it before (the agent's store was lost and recreated), the connector

@@ -417,6 +417,67 @@ mod write_back {
     use super::*;
 
     #[test]
+    fn an_insert_takes_the_key_sqlite_assigns_and_is_not_captured() {
+        let fx = fixture(CUSTOMERS);
+        let mut connector = open(&fx, vec![customers()]);
+        fx.tool
+            .execute("INSERT INTO customers (id, name) VALUES (6, 'Ada')", [])
+            .expect("insert");
+        let cursor = connector.capture(0, u64::MAX, 10).expect("capture").cursor;
+        let insert = WriteOp::Insert {
+            collection: "customers".to_owned(),
+            fields: record(&[("name", text("Grace"))]),
+        };
+        let outcomes = connector
+            .write_back(cursor, &HashSet::new(), &[insert])
+            .expect("write-back");
+        assert_eq!(
+            outcomes,
+            [OpOutcome::Written {
+                key: Some("7".to_owned()),
+                version: None
+            }]
+        );
+        let name: String = fx
+            .tool
+            .query_row("SELECT name FROM customers WHERE id = 7", [], |r| r.get(0))
+            .expect("the inserted row");
+        assert_eq!(name, "Grace");
+        assert!(
+            connector
+                .capture(cursor, u64::MAX, 10)
+                .expect("capture")
+                .changes
+                .is_empty(),
+            "an insert of the agent's is not captured"
+        );
+        assert!(<SqliteConnector as connectors::Connector>::assigns_keys(
+            &connector,
+            "customers"
+        ));
+    }
+
+    #[test]
+    fn an_insert_into_a_table_whose_keys_sqlite_does_not_assign_is_rejected() {
+        let fx = fixture("CREATE TABLE codes (code TEXT PRIMARY KEY, label TEXT)");
+        let mut connector = open(&fx, vec![spec("codes", "code", &["label"])]);
+        assert!(!<SqliteConnector as connectors::Connector>::assigns_keys(
+            &connector, "codes"
+        ));
+        let insert = WriteOp::Insert {
+            collection: "codes".to_owned(),
+            fields: record(&[("label", text("x"))]),
+        };
+        let outcomes = connector
+            .write_back(0, &HashSet::new(), &[insert])
+            .expect("write-back");
+        assert!(
+            matches!(&outcomes[0], OpOutcome::Rejected(r) if r.to_string().contains("not assigned by the tool")),
+            "{outcomes:?}"
+        );
+    }
+
+    #[test]
     fn writes_only_the_given_fields_and_leaves_no_outbox_entries() {
         let fx = fixture(CUSTOMERS);
         let mut connector = open(&fx, vec![customers()]);

@@ -74,6 +74,40 @@ impl DocId {
     }
 }
 
+impl DocId {
+    /// The id of a record first captured from a tool that assigns its own ids (the
+    /// *tool ids* identity): minted by the store `actor` for the record `key` of
+    /// `collection` in the tool `tool`, after `previous` (the document a re-inserted
+    /// key was linked to before). Distinct stores, tools, keys and predecessors give
+    /// distinct ids, and a replay gives the same one.
+    pub fn minted(
+        actor: &[u8],
+        tool: &str,
+        collection: &str,
+        key: &str,
+        previous: Option<DocId>,
+    ) -> DocId {
+        let mut hasher = Sha256::new();
+        hasher.update(b"concord/doc/minted/v1\0");
+        for part in [
+            actor,
+            tool.as_bytes(),
+            collection.as_bytes(),
+            key.as_bytes(),
+        ] {
+            hasher.update((part.len() as u64).to_be_bytes());
+            hasher.update(part);
+        }
+        if let Some(previous) = previous {
+            hasher.update(previous.0);
+        }
+        let digest = hasher.finalize();
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&digest[..16]);
+        DocId(id)
+    }
+}
+
 impl fmt::Display for DocId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for byte in self.0 {
@@ -106,7 +140,7 @@ pub struct Edit {
 pub struct RecordState {
     /// The collection the record belongs to.
     pub collection: String,
-    /// The identity key of the record.
+    /// The identity key of the record (empty for a record identified by tool ids).
     pub key: String,
     /// The merged field values.
     pub fields: Record,
@@ -167,8 +201,10 @@ impl RecordDoc {
     }
 
     /// Applies a local edit of the record `key` in `collection`, writing only what
-    /// differs from the document. Returns the bytes of the new change, or `None`
-    /// when the document already held everything.
+    /// differs from the document. An empty `key` marks a record identified by tool
+    /// ids (its document id is minted, [`DocId::minted`]): no identity key is
+    /// written. Returns the bytes of the new change, or `None` when the document
+    /// already held everything.
     pub fn edit(
         &mut self,
         collection: &str,
@@ -178,7 +214,9 @@ impl RecordDoc {
         let root = ObjId::Root;
         if self.doc.get(&root, KEY_COLLECTION)?.is_none() {
             self.doc.put(&root, KEY_COLLECTION, collection)?;
-            self.doc.put(&root, KEY_IDENTITY, key)?;
+            if !key.is_empty() {
+                self.doc.put(&root, KEY_IDENTITY, key)?;
+            }
         }
         if edit.reset {
             let stale: Vec<String> = self
@@ -245,15 +283,17 @@ impl RecordDoc {
     }
 
     /// The record's (collection, identity key), if the document holds them: cheaper
-    /// than a full [`RecordDoc::read`].
+    /// than a full [`RecordDoc::read`]. The key is empty for a record identified by
+    /// tool ids.
     pub fn identity(&self) -> Result<Option<(String, String)>, ModelError> {
         if self.doc.get(ObjId::Root, KEY_COLLECTION)?.is_none() {
             return Ok(None);
         }
-        Ok(Some((
-            read_text(&self.doc, KEY_COLLECTION)?,
-            read_text(&self.doc, KEY_IDENTITY)?,
-        )))
+        let key = match self.doc.get(ObjId::Root, KEY_IDENTITY)? {
+            None => String::new(),
+            Some(_) => read_text(&self.doc, KEY_IDENTITY)?,
+        };
+        Ok(Some((read_text(&self.doc, KEY_COLLECTION)?, key)))
     }
 
     /// Whether the document holds no change at all.

@@ -36,7 +36,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use concord_agent::core::{Core, CoreRequest, GROUP_COMMIT_REQUESTS_MAX};
-use concord_agent::engine::{CollectionInfo, Engine, RemoteError, ToolSpec, WritePlan};
+use concord_agent::engine::{
+    CollectionInfo, Engine, RecordIdentity, RemoteError, ToolSpec, WritePlan,
+};
 use concord_agent::peers::EVENTS_IN_FLIGHT_MAX;
 use concord_agent::replication::{Action, Session};
 use concord_agent::store::{Store, StoreId};
@@ -526,6 +528,7 @@ impl Sim {
             COLLECTION.to_owned(),
             CollectionInfo {
                 columns: COLUMNS.iter().map(|c| (*c).to_owned()).collect(),
+                identity: RecordIdentity::SharedKey,
             },
         )]);
         let tool = ToolSpec {
@@ -691,7 +694,7 @@ impl Sim {
             .filter(|(_, o)| matches!(o, OpOutcome::Written { .. }))
             .filter_map(|(op, _)| match op {
                 WriteOp::Upsert { key, .. } => Some(key.clone()),
-                WriteOp::Delete { .. } => None,
+                WriteOp::Delete { .. } | WriteOp::Insert { .. } => None,
             })
             .collect();
         agent.tool_loop.plan_done(plan.mark, stale > 0);

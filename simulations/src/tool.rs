@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use connectors::{
     CaptureBatch, CapturedChange, ChangeFeed, Connector, ConnectorError, Cursor, OpOutcome,
-    RecordKey, RowState, WriteOp,
+    RecordKey, Rejection, RowState, WriteOp,
 };
 use crdt_model::{Record, Value};
 
@@ -164,7 +164,15 @@ impl SimTool {
             .collect();
         let mut outcomes = Vec::with_capacity(ops.len());
         for op in ops {
-            let (WriteOp::Upsert { key, .. } | WriteOp::Delete { key, .. }) = op;
+            let Some(key) = op.key().map(str::to_owned) else {
+                // Its keys are shared: the simulated table assigns none.
+                outcomes.push(OpOutcome::Rejected(Rejection::KeyNotAssigned {
+                    table: COLLECTION.to_owned(),
+                    column: "key".to_owned(),
+                }));
+                continue;
+            };
+            let key = &key;
             if uncaptured.contains(key)
                 || changed_since.contains(&(COLLECTION.to_owned(), key.clone()))
             {
@@ -179,6 +187,7 @@ impl SimTool {
                 WriteOp::Delete { key, .. } => {
                     self.rows.remove(key);
                 }
+                WriteOp::Insert { .. } => unreachable!("inserts are rejected above"),
             }
             self.writes += 1;
             outcomes.push(OpOutcome::WRITTEN);
@@ -192,6 +201,10 @@ impl SimTool {
 impl Connector for SimTool {
     fn kind(&self) -> &'static str {
         "simulated"
+    }
+
+    fn assigns_keys(&self, _collection: &str) -> bool {
+        false
     }
 
     fn change_feed(&self) -> ChangeFeed {

@@ -152,3 +152,31 @@ async fn a_missing_database_is_refused_and_not_created() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// `tool_ids` on a table whose keys the tool does not assign is refused at start,
+/// naming the file, line, field and table, before the store is created.
+#[tokio::test(flavor = "multi_thread")]
+async fn tool_ids_on_a_key_the_tool_does_not_assign_is_refused() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let mut a = Node::with_schema(
+        tmp.path(),
+        "a",
+        "CREATE TABLE customers (id TEXT PRIMARY KEY, name TEXT, email TEXT, city TEXT, age INTEGER)",
+    )?;
+    let body = concord_tests::sqlite_tool("crm", "app.db")
+        .replace("columns = [", "identity = \"tool_ids\"\ncolumns = [");
+    a.configure_with("127.0.0.1:0", &[], &body)?;
+    let err = a
+        .start()
+        .await
+        .expect_err("tool_ids on a text key")
+        .to_string();
+    assert!(err.contains("tool[0].collection[0].identity"), "{err}");
+    assert!(err.contains("`customers`"), "{err}");
+    assert!(err.contains("shared_key"), "{err}");
+    assert!(
+        !a.files.dir.join("data").exists(),
+        "the store was created before the configuration was checked"
+    );
+    Ok(())
+}

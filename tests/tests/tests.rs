@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod durability;
+mod identity;
 mod security;
 mod sync;
 mod topology;

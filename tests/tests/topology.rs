@@ -53,11 +53,13 @@ async fn one_agent_keeps_two_of_its_tools_in_sync() -> anyhow::Result<()> {
     let crm = node.files.db.clone();
     let erp = node.files.dir.join("erp.db");
     create_db(&erp)?;
+    // The same ids in both tools: a shared key (tool ids are the identity test's).
     let body = format!(
         "{}{}",
         sqlite_tool("crm", "app.db"),
         sqlite_tool("erp", "erp.db")
-    );
+    )
+    .replace("columns = [", "identity = \"shared_key\"\ncolumns = [");
     node.configure_with("127.0.0.1:0", &[], &body)?;
     let agent = node.start().await?;
 

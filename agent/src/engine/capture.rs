@@ -3,7 +3,7 @@
 use connectors::{CaptureBatch, CapturedChange, RowState};
 use crdt_model::{DocId, Edit, Record, Value};
 
-use super::{Engine, ToolIx, project, tombstoned};
+use super::{Engine, RecordIdentity, ToolIx, project, tombstoned};
 use crate::store::{Batch, DeadLetter, LetterReason, StoreError};
 
 impl Engine {
@@ -52,7 +52,36 @@ impl Engine {
             return Ok(());
         };
         let shadow = self.store.shadow(&name, &collection, &key)?;
-        let id = DocId::of(&collection, &key);
+        let present = matches!(state, RowState::Present(_));
+        let (id, identity_key) = match info.identity {
+            RecordIdentity::SharedKey => (DocId::of(&collection, &key), key.as_str()),
+            RecordIdentity::ToolIds => {
+                let linked = self.store.linked_doc(&name, &collection, &key)?;
+                let id = match linked {
+                    // A row created where its linked record is deleted is a new
+                    // record (the tool reused the key): a new document, never the
+                    // dead one.
+                    Some(old)
+                        if present
+                            && shadow.is_none()
+                            && !rescan
+                            && tombstoned(self.store.doc(old)?) =>
+                    {
+                        self.store.stage_unlink_doc(batch, &name, old);
+                        DocId::minted(&self.store.actor(), &uid, &collection, &key, Some(old))
+                    }
+                    Some(linked) => linked,
+                    None if present => {
+                        DocId::minted(&self.store.actor(), &uid, &collection, &key, None)
+                    }
+                    // A record never linked that is gone or unreadable: nothing to
+                    // record in a document (an invalid row still becomes a dead
+                    // letter below).
+                    None => DocId([0; 16]),
+                };
+                (id, "")
+            }
+        };
         let (edit, after) = match state {
             RowState::Invalid(invalid) => {
                 tracing::warn!(tool = %name, %collection, %key, reason = %invalid, "row set aside as a dead letter");
@@ -83,7 +112,9 @@ impl Engine {
                 // A row the tool created revives its record; a row found by a
                 // rescan does not overrule a delete made elsewhere.
                 let revive = created && !rescan;
-                let reset = revive && tombstoned(self.store.doc(id)?);
+                let reset = revive
+                    && info.identity == RecordIdentity::SharedKey
+                    && tombstoned(self.store.doc(id)?);
                 // A new row's empty columns are not written: two sites creating the
                 // same record offline then merge what each knew instead of one site's
                 // nulls hiding the other's values. A reset removes every other field.
@@ -108,14 +139,22 @@ impl Engine {
         self.store
             .stage_dead_letter(batch, &name, &collection, &key, None);
         if after.is_some() && edit.external_id.is_some() {
-            self.store
-                .stage_external_id(batch, &name, &collection, &key, id);
+            match info.identity {
+                // The key names the document: the record index is enough.
+                RecordIdentity::SharedKey => {
+                    self.store
+                        .stage_external_id(batch, &name, &collection, &key, id);
+                }
+                RecordIdentity::ToolIds => {
+                    self.store.stage_link(batch, &name, &collection, &key, id);
+                }
+            }
         }
         self.store
             .stage_shadow(batch, &name, &collection, &key, after.as_ref());
         let doc = self.store.doc(id)?;
         let was_empty = doc.is_empty();
-        let change = match doc.edit(&collection, &key, &edit) {
+        let change = match doc.edit(&collection, identity_key, &edit) {
             Ok(change) => change,
             Err(e) => {
                 // The document holds something the edit cannot work with: set it

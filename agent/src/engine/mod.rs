@@ -35,6 +35,21 @@ pub use write_back::{
 pub struct CollectionInfo {
     /// The columns synced, by name (the fields of the canonical record).
     pub columns: Vec<String>,
+    /// What makes two records of the collection the same.
+    pub identity: RecordIdentity,
+}
+
+/// What makes two records of a collection the same record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordIdentity {
+    /// Each tool keeps the ids it assigns: a record created in one tool gets a new
+    /// document (a minted id) and is inserted into the others with the ids they
+    /// assign; the links between tool records and documents are the authority. Two
+    /// records are never merged because two tools gave them the same id.
+    ToolIds,
+    /// The key means the same record everywhere: the document id derives from
+    /// (collection, key), and every tool holds the record under that key.
+    SharedKey,
 }
 
 /// One tool of this agent, as the engine knows it.

@@ -127,7 +127,8 @@ impl Engine {
             return Ok(applied.missing_deps);
         }
         let (found, key) = doc.identity().map_err(bad)?.unwrap_or_default();
-        if DocId::of(&found, &key) != id || found != collection {
+        // A shared key names its document; a document minted for tool ids has no key.
+        if found != collection || (!key.is_empty() && DocId::of(&found, &key) != id) {
             return Err(RemoteError::WrongIdentity {
                 doc: id,
                 collection: found,

@@ -14,6 +14,7 @@ fn engine(dir: &std::path::Path) -> Result<Engine, StoreError> {
         "customers".to_owned(),
         CollectionInfo {
             columns: vec!["name".to_owned()],
+            identity: RecordIdentity::SharedKey,
         },
     )]);
     Engine::new(Store::open(dir)?, vec![tool(collections)], [])
@@ -328,6 +329,7 @@ fn a_row_created_after_a_delete_starts_from_the_row() -> TestResult {
         "customers".to_owned(),
         CollectionInfo {
             columns: vec!["name".to_owned(), "email".to_owned()],
+            identity: RecordIdentity::SharedKey,
         },
     )]);
     let mut a = Engine::new(Store::open(dir.path())?, vec![tool(collections)], [])?;
@@ -405,5 +407,90 @@ fn stale_writes_stay_pending_and_the_rest_are_done() -> TestResult {
     assert_eq!(again.writes.len(), 1);
     assert_eq!(again.writes[0].doc, DocId::of("customers", "1"));
     assert!(matches!(again.writes[0].op, WriteOp::Upsert { .. }));
+    Ok(())
+}
+
+/// An engine whose tool `name` (id in documents `uid`) syncs customers by tool ids.
+fn tool_ids_engine(dir: &std::path::Path, name: &str, uid: &str) -> Result<Engine, StoreError> {
+    let collections = BTreeMap::from([(
+        "customers".to_owned(),
+        CollectionInfo {
+            columns: vec!["name".to_owned()],
+            identity: RecordIdentity::ToolIds,
+        },
+    )]);
+    let tool = ToolSpec {
+        name: name.to_owned(),
+        uid: uid.to_owned(),
+        collections,
+    };
+    Engine::new(Store::open(dir)?, vec![tool], [])
+}
+
+/// Under tool ids a captured row gets a minted document without an identity key;
+/// a store whose tool never held the record plans an insert without a key, links
+/// the key the tool assigned, and records it in the document under its own tool
+/// id, beside the first tool's: two agents' tools named alike never overwrite each
+/// other's ids.
+#[test]
+fn tool_ids_insert_with_the_assigned_key_and_keep_each_tools_id()
+-> Result<(), Box<dyn std::error::Error>> {
+    let (dir_a, dir_b) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let mut a = tool_ids_engine(dir_a.path(), "crm", "aaaaaaaa.crm")?;
+    let mut b = tool_ids_engine(dir_b.path(), "crm", "bbbbbbbb.crm")?;
+    let mut batch = a.store().batch();
+    capture(&mut a, &mut batch, vec![captured("6", "Alice")], 1)?;
+    a.store().commit(batch)?;
+    let log = a.store().reader().log_from("customers", 1, 10)?;
+    let id = DocId(log[0].1.doc);
+    assert_ne!(
+        id,
+        DocId::of("customers", "6"),
+        "the id is minted, not derived"
+    );
+    assert_eq!(a.store().doc(id)?.read()?.key, "", "no identity key");
+
+    let entry = WireEntry {
+        seq: 1,
+        doc: id.0,
+        changes: log[0].1.changes.clone(),
+    };
+    let mut batch = b.store().batch();
+    b.apply_remote(
+        &mut batch,
+        a.store().actor(),
+        "customers",
+        Some(1),
+        vec![entry],
+    )?;
+    b.store().commit(batch)?;
+    let mut batch = b.store().batch();
+    let plan = b.plan_writes(&mut batch, 0, 10, 0)?;
+    b.store().commit(batch)?;
+    assert_eq!(plan.writes.len(), 1);
+    assert!(
+        matches!(&plan.writes[0].op, WriteOp::Insert { fields, .. } if fields["name"] == Value::Text("Alice".to_owned())),
+        "{:?}",
+        plan.writes[0].op
+    );
+    let mut batch = b.store().batch();
+    let written = OpOutcome::Written {
+        key: Some("7".to_owned()),
+        version: None,
+    };
+    b.writes_done(&mut batch, plan, vec![written], 0)?;
+    b.store().commit(batch)?;
+    assert_eq!(b.store().linked_doc("crm", "customers", "7")?, Some(id));
+    assert_eq!(b.store().linked_key("crm", id)?.as_deref(), Some("7"));
+    let ids = b.store().doc(id)?.read()?.external_ids;
+    assert_eq!(ids.get("aaaaaaaa.crm").map(String::as_str), Some("6"));
+    assert_eq!(ids.get("bbbbbbbb.crm").map(String::as_str), Some("7"));
+
+    // B's user edits row 7: the edit reaches the same document.
+    let mut batch = b.store().batch();
+    capture(&mut b, &mut batch, vec![captured("7", "Alice B.")], 1)?;
+    b.store().commit(batch)?;
+    let state = b.store().doc(id)?.read()?;
+    assert_eq!(state.fields["name"], Value::Text("Alice B.".to_owned()));
     Ok(())
 }

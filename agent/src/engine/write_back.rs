@@ -1,9 +1,9 @@
 //! Write-back: planning what the local tool must hold, and learning what it did.
 
 use connectors::{Cursor, OpOutcome, WriteOp};
-use crdt_model::{DocId, Record};
+use crdt_model::{DocId, Edit, Record, Value};
 
-use super::{Engine, ToolIx, project};
+use super::{Engine, RecordIdentity, ToolIx, project};
 use crate::store::{Batch, DeadLetter, LetterReason, StoreError};
 
 /// Write-backs of one document refused as stale in a row before it waits between
@@ -96,33 +96,73 @@ impl Engine {
         let Some(state) = self.read_or_quarantine(batch, id)? else {
             return Ok(None);
         };
-        let Some(info) = self.tools[tool].collections.get(&state.collection) else {
+        let Some(info) = self.tools[tool].collections.get(&state.collection).cloned() else {
             self.set_pending(batch, tool, id, false);
             return Ok(None);
         };
-        let shadow = self
-            .store
-            .shadow(&self.tools[tool].name, &state.collection, &state.key)?;
-        let projected = project(&state, info);
-        let op = match (&projected, &shadow) {
+        let name = self.tools[tool].name.clone();
+        let projected = project(&state, &info);
+        // The record's key in this tool: the linked one, else (shared key) the
+        // record's own; a record of tool ids that this tool never held has none yet.
+        let key = match info.identity {
+            RecordIdentity::SharedKey if !state.key.is_empty() => Some(state.key.clone()),
+            _ => self.store.linked_key(&name, id)?,
+        };
+        let op = match (&projected, key) {
             (None, None) => None,
-            (None, Some(_)) => Some(WriteOp::Delete {
-                collection: state.collection.clone(),
-                key: state.key.clone(),
-            }),
-            (Some(record), shadow) => {
-                let fields: Record = record
-                    .iter()
-                    .filter(|(name, value)| {
-                        shadow.as_ref().and_then(|s| s.get(*name)) != Some(*value)
-                    })
-                    .map(|(name, value)| (name.clone(), value.clone()))
-                    .collect();
-                (!fields.is_empty()).then(|| WriteOp::Upsert {
+            (Some(record), None) => match info.identity {
+                RecordIdentity::ToolIds => Some(WriteOp::Insert {
                     collection: state.collection.clone(),
-                    key: state.key.clone(),
-                    fields,
-                })
+                    fields: record
+                        .iter()
+                        .filter(|(_, value)| **value != Value::Null)
+                        .map(|(name, value)| (name.clone(), value.clone()))
+                        .collect(),
+                }),
+                RecordIdentity::SharedKey => {
+                    // A record created under tool ids elsewhere has no key here.
+                    let letter = DeadLetter {
+                        tool: name.clone(),
+                        collection: state.collection.clone(),
+                        key: id.to_string(),
+                        reason: LetterReason::NoKey,
+                    };
+                    tracing::warn!(tool = %name, collection = %state.collection, doc = %id, "a record without a shared key cannot be written to this tool");
+                    self.store.stage_dead_letter(
+                        batch,
+                        &name,
+                        &state.collection,
+                        &id.to_string(),
+                        Some(&letter),
+                    );
+                    self.stats.dead_letters += 1;
+                    self.set_pending(batch, tool, id, false);
+                    return Ok(None);
+                }
+            },
+            (projected, Some(key)) => {
+                let shadow = self.store.shadow(&name, &state.collection, &key)?;
+                match (projected, shadow) {
+                    (None, None) => None,
+                    (None, Some(_)) => Some(WriteOp::Delete {
+                        collection: state.collection.clone(),
+                        key,
+                    }),
+                    (Some(record), shadow) => {
+                        let fields: Record = record
+                            .iter()
+                            .filter(|(name, value)| {
+                                shadow.as_ref().and_then(|s| s.get(*name)) != Some(*value)
+                            })
+                            .map(|(name, value)| (name.clone(), value.clone()))
+                            .collect();
+                        (!fields.is_empty()).then(|| WriteOp::Upsert {
+                            collection: state.collection.clone(),
+                            key,
+                            fields,
+                        })
+                    }
+                }
             }
         };
         match op {
@@ -153,8 +193,34 @@ impl Engine {
         self.tools[tool].in_flight.clear();
         let changed_in_flight = std::mem::take(&mut self.tools[tool].changed_in_flight);
         for (write, outcome) in plan.writes.into_iter().zip(outcomes) {
-            let (collection, key) = (write.op.collection(), write.op.key());
+            let collection = write.op.collection();
+            let key = match (write.op.key(), &outcome) {
+                (Some(key), _) => key.to_owned(),
+                (None, OpOutcome::Written { key: Some(key), .. }) => key.clone(),
+                (None, _) => id_as_key(write.doc),
+            };
+            if let (WriteOp::Insert { .. }, OpOutcome::Written { key: Some(_), .. }) =
+                (&write.op, &outcome)
+            {
+                self.linked_by_insert(batch, tool, collection, &key, write.doc, now_ms)?;
+            }
+            let key = key.as_str();
             match outcome {
+                OpOutcome::Written { key: None, .. } if write.op.key().is_none() => {
+                    // The tool inserted a record but did not say its key: the link
+                    // cannot be made, and writing again would duplicate the record.
+                    tracing::error!(tool = %name, %collection, doc = %write.doc, "the tool did not return the key of an inserted record");
+                    let letter = DeadLetter {
+                        tool: name.clone(),
+                        collection: collection.to_owned(),
+                        key: key.to_owned(),
+                        reason: LetterReason::NoKey,
+                    };
+                    self.store
+                        .stage_dead_letter(batch, &name, collection, key, Some(&letter));
+                    self.stats.dead_letters += 1;
+                    self.set_pending(batch, tool, write.doc, false);
+                }
                 OpOutcome::Written { .. } => {
                     self.store
                         .stage_shadow(batch, &name, collection, key, write.after.as_ref());
@@ -189,6 +255,38 @@ impl Engine {
         Ok(())
     }
 
+    /// Links the record the tool inserted under `key` to document `id`, and records
+    /// the tool's id for it in the document.
+    fn linked_by_insert(
+        &mut self,
+        batch: &mut Batch,
+        tool: ToolIx,
+        collection: &str,
+        key: &str,
+        id: DocId,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let (name, uid) = (self.tools[tool].name.clone(), self.tools[tool].uid.clone());
+        self.store.stage_link(batch, &name, collection, key, id);
+        let edit = Edit {
+            external_id: Some((uid, key.to_owned())),
+            time_ms: now_ms,
+            ..Edit::default()
+        };
+        match self.store.doc(id)?.edit(collection, "", &edit) {
+            Ok(Some(change)) => {
+                self.store
+                    .stage_doc(batch, id, collection, vec![change], None)?;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                self.store.forget(id);
+                self.quarantine(batch, id, collection, None, e.to_string());
+            }
+        }
+        Ok(())
+    }
+
     /// Hands `tool`'s plan back unwritten (the tool failed): its documents stay pending.
     pub fn writes_failed(&mut self, tool: ToolIx) {
         self.tools[tool].in_flight.clear();
@@ -206,4 +304,9 @@ impl Engine {
             entry.1 = now_ms.saturating_add(wait);
         }
     }
+}
+
+/// The name a record without a key goes by in dead letters: its document id.
+fn id_as_key(id: DocId) -> String {
+    id.to_string()
 }

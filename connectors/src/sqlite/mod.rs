@@ -441,9 +441,15 @@ impl SqliteConnector {
         let mut stale = Vec::new();
         loop {
             match self.attempt(captured_upto, changed_since, &mut plans, &mut stale)? {
-                Attempt::Committed(refused) => {
+                Attempt::Committed { refused, assigned } => {
                     for (index, rejection) in refused {
                         outcomes[index] = OpOutcome::Rejected(rejection);
+                    }
+                    for (index, key) in assigned {
+                        outcomes[index] = OpOutcome::Written {
+                            key: Some(key),
+                            version: None,
+                        };
                     }
                     for index in stale {
                         outcomes[index] = OpOutcome::Stale;
@@ -470,18 +476,18 @@ impl SqliteConnector {
     /// Checks and converts one op without touching the database; the error is the
     /// reason the op is rejected.
     fn plan<'a>(&self, op: &'a WriteOp) -> Result<Plan<'a>, Rejection> {
-        let (WriteOp::Upsert {
-            collection, key, ..
-        }
-        | WriteOp::Delete { collection, key }) = op;
+        let collection = op.collection();
         let index =
             *self
                 .by_collection
                 .get(collection)
                 .ok_or_else(|| Rejection::UnknownCollection {
-                    collection: collection.clone(),
+                    collection: collection.to_owned(),
                 })?;
         let table = &self.tables[index];
+        let (WriteOp::Upsert { key, .. } | WriteOp::Delete { key, .. }) = op else {
+            return self.plan_insert(index, op);
+        };
         let short_key = || convert::shorten(key);
         let key_param = match key_param(table, key) {
             KeyParam::Int(i) => ToSqlOutput::Owned(SqlValue::Integer(i)),
@@ -498,7 +504,7 @@ impl SqliteConnector {
             }
         };
         let action = match op {
-            WriteOp::Delete { .. } => Action::Delete(key_param),
+            WriteOp::Delete { .. } | WriteOp::Insert { .. } => Action::Delete(key_param),
             WriteOp::Upsert { fields, .. } => {
                 let mut params = Vec::with_capacity(fields.len() + 1);
                 let mut assignments = String::new();
@@ -566,6 +572,63 @@ impl SqliteConnector {
         })
     }
 
+    /// Checks and converts an insert whose key SQLite assigns.
+    fn plan_insert<'a>(&self, index: usize, op: &'a WriteOp) -> Result<Plan<'a>, Rejection> {
+        let table = &self.tables[index];
+        let WriteOp::Insert { fields, .. } = op else {
+            unreachable!("plan_insert takes inserts only");
+        };
+        if !table.assigns_keys {
+            return Err(Rejection::KeyNotAssigned {
+                table: table.name.clone(),
+                column: table.key.field.clone(),
+            });
+        }
+        let mut params = Vec::with_capacity(fields.len());
+        let mut names = Vec::with_capacity(fields.len());
+        for (field, value) in fields {
+            let column = table
+                .columns
+                .iter()
+                .find(|column| column.field == *field)
+                .ok_or_else(|| Rejection::UnknownColumn {
+                    table: table.name.clone(),
+                    key: "(new)".to_owned(),
+                    field: field.clone(),
+                })?;
+            let param = convert::write_value(column, value).map_err(|problem| {
+                Rejection::ValueDoesNotFit {
+                    table: table.name.clone(),
+                    key: "(new)".to_owned(),
+                    column: field.clone(),
+                    problem,
+                }
+            })?;
+            params.push(param);
+            names.push(column.sql_name.as_str());
+        }
+        let key = &table.key.sql_name;
+        let sql = if names.is_empty() {
+            format!(
+                "INSERT INTO {} DEFAULT VALUES RETURNING CAST({key} AS TEXT)",
+                table.sql_name
+            )
+        } else {
+            let placeholders: Vec<String> = (1..=names.len()).map(|n| format!("?{n}")).collect();
+            format!(
+                "INSERT INTO {} ({}) VALUES ({}) RETURNING CAST({key} AS TEXT)",
+                table.sql_name,
+                names.join(", "),
+                placeholders.join(", ")
+            )
+        };
+        Ok(Plan {
+            table: index,
+            key: "",
+            action: Action::Insert { sql, params },
+        })
+    }
+
     /// Runs one write-back transaction over the plans still standing; plans found
     /// stale are taken out.
     fn attempt(
@@ -590,8 +653,11 @@ impl SqliteConnector {
         for (index, slot) in plans.iter_mut().enumerate() {
             let Some(plan) = slot else { continue };
             let table = &tables[plan.table];
-            let changed = uncaptured.contains(&(table.name.clone(), plan.key.to_owned()))
-                || changed_since.contains(&(table.collection.clone(), plan.key.to_owned()));
+            // A new record (an insert) cannot have changed in the tool.
+            let inserts = matches!(plan.action, Action::Insert { .. });
+            let changed = !inserts
+                && (uncaptured.contains(&(table.name.clone(), plan.key.to_owned()))
+                    || changed_since.contains(&(table.collection.clone(), plan.key.to_owned())));
             if changed {
                 stale.push(index);
                 *slot = None;
@@ -599,11 +665,17 @@ impl SqliteConnector {
         }
         tx.prepare_cached(ECHO_SET_SQL)?.execute([1])?;
         let mut refused = Vec::new();
+        let mut assigned = Vec::new();
         for (index, plan) in plans.iter().enumerate() {
             let Some(plan) = plan else { continue };
             let table = &tables[plan.table];
-            let Err(error) = execute(&tx, table, &plan.action) else {
-                continue;
+            let error = match execute(&tx, table, &plan.action) {
+                Ok(Some(key)) => {
+                    assigned.push((index, key));
+                    continue;
+                }
+                Ok(None) => continue,
+                Err(error) => error,
             };
             let Some(message) = record_fault(&error) else {
                 return Err(error.into());
@@ -621,7 +693,7 @@ impl SqliteConnector {
         }
         tx.prepare_cached(ECHO_SET_SQL)?.execute([0])?;
         tx.commit()?;
-        Ok(Attempt::Committed(refused))
+        Ok(Attempt::Committed { refused, assigned })
     }
 }
 
@@ -630,6 +702,12 @@ impl SqliteConnector {
 impl Connector for SqliteConnector {
     fn kind(&self) -> &'static str {
         "sqlite"
+    }
+
+    fn assigns_keys(&self, collection: &str) -> bool {
+        self.by_collection
+            .get(collection)
+            .is_some_and(|index| self.tables[*index].assigns_keys)
     }
 
     fn change_feed(&self) -> ChangeFeed {
@@ -727,14 +805,23 @@ enum Action<'a> {
     },
     /// Inserts a row holding only the key, unless the row exists.
     InsertKey(ToSqlOutput<'a>),
+    /// Inserts a row whose key SQLite assigns, returning the key.
+    Insert {
+        sql: String,
+        params: Vec<ToSqlOutput<'a>>,
+    },
     /// Deletes the row.
     Delete(ToSqlOutput<'a>),
 }
 
 /// How one write-back transaction ended.
 enum Attempt {
-    /// Committed; the ops SQLite refused without ending the transaction.
-    Committed(Vec<(usize, Rejection)>),
+    /// Committed; the ops SQLite refused without ending the transaction, and the
+    /// keys it assigned to inserted rows.
+    Committed {
+        refused: Vec<(usize, Rejection)>,
+        assigned: Vec<(usize, String)>,
+    },
     /// SQLite rolled the whole transaction back because of this op.
     RolledBack(usize, Rejection),
 }
@@ -825,9 +912,19 @@ fn learn_timestamp_styles(conn: &Connection, table: &Table) -> rusqlite::Result<
     Ok(())
 }
 
-/// Runs the statements of one op.
-fn execute(conn: &Connection, table: &Table, action: &Action<'_>) -> rusqlite::Result<()> {
+/// Runs the statements of one op; an insert returns the key SQLite assigned.
+fn execute(
+    conn: &Connection,
+    table: &Table,
+    action: &Action<'_>,
+) -> rusqlite::Result<Option<String>> {
     match action {
+        Action::Insert { sql, params } => {
+            let key: String = conn
+                .prepare_cached(sql)?
+                .query_row(params_from_iter(params), |row| row.get(0))?;
+            return Ok(Some(key));
+        }
         Action::Upsert {
             update_sql,
             insert_sql,
@@ -848,7 +945,7 @@ fn execute(conn: &Connection, table: &Table, action: &Action<'_>) -> rusqlite::R
             conn.prepare_cached(&table.delete_sql)?.execute([key])?;
         }
     }
-    Ok(())
+    Ok(None)
 }
 
 /// The message of a failure caused by the written record itself (a constraint, a

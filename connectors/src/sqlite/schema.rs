@@ -163,6 +163,9 @@ pub(super) struct Table {
     pub(super) delete_sql: String,
     /// Inserts a row holding only its key unless the row exists.
     pub(super) insert_key_sql: String,
+    /// Whether SQLite assigns the key of a row inserted without one: an `INTEGER
+    /// PRIMARY KEY` of a rowid table.
+    pub(super) assigns_keys: bool,
 }
 
 impl Table {
@@ -201,6 +204,15 @@ impl Table {
             .iter()
             .map(|column| (column.field.clone(), column.field_type))
             .collect();
+        let without_rowid: bool = conn
+            .query_row(
+                "SELECT COALESCE((SELECT wr FROM pragma_table_list WHERE name = ?1), 0)",
+                [table],
+                |row| row.get(0),
+            )
+            .optional()?
+            .unwrap_or(false);
+        let assigns_keys = key.declared.eq_ignore_ascii_case("INTEGER") && !without_rowid;
         Ok(Table {
             collection: spec.collection.clone(),
             name: table.to_owned(),
@@ -211,6 +223,7 @@ impl Table {
             select_sql,
             delete_sql,
             insert_key_sql,
+            assigns_keys,
         })
     }
 
