@@ -1,6 +1,8 @@
 //! Helpers for the end-to-end tests: agents in folders, SQLite fixtures, the
 //! `concord` binary, bounded waits.
 
+pub mod postgres;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;

@@ -4,6 +4,7 @@
 mod bad_input;
 mod durability;
 mod identity;
+mod postgres;
 mod security;
 mod sync;
 mod topology;
