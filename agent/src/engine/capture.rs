@@ -86,7 +86,7 @@ impl Engine {
             RowState::Invalid(invalid) => {
                 tracing::warn!(tool = %name, %collection, %key, reason = %invalid, "row set aside as a dead letter");
                 let letter = DeadLetter {
-                    tool: name.clone(),
+                    tool: name.to_string(),
                     collection: collection.clone(),
                     key: key.clone(),
                     reason: LetterReason::InvalidRow(invalid),
@@ -128,7 +128,7 @@ impl Engine {
                     .collect();
                 let edit = Edit {
                     fields,
-                    external_id: created.then(|| (uid, key.clone())),
+                    external_id: created.then(|| (uid.to_string(), key.clone())),
                     deleted: revive.then_some(false),
                     reset,
                     time_ms: now_ms,

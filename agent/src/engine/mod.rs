@@ -99,8 +99,9 @@ pub struct Engine {
 /// What the engine keeps per tool.
 #[derive(Debug)]
 struct ToolState {
-    name: String,
-    uid: String,
+    /// Shared, so the hot paths take it without copying the text.
+    name: Arc<str>,
+    uid: Arc<str>,
     collections: BTreeMap<String, Arc<CollectionInfo>>,
     /// The capture cursor committed last (or staged in the open batch).
     captured: Cursor,
@@ -149,8 +150,8 @@ impl Engine {
                     .into_iter()
                     .map(|(name, info)| (name, Arc::new(info)))
                     .collect(),
-                name: tool.name,
-                uid: tool.uid,
+                name: tool.name.into(),
+                uid: tool.uid.into(),
             });
         }
         Ok(Engine {
@@ -225,10 +226,9 @@ impl Engine {
         id: DocId,
         but: Option<ToolIx>,
     ) {
-        let Some(tools) = self.collections.get(collection) else {
-            return;
-        };
-        for tool in tools.clone() {
+        let count = self.collections.get(collection).map_or(0, Vec::len);
+        for k in 0..count {
+            let tool = self.collections[collection][k];
             if Some(tool) != but {
                 self.set_pending(batch, tool, id, true);
             }

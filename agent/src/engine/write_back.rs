@@ -122,7 +122,7 @@ impl Engine {
                 RecordIdentity::SharedKey => {
                     // A record created under tool ids elsewhere has no key here.
                     let letter = DeadLetter {
-                        tool: name.clone(),
+                        tool: name.to_string(),
                         collection: state.collection.clone(),
                         key: id.to_string(),
                         reason: LetterReason::NoKey,
@@ -211,7 +211,7 @@ impl Engine {
                     // cannot be made, and writing again would duplicate the record.
                     tracing::error!(tool = %name, %collection, doc = %write.doc, "the tool did not return the key of an inserted record");
                     let letter = DeadLetter {
-                        tool: name.clone(),
+                        tool: name.to_string(),
                         collection: collection.to_owned(),
                         key: key.to_owned(),
                         reason: LetterReason::NoKey,
@@ -239,7 +239,7 @@ impl Engine {
                 OpOutcome::Rejected(rejection) => {
                     tracing::warn!(tool = %name, %collection, %key, reason = %rejection, "write-back set aside as a dead letter");
                     let letter = DeadLetter {
-                        tool: name.clone(),
+                        tool: name.to_string(),
                         collection: collection.to_owned(),
                         key: key.to_owned(),
                         reason: LetterReason::Rejected(rejection),
@@ -269,7 +269,7 @@ impl Engine {
         let (name, uid) = (self.tools[tool].name.clone(), self.tools[tool].uid.clone());
         self.store.stage_link(batch, &name, collection, key, id);
         let edit = Edit {
-            external_id: Some((uid, key.to_owned())),
+            external_id: Some((uid.to_string(), key.to_owned())),
             time_ms: now_ms,
             ..Edit::default()
         };
