@@ -174,8 +174,9 @@ struct Staged {
     cursors: HashMap<String, u64>,
     /// Heads digests staged.
     digests: HashMap<(String, DocId), u64>,
-    /// Links from a tool's record to its document staged, by `ext` key.
-    ext: HashMap<Vec<u8>, DocId>,
+    /// Links from a tool's record to its document staged, by `ext` key (`None`:
+    /// removed).
+    ext: HashMap<Vec<u8>, Option<DocId>>,
     /// Links from a document to a tool's record staged, by `links` key (`None`:
     /// removed).
     links: HashMap<Vec<u8>, Option<String>>,
@@ -495,7 +496,7 @@ impl Store {
     ) {
         let k = record_key(tool, collection, external);
         batch.inner.insert(&self.ext, k.clone(), id.0.to_vec());
-        self.staged.ext.insert(k, id);
+        self.staged.ext.insert(k, Some(id));
         let k = link_key(tool, id);
         batch
             .inner
@@ -515,7 +516,21 @@ impl Store {
     ) {
         let k = record_key(tool, collection, external);
         batch.inner.insert(&self.ext, k.clone(), id.0.to_vec());
-        self.staged.ext.insert(k, id);
+        self.staged.ext.insert(k, Some(id));
+    }
+
+    /// Stages that the record `external` of `collection` in `tool` is linked to no
+    /// document any more (its key changed).
+    pub fn stage_unlink_record(
+        &mut self,
+        batch: &mut Batch,
+        tool: &str,
+        collection: &str,
+        external: &str,
+    ) {
+        let k = record_key(tool, collection, external);
+        batch.inner.remove(&self.ext, k.clone());
+        self.staged.ext.insert(k, None);
     }
 
     /// Stages that document `id` is linked to no record of `tool` any more (the
@@ -536,7 +551,7 @@ impl Store {
     ) -> Result<Option<DocId>, StoreError> {
         let k = record_key(tool, collection, external);
         if let Some(id) = self.staged.ext.get(&k) {
-            return Ok(Some(*id));
+            return Ok(*id);
         }
         match self.ext.get(&k)? {
             Some(bytes) => Ok(Some(DocId(<[u8; 16]>::try_from(&bytes[..]).map_err(

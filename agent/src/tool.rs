@@ -406,6 +406,7 @@ mod tests {
                 .map(|key| CapturedChange {
                     collection: "c".to_owned(),
                     key: (*key).to_owned(),
+                    previous_key: None,
                     state: RowState::Absent,
                 })
                 .collect(),

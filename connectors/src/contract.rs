@@ -72,6 +72,9 @@ pub struct CapturedChange {
     pub collection: String,
     /// The record's key in the tool, as text.
     pub key: String,
+    /// The key the record had before the tool changed it (an update of the primary
+    /// key), when the change moved it: the record stays one record under its new key.
+    pub previous_key: Option<String>,
     /// The record as it is now.
     pub state: RowState,
 }

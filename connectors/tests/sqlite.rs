@@ -115,6 +115,31 @@ mod capture {
     use super::*;
 
     #[test]
+    fn a_key_change_is_one_change_naming_the_old_key() {
+        let fx = fixture(CUSTOMERS);
+        let mut connector = open(&fx, vec![customers()]);
+        fx.tool
+            .execute("INSERT INTO customers (id, name) VALUES (1, 'Ada')", [])
+            .expect("insert");
+        let cursor = connector.capture(0, u64::MAX, 10).expect("capture").cursor;
+        fx.tool
+            .execute("UPDATE customers SET name = 'Ada L.' WHERE id = 1", [])
+            .expect("update");
+        fx.tool
+            .execute("UPDATE customers SET id = 9 WHERE id = 1", [])
+            .expect("key change");
+        let batch = connector.capture(cursor, u64::MAX, 10).expect("capture");
+        assert_eq!(batch.changes.len(), 1, "{:?}", batch.changes);
+        let change = &batch.changes[0];
+        assert_eq!(change.key, "9");
+        assert_eq!(change.previous_key.as_deref(), Some("1"));
+        assert_eq!(
+            change.state,
+            RowState::Present(record(&[("name", text("Ada L.")), ("age", Value::Null)]))
+        );
+    }
+
+    #[test]
     fn insert_update_delete_are_captured_in_order_with_current_state() {
         let fx = fixture(CUSTOMERS);
         let mut connector = open(&fx, vec![customers()]);
@@ -190,7 +215,7 @@ mod capture {
     }
 
     #[test]
-    fn primary_key_update_reports_old_key_absent_and_new_key_present() {
+    fn primary_key_update_reports_the_new_key_naming_the_old_one() {
         let fx = fixture(CUSTOMERS);
         let mut connector = open(&fx, vec![customers()]);
         fx.tool
@@ -203,10 +228,8 @@ mod capture {
             .expect("rekey");
         let batch = connector.capture(cursor, u64::MAX, 10).expect("capture");
         let ada = record(&[("name", text("Ada")), ("age", Value::Null)]);
-        assert_eq!(
-            states(&batch),
-            vec![("1", &RowState::Absent), ("9", &RowState::Present(ada))]
-        );
+        assert_eq!(states(&batch), vec![("9", &RowState::Present(ada))]);
+        assert_eq!(batch.changes[0].previous_key.as_deref(), Some("1"));
     }
 
     #[test]

@@ -119,6 +119,7 @@ impl SimTool {
             batch.changes.push(CapturedChange {
                 collection: COLLECTION.to_owned(),
                 key: key.clone(),
+                previous_key: None,
                 state,
             });
         }

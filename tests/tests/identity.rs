@@ -161,3 +161,71 @@ async fn a_reused_autoincrement_id_is_a_new_record() -> anyhow::Result<()> {
     agent_b.shutdown().await;
     Ok(())
 }
+
+/// A record whose key the tool changes (an UPDATE of the primary key) stays one
+/// record under tool ids: the other site keeps its row, with its own id and every
+/// field, and later edits flow both ways.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_changed_primary_key_keeps_one_record() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let mut a = Node::new(tmp.path(), "a")?;
+    let mut b = Node::new(tmp.path(), "b")?;
+    a.configure_with(
+        "127.0.0.1:0",
+        &[(b.id(), None)],
+        &sqlite_tool("crm", "app.db"),
+    )?;
+    let agent_a = a.start().await?;
+    let addr_a = Some(agent_a.local_addr().to_string());
+    b.configure_with(
+        "127.0.0.1:0",
+        &[(a.id(), addr_a)],
+        &sqlite_tool("crm", "app.db"),
+    )?;
+    let agent_b = b.start().await?;
+
+    a.db()?.execute(
+        "INSERT INTO customers (id, name, email) VALUES (3, 'Ada', 'ada@example.com')",
+        [],
+    )?;
+    a.db()?
+        .execute("INSERT INTO customers (id, name) VALUES (5, 'Bob')", [])?;
+    holding(&a, &b, &["Ada", "Bob"]).await?;
+    // A delete and a new insert would give Ada a new id in B (SQLite hands out one
+    // past the highest).
+    let ada_in = |node: &Node| -> anyhow::Result<(i64, Option<String>, Option<String>)> {
+        Ok(node.db()?.query_row(
+            "SELECT id, email, city FROM customers WHERE name = 'Ada'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )?)
+    };
+    let (id_in_b, _, _) = ada_in(&b)?;
+    a.db()?.execute(
+        "UPDATE customers SET id = 40, city = 'London' WHERE id = 3",
+        [],
+    )?;
+    wait_for("the city in B", CONVERGE_TIMEOUT, || {
+        Ok(ada_in(&b)?.2.as_deref() == Some("London"))
+    })
+    .await?;
+    assert_eq!(rows(&b.files.db)?.len(), 2);
+    let (id, email, _) = ada_in(&b)?;
+    assert_eq!(id, id_in_b, "B's row kept its id");
+    assert_eq!(email.as_deref(), Some("ada@example.com"));
+
+    b.db()?
+        .execute("UPDATE customers SET age = 36 WHERE id = ?1", [id_in_b])?;
+    wait_for("the age in A under the new key", CONVERGE_TIMEOUT, || {
+        Ok(a.db()?
+            .query_row("SELECT age FROM customers WHERE id = 40", [], |r| {
+                r.get::<_, Option<i64>>(0)
+            })?
+            == Some(36))
+    })
+    .await?;
+    assert_eq!(rows(&a.files.db)?.len(), 2);
+    agent_a.shutdown().await;
+    agent_b.shutdown().await;
+    Ok(())
+}

@@ -7,6 +7,35 @@ use super::{Engine, RecordIdentity, ToolIx, project, tombstoned};
 use crate::store::{Batch, DeadLetter, LetterReason, StoreError};
 
 impl Engine {
+    /// The tool changed the key of record `from` to `to`: its link and shadow
+    /// follow, so the record stays one record (tool ids). A record never linked, or
+    /// a new key already linked to another record, moves nothing.
+    fn move_record(
+        &mut self,
+        batch: &mut Batch,
+        tool: &str,
+        collection: &str,
+        from: &str,
+        to: &str,
+    ) -> Result<(), StoreError> {
+        let Some(id) = self.store.linked_doc(tool, collection, from)? else {
+            return Ok(());
+        };
+        if self.store.linked_doc(tool, collection, to)?.is_some() {
+            return Ok(());
+        }
+        let shadow = self.store.shadow(tool, collection, from)?;
+        self.store
+            .stage_unlink_record(batch, tool, collection, from);
+        self.store.stage_link(batch, tool, collection, to, id);
+        self.store.stage_shadow(batch, tool, collection, from, None);
+        self.store
+            .stage_shadow(batch, tool, collection, to, shadow.as_ref());
+        self.store
+            .stage_dead_letter(batch, tool, collection, from, None);
+        Ok(())
+    }
+
     /// Stages the changes `tool` captured, made at `now_ms` (milliseconds since the
     /// Unix epoch), and its new capture cursor. `mark` is the tool loop's number of
     /// the capture (see [`super::WritePlan::mark`]).
@@ -45,12 +74,31 @@ impl Engine {
         let CapturedChange {
             collection,
             key,
+            previous_key,
             state,
         } = change;
         let (name, uid) = (self.tools[tool].name.clone(), self.tools[tool].uid.clone());
         let Some(info) = self.tools[tool].collections.get(&collection).cloned() else {
             return Ok(());
         };
+        if let Some(previous) = previous_key.filter(|p| *p != key) {
+            match info.identity {
+                // The record keeps its document under its new key.
+                RecordIdentity::ToolIds => {
+                    self.move_record(batch, &name, &collection, &previous, &key)?;
+                }
+                // The key is the identity: the old record is gone, a new one begins.
+                RecordIdentity::SharedKey => {
+                    let gone = CapturedChange {
+                        collection: collection.clone(),
+                        key: previous,
+                        previous_key: None,
+                        state: RowState::Absent,
+                    };
+                    self.capture_one(batch, tool, gone, now_ms, rescan)?;
+                }
+            }
+        }
         let shadow = self.store.shadow(&name, &collection, &key)?;
         let present = matches!(state, RowState::Present(_));
         let (id, identity_key) = match info.identity {

@@ -47,6 +47,7 @@ fn captured(key: &str, name: &str) -> CapturedChange {
     CapturedChange {
         collection: "customers".to_owned(),
         key: key.to_owned(),
+        previous_key: None,
         state: RowState::Present(Record::from([(
             "name".to_owned(),
             Value::Text(name.to_owned()),
@@ -336,6 +337,7 @@ fn a_row_created_after_a_delete_starts_from_the_row() -> TestResult {
     let row = |name: &str, email: Option<&str>| CapturedChange {
         collection: "customers".to_owned(),
         key: "5".to_owned(),
+        previous_key: None,
         state: RowState::Present(Record::from([
             ("name".to_owned(), Value::Text(name.to_owned())),
             (
@@ -349,6 +351,7 @@ fn a_row_created_after_a_delete_starts_from_the_row() -> TestResult {
         CapturedChange {
             collection: "customers".to_owned(),
             key: "5".to_owned(),
+            previous_key: None,
             state: RowState::Absent,
         },
         row("New Person", None),

@@ -88,7 +88,7 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 const STATEMENTS_CACHED_MAX: usize = 256;
 
 const DATA_VERSION_SQL: &str = "PRAGMA data_version";
-const OUTBOX_READ_SQL: &str = "SELECT seq, tbl, key FROM _concord_outbox
+const OUTBOX_READ_SQL: &str = "SELECT seq, tbl, key, old_key FROM _concord_outbox
      WHERE seq > ?1 AND seq <= ?2 ORDER BY seq LIMIT ?3";
 /// The keys of the outbox entries after `?1`: rows the tool changed since.
 const OUTBOX_SINCE_SQL: &str = "SELECT tbl, key FROM _concord_outbox WHERE seq > ?1";
@@ -230,6 +230,7 @@ impl SqliteConnector {
             .map(|spec| Table::validate(&tx, spec))
             .collect::<Result<Vec<_>, _>>()?;
         tx.execute_batch(schema::BOOKKEEPING_SQL)?;
+        schema::add_old_key_column(&tx)?;
         let installed = schema::trigger_names(&tx)?;
         schema::drop_triggers(&tx)?;
         for table in &tables {
@@ -289,16 +290,22 @@ impl SqliteConnector {
             return Ok(batch);
         }
         let tx = self.conn.transaction()?;
-        let entries: Vec<(i64, String, String)> = tx
+        let entries: Vec<(i64, String, String, Option<String>)> = tx
             .prepare_cached(OUTBOX_READ_SQL)?
             .query_map(
                 [seq_param(after), seq_param(upto), count_param(max)],
-                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)),
             )?
             .collect::<Result<_, _>>()?;
         batch.changes.reserve(entries.len());
+        // Keys that a later entry of this batch moved away from: their own entries
+        // would report the row gone, while it lives on under its new key.
+        let moved_away: HashSet<(&str, &str)> = entries
+            .iter()
+            .filter_map(|(_, table, _, old)| Some((table.as_str(), old.as_deref()?)))
+            .collect();
         let mut seen: HashSet<(usize, &str)> = HashSet::with_capacity(entries.len());
-        for (seq, table_name, key) in &entries {
+        for (seq, table_name, key, old_key) in &entries {
             batch.cursor = u64::try_from(*seq).unwrap_or(batch.cursor);
             let index = match self.by_table.get(table_name) {
                 Some(index) => *index,
@@ -307,14 +314,23 @@ impl SqliteConnector {
                     None => continue,
                 },
             };
-            if !seen.insert((index, key.as_str())) {
+            let table = &self.tables[index];
+            let state = read_row(&tx, table, key)?;
+            if old_key.is_none()
+                && state == RowState::Absent
+                && moved_away.contains(&(table_name.as_str(), key.as_str()))
+            {
                 continue;
             }
-            let table = &self.tables[index];
+            // A key change is reported even if the new key was seen: the move matters.
+            if !seen.insert((index, key.as_str())) && old_key.is_none() {
+                continue;
+            }
             batch.changes.push(CapturedChange {
                 collection: table.collection.clone(),
                 key: key.clone(),
-                state: read_row(&tx, table, key)?,
+                previous_key: old_key.clone(),
+                state,
             });
         }
         tx.commit()?;

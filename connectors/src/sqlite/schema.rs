@@ -20,7 +20,8 @@ pub(super) const BOOKKEEPING_SQL: &str = "
 CREATE TABLE IF NOT EXISTS _concord_outbox (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     tbl TEXT NOT NULL,
-    key TEXT NOT NULL
+    key TEXT NOT NULL,
+    old_key TEXT
 );
 CREATE TABLE IF NOT EXISTS _concord_echo (
     id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -34,6 +35,19 @@ CREATE TABLE IF NOT EXISTS _concord_owner (
     rescan_upto INTEGER NOT NULL
 );
 ";
+
+/// Adds the outbox's `old_key` column to an outbox made before it existed.
+pub(super) fn add_old_key_column(conn: &Connection) -> rusqlite::Result<()> {
+    let has: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM pragma_table_info('_concord_outbox') WHERE name = 'old_key')",
+        [],
+        |row| row.get(0),
+    )?;
+    if !has {
+        conn.execute_batch("ALTER TABLE _concord_outbox ADD COLUMN old_key TEXT")?;
+    }
+    Ok(())
+}
 
 /// The condition under which a trigger records a change: no write-back is running.
 ///
@@ -230,6 +244,8 @@ impl Table {
     /// The SQL that creates this table's three capture triggers.
     ///
     /// Each trigger appends `(table, key)` to the outbox unless a write-back is running.
+    /// An update that changes the key appends one entry for the new key naming the
+    /// old one (`old_key`), so the record can stay one record.
     /// A row whose key is NULL (SQLite allows that for keys that are not `INTEGER
     /// PRIMARY KEY` in rowid tables) cannot be identified and is not recorded; failing
     /// the user's write instead would break their tool.
@@ -248,11 +264,14 @@ impl Table {
              CREATE TRIGGER {upd} AFTER UPDATE ON {table}
              WHEN {NOT_ECHO_SQL}
              BEGIN
+                 INSERT INTO _concord_outbox (tbl, key, old_key)
+                     SELECT {literal}, CAST(NEW.{key} AS TEXT),
+                         CASE WHEN OLD.{key} IS NOT NEW.{key} COLLATE BINARY
+                             THEN CAST(OLD.{key} AS TEXT) END
+                     WHERE NEW.{key} IS NOT NULL;
                  INSERT INTO _concord_outbox (tbl, key)
                      SELECT {literal}, CAST(OLD.{key} AS TEXT)
-                     WHERE OLD.{key} IS NOT NULL AND OLD.{key} IS NOT NEW.{key} COLLATE BINARY;
-                 INSERT INTO _concord_outbox (tbl, key)
-                     SELECT {literal}, CAST(NEW.{key} AS TEXT) WHERE NEW.{key} IS NOT NULL;
+                     WHERE OLD.{key} IS NOT NULL AND NEW.{key} IS NULL;
              END;
              CREATE TRIGGER {del} AFTER DELETE ON {table}
              WHEN OLD.{key} IS NOT NULL AND {NOT_ECHO_SQL}

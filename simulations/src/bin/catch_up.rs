@@ -69,6 +69,7 @@ fn row(i: u64, round: u64) -> CapturedChange {
     CapturedChange {
         collection: COLLECTION.to_owned(),
         key: i.to_string(),
+        previous_key: None,
         state: RowState::Present(record),
     }
 }
