@@ -114,6 +114,31 @@ fn open_err(fx: &Fixture, specs: Vec<CollectionSpec>) -> SqliteError {
 mod capture {
     use super::*;
 
+    /// A database captured by an earlier Concord has an outbox without `old_key`:
+    /// opening adds the column and keeps the entries waiting in it.
+    #[test]
+    fn an_outbox_from_before_old_key_is_upgraded_with_its_entries() {
+        let fx = fixture(CUSTOMERS);
+        fx.tool
+            .execute_batch(
+                "CREATE TABLE _concord_outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, \
+                 tbl TEXT NOT NULL, key TEXT NOT NULL);
+                 INSERT INTO customers (id, name) VALUES (1, 'Ada');
+                 INSERT INTO _concord_outbox (tbl, key) VALUES ('customers', '1');",
+            )
+            .expect("an old outbox");
+        let mut connector = open(&fx, vec![customers()]);
+        let batch = connector.capture(0, u64::MAX, 10).expect("capture");
+        assert_eq!(batch.changes[0].key, "1", "the waiting entry is kept");
+        fx.tool
+            .execute("UPDATE customers SET id = 2 WHERE id = 1", [])
+            .expect("key change");
+        let moved = connector
+            .capture(batch.cursor, u64::MAX, 10)
+            .expect("capture");
+        assert_eq!(moved.changes[0].previous_key.as_deref(), Some("1"));
+    }
+
     #[test]
     fn a_key_change_is_one_change_naming_the_old_key() {
         let fx = fixture(CUSTOMERS);
