@@ -222,11 +222,11 @@ pub fn run(thread: ToolThread, mut state: ToolLoop, stop: Arc<AtomicBool>) {
     };
     while !stop.load(Ordering::Relaxed) {
         if !subscribed {
-            match connector.subscribe(on_wake.clone()) {
-                Ok(()) => subscribed = true,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot subscribe to the tool's changes; polling")
-                }
+            // Tried once per start and after each tool failure: without a
+            // subscription the loop still polls at the feed's interval.
+            subscribed = true;
+            if let Err(e) = connector.subscribe(on_wake.clone()) {
+                tracing::warn!(error = %e, "cannot subscribe to the tool's changes; polling");
             }
         }
         let wait = match feed {
