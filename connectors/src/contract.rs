@@ -169,6 +169,11 @@ pub enum WriteOp {
     Insert {
         /// The collection to write.
         collection: String,
+        /// Names the record for the agent (its document). An insert retried with the
+        /// same token (the agent crashed after the tool committed it and before it
+        /// recorded the key) returns the key of the row inserted the first time
+        /// instead of inserting the record twice.
+        token: String,
         /// The fields to set.
         fields: Record,
     },

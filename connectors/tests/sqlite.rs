@@ -474,10 +474,11 @@ mod write_back {
         let cursor = connector.capture(0, u64::MAX, 10).expect("capture").cursor;
         let insert = WriteOp::Insert {
             collection: "customers".to_owned(),
+            token: "doc-1".to_owned(),
             fields: record(&[("name", text("Grace"))]),
         };
         let outcomes = connector
-            .write_back(cursor, &HashSet::new(), &[insert])
+            .write_back(cursor, &HashSet::new(), std::slice::from_ref(&insert))
             .expect("write-back");
         assert_eq!(
             outcomes,
@@ -486,6 +487,17 @@ mod write_back {
                 version: None
             }]
         );
+        // The agent crashed before recording key 7 and plans the insert again: the
+        // tool answers with the same row instead of a second one.
+        let again = connector
+            .write_back(cursor, &HashSet::new(), &[insert])
+            .expect("write-back");
+        assert_eq!(again, outcomes);
+        let rows: i64 = fx
+            .tool
+            .query_row("SELECT COUNT(*) FROM customers", [], |r| r.get(0))
+            .expect("count");
+        assert_eq!(rows, 2, "the retried insert made a second row");
         let name: String = fx
             .tool
             .query_row("SELECT name FROM customers WHERE id = 7", [], |r| r.get(0))
@@ -514,6 +526,7 @@ mod write_back {
         ));
         let insert = WriteOp::Insert {
             collection: "codes".to_owned(),
+            token: "doc-1".to_owned(),
             fields: record(&[("label", text("x"))]),
         };
         let outcomes = connector

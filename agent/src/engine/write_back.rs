@@ -113,6 +113,7 @@ impl Engine {
             (Some(record), None) => match info.identity {
                 RecordIdentity::ToolIds => Some(WriteOp::Insert {
                     collection: state.collection.clone(),
+                    token: id.to_string(),
                     fields: record
                         .iter()
                         .filter(|(_, value)| **value != Value::Null)

@@ -98,6 +98,10 @@ const OUTBOX_HEAD_SQL: &str =
 const OUTBOX_LEN_SQL: &str = "SELECT COUNT(*) FROM _concord_outbox";
 const OUTBOX_TRIM_SQL: &str = "DELETE FROM _concord_outbox WHERE seq <= ?1";
 const ECHO_SET_SQL: &str = "UPDATE _concord_echo SET active = ?1 WHERE id = 1";
+/// The key an insert with this token got, if it was done before.
+const INSERTED_READ_SQL: &str = "SELECT key FROM _concord_inserted WHERE token = ?1 AND tbl = ?2";
+const INSERTED_WRITE_SQL: &str =
+    "INSERT OR REPLACE INTO _concord_inserted (token, tbl, key) VALUES (?1, ?2, ?3)";
 
 /// How often the agent checks for new commits while the tool is busy.
 pub const CAPTURE_POLL_US: u64 = 250;
@@ -591,7 +595,7 @@ impl SqliteConnector {
     /// Checks and converts an insert whose key SQLite assigns.
     fn plan_insert<'a>(&self, index: usize, op: &'a WriteOp) -> Result<Plan<'a>, Rejection> {
         let table = &self.tables[index];
-        let WriteOp::Insert { fields, .. } = op else {
+        let WriteOp::Insert { fields, token, .. } = op else {
             unreachable!("plan_insert takes inserts only");
         };
         if !table.assigns_keys {
@@ -641,7 +645,7 @@ impl SqliteConnector {
         Ok(Plan {
             table: index,
             key: "",
-            action: Action::Insert { sql, params },
+            action: Action::Insert { sql, params, token },
         })
     }
 
@@ -821,10 +825,12 @@ enum Action<'a> {
     },
     /// Inserts a row holding only the key, unless the row exists.
     InsertKey(ToSqlOutput<'a>),
-    /// Inserts a row whose key SQLite assigns, returning the key.
+    /// Inserts a row whose key SQLite assigns, returning the key, unless the insert
+    /// with this token was done before (then its key).
     Insert {
         sql: String,
         params: Vec<ToSqlOutput<'a>>,
+        token: &'a str,
     },
     /// Deletes the row.
     Delete(ToSqlOutput<'a>),
@@ -935,10 +941,22 @@ fn execute(
     action: &Action<'_>,
 ) -> rusqlite::Result<Option<String>> {
     match action {
-        Action::Insert { sql, params } => {
+        Action::Insert { sql, params, token } => {
+            let done: Option<String> = conn
+                .prepare_cached(INSERTED_READ_SQL)?
+                .query_row([*token, table.name.as_str()], |row| row.get(0))
+                .optional()?;
+            if let Some(key) = done {
+                return Ok(Some(key));
+            }
             let key: String = conn
                 .prepare_cached(sql)?
                 .query_row(params_from_iter(params), |row| row.get(0))?;
+            conn.prepare_cached(INSERTED_WRITE_SQL)?.execute([
+                *token,
+                table.name.as_str(),
+                key.as_str(),
+            ])?;
             return Ok(Some(key));
         }
         Action::Upsert {

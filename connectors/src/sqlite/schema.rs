@@ -29,6 +29,11 @@ CREATE TABLE IF NOT EXISTS _concord_echo (
 );
 INSERT OR IGNORE INTO _concord_echo (id, active) VALUES (1, 0);
 UPDATE _concord_echo SET active = 0 WHERE id = 1 AND active <> 0;
+CREATE TABLE IF NOT EXISTS _concord_inserted (
+    token TEXT PRIMARY KEY,
+    tbl TEXT NOT NULL,
+    key TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS _concord_owner (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     store BLOB NOT NULL,
