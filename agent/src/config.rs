@@ -344,7 +344,9 @@ pub const TOOL_NAME_LEN_MAX: usize = 64;
 /// What a configuration of the old shape is told.
 const OLD_SQLITE_SHAPE: &str = "the `[sqlite]` table is replaced by `[[tool]]`: write \
 `[[tool]]` with `name = \"sqlite\"`, `kind = \"sqlite\"` and the same `path`, and turn each \
-`[[sqlite.collection]]` into `[[tool.collection]]` (its keys stay the same)";
+`[[sqlite.collection]]` into `[[tool.collection]]` with the same keys plus \
+`identity = \"shared_key\"` (how records were identified before; the new default for \
+keys the database assigns is `tool_ids`, which a store synced before cannot take over)";
 
 /// The commented configuration `concord init` writes.
 pub fn template(listen: SocketAddr, peer_id: &PeerId) -> String {
@@ -454,6 +456,7 @@ columns = ["name"]
         assert!(err.contains("[[tool]]"), "{err}");
         assert!(err.contains("kind = \"sqlite\""), "{err}");
         assert!(err.contains("[[tool.collection]]"), "{err}");
+        assert!(err.contains("identity = \"shared_key\""), "{err}");
     }
 
     #[test]

@@ -493,7 +493,14 @@ impl Store {
         collection: &str,
         external: &str,
         id: DocId,
-    ) {
+    ) -> Result<(), StoreError> {
+        // A key the tool gives out again (a reused rowid) was linked to another
+        // record: that record no longer names a row of this tool.
+        if let Some(other) = self.linked_doc(tool, collection, external)?
+            && other != id
+        {
+            self.stage_unlink_doc(batch, tool, other);
+        }
         let k = record_key(tool, collection, external);
         batch.inner.insert(&self.ext, k.clone(), id.0.to_vec());
         self.staged.ext.insert(k, Some(id));
@@ -502,6 +509,7 @@ impl Store {
             .inner
             .insert(&self.links, k.clone(), external.as_bytes().to_vec());
         self.staged.links.insert(k, Some(external.to_owned()));
+        Ok(())
     }
 
     /// Stages the record index entry alone (record to document), for a record whose
@@ -598,6 +606,27 @@ impl Store {
         } else {
             batch.inner.remove(&self.pending, k);
         }
+    }
+
+    /// Moves pending marks written before marks were kept per tool (a bare doc id)
+    /// to `tool`, the one tool such a store knew.
+    pub fn migrate_pending(&self, tool: &str) -> Result<(), StoreError> {
+        let old: Vec<DocId> = self
+            .pending
+            .iter()
+            .filter_map(|guard| guard.key().ok())
+            .filter_map(|key| <[u8; 16]>::try_from(&key[..]).ok().map(DocId))
+            .collect();
+        if old.is_empty() {
+            return Ok(());
+        }
+        let mut batch = self.db.batch().durability(Some(PersistMode::SyncAll));
+        for id in old {
+            batch.remove(&self.pending, id.0);
+            batch.insert(&self.pending, pending_key(tool, id), []);
+        }
+        batch.commit()?;
+        Ok(())
     }
 
     /// Stages `tool`'s capture cursor (the connector's opaque bytes).

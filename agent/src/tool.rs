@@ -7,9 +7,10 @@
 //! core made it durable. When the core's write-back plan arrives, the loop tells the
 //! connector which records it captured since the capture the plan was made from
 //! (the tool may have forgotten them); the connector adds the ones it still knows
-//! of, and refuses those records as stale, one by one. After a stale refusal the
-//! loop captures before it reports the outcome, so the core plans again from what
-//! the tool now holds.
+//! of, and refuses those records as stale, one by one. The loop reports the outcome
+//! at once (so the links of inserted rows are known before a capture sees them)
+//! and, after a stale refusal, captures at its next step, so the core plans again
+//! from what the tool now holds.
 //!
 //! Cursors are the connector's opaque bytes, so the loop numbers its captures
 //! itself ("marks", restarting with the process) to know which came after a plan.
@@ -105,10 +106,17 @@ impl ToolLoop {
         }
         let mark = self.next_mark;
         self.next_mark += 1;
+        // A key change counts for the old key too: a plan must not write it.
         let keys: Vec<RecordKey> = batch
             .changes
             .iter()
-            .map(|c| (c.collection.clone(), c.key.clone()))
+            .flat_map(|c| {
+                let moved = c
+                    .previous_key
+                    .as_ref()
+                    .map(|old| (c.collection.clone(), old.clone()));
+                std::iter::once((c.collection.clone(), c.key.clone())).chain(moved)
+            })
             .collect();
         self.recent_len += keys.len();
         self.recent.push_back((mark, keys));
@@ -334,10 +342,12 @@ fn write_back(
     };
     let stale = outcomes.iter().filter(|o| **o == OpOutcome::Stale).count();
     tracing::debug!(ops = ops.len(), stale, "wrote back");
+    // What the tool did goes to the core first, whatever happens next: the links
+    // of inserted records must be known before any capture sees those rows, and a
+    // failing capture must not leave the plan unreported. Stale records are
+    // captured at the next step (`plan_done` asks for it); a plan made before that
+    // refuses them again, as the tool still lists them.
     state.plan_done(plan.mark, stale > 0);
-    if stale > 0 && !capture_all(connector, io, state)?.caught_up {
-        state.force = true;
-    }
     io.core.blocking_send(CoreRequest::WritesDone {
         plan,
         outcomes: Some(outcomes),

@@ -697,10 +697,9 @@ impl Sim {
                 WriteOp::Delete { .. } | WriteOp::Insert { .. } => None,
             })
             .collect();
+        // As the tool thread: report at once; stale records are captured at the
+        // next step (`plan_done` asks for it).
         agent.tool_loop.plan_done(plan.mark, stale > 0);
-        if stale > 0 {
-            self.capture_all(i);
-        }
         self.agents[i].queue.push_back(CoreRequest::WritesDone {
             plan,
             outcomes: Some(outcomes),

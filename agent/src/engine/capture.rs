@@ -27,7 +27,7 @@ impl Engine {
         let shadow = self.store.shadow(tool, collection, from)?;
         self.store
             .stage_unlink_record(batch, tool, collection, from);
-        self.store.stage_link(batch, tool, collection, to, id);
+        self.store.stage_link(batch, tool, collection, to, id)?;
         self.store.stage_shadow(batch, tool, collection, from, None);
         self.store
             .stage_shadow(batch, tool, collection, to, shadow.as_ref());
@@ -194,7 +194,7 @@ impl Engine {
                         .stage_external_id(batch, &name, &collection, &key, id);
                 }
                 RecordIdentity::ToolIds => {
-                    self.store.stage_link(batch, &name, &collection, &key, id);
+                    self.store.stage_link(batch, &name, &collection, &key, id)?;
                 }
             }
         }

@@ -127,6 +127,9 @@ impl Engine {
         tools: Vec<ToolSpec>,
         relayed: impl IntoIterator<Item = String>,
     ) -> Result<Engine, StoreError> {
+        if let Some(first) = tools.first() {
+            store.migrate_pending(&first.name)?;
+        }
         let reader = store.reader();
         let mut collections: BTreeMap<String, Vec<ToolIx>> =
             relayed.into_iter().map(|c| (c, Vec::new())).collect();

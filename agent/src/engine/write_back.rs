@@ -268,7 +268,7 @@ impl Engine {
         now_ms: i64,
     ) -> Result<(), StoreError> {
         let (name, uid) = (self.tools[tool].name.clone(), self.tools[tool].uid.clone());
-        self.store.stage_link(batch, &name, collection, key, id);
+        self.store.stage_link(batch, &name, collection, key, id)?;
         let edit = Edit {
             external_id: Some((uid.to_string(), key.to_owned())),
             time_ms: now_ms,

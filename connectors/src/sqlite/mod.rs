@@ -91,7 +91,9 @@ const DATA_VERSION_SQL: &str = "PRAGMA data_version";
 const OUTBOX_READ_SQL: &str = "SELECT seq, tbl, key, old_key FROM _concord_outbox
      WHERE seq > ?1 AND seq <= ?2 ORDER BY seq LIMIT ?3";
 /// The keys of the outbox entries after `?1`: rows the tool changed since.
-const OUTBOX_SINCE_SQL: &str = "SELECT tbl, key FROM _concord_outbox WHERE seq > ?1";
+/// A key change counts for both keys: an op on the old key must not recreate the row.
+const OUTBOX_SINCE_SQL: &str = "SELECT tbl, key FROM _concord_outbox WHERE seq > ?1
+     UNION SELECT tbl, old_key FROM _concord_outbox WHERE seq > ?1 AND old_key IS NOT NULL";
 /// The highest seq ever given out, even if trimmed since (AUTOINCREMENT keeps it).
 const OUTBOX_HEAD_SQL: &str =
     "SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = '_concord_outbox'), 0)";
