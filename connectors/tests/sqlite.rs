@@ -464,6 +464,38 @@ mod capture {
 mod write_back {
     use super::*;
 
+    /// Regression: an op on a key the user had just changed was not stale (the key
+    /// change is recorded under the new key), so its upsert recreated the old row.
+    #[test]
+    fn an_op_on_a_key_the_user_just_changed_is_stale() {
+        let fx = fixture(CUSTOMERS);
+        let mut connector = open(&fx, vec![customers()]);
+        fx.tool
+            .execute("INSERT INTO customers (id, name) VALUES (1, 'Ada')", [])
+            .expect("insert");
+        let cursor = connector.capture(0, u64::MAX, 10).expect("capture").cursor;
+        fx.tool
+            .execute("UPDATE customers SET id = 9 WHERE id = 1", [])
+            .expect("key change");
+        let outcomes = connector
+            .write_back(
+                cursor,
+                &HashSet::new(),
+                &[upsert("customers", "1", &[("age", Value::Int(36))])],
+            )
+            .expect("write-back");
+        assert_eq!(outcomes, [OpOutcome::Stale]);
+        let ids: Vec<i64> = fx
+            .tool
+            .prepare("SELECT id FROM customers")
+            .expect("prepare")
+            .query_map([], |r| r.get(0))
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("ids");
+        assert_eq!(ids, [9], "the old row came back");
+    }
+
     #[test]
     fn an_insert_takes_the_key_sqlite_assigns_and_is_not_captured() {
         let fx = fixture(CUSTOMERS);

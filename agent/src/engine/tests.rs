@@ -497,3 +497,24 @@ fn tool_ids_insert_with_the_assigned_key_and_keep_each_tools_id()
     assert_eq!(state.fields["name"], Value::Text("Alice B.".to_owned()));
     Ok(())
 }
+
+/// Regression: a key the tool handed out again (SQLite reuses the rowid of a
+/// deleted last row) stayed linked to the record it named before, so a later
+/// change of that record wrote over, or deleted, the new record's row.
+#[test]
+fn a_reused_key_unlinks_the_record_it_named_before() -> Result<(), Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    let mut b = tool_ids_engine(dir.path(), "crm", "bbbbbbbb.crm")?;
+    let (x, y) = (DocId([1; 16]), DocId([2; 16]));
+    let mut batch = b.store().batch();
+    b.store()
+        .stage_link(&mut batch, "crm", "customers", "7", x)?;
+    b.store()
+        .stage_link(&mut batch, "crm", "customers", "7", y)?;
+    assert_eq!(b.store().linked_key("crm", x)?, None, "within the batch");
+    b.store().commit(batch)?;
+    assert_eq!(b.store().linked_key("crm", x)?, None);
+    assert_eq!(b.store().linked_key("crm", y)?.as_deref(), Some("7"));
+    assert_eq!(b.store().linked_doc("crm", "customers", "7")?, Some(y));
+    Ok(())
+}
