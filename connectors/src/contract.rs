@@ -10,6 +10,20 @@ use serde::{Deserialize, Serialize};
 /// A (collection, key) pair naming one record of a tool.
 pub type RecordKey = (String, String);
 
+/// Which table one collection syncs and which of its columns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CollectionSpec {
+    /// The collection name the agent uses.
+    pub collection: String,
+    /// The table holding the collection's rows.
+    pub table: String,
+    /// The table's single-column PRIMARY KEY; it identifies rows and need not be listed
+    /// in `columns`.
+    pub primary_key: String,
+    /// The columns that become record fields. The key is a field only if listed here.
+    pub columns: Vec<String>,
+}
+
 /// A position in a tool's change feed, opaque to the agent: the connector defines
 /// its bytes (an outbox seq, a sync token, an `updated_at` watermark), and the agent
 /// stores it durably and hands it back. The empty cursor means "from the start".

@@ -58,9 +58,11 @@
 //! ```
 
 mod contract;
+pub mod postgres;
 pub mod sqlite;
+mod values;
 
 pub use contract::{
-    CaptureBatch, CapturedChange, ChangeFeed, Connector, ConnectorError, Cursor, FieldType,
-    InvalidValue, OpOutcome, RecordKey, Rejection, RowState, Wake, WriteOp,
+    CaptureBatch, CapturedChange, ChangeFeed, CollectionSpec, Connector, ConnectorError, Cursor,
+    FieldType, InvalidValue, OpOutcome, RecordKey, Rejection, RowState, Wake, WriteOp,
 };

@@ -2,17 +2,16 @@
 //! field type. Reading never guesses: a stored value that does not fit its column's
 //! field type is reported, not coerced.
 
-use std::collections::BTreeMap;
-
 use chrono::{DateTime, Datelike, NaiveDate, NaiveDateTime, Utc};
 use crdt_model::{Decimal, Timestamp, Value};
 use rusqlite::types::{ToSqlOutput, Value as SqlValue, ValueRef};
 
 use super::schema::Column;
 use crate::FieldType;
-
-/// Longest text, in characters, that a message quotes before cutting it short.
-const QUOTED_CHARS_MAX: usize = 64;
+#[cfg(test)]
+use crate::values::QUOTED_CHARS_MAX;
+pub(super) use crate::values::shorten;
+use crate::values::{FLOAT_EXACT_INT_MAX, from_json, to_json};
 
 /// Most significant digits a decimal may have to survive SQLite's NUMERIC affinity,
 /// which stores numeric-looking text as a 64-bit float.
@@ -23,9 +22,6 @@ const DAY_MICROS: i64 = 86_400_000_000;
 
 /// Microseconds in one second.
 const SECOND_MICROS: i64 = 1_000_000;
-
-/// Largest magnitude of an integer that a 64-bit float holds exactly (2^53).
-const FLOAT_EXACT_INT_MAX: u64 = 1 << 53;
 
 /// Reads the stored value `raw` as `column`'s field type; `None` when it does not fit.
 pub(super) fn read_value(column: &Column, raw: ValueRef<'_>) -> Option<Value> {
@@ -390,63 +386,6 @@ impl TimestampStyle {
             }
         }
         Some(SqlValue::Text(text))
-    }
-}
-
-/// Converts a parsed JSON document into a field value.
-fn from_json(json: serde_json::Value) -> Value {
-    match json {
-        serde_json::Value::Null => Value::Null,
-        serde_json::Value::Bool(b) => Value::Bool(b),
-        serde_json::Value::Number(n) => match n.as_i64() {
-            Some(i) => Value::Int(i),
-            None => Value::Float(n.as_f64().unwrap_or(f64::NAN)),
-        },
-        serde_json::Value::String(s) => Value::Text(s),
-        serde_json::Value::Array(items) => Value::List(items.into_iter().map(from_json).collect()),
-        serde_json::Value::Object(map) => Value::Map(
-            map.into_iter()
-                .map(|(name, item)| (name, from_json(item)))
-                .collect::<BTreeMap<_, _>>(),
-        ),
-    }
-}
-
-/// Converts a field value into a JSON document. JSON has no decimal, timestamp or
-/// non-finite number, so those are refused rather than changed into something that
-/// would read back as a different value.
-fn to_json(value: &Value) -> Result<serde_json::Value, String> {
-    Ok(match value {
-        Value::Null => serde_json::Value::Null,
-        Value::Bool(b) => serde_json::Value::Bool(*b),
-        Value::Int(i) => serde_json::Value::from(*i),
-        Value::Float(f) => serde_json::Number::from_f64(*f)
-            .map(serde_json::Value::Number)
-            .ok_or_else(|| format!("cannot hold the float {f} in JSON"))?,
-        Value::Text(s) => serde_json::Value::String(s.clone()),
-        Value::List(items) => {
-            serde_json::Value::Array(items.iter().map(to_json).collect::<Result<_, _>>()?)
-        }
-        Value::Map(map) => serde_json::Value::Object(
-            map.iter()
-                .map(|(name, item)| Ok((name.clone(), to_json(item)?)))
-                .collect::<Result<_, String>>()?,
-        ),
-        Value::Decimal(_) | Value::Timestamp(_) => {
-            return Err(format!(
-                "is JSON, which has no {} type (found {})",
-                value.type_name(),
-                shorten(&value.to_string())
-            ));
-        }
-    })
-}
-
-/// Cuts `text` to [`QUOTED_CHARS_MAX`] characters, marking the cut with `…`.
-pub(super) fn shorten(text: &str) -> String {
-    match text.char_indices().nth(QUOTED_CHARS_MAX) {
-        Some((cut, _)) => format!("{}…", &text[..cut]),
-        None => text.to_owned(),
     }
 }
 

@@ -75,7 +75,8 @@ use rusqlite::{
 };
 
 pub use crate::{
-    CaptureBatch, CapturedChange, FieldType, InvalidValue, OpOutcome, Rejection, RowState, WriteOp,
+    CaptureBatch, CapturedChange, CollectionSpec, FieldType, InvalidValue, OpOutcome, Rejection,
+    RowState, WriteOp,
 };
 pub use error::SqliteError;
 use schema::Table;
@@ -113,20 +114,6 @@ pub const CAPTURE_POLL_IDLE_US: u64 = 2_000;
 /// Acknowledged outbox entries that trigger a trim of the outbox (a drained outbox
 /// is trimmed at once).
 pub const OUTBOX_TRIM_EVERY: u64 = 256;
-
-/// Which table one collection syncs and which of its columns.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CollectionSpec {
-    /// The collection name the agent uses.
-    pub collection: String,
-    /// The SQLite table holding the collection's rows.
-    pub table: String,
-    /// The table's single-column PRIMARY KEY; it identifies rows and need not be listed
-    /// in `columns`.
-    pub primary_key: String,
-    /// The columns that become record fields. The key is a field only if listed here.
-    pub columns: Vec<String>,
-}
 
 /// One connection to a SQLite database, capturing and writing the configured tables.
 ///
