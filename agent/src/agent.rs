@@ -6,8 +6,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use connectors::Connector;
-use connectors::sqlite::{CollectionSpec, SqliteConnector, SqliteError};
+use connectors::postgres::{PostgresConfig, PostgresConnector, PostgresError};
+use connectors::sqlite::{SqliteConnector, SqliteError};
+use connectors::{CollectionSpec, Connector};
 use tokio::sync::{oneshot, watch};
 
 use crate::config::{Config, ConfigError, IdentityConfig, ToolConfig, ToolKind};
@@ -75,35 +76,21 @@ pub struct RunningAgent {
 /// Starts an agent. Must be called inside a tokio runtime.
 pub async fn start(config: Config) -> Result<RunningAgent, StartError> {
     let identity = Identity::load(&config.key_file)?;
-    let mut connectors = open_tools(&config)?;
-    // Checked before the store is created: a wrong identity leaves nothing behind.
-    tool_specs(&config, &identity.peer_id(), &connectors)?;
-    std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
-        path: config.data_dir.clone(),
-        source,
-    })?;
-    let store = Store::open(&config.data_dir)?;
-    let store_id = store.actor();
-    let reader = store.reader();
-    let mut loops = Vec::with_capacity(connectors.len());
-    for (tool, connector) in config.tools.iter().zip(&mut connectors) {
-        connector
-            .claim(&store_id)
-            .map_err(|source| StartError::Tool {
-                tool: tool.name.get_ref().clone(),
-                source: source.0,
-            })?;
-        loops.push(ToolLoop::new(reader.tool_cursor(tool.name.get_ref())?));
-    }
-    let specs = tool_specs(&config, &identity.peer_id(), &connectors)?;
-    let engine = Engine::new(
-        store,
-        specs,
-        config.collections.iter().map(|c| c.name.get_ref().clone()),
-    )?;
-    let collection_names: Vec<String> = engine.collections().map(str::to_owned).collect();
-    let names = config.tools.iter().map(|t| t.name.get_ref().clone());
-    let threads = spawn_threads(engine, connectors.into_iter().zip(names).zip(loops))?;
+    // Tools block (and some run a driver runtime of their own): they are opened,
+    // and the store with them, off the async runtime.
+    let assembled = {
+        let config = config.clone();
+        let me = identity.peer_id();
+        tokio::task::spawn_blocking(move || assemble(&config, &me))
+            .await
+            .map_err(|e| StartError::Thread(std::io::Error::other(e.to_string())))??
+    };
+    let Assembled {
+        threads,
+        store_id,
+        reader,
+        collection_names,
+    } = assembled;
 
     let pinned = Arc::new(PinnedPeers::new(config.peer_ids()));
     let transport = Arc::new(Transport::bind(&identity, config.listen, pinned)?);
@@ -142,6 +129,53 @@ pub async fn start(config: Config) -> Result<RunningAgent, StartError> {
     })
 }
 
+/// What [`assemble`] made: the store and the threads that own it.
+struct Assembled {
+    threads: Threads,
+    store_id: crate::store::StoreId,
+    reader: StoreReader,
+    collection_names: Vec<String>,
+}
+
+/// Opens the tools and the store, and starts the core and tool threads.
+fn assemble(config: &Config, me: &PeerId) -> Result<Assembled, StartError> {
+    let mut connectors = open_tools(config)?;
+    // Checked before the store is created: a wrong identity leaves nothing behind.
+    tool_specs(config, me, &connectors)?;
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    })?;
+    let store = Store::open(&config.data_dir)?;
+    let store_id = store.actor();
+    let reader = store.reader();
+    let mut loops = Vec::with_capacity(connectors.len());
+    for (tool, connector) in config.tools.iter().zip(&mut connectors) {
+        connector
+            .claim(&store_id)
+            .map_err(|source| StartError::Tool {
+                tool: tool.name.get_ref().clone(),
+                source: source.0,
+            })?;
+        loops.push(ToolLoop::new(reader.tool_cursor(tool.name.get_ref())?));
+    }
+    let specs = tool_specs(config, me, &connectors)?;
+    let engine = Engine::new(
+        store,
+        specs,
+        config.collections.iter().map(|c| c.name.get_ref().clone()),
+    )?;
+    let collection_names: Vec<String> = engine.collections().map(str::to_owned).collect();
+    let names = config.tools.iter().map(|t| t.name.get_ref().clone());
+    let threads = spawn_threads(engine, connectors.into_iter().zip(names).zip(loops))?;
+    Ok(Assembled {
+        threads,
+        store_id,
+        reader,
+        collection_names,
+    })
+}
+
 /// Opens every configured tool and checks the configuration against it.
 fn open_tools(config: &Config) -> Result<Vec<Box<dyn Connector>>, StartError> {
     config
@@ -165,22 +199,44 @@ fn open_tool(
                 .as_ref()
                 .map(|p| p.get_ref().clone())
                 .unwrap_or_default();
-            let specs: Vec<CollectionSpec> = tool
-                .collections
-                .iter()
-                .map(|c| CollectionSpec {
-                    collection: c.name.get_ref().clone(),
-                    table: c.table.get_ref().clone(),
-                    primary_key: c.primary_key.get_ref().clone(),
-                    columns: c.columns.get_ref().clone(),
-                })
-                .collect();
-            match SqliteConnector::open(&path, specs) {
+            match SqliteConnector::open(&path, collection_specs(tool)) {
                 Ok(connector) => Ok(Box::new(connector)),
                 Err(e) => Err(sqlite_error(config, t, tool, &path, e)),
             }
         }
+        ToolKind::Postgres => {
+            let pg = PostgresConfig {
+                url: tool
+                    .url
+                    .as_ref()
+                    .map(|u| u.get_ref().clone())
+                    .unwrap_or_default(),
+                poll_interval: tool
+                    .poll_interval_ms
+                    .as_ref()
+                    .map_or(connectors::postgres::POLL_INTERVAL_DEFAULT, |ms| {
+                        std::time::Duration::from_millis(*ms.get_ref())
+                    }),
+            };
+            match PostgresConnector::open(&pg, collection_specs(tool)) {
+                Ok(connector) => Ok(Box::new(connector)),
+                Err(e) => Err(postgres_error(config, t, tool, e)),
+            }
+        }
     }
+}
+
+/// The collection specs of a tool's configuration.
+fn collection_specs(tool: &ToolConfig) -> Vec<CollectionSpec> {
+    tool.collections
+        .iter()
+        .map(|c| CollectionSpec {
+            collection: c.name.get_ref().clone(),
+            table: c.table.get_ref().clone(),
+            primary_key: c.primary_key.get_ref().clone(),
+            columns: c.columns.get_ref().clone(),
+        })
+        .collect()
 }
 
 /// Each tool as the engine knows it. A tool's id in documents joins this agent's
@@ -333,10 +389,11 @@ fn sqlite_error(
     path: &std::path::Path,
     error: SqliteError,
 ) -> StartError {
-    let message = error.to_string();
-    let table = match &error {
+    let at = match &error {
         SqliteError::MissingTable { table }
         | SqliteError::NoPrimaryKey { table }
+        | SqliteError::NotATable { table }
+        | SqliteError::ReservedTable { table }
         | SqliteError::CompositePrimaryKey { table, .. } => Some((table.clone(), "table")),
         SqliteError::PrimaryKeyMismatch { table, .. } => Some((table.clone(), "primary_key")),
         SqliteError::MissingColumn { table, .. } | SqliteError::UnsupportedType { table, .. } => {
@@ -344,7 +401,50 @@ fn sqlite_error(
         }
         _ => None,
     };
-    if let Some((table, field)) = table {
+    let message = format!("{error} (database {})", path.display());
+    tool_error(config, t, tool, at, message)
+}
+
+/// Names the configuration entry behind a PostgreSQL connector's error at start.
+fn postgres_error(
+    config: &Config,
+    t: usize,
+    tool: &ToolConfig,
+    error: PostgresError,
+) -> StartError {
+    let at = match &error {
+        PostgresError::MissingTable { table }
+        | PostgresError::NoPrimaryKey { table }
+        | PostgresError::NotATable { table, .. }
+        | PostgresError::ReservedTable { table }
+        | PostgresError::CompositePrimaryKey { table, .. } => Some((table.clone(), "table")),
+        PostgresError::PrimaryKeyMismatch { table, .. } => Some((table.clone(), "primary_key")),
+        PostgresError::MissingColumn { table, .. }
+        | PostgresError::UnsupportedType { table, .. } => Some((table.clone(), "columns")),
+        PostgresError::BadUrl(_) => {
+            if let Some(url) = &tool.url {
+                return StartError::Config(config.invalid(
+                    url.span(),
+                    format!("tool[{t}].url"),
+                    error.to_string(),
+                ));
+            }
+            None
+        }
+        _ => None,
+    };
+    tool_error(config, t, tool, at, error.to_string())
+}
+
+/// A tool's error at start: at the configuration entry of the table it names, if any.
+fn tool_error(
+    config: &Config,
+    t: usize,
+    tool: &ToolConfig,
+    at: Option<(String, &str)>,
+    message: String,
+) -> StartError {
+    if let Some((table, field)) = at {
         for (i, c) in tool.collections.iter().enumerate() {
             if *c.table.get_ref() == table {
                 let span = match field {
@@ -352,7 +452,6 @@ fn sqlite_error(
                     "columns" => c.columns.span(),
                     _ => c.table.span(),
                 };
-                let message = format!("{message} (database {})", path.display());
                 return StartError::Config(config.invalid(
                     span,
                     format!("tool[{t}].collection[{i}].{field}"),
@@ -363,7 +462,7 @@ fn sqlite_error(
     }
     StartError::Tool {
         tool: tool.name.get_ref().clone(),
-        source: format!("{}: {error}", path.display()).into(),
+        source: message.into(),
     }
 }
 

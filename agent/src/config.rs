@@ -101,6 +101,14 @@ pub struct ToolConfig {
     /// `sqlite`: the database file.
     #[serde(default)]
     pub path: Option<Spanned<PathBuf>>,
+    /// `postgres`: the connection string (`postgresql://user:password@host:port/db`
+    /// or `host=... port=... user=... dbname=...`).
+    #[serde(default)]
+    pub url: Option<Spanned<String>>,
+    /// `postgres`: how often to look for changes when no notification came, in
+    /// milliseconds (default 1000).
+    #[serde(default)]
+    pub poll_interval_ms: Option<Spanned<u64>>,
     /// The collections synced with this tool.
     #[serde(default, rename = "collection")]
     pub collections: Vec<CollectionConfig>,
@@ -112,6 +120,8 @@ pub struct ToolConfig {
 pub enum ToolKind {
     /// A SQLite database file.
     Sqlite,
+    /// A PostgreSQL database.
+    Postgres,
 }
 
 /// A collection this agent relays without a tool of its own.
@@ -256,6 +266,13 @@ impl Config {
                 format!("tool `{name}` is configured twice; tool names are unique in an agent"),
             ));
         }
+        let misplaced = |span: Range<usize>, key: &str, kind: &str| {
+            self.invalid(
+                span,
+                format!("tool[{t}].{key}"),
+                format!("`{key}` is a setting of `{kind}` tools, and this tool is not one"),
+            )
+        };
         match tool.kind.get_ref() {
             ToolKind::Sqlite => {
                 if tool.path.is_none() {
@@ -263,6 +280,37 @@ impl Config {
                         tool.kind.span(),
                         format!("tool[{t}].path"),
                         "a `sqlite` tool needs `path`, the database file".to_owned(),
+                    ));
+                }
+                if let Some(url) = &tool.url {
+                    return Err(misplaced(url.span(), "url", "postgres"));
+                }
+                if let Some(poll) = &tool.poll_interval_ms {
+                    return Err(misplaced(poll.span(), "poll_interval_ms", "postgres"));
+                }
+            }
+            ToolKind::Postgres => {
+                if tool.url.is_none() {
+                    return Err(self.invalid(
+                        tool.kind.span(),
+                        format!("tool[{t}].url"),
+                        "a `postgres` tool needs `url`, the connection string \
+                         (e.g. \"postgresql://user:password@127.0.0.1:5432/crm\")"
+                            .to_owned(),
+                    ));
+                }
+                if let Some(path) = &tool.path {
+                    return Err(misplaced(path.span(), "path", "sqlite"));
+                }
+                if let Some(poll) = &tool.poll_interval_ms
+                    && !(POLL_INTERVAL_MS_MIN..=POLL_INTERVAL_MS_MAX).contains(poll.get_ref())
+                {
+                    return Err(self.invalid(
+                        poll.span(),
+                        format!("tool[{t}].poll_interval_ms"),
+                        format!(
+                            "between {POLL_INTERVAL_MS_MIN} and {POLL_INTERVAL_MS_MAX} milliseconds"
+                        ),
                     ));
                 }
             }
@@ -338,6 +386,11 @@ impl Config {
     }
 }
 
+/// The shortest polling interval a tool may set, in milliseconds.
+pub const POLL_INTERVAL_MS_MIN: u64 = 10;
+/// The longest, in milliseconds (an hour).
+pub const POLL_INTERVAL_MS_MAX: u64 = 3_600_000;
+
 /// Tool names are at most this long.
 pub const TOOL_NAME_LEN_MAX: usize = 64;
 
@@ -381,6 +434,20 @@ name = "customers"
 table = "customers"
 primary_key = "id"
 columns = ["name", "email"]
+
+# A PostgreSQL database is a tool too (the role must own the synced tables):
+# [[tool]]
+# name = "erp"
+# kind = "postgres"
+# url = "postgresql://concord:secret@127.0.0.1:5432/erp"
+# # How often to look for changes when no notification came (default 1000).
+# poll_interval_ms = 1000
+#
+# [[tool.collection]]
+# name = "customers"
+# table = "public.customers"
+# primary_key = "id"
+# columns = ["name", "email"]
 
 [log]
 # "text" or "json"

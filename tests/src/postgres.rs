@@ -12,6 +12,8 @@ use anyhow::{Context, bail};
 const DEBIAN_BIN_GLOB_ROOT: &str = "/usr/lib/postgresql";
 /// The OS user the server runs as when the tests run as root.
 const SERVER_USER: &str = "postgres";
+/// The password of the `postgres` role: connections over TCP must give it.
+pub const PASSWORD: &str = "concord-test";
 
 /// A running PostgreSQL server, stopped and deleted on drop.
 #[derive(Debug)]
@@ -40,15 +42,22 @@ impl Postgres {
             port,
             as_root,
         };
+        let pwfile = pg.root.path().join("pwfile");
+        std::fs::write(&pwfile, PASSWORD)?;
+        if as_root {
+            run(Command::new("chown").arg(SERVER_USER).arg(&pwfile))?;
+        }
         pg.command("initdb")
             .args([
-                "--auth=trust",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
                 "--username=postgres",
                 "--encoding=UTF8",
                 "--no-sync",
                 "-D",
             ])
             .arg(pg.data())
+            .arg(format!("--pwfile={}", pwfile.display()))
             .output()
             .context("running initdb")
             .and_then(check)?;
@@ -119,6 +128,7 @@ impl Postgres {
     /// (fields separated by `|`, one row per line).
     pub fn psql(&self, db: &str, sql: &str) -> anyhow::Result<String> {
         let output = Command::new(self.bin.join("psql"))
+            .env("PGPASSWORD", PASSWORD)
             .args([
                 "-X",
                 "-q",
@@ -150,8 +160,33 @@ impl Postgres {
     /// The connection string of database `db` (libpq key/value form).
     pub fn url(&self, db: &str) -> String {
         format!(
-            "host=127.0.0.1 port={} user=postgres dbname={db}",
+            "host=127.0.0.1 port={} user=postgres password={PASSWORD} dbname={db}",
             self.port
+        )
+    }
+
+    /// A connection to database `db`, playing the user's tool. Its connection task
+    /// runs on the caller's runtime.
+    pub async fn connect(&self, db: &str) -> anyhow::Result<tokio_postgres::Client> {
+        let (client, connection) = tokio_postgres::connect(&self.url(db), tokio_postgres::NoTls)
+            .await
+            .with_context(|| format!("connecting to {db} on port {}", self.port))?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(client)
+    }
+
+    /// A `[[tool]]` of kind postgres named `name` syncing `table` of database `db`
+    /// as collection `collection`, with `columns`.
+    pub fn tool(&self, name: &str, db: &str, table: &str, columns: &[&str]) -> String {
+        let columns: Vec<String> = columns.iter().map(|c| format!("\"{c}\"")).collect();
+        format!(
+            "[[tool]]\nname = \"{name}\"\nkind = \"postgres\"\nurl = \"{url}\"\n\n\
+             [[tool.collection]]\nname = \"{table}\"\ntable = \"{table}\"\n\
+             primary_key = \"id\"\ncolumns = [{columns}]\n\n",
+            url = self.url(db),
+            columns = columns.join(", ")
         )
     }
 

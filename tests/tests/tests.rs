@@ -1,10 +1,11 @@
 //! End-to-end tests: real agents over real QUIC on loopback, real fjall stores,
-//! real SQLite files.
+//! real SQLite files, and PostgreSQL servers the harness starts itself.
 
 mod bad_input;
 mod durability;
 mod identity;
 mod postgres;
+mod postgres_sync;
 mod security;
 mod sync;
 mod topology;

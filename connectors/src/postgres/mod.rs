@@ -162,7 +162,8 @@ pub struct PostgresConnector {
 
 /// The connection for capture and write-back, made again after it broke.
 struct Conn {
-    runtime: Runtime,
+    /// The driver's runtime; `None` only while dropping.
+    runtime: Option<Runtime>,
     config: tokio_postgres::Config,
     /// Host, port and database, for messages.
     server: String,
@@ -172,13 +173,31 @@ struct Conn {
     statements: HashMap<String, Statement>,
 }
 
+impl Drop for Conn {
+    fn drop(&mut self) {
+        // Without waiting: the connector may be dropped inside an async context.
+        self.client = None;
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
 impl Conn {
+    /// Runs `future` to completion on the driver's runtime.
+    fn block_on<F: Future>(&self, future: F) -> Result<F::Output, PostgresError> {
+        match &self.runtime {
+            Some(runtime) => Ok(runtime.block_on(future)),
+            None => Err(PostgresError::Postgres("the driver has stopped".to_owned())),
+        }
+    }
+
     /// Connects again when the connection broke.
     fn ensure(&mut self) -> Result<(), PostgresError> {
         if self.client.as_ref().is_none_or(Client::is_closed) {
             self.client = None;
             self.statements.clear();
-            let client = self.runtime.block_on(connect(&self.config, &self.server))?;
+            let client = self.block_on(connect(&self.config, &self.server))??;
             tracing::info!(server = %self.server, "reconnected to PostgreSQL");
             self.client = Some(client);
         }
@@ -207,7 +226,7 @@ impl Conn {
         let Some(client) = self.client.as_ref() else {
             return Err(PostgresError::Postgres("not connected".to_owned()));
         };
-        let error = match self.runtime.block_on(work(client)) {
+        let error = match self.block_on(work(client))? {
             Ok(value) => return Ok(value),
             Err(error) => error,
         };
@@ -215,7 +234,7 @@ impl Conn {
             self.client = None;
             self.statements.clear();
         } else {
-            let _ = self.runtime.block_on(client.batch_execute("ROLLBACK"));
+            let _ = self.block_on(client.batch_execute("ROLLBACK"));
         }
         Err(error.into())
     }
@@ -287,7 +306,7 @@ impl PostgresConnector {
         tracing::debug!(server, tables = tables.len(), "capture triggers installed");
         Ok(PostgresConnector {
             conn: Conn {
-                runtime,
+                runtime: Some(runtime),
                 config: pg_config,
                 server,
                 client: Some(client),

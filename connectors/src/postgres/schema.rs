@@ -163,7 +163,7 @@ pub(super) struct Table {
     pub(super) collection: String,
     /// The table name as configured (what the triggers write into the outbox).
     pub(super) name: String,
-    /// The table name, quoted (and schema-qualified when configured so) for SQL.
+    /// The table name, quoted and qualified with its schema, for SQL.
     pub(super) sql_name: String,
     /// The table's oid, which names its trigger functions.
     pub(super) oid: u32,
@@ -208,7 +208,6 @@ impl Table {
         spec: &CollectionSpec,
     ) -> Result<Table, PostgresError> {
         let table = spec.table.as_str();
-        let sql_name = quote_table(table);
         let (schema, _) = split_table(table);
         if schema == Some(SCHEMA) {
             return Err(PostgresError::ReservedTable {
@@ -217,8 +216,10 @@ impl Table {
         }
         let relation = client
             .query_opt(
-                "SELECT c.oid, c.relkind::text FROM pg_class c WHERE c.oid = to_regclass($1)",
-                &[&sql_name],
+                "SELECT c.oid, c.relkind::text, n.nspname::text, c.relname::text
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                 WHERE c.oid = to_regclass($1)",
+                &[&quote_table(table)],
             )
             .await?;
         let Some(relation) = relation else {
@@ -228,6 +229,18 @@ impl Table {
         };
         let oid: u32 = relation.get(0);
         let kind: String = relation.get(1);
+        // Qualified with its schema: the trigger functions run with a fixed search
+        // path, and the agent's connection may have another one than the users'.
+        let sql_name = format!(
+            "{}.{}",
+            quote_ident(&relation.get::<_, String>(2)),
+            quote_ident(&relation.get::<_, String>(3))
+        );
+        if relation.get::<_, String>(2) == SCHEMA {
+            return Err(PostgresError::ReservedTable {
+                table: table.to_owned(),
+            });
+        }
         if !matches!(kind.as_str(), "r" | "p") {
             let kind = match kind.as_str() {
                 "v" => "view",
