@@ -291,7 +291,7 @@ async fn an_insert_is_done_once_per_token() -> anyhow::Result<()> {
         key: Some("1".to_owned()),
         version: None,
     };
-    assert_eq!(first?, [written.clone()]);
+    assert_eq!(first?, std::slice::from_ref(&written));
     assert_eq!(again?, [written]);
     assert_eq!(pg.psql("crm", "SELECT id, name FROM customers")?, "1|Ada");
     Ok(())

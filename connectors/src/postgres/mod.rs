@@ -98,7 +98,7 @@ const LISTEN_STOP_CHECK: Duration = Duration::from_millis(200);
 /// How long connecting may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Serializes installs by several agents on one database (an arbitrary constant).
-const INSTALL_LOCK_KEY: i64 = 0x636f_6e63_6f72_64;
+const INSTALL_LOCK_KEY: i64 = 0x0063_6f6e_636f_7264;
 
 /// The session settings that fix how values print (see `convert`).
 const SESSION_SQL: &str = "SET DateStyle = 'ISO, YMD'; SET TimeZone = 'UTC'; \
