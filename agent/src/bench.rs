@@ -1,8 +1,11 @@
-//! `concord bench`: initial sync, the Automerge-only floor, edit latency and wire
-//! bytes, measured on real agent processes over QUIC on loopback, printed as figures.
+//! `concord bench`: initial sync, the Automerge-only floor, edit latency, sustained
+//! single-field updates and wire bytes, measured on real agent processes over QUIC
+//! on loopback, printed as figures.
 //!
 //! The two agents run as separate `concord run` processes so each one's peak RSS is
-//! its own; a UDP relay between them counts every byte on the wire.
+//! its own; a UDP relay between them counts every byte on the wire. Agent A syncs a
+//! SQLite database; agent B a SQLite database or, with `--postgres`, a table in a
+//! throwaway PostgreSQL server the benchmark starts itself.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -30,11 +33,100 @@ const COLUMNS: [&str; 10] = [
 ];
 /// How long the initial sync may take at most.
 const SYNC_TIMEOUT_S: u64 = 1800;
+/// The benchmark table in PostgreSQL.
+const PG_SCHEMA: &str = "CREATE TABLE customers (
+    id bigint PRIMARY KEY,
+    name text, email text, city text, country text, phone text,
+    balance numeric(12,2), score double precision, visits integer, active boolean,
+    created timestamptz
+)";
 /// How long one edit may take to arrive at most.
 const EDIT_TIMEOUT_MS: u64 = 10_000;
+/// How long the sustained updates may take to drain after the writer stopped.
+const DRAIN_TIMEOUT_S: u64 = 600;
+/// Sustained updates set `visits` to this plus their sequence number, above any
+/// sample value.
+const VISITS_BASE: i64 = 1_000_000;
+
+/// What `concord bench` measures.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Records in the initial sync.
+    pub records: usize,
+    /// Single-field edits timed for latency.
+    pub edits: usize,
+    /// How long to run sustained single-field updates (zero: not run).
+    pub sustain: Duration,
+    /// Sync into PostgreSQL instead of SQLite on agent B.
+    pub postgres: bool,
+}
+
+/// Agent B's tool, read by the benchmark.
+enum Sink {
+    Sqlite(Connection),
+    Postgres {
+        client: tokio_postgres::Client,
+        _server: crate::pg_server::Postgres,
+    },
+}
+
+impl Sink {
+    fn label(&self) -> &'static str {
+        match self {
+            Sink::Sqlite(_) => "SQLite -> SQLite",
+            Sink::Postgres { .. } => "SQLite -> PostgreSQL",
+        }
+    }
+
+    async fn count(&self) -> anyhow::Result<i64> {
+        Ok(match self {
+            Sink::Sqlite(db) => db.query_row("SELECT count(*) FROM customers", [], |r| r.get(0))?,
+            Sink::Postgres { client, .. } => client
+                .query_one("SELECT count(*) FROM customers", &[])
+                .await?
+                .get(0),
+        })
+    }
+
+    async fn name(&self, id: i64) -> anyhow::Result<Option<String>> {
+        Ok(match self {
+            Sink::Sqlite(db) => db
+                .prepare_cached("SELECT name FROM customers WHERE id = ?1")?
+                .query_row([id], |r| r.get(0))?,
+            Sink::Postgres { client, .. } => client
+                .query_one("SELECT name FROM customers WHERE id = $1", &[&id])
+                .await?
+                .get(0),
+        })
+    }
+
+    /// The sum of `visits` over rows a sustained update reached.
+    async fn visits_sum(&self) -> anyhow::Result<i64> {
+        Ok(match self {
+            Sink::Sqlite(db) => db.query_row(
+                "SELECT coalesce(sum(visits), 0) FROM customers WHERE visits >= ?1",
+                [VISITS_BASE],
+                |r| r.get(0),
+            )?,
+            Sink::Postgres { client, .. } => client
+                .query_one(
+                    "SELECT coalesce(sum(visits), 0)::bigint FROM customers WHERE visits >= $1",
+                    &[&(VISITS_BASE as i32)],
+                )
+                .await?
+                .get(0),
+        })
+    }
+}
 
 /// Runs the benchmark and prints its figures.
-pub async fn run(records: usize, edits: usize) -> anyhow::Result<()> {
+pub async fn run(options: Options) -> anyhow::Result<()> {
+    let Options {
+        records,
+        edits,
+        sustain,
+        postgres,
+    } = options;
     let tmp = tempfile::tempdir()?;
     let a = AgentFiles::create(&tmp.path().join("a"), SCHEMA)?;
     let b = AgentFiles::create(&tmp.path().join("b"), SCHEMA)?;
@@ -43,7 +135,34 @@ pub async fn run(records: usize, edits: usize) -> anyhow::Result<()> {
 
     let floor = floor(&rows)?;
 
-    let b_config = b.config("127.0.0.1:0", &[(a.identity.peer_id(), None)], &COLUMNS)?;
+    let peers = [(a.identity.peer_id(), None)];
+    let (b_config, sink) = if postgres {
+        let server = crate::pg_server::Postgres::start()?;
+        server.create_database("bench")?;
+        server.psql("bench", PG_SCHEMA)?;
+        let columns: Vec<String> = COLUMNS.iter().map(|c| format!("\"{c}\"")).collect();
+        let body = format!(
+            "[[tool]]\nname = \"erp\"\nkind = \"postgres\"\nurl = \"{}\"\n\n\
+             [[tool.collection]]\nname = \"customers\"\ntable = \"customers\"\n\
+             primary_key = \"id\"\ncolumns = [{}]\nidentity = \"shared_key\"\n",
+            server.url("bench"),
+            columns.join(", ")
+        );
+        let config = b.config_with("127.0.0.1:0", &peers, &body)?;
+        let client = server.connect("bench").await?;
+        (
+            config,
+            Sink::Postgres {
+                client,
+                _server: server,
+            },
+        )
+    } else {
+        let config = b.config("127.0.0.1:0", &peers, &COLUMNS)?;
+        let db = Connection::open(&b.db)?;
+        db.busy_timeout(Duration::from_secs(10))?;
+        (config, Sink::Sqlite(db))
+    };
     let mut proc_b = AgentProcess::start(&b_config.path)?;
     let relay = Relay::start(proc_b.addr).await?;
     a.config(
@@ -53,10 +172,8 @@ pub async fn run(records: usize, edits: usize) -> anyhow::Result<()> {
     )?;
     let started = Instant::now();
     let mut proc_a = AgentProcess::start(&a.dir.join("concord.toml"))?;
-    let db_b = Connection::open(&b.db)?;
-    db_b.busy_timeout(Duration::from_secs(10))?;
     loop {
-        let n: i64 = db_b.query_row("SELECT count(*) FROM customers", [], |r| r.get(0))?;
+        let n = sink.count().await?;
         if n as usize >= records {
             break;
         }
@@ -76,7 +193,6 @@ pub async fn run(records: usize, edits: usize) -> anyhow::Result<()> {
     db_a.busy_timeout(Duration::from_secs(10))?;
     let bytes_before = relay.bytes.load(Ordering::Relaxed);
     let mut latencies = Vec::with_capacity(edits);
-    let mut check = db_b.prepare("SELECT name FROM customers WHERE id = ?1")?;
     for i in 0..edits {
         let id = (i % records) as i64;
         let name = format!("edited {i}");
@@ -86,7 +202,7 @@ pub async fn run(records: usize, edits: usize) -> anyhow::Result<()> {
         )?;
         let t0 = Instant::now();
         loop {
-            let seen: Option<String> = check.query_row([id], |r| r.get(0))?;
+            let seen = sink.name(id).await?;
             if seen.as_deref() == Some(name.as_str()) {
                 break;
             }
@@ -106,13 +222,19 @@ pub async fn run(records: usize, edits: usize) -> anyhow::Result<()> {
             .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
     };
     let ms = |d: Option<&Duration>| d.map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0);
+    let sustained = if sustain.is_zero() || records == 0 {
+        None
+    } else {
+        Some(sustained_updates(&a.db, &sink, records, sustain).await?)
+    };
     let (rss_a_end, rss_b_end) = (proc_a.peak_rss_kib()?, proc_b.peak_rss_kib()?);
     proc_a.stop();
     proc_b.stop();
 
     let floor_rate = records as f64 / floor.as_secs_f64();
     println!(
-        "concord bench: {records} records x 10 fields, {edits} single-field edits, 2 agent processes, QUIC on loopback"
+        "concord bench: {}, {records} records x 10 fields, {edits} single-field edits, 2 agent processes, QUIC on loopback",
+        sink.label()
     );
     println!(
         "initial sync            {:>10.0} records/s  ({:.2} s)",
@@ -144,11 +266,66 @@ pub async fn run(records: usize, edits: usize) -> anyhow::Result<()> {
         "wire bytes per update   {:>10.0}  (goal <= 220)",
         edit_bytes as f64 / edits.max(1) as f64
     );
+    if let Some((updates, elapsed, writing)) = sustained {
+        println!(
+            "sustained updates       {:>10.0} updates/s  ({updates} updates written in {:.1} s at {:.0}/s, all in B after {:.1} s; goal >= {})",
+            updates as f64 / elapsed.as_secs_f64(),
+            writing.as_secs_f64(),
+            updates as f64 / writing.as_secs_f64(),
+            elapsed.as_secs_f64(),
+            if postgres { "5,000" } else { "8,000" },
+        );
+    }
     println!(
         "peak RSS at the end     A {} KiB, B {} KiB",
         rss_a_end, rss_b_end
     );
+    drop(sink);
     Ok(())
+}
+
+/// Sustained single-field updates: a writer updates `visits` of one row per
+/// transaction in A's database, round robin over the rows, as fast as it can for
+/// `duration`; the figure is the updates over the time until B holds the last value
+/// of every row. Returns the updates, that time, and the writer's own time.
+async fn sustained_updates(
+    db: &Path,
+    sink: &Sink,
+    records: usize,
+    duration: Duration,
+) -> anyhow::Result<(u64, Duration, Duration)> {
+    let db = db.to_owned();
+    let started = Instant::now();
+    let writer = tokio::task::spawn_blocking(move || -> anyhow::Result<(u64, i64, Duration)> {
+        let conn = Connection::open(&db)?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        // An application's usual setting in WAL mode: no fsync per commit.
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let mut update = conn.prepare("UPDATE customers SET visits = ?1 WHERE id = ?2")?;
+        let mut last = vec![None; records];
+        let mut n: u64 = 0;
+        let started = Instant::now();
+        while started.elapsed() < duration {
+            let id = (n % records as u64) as usize;
+            let visits = VISITS_BASE + n as i64;
+            update.execute(rusqlite::params![visits, id as i64])?;
+            last[id] = Some(visits);
+            n += 1;
+        }
+        let expected: i64 = last.iter().flatten().sum();
+        Ok((n, expected, started.elapsed()))
+    });
+    let (updates, expected, writing) = writer.await??;
+    loop {
+        if sink.visits_sum().await? == expected {
+            break;
+        }
+        if started.elapsed() > duration + Duration::from_secs(DRAIN_TIMEOUT_S) {
+            bail!("the sustained updates did not all arrive within {DRAIN_TIMEOUT_S} s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok((updates, started.elapsed(), writing))
 }
 
 /// A sample record: 10 fields of mixed types.

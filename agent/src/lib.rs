@@ -15,6 +15,7 @@ pub mod engine;
 pub mod identity;
 pub mod logs;
 pub mod peers;
+pub mod pg_server;
 pub mod replication;
 pub mod store;
 pub mod tool;

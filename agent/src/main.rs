@@ -43,6 +43,13 @@ enum Command {
         /// Single-field edits timed for latency.
         #[arg(long, default_value_t = 1_000)]
         edits: usize,
+        /// Seconds of sustained single-field updates (0: skip).
+        #[arg(long, default_value_t = 30)]
+        sustain_secs: u64,
+        /// Sync into a throwaway PostgreSQL server (started from the installed
+        /// server binaries) instead of a second SQLite database.
+        #[arg(long)]
+        postgres: bool,
     },
 }
 
@@ -59,9 +66,19 @@ fn main() -> anyhow::Result<()> {
             init_logging(LogFormat::Text, "warn");
             runtime()?.block_on(concord_agent::demo::run())
         }
-        Command::Bench { records, edits } => {
+        Command::Bench {
+            records,
+            edits,
+            sustain_secs,
+            postgres,
+        } => {
             init_logging(LogFormat::Text, "warn");
-            runtime()?.block_on(concord_agent::bench::run(records, edits))
+            runtime()?.block_on(concord_agent::bench::run(concord_agent::bench::Options {
+                records,
+                edits,
+                sustain: std::time::Duration::from_secs(sustain_secs),
+                postgres,
+            }))
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Helpers for the end-to-end tests: agents in folders, SQLite fixtures, the
 //! `concord` binary, bounded waits.
 
-pub mod postgres;
+pub use concord_agent::pg_server as postgres;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -1,4 +1,4 @@
-//! A throwaway PostgreSQL server for one test: `initdb` and `pg_ctl` from the
+//! A throwaway PostgreSQL server for a test or a benchmark: `initdb` and `pg_ctl` from the
 //! installed server binaries, into a temporary directory, on a free loopback port.
 //! It never touches a server someone else configured. As root, the server runs as
 //! the `postgres` OS user (PostgreSQL refuses to run as root).
