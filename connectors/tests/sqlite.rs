@@ -549,6 +549,38 @@ mod write_back {
         ));
     }
 
+    /// Regression (a retried insert kept old fields): the agent crashed after the
+    /// tool committed an insert and before it recorded the key; meanwhile the record
+    /// changed, and the insert planned again carries the new fields. The tool
+    /// answered with the first row's key and left its old fields, while the agent
+    /// recorded the new ones as written.
+    #[test]
+    fn a_retried_insert_writes_the_fields_it_carries_now() {
+        let fx = fixture(CUSTOMERS);
+        let mut connector = open(&fx, vec![customers()]);
+        let insert = |name: &str| WriteOp::Insert {
+            collection: "customers".to_owned(),
+            token: "doc-1".to_owned(),
+            fields: record(&[("name", text(name)), ("age", Value::Int(36))]),
+        };
+        let first = connector
+            .write_back(0, &HashSet::new(), &[insert("Ada")])
+            .expect("write-back");
+        let again = connector
+            .write_back(0, &HashSet::new(), &[insert("Ada L.")])
+            .expect("write-back");
+        assert_eq!(again, first, "the same row");
+        let rows: Vec<(i64, String)> = fx
+            .tool
+            .prepare("SELECT id, name FROM customers")
+            .expect("prepare")
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("rows");
+        assert_eq!(rows, [(1, "Ada L.".to_owned())]);
+    }
+
     #[test]
     fn an_insert_into_a_table_whose_keys_sqlite_does_not_assign_is_rejected() {
         let fx = fixture("CREATE TABLE codes (code TEXT PRIMARY KEY, label TEXT)");

@@ -283,7 +283,7 @@ async fn an_insert_is_done_once_per_token() -> anyhow::Result<()> {
     })
     .await?;
     let ops = vec![insert];
-    let (_connector, again) = with(connector, move |c| {
+    let (connector, again) = with(connector, move |c| {
         c.write_back(&Cursor::start(), &HashSet::new(), &ops)
     })
     .await?;
@@ -292,8 +292,24 @@ async fn an_insert_is_done_once_per_token() -> anyhow::Result<()> {
         version: None,
     };
     assert_eq!(first?, std::slice::from_ref(&written));
-    assert_eq!(again?, [written]);
+    assert_eq!(again?, std::slice::from_ref(&written));
     assert_eq!(pg.psql("crm", "SELECT id, name FROM customers")?, "1|Ada");
+    // Regression (a retried insert kept old fields): planned again after the record
+    // changed, the insert writes its new fields into the row it made.
+    let ops = vec![WriteOp::Insert {
+        collection: "customers".into(),
+        token: "doc-1".into(),
+        fields: Record::from([("name".to_owned(), text("Ada L."))]),
+    }];
+    let (_connector, changed) = with(connector, move |c| {
+        c.write_back(&Cursor::start(), &HashSet::new(), &ops)
+    })
+    .await?;
+    assert_eq!(changed?, [written]);
+    assert_eq!(
+        pg.psql("crm", "SELECT id, name FROM customers")?,
+        "1|Ada L."
+    );
     Ok(())
 }
 

@@ -1000,7 +1000,7 @@ enum Action {
     /// Insert a row holding only the key, unless it exists.
     InsertKey,
     /// Insert a row whose key the server assigns, unless the insert with this token
-    /// was done before; returns the key.
+    /// was done before (then update that row with the fields); returns the key.
     Insert {
         token: String,
         sql: String,
@@ -1093,10 +1093,28 @@ fn insert_sql(table: &Table, columns: &[usize]) -> String {
             params.join(", ")
         )
     };
+    // A repeated insert writes the fields it carries now into the row it made.
+    let update = if names.is_empty() {
+        String::new()
+    } else {
+        let assignments: Vec<String> = names
+            .iter()
+            .zip(&params)
+            .map(|(name, param)| format!("{name} = {param}"))
+            .collect();
+        format!(
+            "upd AS (UPDATE {} SET {} WHERE {key} = (SELECT CAST(key AS {cast}) FROM done)),",
+            table.sql_name,
+            assignments.join(", "),
+            key = table.key.sql_name,
+            cast = table.key.cast,
+        )
+    };
     // Without columns, DEFAULT VALUES cannot be made conditional: the caller
     // checks the token first (see `attempt`).
     format!(
         "WITH done AS (SELECT key FROM _concord.inserted WHERE token = $1::text AND tbl = {tbl}),
+              {update}
               ins AS ({insert} RETURNING {key}::text AS key),
               rec AS (INSERT INTO _concord.inserted (token, tbl, key)
                       SELECT $1::text, {tbl}, key FROM ins)

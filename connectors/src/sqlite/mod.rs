@@ -617,6 +617,20 @@ impl SqliteConnector {
             names.push(column.sql_name.as_str());
         }
         let key = &table.key.sql_name;
+        // A repeated insert writes the fields it carries now into the row it made.
+        let update_sql = (!names.is_empty()).then(|| {
+            let assignments: Vec<String> = names
+                .iter()
+                .enumerate()
+                .map(|(n, name)| format!("{name} = ?{}", n + 1))
+                .collect();
+            format!(
+                "UPDATE {} SET {} WHERE {key} = ?{}",
+                table.sql_name,
+                assignments.join(", "),
+                names.len() + 1
+            )
+        });
         let sql = if names.is_empty() {
             format!(
                 "INSERT INTO {} DEFAULT VALUES RETURNING CAST({key} AS TEXT)",
@@ -634,7 +648,12 @@ impl SqliteConnector {
         Ok(Plan {
             table: index,
             key: "",
-            action: Action::Insert { sql, params, token },
+            action: Action::Insert {
+                sql,
+                update_sql,
+                params,
+                token,
+            },
         })
     }
 
@@ -815,9 +834,11 @@ enum Action<'a> {
     /// Inserts a row holding only the key, unless the row exists.
     InsertKey(ToSqlOutput<'a>),
     /// Inserts a row whose key SQLite assigns, returning the key, unless the insert
-    /// with this token was done before (then its key).
+    /// with this token was done before: then it updates that row with the fields
+    /// (`update_sql`, the field values then the key) and returns its key.
     Insert {
         sql: String,
+        update_sql: Option<String>,
         params: Vec<ToSqlOutput<'a>>,
         token: &'a str,
     },
@@ -930,12 +951,25 @@ fn execute(
     action: &Action<'_>,
 ) -> rusqlite::Result<Option<String>> {
     match action {
-        Action::Insert { sql, params, token } => {
+        Action::Insert {
+            sql,
+            update_sql,
+            params,
+            token,
+        } => {
             let done: Option<String> = conn
                 .prepare_cached(INSERTED_READ_SQL)?
                 .query_row([*token, table.name.as_str()], |row| row.get(0))
                 .optional()?;
             if let Some(key) = done {
+                if let Some(update_sql) = update_sql {
+                    let with_key = params
+                        .iter()
+                        .map(|p| p as &dyn rusqlite::ToSql)
+                        .chain(std::iter::once(&key as &dyn rusqlite::ToSql));
+                    conn.prepare_cached(update_sql)?
+                        .execute(params_from_iter(with_key))?;
+                }
                 return Ok(Some(key));
             }
             let key: String = conn
