@@ -12,8 +12,8 @@
 //! gives the same trace hash.
 //!
 //! A run has two phases. During the **fault phase** users edit their tools (single
-//! edits, deletes, re-inserts of deleted keys, and bulk imports larger than the
-//! document cache) while faults, mixed per seed (swarm testing), hit the cluster:
+//! edits, deletes, re-inserts of deleted keys, bulk imports larger than the
+//! document cache, and orders whose ids each tool assigns, colliding across tools) while faults, mixed per seed (swarm testing), hit the cluster:
 //! symmetric and one-way partitions; message loss, duplication, reordering and
 //! delay; crashes with restarts; store wipes; clock skew; a core that falls behind
 //! its queue. In the **heal phase** faults stop, every agent runs and every link is
@@ -49,7 +49,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 
 use crate::rng::Rng;
-use crate::tool::{COLLECTION, COLUMNS, SimTool};
+use crate::tool::{COLLECTION, COLLECTIONS, COLUMNS, ORDERS, SimTool};
 
 /// Simulated milliseconds per step of the clock.
 pub const TICK_MS: u64 = 5;
@@ -175,8 +175,9 @@ struct Agent {
     restart_at: Option<u64>,
     /// Bumped whenever the agent's log grows, as the real core announces it.
     log_version: u64,
-    /// The agent's log read up to here for acknowledged changes.
-    acked_seq: u64,
+    /// The agent's log of each collection ([`COLLECTIONS`]) read up to here for
+    /// acknowledged changes.
+    acked_seq: [u64; 2],
     /// Values this agent's user wrote, counted to make each one unique.
     values: i64,
     /// Keys of rows the agent wrote in its last write-back: users answer what they
@@ -329,7 +330,7 @@ impl Sim {
                 skew_ms,
                 restart_at: Some(0),
                 log_version: 0,
-                acked_seq: 0,
+                acked_seq: [0; 2],
                 values: 0,
                 just_written: Vec::new(),
             });
@@ -423,6 +424,7 @@ impl Sim {
         self.log("CONVERGED".to_owned());
         self.check_acknowledged()?;
         self.check_identities()?;
+        self.check_orders_once()?;
         self.check_quiet()?;
         self.probe_reinsert()?;
         self.probe_hot_tool()?;
@@ -524,13 +526,14 @@ impl Sim {
         let mut store =
             Store::open_with(&agent.dir, || actor).map_err(|e| format!("agent {i}: {e}"))?;
         store.set_doc_cache_max(SIM_DOC_CACHE_MAX);
-        let collections = BTreeMap::from([(
-            COLLECTION.to_owned(),
-            CollectionInfo {
-                columns: COLUMNS.iter().map(|c| (*c).to_owned()).collect(),
-                identity: RecordIdentity::SharedKey,
-            },
-        )]);
+        let info = |identity| CollectionInfo {
+            columns: COLUMNS.iter().map(|c| (*c).to_owned()).collect(),
+            identity,
+        };
+        let collections = BTreeMap::from([
+            (COLLECTION.to_owned(), info(RecordIdentity::SharedKey)),
+            (ORDERS.to_owned(), info(RecordIdentity::ToolIds)),
+        ]);
         let tool = ToolSpec {
             name: "tool".to_owned(),
             uid: format!("agent{i}.tool"),
@@ -542,10 +545,12 @@ impl Sim {
             .claim(&engine.store_id())
             .map_err(|e| format!("agent {i}: {e}"))?;
         agent.tool_loop = ToolLoop::new(engine.captured(0).clone());
-        agent.acked_seq = engine
-            .reader()
-            .log_head(COLLECTION)
-            .map_err(|e| e.to_string())?;
+        for (c, collection) in COLLECTIONS.iter().enumerate() {
+            agent.acked_seq[c] = engine
+                .reader()
+                .log_head(collection)
+                .map_err(|e| e.to_string())?;
+        }
         let store = concord_agent::store::hex(&engine.store_id()[..4]);
         agent.core = Some(Core::new(engine));
         self.log(format!("agent {i} starts (store {store})"));
@@ -759,36 +764,38 @@ impl Sim {
         };
         let actor = core.engine().store_id();
         let reader = core.engine().reader();
-        let head = reader.log_head(COLLECTION).map_err(|e| e.to_string())?;
         let mut new_acks = Vec::new();
         let mut echo = None;
-        let mut from = agent.acked_seq + 1;
-        while from <= head {
-            let entries = reader
-                .log_from(COLLECTION, from, 512)
-                .map_err(|e| e.to_string())?;
-            let Some(&(last, _)) = entries.last() else {
-                break;
-            };
-            for (_, entry) in entries {
-                if entry.origin.is_some() {
-                    continue;
-                }
-                for bytes in &entry.changes {
-                    let change =
-                        automerge::Change::from_bytes(bytes.clone()).map_err(|e| e.to_string())?;
-                    if change.actor_id().to_bytes() != actor {
+        for (c, collection) in COLLECTIONS.iter().enumerate() {
+            let head = reader.log_head(collection).map_err(|e| e.to_string())?;
+            let mut from = agent.acked_seq[c] + 1;
+            while from <= head {
+                let entries = reader
+                    .log_from(collection, from, 512)
+                    .map_err(|e| e.to_string())?;
+                let Some(&(last, _)) = entries.last() else {
+                    break;
+                };
+                for (_, entry) in entries {
+                    if entry.origin.is_some() {
                         continue;
                     }
-                    if !rescanning && echo.is_none() {
-                        echo = foreign_value(&change, i).map(|v| (DocId(entry.doc), v));
+                    for bytes in &entry.changes {
+                        let change = automerge::Change::from_bytes(bytes.clone())
+                            .map_err(|e| e.to_string())?;
+                        if change.actor_id().to_bytes() != actor {
+                            continue;
+                        }
+                        if !rescanning && echo.is_none() {
+                            echo = foreign_value(&change, i).map(|v| (DocId(entry.doc), v));
+                        }
+                        new_acks.push((DocId(entry.doc), change.hash(), actor.to_vec()));
                     }
-                    new_acks.push((DocId(entry.doc), change.hash(), actor.to_vec()));
                 }
+                from = last + 1;
             }
-            from = last + 1;
+            agent.acked_seq[c] = head;
         }
-        agent.acked_seq = head;
         for (doc, hash, actor) in new_acks {
             self.log(format!("agent {i} acknowledged change {hash} of {doc}"));
             self.acknowledged.push((doc, hash, actor));
@@ -818,6 +825,12 @@ impl Sim {
                 }
             }
             if !self.rng.chance(TICK_MS as f64 / 2_000.0) {
+                continue;
+            }
+            // Orders (tool ids) are left out of runs that wipe stores: a rebuilt
+            // store does not relink its tool's rows to their documents yet.
+            if self.swarm.wipe == 0.0 && self.rng.chance(0.5) {
+                self.order_edit(i);
                 continue;
             }
             let key = format!("k{}", self.rng.below(KEYS_MAX));
@@ -856,6 +869,34 @@ impl Sim {
                 );
             }
         }
+    }
+
+    /// Agent `i`'s user creates an order (its tool gives it the next id, which the
+    /// other agents' tools may have given to theirs), or edits or deletes one.
+    fn order_edit(&mut self, i: usize) {
+        let keys: Vec<String> = self.agents[i].tool.orders.keys().cloned().collect();
+        let roll = self.rng.below(10);
+        if keys.is_empty() || roll < 4 {
+            let fields: Record = COLUMNS
+                .iter()
+                .map(|c| ((*c).to_owned(), self.user_value(i, c)))
+                .collect();
+            let key = self.agents[i].tool.user_insert_order(fields.clone());
+            self.log(format!("agent {i} user creates order {key}: {fields:?}"));
+            return;
+        }
+        let key = keys[self.rng.below(keys.len() as u64) as usize].clone();
+        let edit = if roll < 6 {
+            None
+        } else {
+            let field = COLUMNS[self.rng.below(COLUMNS.len() as u64) as usize];
+            Some(Record::from([(
+                field.to_owned(),
+                self.user_value(i, field),
+            )]))
+        };
+        self.log(format!("agent {i} user edits order {key}: {edit:?}"));
+        self.agents[i].tool.user_edit_in(ORDERS, &key, edit);
     }
 
     /// A value for `field` that only agent `i`'s user writes.
@@ -966,11 +1007,15 @@ impl Sim {
     fn hello(&mut self, i: usize) -> Result<(StoreId, Vec<(String, u64)>), String> {
         let core = self.agents[i].core.as_mut().ok_or("agent down")?;
         let engine = core.engine();
-        let head = engine
-            .reader()
-            .log_head(COLLECTION)
-            .map_err(|e| e.to_string())?;
-        Ok((engine.store_id(), vec![(COLLECTION.to_owned(), head)]))
+        let mut heads = Vec::with_capacity(COLLECTIONS.len());
+        for collection in COLLECTIONS {
+            let head = engine
+                .reader()
+                .log_head(collection)
+                .map_err(|e| e.to_string())?;
+            heads.push((collection.to_owned(), head));
+        }
+        Ok((engine.store_id(), heads))
     }
 
     /// Delivers due frames to both ends and hands their events to the cores, acts
@@ -1126,6 +1171,7 @@ impl Sim {
             let ids = engine.reader().doc_ids().map_err(|e| e.to_string())?;
             let mut heads = BTreeMap::new();
             let mut projection = BTreeMap::new();
+            let mut orders: Vec<Record> = Vec::new();
             for id in ids {
                 let mut h = engine.heads(id).map_err(|e| e.to_string())?;
                 h.sort();
@@ -1146,8 +1192,24 @@ impl Sim {
                             )
                         })
                         .collect();
-                    projection.insert(state.key.clone(), row);
+                    if state.collection == ORDERS {
+                        orders.push(row);
+                    } else {
+                        projection.insert(state.key.clone(), row);
+                    }
                 }
+            }
+            // Orders have each tool's own ids: the tool holds each live order once,
+            // whatever its key.
+            orders.sort_by_key(|row| format!("{row:?}"));
+            let mut held: Vec<Record> = agent.tool.orders.values().cloned().collect();
+            held.sort_by_key(|row| format!("{row:?}"));
+            if orders != held {
+                return Err(format!(
+                    "agent {i}'s tool holds {} orders, its documents {} live ones, or their fields differ",
+                    held.len(),
+                    orders.len()
+                ));
             }
             if projection != agent.tool.rows {
                 let key = projection
@@ -1218,12 +1280,65 @@ impl Sim {
                     .identity()
                     .map_err(|e| e.to_string())?
                     .ok_or("a document without identity")?;
+                // Under tool ids a document has no key of its own (a minted id).
+                if collection == ORDERS && key.is_empty() {
+                    continue;
+                }
                 if DocId::of(&collection, &key) != id {
                     return Err(format!(
                         "agent {i}: document {id} holds ({collection}, {key})"
                     ));
                 }
             }
+        }
+        self.checks += 1;
+        Ok(())
+    }
+
+    /// No order is duplicated: orders the users created in their tools, with ids each
+    /// tool assigned (often the same ids in different tools), each become one
+    /// document, and no two live orders hold the same fields (every value a user
+    /// writes is unique, so equal rows are one order twice). Not checked after a
+    /// store wipe: a rebuilt store does not relink its tool's rows to their
+    /// documents yet and captures them as new orders.
+    fn check_orders_once(&mut self) -> Result<(), String> {
+        if self.faults.contains_key("store wipe") {
+            self.log("orders-once check skipped: a store was wiped".to_owned());
+            return Ok(());
+        }
+        let created: u64 = self.agents.iter().map(|a| a.tool.orders_created).sum();
+        let engine = self.agents[0]
+            .core
+            .as_mut()
+            .ok_or("agent down after healing")?
+            .engine();
+        let mut documents = 0u64;
+        let mut live: BTreeMap<String, DocId> = BTreeMap::new();
+        for id in engine.reader().doc_ids().map_err(|e| e.to_string())? {
+            let state = engine
+                .store()
+                .doc(id)
+                .map_err(|e| e.to_string())?
+                .read()
+                .map_err(|e| e.to_string())?;
+            if state.collection != ORDERS {
+                continue;
+            }
+            documents += 1;
+            if state.deleted {
+                continue;
+            }
+            if let Some(other) = live.insert(format!("{:?}", state.fields), id) {
+                return Err(format!(
+                    "orders {other} and {id} hold the same fields {:?}: one order became two",
+                    state.fields
+                ));
+            }
+        }
+        if documents > created {
+            return Err(format!(
+                "{documents} order documents for {created} orders the users created"
+            ));
         }
         self.checks += 1;
         Ok(())
@@ -1320,13 +1435,16 @@ impl Sim {
         let mut out = Vec::new();
         for agent in &mut self.agents {
             let engine = agent.core.as_mut().ok_or("agent down")?.engine();
-            let head = engine
-                .reader()
-                .log_head(COLLECTION)
-                .map_err(|e| e.to_string())?;
+            for collection in COLLECTIONS {
+                out.push(
+                    engine
+                        .reader()
+                        .log_head(collection)
+                        .map_err(|e| e.to_string())?,
+                );
+            }
             let stats = engine.stats().clone();
             out.extend([
-                head,
                 stats.captured,
                 stats.applied,
                 stats.writes,

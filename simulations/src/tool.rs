@@ -1,10 +1,14 @@
-//! A simulated tool: an in-memory table honouring the SQLite connector's contract.
+//! A simulated tool: two in-memory tables honouring the connector contract.
 //!
-//! Its edits append to an outbox with ever-growing sequence numbers (trimming keeps
-//! the highest); capture reads entries after a cursor and up to a bound, with each
-//! row's current state; the agent's writes leave no outbox entry (no echo); and a
-//! write of a record the user changed after the plan's capture is refused as stale,
-//! record by record, exactly as the SQLite connector does with its outbox.
+//! `items` has shared keys (users pick them); `orders` has keys the tool assigns
+//! itself, one counter per tool, so two tools hand out the same ids independently
+//! and the agents must keep each tool's own (tool ids). Edits append to an outbox
+//! with ever-growing sequence numbers (trimming keeps the highest); capture reads
+//! entries after a cursor and up to a bound, with each row's current state; the
+//! agent's writes leave no outbox entry (no echo); a write of a record the user
+//! changed after the plan's capture is refused as stale, record by record; and an
+//! insert is done once per token, a repeat writing its fields into the row it made,
+//! exactly as the SQLite connector does.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
@@ -14,8 +18,12 @@ use connectors::{
 };
 use crdt_model::{Record, Value};
 
-/// The one collection simulated.
+/// The collection with shared keys.
 pub const COLLECTION: &str = "items";
+/// The collection whose keys the tool assigns.
+pub const ORDERS: &str = "orders";
+/// Both collections.
+pub const COLLECTIONS: [&str; 2] = [COLLECTION, ORDERS];
 /// Its columns.
 pub const COLUMNS: [&str; 3] = ["name", "qty", "note"];
 
@@ -23,9 +31,18 @@ pub const COLUMNS: [&str; 3] = ["name", "qty", "note"];
 /// it survives a crash of its agent.
 #[derive(Debug, Default, Clone)]
 pub struct SimTool {
-    /// The rows, by key.
+    /// The rows of `items`, by key.
     pub rows: BTreeMap<String, Record>,
-    outbox: BTreeMap<u64, String>,
+    /// The rows of `orders`, by the key the tool assigned.
+    pub orders: BTreeMap<String, Record>,
+    /// The last key assigned in `orders`.
+    last_order: u64,
+    /// Keys of the rows inserted by the agent, by insert token.
+    inserted: BTreeMap<String, String>,
+    /// Orders the simulated user created.
+    pub orders_created: u64,
+    /// Changed records: (collection, key) by seq.
+    outbox: BTreeMap<u64, (&'static str, String)>,
     head: u64,
     /// Rows written by the agent (insert, update or delete), for the quiet check.
     pub writes: u64,
@@ -62,23 +79,55 @@ fn empty_row() -> Record {
 }
 
 impl SimTool {
-    /// The user sets `fields` of row `key` (creating it with the others empty), or
+    /// The user sets `fields` of item `key` (creating it with the others empty), or
     /// deletes it with `None`.
     pub fn user_edit(&mut self, key: &str, fields: Option<Record>) {
+        self.user_edit_in(COLLECTION, key, fields);
+    }
+
+    /// The user sets `fields` of the row `key` of `collection` (creating it with the
+    /// others empty), or deletes it with `None`.
+    pub fn user_edit_in(&mut self, collection: &'static str, key: &str, fields: Option<Record>) {
+        let table = self.table_mut(collection);
         match fields {
             Some(fields) => {
-                let row = self.rows.entry(key.to_owned()).or_insert_with(empty_row);
+                let row = table.entry(key.to_owned()).or_insert_with(empty_row);
                 row.extend(fields);
             }
             None => {
-                if self.rows.remove(key).is_none() {
+                if table.remove(key).is_none() {
                     return;
                 }
             }
         }
         self.head += 1;
-        self.outbox.insert(self.head, key.to_owned());
+        self.outbox.insert(self.head, (collection, key.to_owned()));
         self.edits += 1;
+    }
+
+    /// The user creates an order; the tool gives it its next key, which it returns.
+    pub fn user_insert_order(&mut self, fields: Record) -> String {
+        self.last_order += 1;
+        let key = self.last_order.to_string();
+        self.orders_created += 1;
+        self.user_edit_in(ORDERS, &key, Some(fields));
+        key
+    }
+
+    fn table_mut(&mut self, collection: &str) -> &mut BTreeMap<String, Record> {
+        if collection == ORDERS {
+            &mut self.orders
+        } else {
+            &mut self.rows
+        }
+    }
+
+    fn table(&self, collection: &str) -> &BTreeMap<String, Record> {
+        if collection == ORDERS {
+            &self.orders
+        } else {
+            &self.rows
+        }
     }
 
     /// Whether the user committed since `cursor` (what `PRAGMA data_version` tells).
@@ -107,17 +156,17 @@ impl SimTool {
             rescan,
         };
         let mut seen = BTreeSet::new();
-        for (&seq, key) in self.outbox.range(after + 1..=upto).take(max) {
+        for (&seq, (collection, key)) in self.outbox.range(after + 1..=upto).take(max) {
             batch.cursor = cursor_of(seq);
-            if !seen.insert(key.clone()) {
+            if !seen.insert((*collection, key.clone())) {
                 continue;
             }
-            let state = match self.rows.get(key) {
+            let state = match self.table(collection).get(key) {
                 Some(row) => RowState::Present(row.clone()),
                 None => RowState::Absent,
             };
             batch.changes.push(CapturedChange {
-                collection: COLLECTION.to_owned(),
+                collection: (*collection).to_owned(),
                 key: key.clone(),
                 previous_key: None,
                 state,
@@ -133,10 +182,12 @@ impl SimTool {
             Some(owner) if owner == store => {}
             None => {}
             Some(_) => {
-                let keys: Vec<String> = self.rows.keys().cloned().collect();
-                for key in keys {
-                    self.head += 1;
-                    self.outbox.insert(self.head, key);
+                for collection in COLLECTIONS {
+                    let keys: Vec<String> = self.table(collection).keys().cloned().collect();
+                    for key in keys {
+                        self.head += 1;
+                        self.outbox.insert(self.head, (collection, key));
+                    }
                 }
                 self.rescan_upto = self.head;
             }
@@ -158,42 +209,76 @@ impl SimTool {
         changed_since: &HashSet<(String, String)>,
         ops: &[WriteOp],
     ) -> Vec<OpOutcome> {
-        let uncaptured: HashSet<&String> = self
+        let uncaptured: HashSet<(String, String)> = self
             .outbox
             .range(captured_upto + 1..)
-            .map(|(_, key)| key)
+            .map(|(_, (collection, key))| ((*collection).to_owned(), key.clone()))
             .collect();
         let mut outcomes = Vec::with_capacity(ops.len());
         for op in ops {
-            let Some(key) = op.key().map(str::to_owned) else {
-                // Its keys are shared: the simulated table assigns none.
-                outcomes.push(OpOutcome::Rejected(Rejection::KeyNotAssigned {
-                    table: COLLECTION.to_owned(),
-                    column: "key".to_owned(),
+            let collection = op.collection().to_owned();
+            if !COLLECTIONS.contains(&collection.as_str()) {
+                outcomes.push(OpOutcome::Rejected(Rejection::UnknownCollection {
+                    collection,
                 }));
                 continue;
+            }
+            if let WriteOp::Insert { token, fields, .. } = op {
+                outcomes.push(self.insert(&collection, token, fields));
+                continue;
+            }
+            let Some(key) = op.key().map(str::to_owned) else {
+                continue;
             };
-            let key = &key;
-            if uncaptured.contains(key)
-                || changed_since.contains(&(COLLECTION.to_owned(), key.clone()))
-            {
+            let record = (collection.clone(), key.clone());
+            if uncaptured.contains(&record) || changed_since.contains(&record) {
                 outcomes.push(OpOutcome::Stale);
                 continue;
             }
+            let table = self.table_mut(&collection);
             match op {
-                WriteOp::Upsert { key, fields, .. } => {
-                    let row = self.rows.entry(key.clone()).or_insert_with(empty_row);
+                WriteOp::Upsert { fields, .. } => {
+                    let row = table.entry(key).or_insert_with(empty_row);
                     row.extend(fields.clone());
                 }
-                WriteOp::Delete { key, .. } => {
-                    self.rows.remove(key);
+                WriteOp::Delete { .. } => {
+                    table.remove(&key);
                 }
-                WriteOp::Insert { .. } => unreachable!("inserts are rejected above"),
+                WriteOp::Insert { .. } => unreachable!("inserts are handled above"),
             }
             self.writes += 1;
             outcomes.push(OpOutcome::WRITTEN);
         }
         outcomes
+    }
+
+    /// Inserts a row whose key the tool assigns, once per token: a repeat writes its
+    /// fields into the row the first one made.
+    fn insert(&mut self, collection: &str, token: &str, fields: &Record) -> OpOutcome {
+        if collection != ORDERS {
+            return OpOutcome::Rejected(Rejection::KeyNotAssigned {
+                table: collection.to_owned(),
+                column: "key".to_owned(),
+            });
+        }
+        let key = match self.inserted.get(token) {
+            Some(key) => key.clone(),
+            None => {
+                self.last_order += 1;
+                let key = self.last_order.to_string();
+                self.inserted.insert(token.to_owned(), key.clone());
+                self.orders.insert(key.clone(), empty_row());
+                key
+            }
+        };
+        if let Some(row) = self.orders.get_mut(&key) {
+            row.extend(fields.clone());
+        }
+        self.writes += 1;
+        OpOutcome::Written {
+            key: Some(key),
+            version: None,
+        }
     }
 }
 
@@ -204,8 +289,8 @@ impl Connector for SimTool {
         "simulated"
     }
 
-    fn assigns_keys(&self, _collection: &str) -> bool {
-        false
+    fn assigns_keys(&self, collection: &str) -> bool {
+        collection == ORDERS
     }
 
     fn change_feed(&self) -> ChangeFeed {
