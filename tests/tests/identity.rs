@@ -229,3 +229,60 @@ async fn a_changed_primary_key_keeps_one_record() -> anyhow::Result<()> {
     agent_b.shutdown().await;
     Ok(())
 }
+
+/// Regression (a rebuilt store duplicated every row of tool ids): B's store is
+/// lost and rebuilt beside its database, whose rows are linked to records, some
+/// created in B and some inserted there by the agent with B's own ids. The new
+/// store's rescan captured every row as a new record, and every customer ended up
+/// twice on both sides. Now the rows are linked to their records again from the ids
+/// the documents hold, and no customer is duplicated.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rebuilt_store_relinks_its_rows_instead_of_duplicating_them() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let mut a = Node::new(tmp.path(), "a")?;
+    let mut b = Node::new(tmp.path(), "b")?;
+    a.configure_with(
+        "127.0.0.1:0",
+        &[(b.id(), None)],
+        &sqlite_tool("crm", "app.db"),
+    )?;
+    let agent_a = a.start().await?;
+    let addr_a = Some(agent_a.local_addr().to_string());
+    b.configure_with(
+        "127.0.0.1:0",
+        &[(a.id(), addr_a)],
+        &sqlite_tool("crm", "app.db"),
+    )?;
+    let agent_b = b.start().await?;
+    a.db()?.execute(
+        "INSERT INTO customers (name) VALUES ('from a 1'), ('from a 2')",
+        [],
+    )?;
+    b.db()?.execute(
+        "INSERT INTO customers (name) VALUES ('from b 1'), ('from b 2')",
+        [],
+    )?;
+    let all = ["from a 1", "from a 2", "from b 1", "from b 2"];
+    holding(&a, &b, &all).await?;
+
+    // B's store is lost; its database keeps every row.
+    agent_b.shutdown().await;
+    std::fs::remove_dir_all(b.files.dir.join("data"))?;
+    let agent_b = b.start().await?;
+    a.db()?.execute(
+        "UPDATE customers SET city = 'Lyon' WHERE name = 'from b 1'",
+        [],
+    )?;
+    wait_for("A's edit in B's row", CONVERGE_TIMEOUT, || {
+        Ok(b.db()?.query_row(
+            "SELECT count(*) FROM customers WHERE name = 'from b 1' AND city = 'Lyon'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )? == 1)
+    })
+    .await?;
+    holding(&a, &b, &all).await?;
+    agent_a.shutdown().await;
+    agent_b.shutdown().await;
+    Ok(())
+}
