@@ -208,14 +208,14 @@ impl Engine {
         let Some(key) = state.external_ids.get(&*uid).cloned() else {
             return Ok(None);
         };
-        let linked = self.store.linked_doc(&name, collection, &key)?;
-        if linked == Some(id) {
-            return Ok(Some(key));
-        }
-        if let Some(other) = linked
-            && !self.retire_duplicate(batch, tool, collection, &key, other, now_ms)?
-        {
-            return Ok(None);
+        match self.store.linked_doc(&name, collection, &key)? {
+            None => {}
+            Some(other) if other == id => return Ok(Some(key)),
+            Some(other) => {
+                if !self.retire_duplicate(batch, tool, collection, &key, other, now_ms)? {
+                    return Ok(None);
+                }
+            }
         }
         tracing::info!(tool = %name, %collection, %key, doc = %id, "row linked to its record again (the store was rebuilt)");
         self.store.stage_link(batch, &name, collection, &key, id)?;
