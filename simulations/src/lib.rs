@@ -486,13 +486,10 @@ impl Sim {
         }
         self.checks += 1;
         let captured: u64 = self.agents.iter().map(|a| a.tool.edits).sum();
-        // A rebuilt store's rescan may make a duplicate of an order until it relinks
-        // the row: an insert and a delete in every other tool.
-        let rescanned: u64 = self.agents.iter().map(|a| a.tool.orders_rescanned).sum();
         for (i, agent) in self.agents.iter().enumerate() {
-            if agent.tool.writes > captured + 2 * rescanned {
+            if agent.tool.writes > captured {
                 return Err(format!(
-                    "agent {i}'s tool got {} writes for {captured} edits in all ({rescanned} orders rescanned)",
+                    "agent {i}'s tool got {} writes for {captured} edits in all",
                     agent.tool.writes
                 ));
             }
@@ -831,8 +828,7 @@ impl Sim {
                 continue;
             }
             // Orders (tool ids) are left out of runs that wipe stores: a rebuilt
-            // store relinks its tool's rows from the ids in the documents, but not
-            // yet in every interleaving (concurrent edits, crashes mid-relink).
+            // store does not relink its tool's rows to their documents yet.
             if self.swarm.wipe == 0.0 && self.rng.chance(0.5) {
                 self.order_edit(i);
                 continue;
@@ -1209,10 +1205,8 @@ impl Sim {
             let mut held: Vec<Record> = agent.tool.orders.values().cloned().collect();
             held.sort_by_key(|row| format!("{row:?}"));
             if orders != held {
-                let missing = orders.iter().find(|row| !held.contains(row));
-                let extra = held.iter().find(|row| !orders.contains(row));
                 return Err(format!(
-                    "agent {i}'s tool holds {} orders, its documents {} live ones: first only in the documents {missing:?}, first only in the tool {extra:?}",
+                    "agent {i}'s tool holds {} orders, its documents {} live ones, or their fields differ",
                     held.len(),
                     orders.len()
                 ));
@@ -1301,14 +1295,17 @@ impl Sim {
         Ok(())
     }
 
-    /// No order is duplicated: no two live orders hold the same fields (every value
-    /// a user writes is unique, so equal rows are one order twice), and, in a run
-    /// without store wipes, there are no more order documents than orders the users
-    /// created in their tools, with ids each tool assigned (often the same ids in
-    /// different tools). A store rebuilt after a wipe relinks its tool's rows from
-    /// the ids in the documents; documents its rescan made before that are deleted.
+    /// No order is duplicated: orders the users created in their tools, with ids each
+    /// tool assigned (often the same ids in different tools), each become one
+    /// document, and no two live orders hold the same fields (every value a user
+    /// writes is unique, so equal rows are one order twice). Not checked after a
+    /// store wipe: a rebuilt store does not relink its tool's rows to their
+    /// documents yet and captures them as new orders.
     fn check_orders_once(&mut self) -> Result<(), String> {
-        let wiped = self.faults.contains_key("store wipe");
+        if self.faults.contains_key("store wipe") {
+            self.log("orders-once check skipped: a store was wiped".to_owned());
+            return Ok(());
+        }
         let created: u64 = self.agents.iter().map(|a| a.tool.orders_created).sum();
         let engine = self.agents[0]
             .core
@@ -1338,9 +1335,7 @@ impl Sim {
                 ));
             }
         }
-        // After a wipe, a rescan may have made documents of its own for rows it
-        // relinked later: deleted duplicates, beyond the orders created.
-        if documents > created && !wiped {
+        if documents > created {
             return Err(format!(
                 "{documents} order documents for {created} orders the users created"
             ));

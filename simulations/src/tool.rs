@@ -41,9 +41,6 @@ pub struct SimTool {
     inserted: BTreeMap<String, String>,
     /// Orders the simulated user created.
     pub orders_created: u64,
-    /// Orders queued again for a new store (each may become a duplicate document
-    /// until the rebuilt store relinks it: an insert and a delete in other tools).
-    pub orders_rescanned: u64,
     /// Changed records: (collection, key) by seq.
     outbox: BTreeMap<u64, (&'static str, String)>,
     head: u64,
@@ -185,7 +182,6 @@ impl SimTool {
             Some(owner) if owner == store => {}
             None => {}
             Some(_) => {
-                self.orders_rescanned += self.orders.len() as u64;
                 for collection in COLLECTIONS {
                     let keys: Vec<String> = self.table(collection).keys().cloned().collect();
                     for key in keys {

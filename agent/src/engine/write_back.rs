@@ -70,7 +70,7 @@ impl Engine {
             .collect();
         let mut writes = Vec::with_capacity(ids.len());
         for id in ids {
-            if let Some(write) = self.plan_one(batch, tool, id, now_ms)? {
+            if let Some(write) = self.plan_one(batch, tool, id)? {
                 writes.push(write);
             }
         }
@@ -92,7 +92,6 @@ impl Engine {
         batch: &mut Batch,
         tool: ToolIx,
         id: DocId,
-        now_ms: i64,
     ) -> Result<Option<PlannedWrite>, StoreError> {
         let Some(state) = self.read_or_quarantine(batch, id)? else {
             return Ok(None);
@@ -108,12 +107,6 @@ impl Engine {
         let key = match info.identity {
             RecordIdentity::SharedKey if !state.key.is_empty() => Some(state.key.clone()),
             _ => self.store.linked_key(&name, id)?,
-        };
-        let key = match key {
-            None if info.identity == RecordIdentity::ToolIds && projected.is_some() => {
-                self.relink(batch, tool, id, &state, now_ms)?
-            }
-            key => key,
         };
         let op = match (&projected, key) {
             (None, None) => None,
@@ -184,85 +177,6 @@ impl Engine {
                 Ok(None)
             }
         }
-    }
-
-    /// A live record of tool ids that this tool's store links to no row, whose
-    /// document says this very tool holds it under some key: the store was rebuilt
-    /// (wiped) since it linked them. The row is linked to the record again instead of
-    /// inserting the record a second time, and returns its key. If the rebuilt
-    /// store's rescan already made a document of its own for that row (minted by
-    /// this store, with no predecessor), that document is the duplicate: it is
-    /// deleted, everywhere but in this tool, whose row now belongs to `id`. A key
-    /// linked to another record that predates this store is left alone (`None`: the
-    /// record is inserted as usual).
-    fn relink(
-        &mut self,
-        batch: &mut Batch,
-        tool: ToolIx,
-        id: DocId,
-        state: &crdt_model::RecordState,
-        now_ms: i64,
-    ) -> Result<Option<String>, StoreError> {
-        let (name, uid) = (self.tools[tool].name.clone(), self.tools[tool].uid.clone());
-        let collection = state.collection.as_str();
-        let Some(key) = state.external_ids.get(&*uid).cloned() else {
-            return Ok(None);
-        };
-        match self.store.linked_doc(&name, collection, &key)? {
-            None => {}
-            Some(other) if other == id => return Ok(Some(key)),
-            Some(other) => {
-                if !self.retire_duplicate(batch, tool, collection, &key, other, now_ms)? {
-                    return Ok(None);
-                }
-            }
-        }
-        tracing::info!(tool = %name, %collection, %key, doc = %id, "row linked to its record again (the store was rebuilt)");
-        self.store.stage_link(batch, &name, collection, &key, id)?;
-        Ok(Some(key))
-    }
-
-    /// Document `other` is linked to row `key` of `tool`, which belongs to another
-    /// record. If `other` is this store's own document for that row, made from the
-    /// row with no predecessor (what a rescan makes of a row after the store was
-    /// rebuilt), it is a duplicate of that record: it is deleted everywhere but in
-    /// this tool, and `true` returned. Otherwise nothing happens.
-    fn retire_duplicate(
-        &mut self,
-        batch: &mut Batch,
-        tool: ToolIx,
-        collection: &str,
-        key: &str,
-        other: DocId,
-        now_ms: i64,
-    ) -> Result<bool, StoreError> {
-        let uid = self.tools[tool].uid.clone();
-        if other != DocId::minted(&self.store.actor(), &uid, collection, key, None) {
-            return Ok(false);
-        }
-        let doc = self.store.doc(other)?;
-        if super::tombstoned(doc) {
-            return Ok(true);
-        }
-        tracing::info!(tool = %self.tools[tool].name, %collection, %key, doc = %other, "a rescanned row's document is a duplicate of the row's record: deleted");
-        let edit = Edit {
-            deleted: Some(true),
-            time_ms: now_ms,
-            ..Edit::default()
-        };
-        match doc.edit(collection, "", &edit) {
-            Ok(Some(change)) => {
-                self.store
-                    .stage_doc(batch, other, collection, vec![change], None)?;
-                self.set_pending_all(batch, collection, other, Some(tool));
-            }
-            Ok(None) => {}
-            Err(e) => {
-                self.store.forget(other);
-                self.quarantine(batch, other, collection, None, e.to_string());
-            }
-        }
-        Ok(true)
     }
 
     /// Stages what the tool did with a plan, one outcome per write: shadows of
@@ -354,13 +268,6 @@ impl Engine {
         now_ms: i64,
     ) -> Result<(), StoreError> {
         let (name, uid) = (self.tools[tool].name.clone(), self.tools[tool].uid.clone());
-        // An insert repeated after the store was rebuilt finds its row, which a
-        // rescan may have made a document of its own.
-        if let Some(other) = self.store.linked_doc(&name, collection, key)?
-            && other != id
-        {
-            self.retire_duplicate(batch, tool, collection, key, other, now_ms)?;
-        }
         self.store.stage_link(batch, &name, collection, key, id)?;
         let edit = Edit {
             external_id: Some((uid.to_string(), key.to_owned())),
