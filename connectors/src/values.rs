@@ -1,5 +1,5 @@
-//! Value helpers every connector shares: JSON documents as field values, and
-//! values quoted in messages.
+//! Value helpers every connector shares: JSON documents as field values, values
+//! quoted in messages, keys as text, and SQL quoting.
 
 use std::collections::BTreeMap;
 
@@ -66,4 +66,25 @@ pub(crate) fn shorten(text: &str) -> String {
         Some((cut, _)) => format!("{}…", &text[..cut]),
         None => text.to_owned(),
     }
+}
+
+/// The key text a field value stands for, if it can be a key (an integer, a text,
+/// a decimal).
+pub(crate) fn key_text(value: &Value) -> Option<String> {
+    match value {
+        Value::Int(i) => Some(i.to_string()),
+        Value::Text(text) => Some(text.clone()),
+        Value::Decimal(decimal) => Some(decimal.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+/// Quotes an SQL identifier: `a"b` becomes `"a""b"`.
+pub(crate) fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Quotes an SQL string literal: `it's` becomes `'it''s'`.
+pub(crate) fn quote_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
 }

@@ -74,13 +74,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crdt_model::{Record, Value};
+use crdt_model::Record;
 use tokio::runtime::Runtime;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{AsyncMessage, Client, NoTls, Statement};
 
-use crate::values::shorten;
+use crate::values::{key_text, quote_literal, shorten};
 use crate::{
     CaptureBatch, CapturedChange, ChangeFeed, CollectionSpec, Connector, ConnectorError, Cursor,
     FieldType, InvalidValue, OpOutcome, RecordKey, Rejection, RowState, Wake, WriteOp,
@@ -971,16 +971,6 @@ fn read_row(table: &Table, key: &str, values: &[Option<String>]) -> RowState {
     RowState::Present(record)
 }
 
-/// The key text a field value stands for, if it can be a key.
-fn key_text(value: &Value) -> Option<String> {
-    match value {
-        Value::Int(i) => Some(i.to_string()),
-        Value::Text(text) => Some(text.clone()),
-        Value::Decimal(decimal) => Some(decimal.as_str().to_owned()),
-        _ => None,
-    }
-}
-
 /// One op, checked and converted.
 struct Plan {
     table: usize,
@@ -1082,7 +1072,7 @@ fn insert_sql(table: &Table, columns: &[usize]) -> String {
         .enumerate()
         .map(|(n, c)| table.columns[*c].param(n + 2))
         .collect();
-    let tbl = format!("'{}'", table.name.replace('\'', "''"));
+    let tbl = quote_literal(&table.name);
     let insert = if names.is_empty() {
         format!("INSERT INTO {} DEFAULT VALUES", table.sql_name)
     } else {

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use tokio_postgres::Client;
 
 use super::PostgresError;
+use crate::values::{quote_ident, quote_literal};
 use crate::{CollectionSpec, FieldType};
 
 /// The schema holding Concord's bookkeeping; user tables may not live in it.
@@ -512,16 +513,6 @@ pub(super) fn quote_table(table: &str) -> String {
         (Some(schema), name) => format!("{}.{}", quote_ident(schema), quote_ident(name)),
         (None, name) => quote_ident(name),
     }
-}
-
-/// Quotes an SQL identifier: `a"b` becomes `"a""b"`.
-pub(super) fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-/// Quotes an SQL string literal: `it's` becomes `'it''s'`.
-fn quote_literal(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "''"))
 }
 
 #[cfg(test)]

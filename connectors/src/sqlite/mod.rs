@@ -66,8 +66,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::time::Duration;
 
-use crdt_model::{Record, Value};
+use crdt_model::Record;
 
+use crate::values::key_text;
 use crate::{ChangeFeed, Connector, ConnectorError, Cursor, RecordKey};
 use rusqlite::types::{ToSqlOutput, Value as SqlValue, ValueRef};
 use rusqlite::{
@@ -882,16 +883,6 @@ fn key_param<'a>(table: &Table, key: &'a str) -> KeyParam<'a> {
         return KeyParam::Int(i);
     }
     KeyParam::Text(key)
-}
-
-/// The key text a field value stands for, if it can be a key.
-fn key_text(value: &Value) -> Option<String> {
-    match value {
-        Value::Int(i) => Some(i.to_string()),
-        Value::Text(text) => Some(text.clone()),
-        Value::Decimal(decimal) => Some(decimal.as_str().to_owned()),
-        _ => None,
-    }
 }
 
 /// Reads the row with `key` and converts its configured columns.

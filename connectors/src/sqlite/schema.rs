@@ -8,6 +8,7 @@ use rusqlite::{Connection, OptionalExtension};
 
 use super::{CollectionSpec, SqliteError};
 use crate::FieldType;
+pub(super) use crate::values::{quote_ident, quote_literal};
 
 /// Prefix of every table and trigger Concord creates; user tables may not use it.
 pub(super) const RESERVED_PREFIX: &str = "_concord_";
@@ -427,16 +428,6 @@ pub(super) fn drop_triggers(conn: &Connection) -> rusqlite::Result<()> {
         conn.execute_batch(&format!("DROP TRIGGER IF EXISTS {}", quote_ident(&name)))?;
     }
     Ok(())
-}
-
-/// Quotes an SQL identifier: `a"b` becomes `"a""b"`.
-pub(super) fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-/// Quotes an SQL string literal: `it's` becomes `'it''s'`.
-fn quote_literal(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "''"))
 }
 
 #[cfg(test)]
