@@ -89,15 +89,20 @@ async fn outbox_len(client: &Client) -> anyhow::Result<i64> {
         .get(0))
 }
 
-/// SQLite ↔ PostgreSQL both ways: inserts get the ids each tool assigns, updates
-/// and deletes follow each record, and afterwards both agents go quiet: the
-/// PostgreSQL outbox is drained and no change is captured or written again.
-#[tokio::test(flavor = "multi_thread")]
-async fn sqlite_and_postgres_sync_both_ways_and_go_quiet() -> anyhow::Result<()> {
-    let tmp = tempfile::tempdir()?;
+/// Agent A beside a SQLite database and agent B beside a PostgreSQL one, peers,
+/// and a connection to B's database playing the user's tool.
+struct Pair {
+    pg: Postgres,
+    a: Node,
+    agent_a: concord_agent::agent::RunningAgent,
+    agent_b: concord_agent::agent::RunningAgent,
+    erp: Client,
+}
+
+async fn pair(root: &Path) -> anyhow::Result<Pair> {
     let pg = server()?;
-    let mut a = Node::new(tmp.path(), "a")?;
-    let mut b = Node::new(tmp.path(), "b")?;
+    let mut a = Node::new(root, "a")?;
+    let mut b = Node::new(root, "b")?;
     a.configure_with(
         "127.0.0.1:0",
         &[(b.id(), None)],
@@ -112,6 +117,28 @@ async fn sqlite_and_postgres_sync_both_ways_and_go_quiet() -> anyhow::Result<()>
     )?;
     let agent_b = b.start().await?;
     let erp = pg.connect("crm").await?;
+    Ok(Pair {
+        pg,
+        a,
+        agent_a,
+        agent_b,
+        erp,
+    })
+}
+
+/// SQLite ↔ PostgreSQL both ways: inserts get the ids each tool assigns, updates
+/// and deletes follow each record, and afterwards both agents go quiet: the
+/// PostgreSQL outbox is drained and no change is captured or written again.
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlite_and_postgres_sync_both_ways_and_go_quiet() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let Pair {
+        pg: _server,
+        a,
+        agent_a,
+        agent_b,
+        erp,
+    } = pair(tmp.path()).await?;
 
     a.db()?.execute(
         "INSERT INTO customers (name, age) VALUES ('Ada', 36), ('Grace', 45)",
@@ -347,23 +374,13 @@ async fn a_hub_relays_between_sqlite_and_postgres_agents() -> anyhow::Result<()>
 #[tokio::test(flavor = "multi_thread")]
 async fn a_server_restart_during_a_burst_loses_and_repeats_nothing() -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
-    let pg = server()?;
-    let mut a = Node::new(tmp.path(), "a")?;
-    let mut b = Node::new(tmp.path(), "b")?;
-    a.configure_with(
-        "127.0.0.1:0",
-        &[(b.id(), None)],
-        &sqlite_tool("crm", "app.db"),
-    )?;
-    let agent_a = a.start().await?;
-    let addr_a = Some(agent_a.local_addr().to_string());
-    b.configure_with(
-        "127.0.0.1:0",
-        &[(a.id(), addr_a)],
-        &pg.tool("erp", "crm", "customers", &COLUMNS),
-    )?;
-    let agent_b = b.start().await?;
-    let erp = pg.connect("crm").await?;
+    let Pair {
+        pg,
+        a,
+        agent_a,
+        agent_b,
+        erp,
+    } = pair(tmp.path()).await?;
     erp.batch_execute("INSERT INTO customers (name) VALUES ('before')")
         .await?;
     same_customers(&[&a.files.db], &[&erp]).await?;
