@@ -94,6 +94,7 @@ async fn outbox_len(client: &Client) -> anyhow::Result<i64> {
 struct Pair {
     pg: Postgres,
     a: Node,
+    b: Node,
     agent_a: concord_agent::agent::RunningAgent,
     agent_b: concord_agent::agent::RunningAgent,
     erp: Client,
@@ -120,6 +121,7 @@ async fn pair(root: &Path) -> anyhow::Result<Pair> {
     Ok(Pair {
         pg,
         a,
+        b,
         agent_a,
         agent_b,
         erp,
@@ -135,6 +137,7 @@ async fn sqlite_and_postgres_sync_both_ways_and_go_quiet() -> anyhow::Result<()>
     let Pair {
         pg: _server,
         a,
+        b: _,
         agent_a,
         agent_b,
         erp,
@@ -220,29 +223,20 @@ async fn sqlite_and_postgres_sync_both_ways_and_go_quiet() -> anyhow::Result<()>
 #[tokio::test(flavor = "multi_thread")]
 async fn the_offline_autoincrement_case_keeps_both_records_with_postgres() -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
-    let pg = server()?;
-    let mut a = Node::new(tmp.path(), "a")?;
-    let mut b = Node::new(tmp.path(), "b")?;
+    let Pair {
+        pg: _server,
+        a,
+        b,
+        agent_a,
+        agent_b,
+        erp,
+    } = pair(tmp.path()).await?;
     for i in 1..=5 {
         a.db()?.execute(
             "INSERT INTO customers (id, name) VALUES (?1, ?2)",
             rusqlite::params![i, format!("customer {i}")],
         )?;
     }
-    a.configure_with(
-        "127.0.0.1:0",
-        &[(b.id(), None)],
-        &sqlite_tool("crm", "app.db"),
-    )?;
-    let agent_a = a.start().await?;
-    let addr_a = Some(agent_a.local_addr().to_string());
-    b.configure_with(
-        "127.0.0.1:0",
-        &[(a.id(), addr_a)],
-        &pg.tool("erp", "crm", "customers", &COLUMNS),
-    )?;
-    let agent_b = b.start().await?;
-    let erp = pg.connect("crm").await?;
     let first = same_customers(&[&a.files.db], &[&erp]).await?;
     assert_eq!(first.len(), 5);
 
@@ -377,6 +371,7 @@ async fn a_server_restart_during_a_burst_loses_and_repeats_nothing() -> anyhow::
     let Pair {
         pg,
         a,
+        b: _,
         agent_a,
         agent_b,
         erp,
