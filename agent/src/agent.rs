@@ -15,6 +15,7 @@ use crate::config::{Config, ConfigError, IdentityConfig, ToolConfig, ToolKind};
 use crate::core::{self, CoreHandle, CoreOutputs, CoreRequest};
 use crate::engine::{CollectionInfo, Engine, EngineStats, RecordIdentity, ToolSpec};
 use crate::identity::{Identity, IdentityError, PeerId};
+use crate::mapping;
 use crate::peers::{self, PeerContext, Registry};
 use crate::store::{Store, StoreError, StoreReader};
 use crate::tool::{ToolLoop, ToolThread};
@@ -199,7 +200,7 @@ fn open_tool(
                 .as_ref()
                 .map(|p| p.get_ref().clone())
                 .unwrap_or_default();
-            match SqliteConnector::open(&path, collection_specs(tool)) {
+            match SqliteConnector::open(&path, collection_specs(config, t)?) {
                 Ok(connector) => Ok(Box::new(connector)),
                 Err(e) => Err(sqlite_error(config, t, tool, &path, e)),
             }
@@ -218,7 +219,7 @@ fn open_tool(
                         std::time::Duration::from_millis(*ms.get_ref())
                     }),
             };
-            match PostgresConnector::open(&pg, collection_specs(tool)) {
+            match PostgresConnector::open(&pg, collection_specs(config, t)?) {
                 Ok(connector) => Ok(Box::new(connector)),
                 Err(e) => Err(postgres_error(config, t, tool, e)),
             }
@@ -226,17 +227,20 @@ fn open_tool(
     }
 }
 
-/// The collection specs of a tool's configuration.
-fn collection_specs(tool: &ToolConfig) -> Vec<CollectionSpec> {
-    tool.collections
-        .iter()
-        .map(|c| CollectionSpec {
+/// The collection specs of tool `t`: the columns its mappings read and write.
+fn collection_specs(config: &Config, t: usize) -> Result<Vec<CollectionSpec>, StartError> {
+    let tool = &config.tools[t];
+    let mut specs = Vec::with_capacity(tool.collections.len());
+    for (i, c) in tool.collections.iter().enumerate() {
+        let mapping = mapping::collection_mapping(config, t, i, None)?;
+        specs.push(CollectionSpec {
             collection: c.name.get_ref().clone(),
             table: c.table.get_ref().clone(),
             primary_key: c.primary_key.get_ref().clone(),
-            columns: c.columns.get_ref().clone(),
-        })
-        .collect()
+            columns: mapping.columns().to_vec(),
+        });
+    }
+    Ok(specs)
 }
 
 /// Each tool as the engine knows it. A tool's id in documents joins this agent's
@@ -292,13 +296,9 @@ fn tool_specs(
                 )));
             }
             chosen.insert(name.clone(), (identity, tool.name.get_ref().clone()));
-            collections.insert(
-                name.clone(),
-                CollectionInfo {
-                    columns: c.columns.get_ref().clone(),
-                    identity,
-                },
-            );
+            // Checked again against the columns' real types.
+            let mapping = mapping::collection_mapping(config, t, i, connector.field_types(name))?;
+            collections.insert(name.clone(), CollectionInfo { mapping, identity });
         }
         specs.push(ToolSpec {
             name: tool.name.get_ref().clone(),
@@ -449,7 +449,7 @@ fn tool_error(
             if *c.table.get_ref() == table {
                 let span = match field {
                     "primary_key" => c.primary_key.span(),
-                    "columns" => c.columns.span(),
+                    "columns" => c.columns.as_ref().map_or(c.table.span(), |c| c.span()),
                     _ => c.table.span(),
                 };
                 return StartError::Config(config.invalid(

@@ -3,6 +3,7 @@
 //! Every table refuses unknown keys, and every error names the file, the line and
 //! the field, so a typo never silently turns a setting off.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -61,10 +62,11 @@ pub struct Config {
     /// The tools this agent keeps in sync; none makes the agent a hub.
     #[serde(default, rename = "tool")]
     pub tools: Vec<ToolConfig>,
-    /// Collections this agent syncs with its peers besides its tools' (a hub lists
-    /// the collections it relays here).
+    /// Settings of a collection shared by all its tools (its natural key); a hub
+    /// relays every collection listed here, and an agent with tools relays those
+    /// besides its tools' own.
     #[serde(default, rename = "collection")]
-    pub collections: Vec<RelayedCollection>,
+    pub collections: Vec<SharedCollection>,
     /// The shape before `[[tool]]`: refused with what to write instead.
     #[serde(default)]
     sqlite: Option<toml::Value>,
@@ -124,12 +126,34 @@ pub enum ToolKind {
     Postgres,
 }
 
-/// A collection this agent relays without a tool of its own.
+/// A collection's settings shared by every tool that syncs it: the same on every agent.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RelayedCollection {
+pub struct SharedCollection {
     /// The collection's name, the same on every agent.
     pub name: Spanned<String>,
+    /// Canonical fields whose normalised values identify a record: records with
+    /// equal natural keys are one record, in every tool (e.g. `["email"]`).
+    #[serde(default)]
+    pub natural_key: Option<Spanned<Vec<String>>>,
+    /// How each natural-key field is normalised before comparing (default
+    /// `["trim", "lowercase"]`).
+    #[serde(default)]
+    pub normalize: BTreeMap<String, Spanned<Vec<Normalize>>>,
+}
+
+/// One normalisation step of a natural-key value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Normalize {
+    /// Leading and trailing white space removed, inner runs of it made one space.
+    Trim,
+    /// Lower case.
+    Lowercase,
+    /// Only the digits kept (phone numbers).
+    Digits,
+    /// Only letters and digits kept.
+    Alphanumeric,
 }
 
 /// One synced table.
@@ -142,12 +166,161 @@ pub struct CollectionConfig {
     pub table: Spanned<String>,
     /// The table's primary key column.
     pub primary_key: Spanned<String>,
-    /// The columns synced.
-    pub columns: Spanned<Vec<String>>,
+    /// Columns synced as they are: the canonical field has the column's name, type
+    /// and value.
+    #[serde(default)]
+    pub columns: Option<Spanned<Vec<String>>>,
+    /// Columns mapped to canonical fields (renamed, converted, transformed, computed).
+    #[serde(default, rename = "field")]
+    pub fields: Vec<FieldConfig>,
     /// What makes two records the same: `tool_ids` (the default when the tool
-    /// assigns the keys itself) or `shared_key` (the default otherwise).
+    /// assigns the keys itself) or `shared_key` (the default otherwise); a
+    /// collection with a `natural_key` is identified by it.
     #[serde(default)]
     pub identity: Option<Spanned<IdentityConfig>>,
+    /// A CEL expression over canonical fields: the tool holds only the records for
+    /// which it is true.
+    #[serde(default)]
+    pub filter: Option<Spanned<String>>,
+    /// What happens in this tool to a record that stops matching `filter`: `remove`
+    /// (default) deletes it from this tool only, `keep` leaves it in place.
+    #[serde(default)]
+    pub on_filter_exit: Option<Spanned<FilterExit>>,
+    /// Whose values win when this tool's record is first linked to a record other
+    /// tools already hold (natural keys): `others` (default), `tool`, or `newest`
+    /// (field by field, by edit time; the tool's time is `changed_at`).
+    #[serde(default)]
+    pub on_match: Option<Spanned<MatchWins>>,
+    /// A column holding when the row last changed (a timestamp, or text converted
+    /// by its field mapping): the edit time of what is captured from the row.
+    #[serde(default)]
+    pub changed_at: Option<Spanned<String>>,
+}
+
+/// How one column maps to one canonical field.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FieldConfig {
+    /// The tool's column.
+    pub column: Spanned<String>,
+    /// The canonical field (default: the column's name).
+    #[serde(default)]
+    pub field: Option<Spanned<String>>,
+    /// `both` (default), `into_tool` (written into the tool, never read from it) or
+    /// `out_of_tool` (read from the tool, never written into it).
+    #[serde(default)]
+    pub direction: Option<Spanned<Direction>>,
+    /// A type conversion between the column and the field.
+    #[serde(default)]
+    pub convert: Option<Spanned<Conversion>>,
+    /// `minor_units`: digits after the decimal point (default 2: cents).
+    #[serde(default)]
+    pub scale: Option<Spanned<u32>>,
+    /// `timestamp`: the text's format (strftime; default RFC 3339).
+    #[serde(default)]
+    pub format: Option<Spanned<String>>,
+    /// The time zone (IANA name) of local times in the column: text without an
+    /// offset, or a timestamp column holding wall-clock time.
+    #[serde(default)]
+    pub timezone: Option<Spanned<String>>,
+    /// `bool`: the column's value for true (default 1, or "Y" for text).
+    #[serde(default)]
+    pub true_value: Option<Spanned<toml::Value>>,
+    /// `bool`: the column's value for false (default 0, or "N" for text).
+    #[serde(default)]
+    pub false_value: Option<Spanned<toml::Value>>,
+    /// Units: the column holds the field's value times this factor (a decimal, as
+    /// text or a number: `"1000"` for grams of a field in kilograms).
+    #[serde(default)]
+    pub factor: Option<Spanned<toml::Value>>,
+    /// Enumerations: the column's values and the field's value for each.
+    #[serde(default)]
+    pub values: Option<Spanned<BTreeMap<String, String>>>,
+    /// Enumerations: the field's value for a column value not in `values` (default:
+    /// the value itself).
+    #[serde(default)]
+    pub default: Option<Spanned<String>>,
+    /// Enumerations: the column's value for a field value not in `values` (default:
+    /// the value itself).
+    #[serde(default)]
+    pub tool_default: Option<Spanned<String>>,
+    /// Trim white space from both ends of the text, both ways.
+    #[serde(default)]
+    pub trim: Option<Spanned<bool>>,
+    /// `upper` or `lower`: the case of text written into the tool.
+    #[serde(default)]
+    pub case: Option<Spanned<Case>>,
+    /// The most characters the column holds: longer text is cut when written into
+    /// the tool; the document keeps the whole text.
+    #[serde(default)]
+    pub max_length: Option<Spanned<usize>>,
+    /// A CEL expression over canonical fields whose value is written into the
+    /// column (a computed field; its direction is `into_tool`).
+    #[serde(default)]
+    pub compute: Option<Spanned<String>>,
+}
+
+/// Which way a field is synced, seen from the tool.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    /// Read from the tool and written into it.
+    #[default]
+    Both,
+    /// Written into the tool; the tool's own edits of it are not read.
+    IntoTool,
+    /// Read from the tool; never written into it.
+    OutOfTool,
+}
+
+/// A type conversion between a column and a canonical field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Conversion {
+    /// An integer count of minor units (cents) ↔ an exact decimal.
+    MinorUnits,
+    /// Text in a format (and time zone) ↔ a timestamp.
+    Timestamp,
+    /// Two column values (`true_value`, `false_value`) ↔ a boolean.
+    Bool,
+    /// Text holding a number ↔ an exact decimal.
+    Number,
+    /// A number ↔ its text.
+    Text,
+}
+
+/// The case of text written into a tool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Case {
+    /// Upper case.
+    Upper,
+    /// Lower case.
+    Lower,
+}
+
+/// What a tool does with a record that stops matching its filter.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FilterExit {
+    /// The record is deleted from this tool only.
+    #[default]
+    Remove,
+    /// The record stays in the tool and is no longer written.
+    Keep,
+}
+
+/// Whose values win when a tool's record is first linked to an existing record.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MatchWins {
+    /// The values the other tools already hold.
+    #[default]
+    Others,
+    /// This tool's values.
+    Tool,
+    /// Field by field, the value edited last.
+    Newest,
 }
 
 /// The `identity` of a collection.
@@ -324,11 +497,14 @@ impl Config {
         }
         for (i, c) in tool.collections.iter().enumerate() {
             self.check_collection_name(&c.name, format!("tool[{t}].collection[{i}].name"))?;
-            if c.columns.get_ref().is_empty() {
+            let columns = c.columns.as_ref().map_or(0, |c| c.get_ref().len());
+            if columns == 0 && c.fields.is_empty() {
+                let span = c.columns.as_ref().map_or(c.name.span(), Spanned::span);
                 return Err(self.invalid(
-                    c.columns.span(),
+                    span,
                     format!("tool[{t}].collection[{i}].columns"),
-                    "list at least one column".to_owned(),
+                    "list at least one column in `columns` or a `[[tool.collection.field]]`"
+                        .to_owned(),
                 ));
             }
             let dup = tool.collections[..i]

@@ -14,6 +14,7 @@ pub mod demo;
 pub mod engine;
 pub mod identity;
 pub mod logs;
+pub mod mapping;
 pub mod peers;
 pub mod pg_server;
 pub mod replication;

@@ -104,6 +104,9 @@ pub enum LetterReason {
     /// The tool refused the write-back.
     #[error("{0}")]
     Rejected(connectors::Rejection),
+    /// The mapping cannot convert a value between the tool and the document.
+    #[error("{0}")]
+    Mapping(crate::mapping::MappingError),
     /// The record has no key this tool can use: it was created under tool ids and
     /// the tool's collection uses a shared key, or the tool did not return the key it
     /// assigned.

@@ -1,6 +1,6 @@
 //! The contract every connector implements, and the native types it speaks.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::time::Duration;
 
@@ -355,6 +355,10 @@ pub trait Connector: Send + fmt::Debug {
 
     /// How the connector learns of changes.
     fn change_feed(&self) -> ChangeFeed;
+
+    /// The type of each synced column of `collection`, as read from the tool's
+    /// schema when the connector opened; `None` for a collection it does not sync.
+    fn field_types(&self, collection: &str) -> Option<&BTreeMap<String, FieldType>>;
 
     /// Registers `wake`, to be called from any thread when the tool signals a change.
     /// Connectors whose feed is [`ChangeFeed::Poll`] never call it.

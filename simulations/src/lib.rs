@@ -39,6 +39,7 @@ use concord_agent::core::{Core, CoreRequest, GROUP_COMMIT_REQUESTS_MAX};
 use concord_agent::engine::{
     CollectionInfo, Engine, RecordIdentity, RemoteError, ToolSpec, WritePlan,
 };
+use concord_agent::mapping::Mapping;
 use concord_agent::peers::EVENTS_IN_FLIGHT_MAX;
 use concord_agent::replication::{Action, Session};
 use concord_agent::store::{Store, StoreId};
@@ -526,8 +527,9 @@ impl Sim {
         let mut store =
             Store::open_with(&agent.dir, || actor).map_err(|e| format!("agent {i}: {e}"))?;
         store.set_doc_cache_max(SIM_DOC_CACHE_MAX);
+        let columns: Vec<String> = COLUMNS.iter().map(|c| (*c).to_owned()).collect();
         let info = |identity| CollectionInfo {
-            columns: COLUMNS.iter().map(|c| (*c).to_owned()).collect(),
+            mapping: Mapping::plain(&columns),
             identity,
         };
         let collections = BTreeMap::from([

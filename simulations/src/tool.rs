@@ -293,6 +293,11 @@ impl Connector for SimTool {
         collection == ORDERS
     }
 
+    /// The simulated tool keeps values of any type in any column: it has no schema.
+    fn field_types(&self, _collection: &str) -> Option<&BTreeMap<String, connectors::FieldType>> {
+        None
+    }
+
     fn change_feed(&self) -> ChangeFeed {
         ChangeFeed::Poll {
             interval: std::time::Duration::from_millis(1),

@@ -1,10 +1,10 @@
 //! Capture: the local tool's changed rows become changes of their documents.
 
 use connectors::{CaptureBatch, CapturedChange, RowState};
-use crdt_model::{DocId, Edit, Record, Value};
+use crdt_model::{DocId, Edit};
 
-use super::{Engine, RecordIdentity, ToolIx, project, tombstoned};
-use crate::store::{Batch, DeadLetter, LetterReason, StoreError};
+use super::{Engine, RecordIdentity, ToolIx, needs_write, tombstoned};
+use crate::store::{Batch, LetterReason, StoreError};
 
 impl Engine {
     /// The tool changed the key of record `from` to `to`: its link and shadow
@@ -132,16 +132,8 @@ impl Engine {
         };
         let (edit, after) = match state {
             RowState::Invalid(invalid) => {
-                tracing::warn!(tool = %name, %collection, %key, reason = %invalid, "row set aside as a dead letter");
-                let letter = DeadLetter {
-                    tool: name.to_string(),
-                    collection: collection.clone(),
-                    key: key.clone(),
-                    reason: LetterReason::InvalidRow(invalid),
-                };
-                self.store
-                    .stage_dead_letter(batch, &name, &collection, &key, Some(&letter));
-                self.stats.dead_letters += 1;
+                let reason = LetterReason::InvalidRow(invalid);
+                self.dead_letter(batch, &name, &collection, &key, reason);
                 return Ok(());
             }
             RowState::Absent => match shadow {
@@ -166,20 +158,22 @@ impl Engine {
                 // A new row's empty columns are not written: two sites creating the
                 // same record offline then merge what each knew instead of one site's
                 // nulls hiding the other's values. A reset removes every other field.
-                let fields: Record = record
-                    .iter()
-                    .filter(|(name, value)| match &shadow {
-                        Some(shadow) => shadow.get(*name) != Some(*value),
-                        None => **value != Value::Null,
-                    })
-                    .map(|(name, value)| (name.clone(), value.clone()))
-                    .collect();
+                let fields = match info.mapping.read(&record, shadow.as_ref()) {
+                    Ok(fields) => fields,
+                    Err(e) => {
+                        // The shadow stays as it was, so the row is read again
+                        // once it changes.
+                        let reason = LetterReason::Mapping(e);
+                        self.dead_letter(batch, &name, &collection, &key, reason);
+                        return Ok(());
+                    }
+                };
                 let edit = Edit {
                     fields,
                     external_id: created.then(|| (uid.to_string(), key.clone())),
                     deleted: revive.then_some(false),
                     reset,
-                    time_ms: now_ms,
+                    time_ms: info.mapping.changed_at_ms(&record).unwrap_or(now_ms),
                 };
                 (edit, Some(record))
             }
@@ -223,7 +217,7 @@ impl Engine {
         // edit won, or the record is deleted): then the tool needs a write-back. A
         // document this capture created holds exactly the tool's record.
         if !was_empty && let Some(state) = self.read_or_quarantine(batch, id)? {
-            let differs = project(&state, &info).as_ref() != after.as_ref();
+            let differs = needs_write(&info, &state, after.as_ref());
             self.set_pending(batch, tool, id, differs);
         }
         Ok(())

@@ -18,11 +18,15 @@ mod write_back;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
-use crdt_model::{DocId, Record, RecordDoc, RecordState, Value};
+use crdt_model::{DocId, Record, RecordDoc, RecordState};
 
 use connectors::Cursor;
 
-use crate::store::{Batch, Quarantined, Store, StoreError, StoreId, StoreReader};
+use crate::config::FilterExit;
+use crate::mapping::{Mapping, Projection};
+use crate::store::{
+    Batch, DeadLetter, LetterReason, Quarantined, Store, StoreError, StoreId, StoreReader,
+};
 
 pub use remote::{ApplyOutcome, DocChanges, RemoteError, WireEntry};
 pub use write_back::{
@@ -33,8 +37,8 @@ pub use write_back::{
 /// One collection a tool syncs.
 #[derive(Debug, Clone)]
 pub struct CollectionInfo {
-    /// The columns synced, by name (the fields of the canonical record).
-    pub columns: Vec<String>,
+    /// How the tool's columns map to the canonical fields, with its filter.
+    pub mapping: Mapping,
     /// What makes two records of the collection the same.
     pub identity: RecordIdentity,
 }
@@ -260,6 +264,27 @@ impl Engine {
         }
     }
 
+    /// Sets record `key` of `tool` aside as a dead letter with `reason`.
+    fn dead_letter(
+        &mut self,
+        batch: &mut Batch,
+        tool: &str,
+        collection: &str,
+        key: &str,
+        reason: LetterReason,
+    ) {
+        tracing::warn!(%tool, %collection, %key, %reason, "record set aside as a dead letter");
+        let letter = DeadLetter {
+            tool: tool.to_owned(),
+            collection: collection.to_owned(),
+            key: key.to_owned(),
+            reason,
+        };
+        self.store
+            .stage_dead_letter(batch, tool, collection, key, Some(&letter));
+        self.stats.dead_letters += 1;
+    }
+
     /// Sets document `id` aside with `reason`: it is not written back any more.
     fn quarantine(
         &mut self,
@@ -290,23 +315,21 @@ fn tombstoned(doc: &RecordDoc) -> bool {
     !doc.is_empty() && doc.is_deleted().unwrap_or(false)
 }
 
-/// The record the local tool should hold for `state`: its configured columns (null
-/// where the document has no value), or `None` when the record is deleted.
-fn project(state: &RecordState, info: &CollectionInfo) -> Option<Record> {
-    if state.deleted {
-        return None;
+/// Whether a tool holding `held` (its shadow of the record, `None` when it holds
+/// none) must be written for the merged record `state`. A record the mapping cannot
+/// project needs a write, which planning turns into a dead letter.
+fn needs_write(info: &CollectionInfo, state: &RecordState, held: Option<&Record>) -> bool {
+    match info.mapping.project(state) {
+        Ok(Projection::Deleted) => held.is_some(),
+        Ok(Projection::Outside) => {
+            held.is_some() && info.mapping.on_filter_exit() == FilterExit::Remove
+        }
+        Ok(Projection::Held(target)) => match held {
+            None => true,
+            Some(_) => !info.mapping.writes(&target, &state.fields, held).is_empty(),
+        },
+        Err(_) => true,
     }
-    Some(
-        info.columns
-            .iter()
-            .map(|column| {
-                (
-                    column.clone(),
-                    state.fields.get(column).cloned().unwrap_or(Value::Null),
-                )
-            })
-            .collect(),
-    )
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ fn engine(dir: &std::path::Path) -> Result<Engine, StoreError> {
     let collections = BTreeMap::from([(
         "customers".to_owned(),
         CollectionInfo {
-            columns: vec!["name".to_owned()],
+            mapping: Mapping::plain(&["name".to_owned()]),
             identity: RecordIdentity::SharedKey,
         },
     )]);
@@ -329,7 +329,7 @@ fn a_row_created_after_a_delete_starts_from_the_row() -> TestResult {
     let collections = BTreeMap::from([(
         "customers".to_owned(),
         CollectionInfo {
-            columns: vec!["name".to_owned(), "email".to_owned()],
+            mapping: Mapping::plain(&["name".to_owned(), "email".to_owned()]),
             identity: RecordIdentity::SharedKey,
         },
     )]);
@@ -418,7 +418,7 @@ fn tool_ids_engine(dir: &std::path::Path, name: &str, uid: &str) -> Result<Engin
     let collections = BTreeMap::from([(
         "customers".to_owned(),
         CollectionInfo {
-            columns: vec!["name".to_owned()],
+            mapping: Mapping::plain(&["name".to_owned()]),
             identity: RecordIdentity::ToolIds,
         },
     )]);

@@ -3,8 +3,10 @@
 use connectors::{Cursor, OpOutcome, WriteOp};
 use crdt_model::{DocId, Edit, Record, Value};
 
-use super::{Engine, RecordIdentity, ToolIx, project};
-use crate::store::{Batch, DeadLetter, LetterReason, StoreError};
+use super::{CollectionInfo, Engine, RecordIdentity, ToolIx};
+use crate::config::FilterExit;
+use crate::mapping::Projection;
+use crate::store::{Batch, LetterReason, StoreError};
 
 /// Write-backs of one document refused as stale in a row before it waits between
 /// attempts: a record the user keeps changing does not hold up the others.
@@ -24,6 +26,9 @@ pub struct PlannedWrite {
     pub op: WriteOp,
     /// The record the tool holds once the op is done (`None` after a delete).
     pub after: Option<Record>,
+    /// The op deletes the record from this tool only, because it no longer passes
+    /// the tool's filter: once written, the tool's record is no longer linked.
+    pub leaves: bool,
 }
 
 /// A batch of planned writes for one tool, stamped with the capture it was planned at.
@@ -101,82 +106,84 @@ impl Engine {
             return Ok(None);
         };
         let name = self.tools[tool].name.clone();
-        let projected = project(&state, &info);
+        let collection = state.collection.clone();
         // The record's key in this tool: the linked one, else (shared key) the
         // record's own; a record of tool ids that this tool never held has none yet.
         let key = match info.identity {
             RecordIdentity::SharedKey if !state.key.is_empty() => Some(state.key.clone()),
             _ => self.store.linked_key(&name, id)?,
         };
-        let op = match (&projected, key) {
-            (None, None) => None,
-            (Some(record), None) => match info.identity {
-                RecordIdentity::ToolIds => Some(WriteOp::Insert {
-                    collection: state.collection.clone(),
-                    token: id.to_string(),
-                    fields: record
-                        .iter()
-                        .filter(|(_, value)| **value != Value::Null)
-                        .map(|(name, value)| (name.clone(), value.clone()))
-                        .collect(),
+        let projected = match info.mapping.project(&state) {
+            Ok(projected) => projected,
+            Err(e) => {
+                let key = key.unwrap_or_else(|| id_as_key(id));
+                self.dead_letter(batch, &name, &collection, &key, LetterReason::Mapping(e));
+                self.set_pending(batch, tool, id, false);
+                return Ok(None);
+            }
+        };
+        let write = match (projected, key) {
+            (Projection::Deleted | Projection::Outside, None) => None,
+            (Projection::Held(record), None) => match info.identity {
+                RecordIdentity::ToolIds => Some(PlannedWrite {
+                    doc: id,
+                    op: WriteOp::Insert {
+                        collection: collection.clone(),
+                        token: id.to_string(),
+                        fields: record
+                            .iter()
+                            .filter(|(_, value)| **value != Value::Null)
+                            .map(|(name, value)| (name.clone(), value.clone()))
+                            .collect(),
+                    },
+                    after: Some(held_after(&info, None, record)),
+                    leaves: false,
                 }),
                 RecordIdentity::SharedKey => {
                     // A record created under tool ids elsewhere has no key here.
-                    let letter = DeadLetter {
-                        tool: name.to_string(),
-                        collection: state.collection.clone(),
-                        key: id.to_string(),
-                        reason: LetterReason::NoKey,
-                    };
-                    tracing::warn!(tool = %name, collection = %state.collection, doc = %id, "a record without a shared key cannot be written to this tool");
-                    self.store.stage_dead_letter(
-                        batch,
-                        &name,
-                        &state.collection,
-                        &id.to_string(),
-                        Some(&letter),
-                    );
-                    self.stats.dead_letters += 1;
+                    let key = id_as_key(id);
+                    self.dead_letter(batch, &name, &collection, &key, LetterReason::NoKey);
                     self.set_pending(batch, tool, id, false);
                     return Ok(None);
                 }
             },
             (projected, Some(key)) => {
-                let shadow = self.store.shadow(&name, &state.collection, &key)?;
+                let shadow = self.store.shadow(&name, &collection, &key)?;
+                let delete = |leaves| PlannedWrite {
+                    doc: id,
+                    op: WriteOp::Delete {
+                        collection: collection.clone(),
+                        key: key.clone(),
+                    },
+                    after: None,
+                    leaves,
+                };
                 match (projected, shadow) {
-                    (None, None) => None,
-                    (None, Some(_)) => Some(WriteOp::Delete {
-                        collection: state.collection.clone(),
-                        key,
-                    }),
-                    (Some(record), shadow) => {
-                        let fields: Record = record
-                            .iter()
-                            .filter(|(name, value)| {
-                                shadow.as_ref().and_then(|s| s.get(*name)) != Some(*value)
-                            })
-                            .map(|(name, value)| (name.clone(), value.clone()))
-                            .collect();
-                        (!fields.is_empty()).then(|| WriteOp::Upsert {
-                            collection: state.collection.clone(),
-                            key,
-                            fields,
+                    (Projection::Deleted | Projection::Outside, None) => None,
+                    (Projection::Deleted, Some(_)) => Some(delete(false)),
+                    (Projection::Outside, Some(_)) => {
+                        (info.mapping.on_filter_exit() == FilterExit::Remove).then(|| delete(true))
+                    }
+                    (Projection::Held(record), shadow) => {
+                        let fields = info.mapping.writes(&record, &state.fields, shadow.as_ref());
+                        (!fields.is_empty()).then(|| PlannedWrite {
+                            doc: id,
+                            after: Some(held_after(&info, shadow, fields.clone())),
+                            op: WriteOp::Upsert {
+                                collection: collection.clone(),
+                                key: key.clone(),
+                                fields,
+                            },
+                            leaves: false,
                         })
                     }
                 }
             }
         };
-        match op {
-            Some(op) => Ok(Some(PlannedWrite {
-                doc: id,
-                op,
-                after: projected,
-            })),
-            None => {
-                self.set_pending(batch, tool, id, false);
-                Ok(None)
-            }
+        if write.is_none() {
+            self.set_pending(batch, tool, id, false);
         }
+        Ok(write)
     }
 
     /// Stages what the tool did with a plan, one outcome per write: shadows of
@@ -211,20 +218,16 @@ impl Engine {
                     // The tool inserted a record but did not say its key: the link
                     // cannot be made, and writing again would duplicate the record.
                     tracing::error!(tool = %name, %collection, doc = %write.doc, "the tool did not return the key of an inserted record");
-                    let letter = DeadLetter {
-                        tool: name.to_string(),
-                        collection: collection.to_owned(),
-                        key: key.to_owned(),
-                        reason: LetterReason::NoKey,
-                    };
-                    self.store
-                        .stage_dead_letter(batch, &name, collection, key, Some(&letter));
-                    self.stats.dead_letters += 1;
+                    self.dead_letter(batch, &name, collection, key, LetterReason::NoKey);
                     self.set_pending(batch, tool, write.doc, false);
                 }
                 OpOutcome::Written { .. } => {
                     self.store
                         .stage_shadow(batch, &name, collection, key, write.after.as_ref());
+                    if write.leaves {
+                        self.store
+                            .stage_unlink_record(batch, &name, collection, key);
+                    }
                     self.stats.writes += 1;
                     self.tools[tool].stale.remove(&write.doc);
                     // The document changed again while the plan was on its way (a
@@ -238,16 +241,8 @@ impl Engine {
                     self.note_stale(tool, write.doc, now_ms);
                 }
                 OpOutcome::Rejected(rejection) => {
-                    tracing::warn!(tool = %name, %collection, %key, reason = %rejection, "write-back set aside as a dead letter");
-                    let letter = DeadLetter {
-                        tool: name.to_string(),
-                        collection: collection.to_owned(),
-                        key: key.to_owned(),
-                        reason: LetterReason::Rejected(rejection),
-                    };
-                    self.store
-                        .stage_dead_letter(batch, &name, collection, key, Some(&letter));
-                    self.stats.dead_letters += 1;
+                    let reason = LetterReason::Rejected(rejection);
+                    self.dead_letter(batch, &name, collection, key, reason);
                     self.tools[tool].stale.remove(&write.doc);
                     self.set_pending(batch, tool, write.doc, false);
                 }
@@ -305,6 +300,20 @@ impl Engine {
             entry.1 = now_ms.saturating_add(wait);
         }
     }
+}
+
+/// What the tool holds after `written` is written over `shadow` (nothing, for a
+/// new record): every column of the mapping, null where the tool was given nothing.
+fn held_after(info: &CollectionInfo, shadow: Option<Record>, written: Record) -> Record {
+    let mut after = shadow.unwrap_or_else(|| {
+        info.mapping
+            .columns()
+            .iter()
+            .map(|c| (c.clone(), Value::Null))
+            .collect()
+    });
+    after.extend(written);
+    after
 }
 
 /// The name a record without a key goes by in dead letters: its document id.

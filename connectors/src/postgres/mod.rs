@@ -641,6 +641,10 @@ impl Connector for PostgresConnector {
         "postgres"
     }
 
+    fn field_types(&self, collection: &str) -> Option<&BTreeMap<String, FieldType>> {
+        self.field_types(collection)
+    }
+
     fn change_feed(&self) -> ChangeFeed {
         ChangeFeed::Push {
             fallback: self.poll_interval,
@@ -1103,13 +1107,30 @@ fn insert_sql(table: &Table, columns: &[usize]) -> String {
     // Without columns, DEFAULT VALUES cannot be made conditional: the caller
     // checks the token first (see `attempt`).
     format!(
-        "WITH done AS (SELECT key FROM _concord.inserted WHERE token = $1::text AND tbl = {tbl}),
+        "WITH done AS ({done}),
               {update}
               ins AS ({insert} RETURNING {key}::text AS key),
               rec AS (INSERT INTO _concord.inserted (token, tbl, key)
-                      SELECT $1::text, {tbl}, key FROM ins)
+                      SELECT $1::text, {tbl}, key FROM ins
+                      ON CONFLICT (token, tbl) DO UPDATE SET key = EXCLUDED.key)
          SELECT key FROM done UNION ALL SELECT key FROM ins",
+        done = inserted_sql(table, "$1::text"),
         key = table.key.sql_name
+    )
+}
+
+/// The key of the row an insert with token `token` (a parameter) made, if the row
+/// still exists: a row deleted since (the record left the tool and came back) is
+/// inserted anew.
+fn inserted_sql(table: &Table, token: &str) -> String {
+    format!(
+        "SELECT i.key FROM _concord.inserted i JOIN {table} t \
+           ON t.{key} = CAST(i.key AS {cast}) \
+         WHERE i.token = {token} AND i.tbl = {tbl}",
+        table = table.sql_name,
+        key = table.key.sql_name,
+        cast = table.key.cast,
+        tbl = quote_literal(&table.name),
     )
 }
 
@@ -1216,10 +1237,7 @@ async fn execute(
             if values.is_empty() {
                 // DEFAULT VALUES cannot be made conditional in SQL: look first.
                 let done = client
-                    .query_opt(
-                        "SELECT key FROM _concord.inserted WHERE token = $1::text AND tbl = $2::text",
-                        &[token, &table.name],
-                    )
+                    .query_opt(&inserted_sql(table, "$1::text"), &[token])
                     .await?;
                 if let Some(row) = done {
                     return Ok(Some(row.get(0)));

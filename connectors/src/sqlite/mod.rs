@@ -739,6 +739,10 @@ impl Connector for SqliteConnector {
             .is_some_and(|index| self.tables[*index].assigns_keys)
     }
 
+    fn field_types(&self, collection: &str) -> Option<&BTreeMap<String, FieldType>> {
+        self.field_types(collection)
+    }
+
     fn change_feed(&self) -> ChangeFeed {
         // SQLite cannot signal another process: `PRAGMA data_version` is cheap to poll.
         ChangeFeed::Poll {
@@ -953,15 +957,24 @@ fn execute(
                 .query_row([*token, table.name.as_str()], |row| row.get(0))
                 .optional()?;
             if let Some(key) = done {
-                if let Some(update_sql) = update_sql {
-                    let with_key = params
-                        .iter()
-                        .map(|p| p as &dyn rusqlite::ToSql)
-                        .chain(std::iter::once(&key as &dyn rusqlite::ToSql));
-                    conn.prepare_cached(update_sql)?
-                        .execute(params_from_iter(with_key))?;
+                // The row this token inserted, if it still exists, takes the fields;
+                // a row deleted since (the record left the tool and came back) is
+                // inserted anew.
+                let exists = match update_sql {
+                    Some(update_sql) => {
+                        let with_key = params
+                            .iter()
+                            .map(|p| p as &dyn rusqlite::ToSql)
+                            .chain(std::iter::once(&key as &dyn rusqlite::ToSql));
+                        conn.prepare_cached(update_sql)?
+                            .execute(params_from_iter(with_key))?
+                            > 0
+                    }
+                    None => conn.prepare_cached(&table.select_sql)?.exists([&key])?,
+                };
+                if exists {
+                    return Ok(Some(key));
                 }
-                return Ok(Some(key));
             }
             let key: String = conn
                 .prepare_cached(sql)?

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use concord_agent::engine::{CollectionInfo, Engine, RecordIdentity, ToolSpec};
+use concord_agent::mapping::Mapping;
 use concord_agent::replication::{Action, Event, Session, policy};
 use concord_agent::store::{Store, peer_cursor};
 use connectors::{CaptureBatch, CapturedChange, Cursor, RowState};
@@ -37,7 +38,7 @@ fn engine(dir: &std::path::Path) -> anyhow::Result<Engine> {
     let collections = BTreeMap::from([(
         COLLECTION.to_owned(),
         CollectionInfo {
-            columns: vec!["name".to_owned(), "qty".to_owned()],
+            mapping: Mapping::plain(&["name".to_owned(), "qty".to_owned()]),
             identity: RecordIdentity::SharedKey,
         },
     )]);
