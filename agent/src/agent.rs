@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use connectors::postgres::{PostgresConfig, PostgresConnector, PostgresError};
 use connectors::sqlite::{SqliteConnector, SqliteError};
-use connectors::{CollectionSpec, Connector};
+use connectors::{CollectionSpec, Connector, TableSchema};
 use tokio::sync::{oneshot, watch};
 
 use crate::config::{Config, ConfigError, IdentityConfig, ToolConfig, ToolKind};
@@ -141,8 +141,13 @@ struct Assembled {
 /// Opens the tools and the store, and starts the core and tool threads.
 fn assemble(config: &Config, me: &PeerId) -> Result<Assembled, StartError> {
     let mut connectors = open_tools(config)?;
+    let schemas: Vec<ToolSchema> = connectors
+        .iter()
+        .zip(&config.tools)
+        .map(|(c, tool)| ToolSchema::of(c.as_ref(), tool))
+        .collect();
     // Checked before the store is created: a wrong identity leaves nothing behind.
-    tool_specs(config, me, &connectors)?;
+    let specs = tool_specs(config, &uid_prefix(me), &schemas)?;
     std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
         path: config.data_dir.clone(),
         source,
@@ -160,7 +165,6 @@ fn assemble(config: &Config, me: &PeerId) -> Result<Assembled, StartError> {
             })?;
         loops.push(ToolLoop::new(reader.tool_cursor(tool.name.get_ref())?));
     }
-    let specs = tool_specs(config, me, &connectors)?;
     let engine = Engine::new(
         store,
         specs,
@@ -206,19 +210,7 @@ fn open_tool(
             }
         }
         ToolKind::Postgres => {
-            let pg = PostgresConfig {
-                url: tool
-                    .url
-                    .as_ref()
-                    .map(|u| u.get_ref().clone())
-                    .unwrap_or_default(),
-                poll_interval: tool
-                    .poll_interval_ms
-                    .as_ref()
-                    .map_or(connectors::postgres::POLL_INTERVAL_DEFAULT, |ms| {
-                        std::time::Duration::from_millis(*ms.get_ref())
-                    }),
-            };
+            let pg = postgres_config(tool);
             match PostgresConnector::open(&pg, collection_specs(config, t)?) {
                 Ok(connector) => Ok(Box::new(connector)),
                 Err(e) => Err(postgres_error(config, t, tool, e)),
@@ -227,8 +219,25 @@ fn open_tool(
     }
 }
 
+/// A `postgres` tool's connection settings.
+pub(crate) fn postgres_config(tool: &ToolConfig) -> PostgresConfig {
+    PostgresConfig {
+        url: tool
+            .url
+            .as_ref()
+            .map(|u| u.get_ref().clone())
+            .unwrap_or_default(),
+        poll_interval: tool
+            .poll_interval_ms
+            .as_ref()
+            .map_or(connectors::postgres::POLL_INTERVAL_DEFAULT, |ms| {
+                std::time::Duration::from_millis(*ms.get_ref())
+            }),
+    }
+}
+
 /// The collection specs of tool `t`: the columns its mappings read and write.
-fn collection_specs(config: &Config, t: usize) -> Result<Vec<CollectionSpec>, StartError> {
+pub(crate) fn collection_specs(config: &Config, t: usize) -> Result<Vec<CollectionSpec>, StartError> {
     let tool = &config.tools[t];
     let mut specs = Vec::with_capacity(tool.collections.len());
     for (i, c) in tool.collections.iter().enumerate() {
@@ -248,22 +257,25 @@ fn collection_specs(config: &Config, t: usize) -> Result<Vec<CollectionSpec>, St
 /// same name never share external ids. A collection's identity defaults to tool ids
 /// where the tool assigns the keys, to a shared key elsewhere; tools of one agent
 /// must agree on it.
-fn tool_specs(
+pub(crate) fn tool_specs(
     config: &Config,
-    me: &PeerId,
-    connectors: &[Box<dyn Connector>],
+    agent: &str,
+    schemas: &[ToolSchema],
 ) -> Result<Vec<ToolSpec>, StartError> {
-    let agent = me.to_string();
-    let agent = &agent[..agent.len().min(TOOL_UID_AGENT_CHARS)];
     let mut chosen: BTreeMap<String, (RecordIdentity, String)> = BTreeMap::new();
     let mut specs = Vec::with_capacity(config.tools.len());
-    for (t, (tool, connector)) in config.tools.iter().zip(connectors).enumerate() {
+    for (t, (tool, schema)) in config.tools.iter().zip(schemas).enumerate() {
         let mut collections = BTreeMap::new();
         for (i, c) in tool.collections.iter().enumerate() {
             let name = c.name.get_ref();
-            let assigns = connector.assigns_keys(name);
+            let table = &schema.tables[i];
+            let assigns = table.assigns_keys;
             let field = format!("tool[{t}].collection[{i}].identity");
+            let natural_key = mapping::natural_key(config, name)?;
             let identity = match c.identity.as_ref().map(|s| (*s.get_ref(), s.span())) {
+                _ if natural_key.is_some() => {
+                    natural_identity(config, c, &field, assigns, schema.kind)?
+                }
                 None if assigns => RecordIdentity::ToolIds,
                 None => RecordIdentity::SharedKey,
                 Some((IdentityConfig::SharedKey, _)) => RecordIdentity::SharedKey,
@@ -276,7 +288,7 @@ fn tool_specs(
                             "`tool_ids` needs keys the tool assigns, but the key of `{}` is not \
                              assigned by {} (use `shared_key`)",
                             c.table.get_ref(),
-                            connector.kind()
+                            schema.kind
                         ),
                     )));
                 }
@@ -297,8 +309,15 @@ fn tool_specs(
             }
             chosen.insert(name.clone(), (identity, tool.name.get_ref().clone()));
             // Checked again against the columns' real types.
-            let mapping = mapping::collection_mapping(config, t, i, connector.field_types(name))?;
-            collections.insert(name.clone(), CollectionInfo { mapping, identity });
+            let mapping = mapping::collection_mapping(config, t, i, Some(&table.field_types))?;
+            collections.insert(
+                name.clone(),
+                CollectionInfo {
+                    mapping,
+                    identity,
+                    natural_key,
+                },
+            );
         }
         specs.push(ToolSpec {
             name: tool.name.get_ref().clone(),
@@ -309,11 +328,81 @@ fn tool_specs(
     Ok(specs)
 }
 
+/// The identity of a tool's collection that has a natural key: each tool keeps the
+/// keys it assigns, so the tool must assign them, and `identity` must not say
+/// otherwise.
+fn natural_identity(
+    config: &Config,
+    c: &crate::config::CollectionConfig,
+    field: &str,
+    assigns: bool,
+    kind: &str,
+) -> Result<RecordIdentity, StartError> {
+    if let Some(identity) = &c.identity {
+        return Err(StartError::Config(config.invalid(
+            identity.span(),
+            field.to_owned(),
+            format!(
+                "collection `{}` is identified by its `natural_key`: drop `identity`",
+                c.name.get_ref()
+            ),
+        )));
+    }
+    if !assigns {
+        return Err(StartError::Config(config.invalid(
+            c.table.span(),
+            field.to_owned(),
+            format!(
+                "records matched by a natural key keep the keys each tool assigns, but the \
+                 key of `{}` is not assigned by {kind}",
+                c.table.get_ref()
+            ),
+        )));
+    }
+    Ok(RecordIdentity::NaturalKey)
+}
+
+/// What the configuration is checked against of one tool: its kind and, per
+/// configured collection in order, its table's schema.
+#[derive(Debug)]
+pub(crate) struct ToolSchema {
+    pub(crate) kind: &'static str,
+    pub(crate) tables: Vec<TableSchema>,
+}
+
+impl ToolSchema {
+    /// The schema `connector`, open for `tool`, read.
+    fn of(connector: &dyn Connector, tool: &ToolConfig) -> ToolSchema {
+        let tables = tool
+            .collections
+            .iter()
+            .map(|c| TableSchema {
+                assigns_keys: connector.assigns_keys(c.name.get_ref()),
+                field_types: connector
+                    .field_types(c.name.get_ref())
+                    .cloned()
+                    .unwrap_or_default(),
+            })
+            .collect();
+        ToolSchema {
+            kind: connector.kind(),
+            tables,
+        }
+    }
+}
+
+/// The first characters of the agent's peer id, which start its tools' ids in
+/// documents.
+fn uid_prefix(me: &PeerId) -> String {
+    me.to_string().chars().take(TOOL_UID_AGENT_CHARS).collect()
+}
+
 /// How the config spells an identity.
 fn identity_name(identity: RecordIdentity) -> &'static str {
     match identity {
         RecordIdentity::ToolIds => "`tool_ids`",
         RecordIdentity::SharedKey => "`shared_key`",
+        RecordIdentity::NaturalKey => "a `natural_key`",
     }
 }
 
@@ -382,7 +471,7 @@ fn spawn_threads(
 }
 
 /// Names the configuration entry behind a SQLite connector's error at start.
-fn sqlite_error(
+pub(crate) fn sqlite_error(
     config: &Config,
     t: usize,
     tool: &ToolConfig,
@@ -406,7 +495,7 @@ fn sqlite_error(
 }
 
 /// Names the configuration entry behind a PostgreSQL connector's error at start.
-fn postgres_error(
+pub(crate) fn postgres_error(
     config: &Config,
     t: usize,
     tool: &ToolConfig,

@@ -33,6 +33,13 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Checks a configuration without running it: mappings, expressions, natural
+    /// keys and identities, and every mapped column against the tool's real schema.
+    Check {
+        /// The configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Runs two agents on loopback over two sample SQLite databases and shows them converge.
     Demo,
     /// Measures initial sync, edit latency and wire bytes, and prints the figures.
@@ -61,6 +68,21 @@ fn main() -> anyhow::Result<()> {
             let config = Config::load(&config)?;
             init_logging(config.log.format, "info");
             runtime()?.block_on(run(config))
+        }
+        Command::Check { config } => {
+            init_logging(LogFormat::Text, "warn");
+            let loaded = Config::load(&config)?;
+            let report = concord_agent::check::check(&loaded)?;
+            for note in &report.notes {
+                println!("note: {note}");
+            }
+            println!(
+                "{}: ok ({} tools, {} collections)",
+                config.display(),
+                report.tools,
+                report.collections
+            );
+            Ok(())
         }
         Command::Demo => {
             init_logging(LogFormat::Text, "warn");

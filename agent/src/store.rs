@@ -95,6 +95,23 @@ pub struct DeadLetter {
     pub reason: LetterReason,
 }
 
+/// A record whose natural key another record of the same tool also has: it was not
+/// matched to the record other tools hold under that key, and syncs as a record of
+/// its own until a person resolves it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ambiguous {
+    /// The tool holding both records.
+    pub tool: String,
+    /// The collection.
+    pub collection: String,
+    /// The record's key in the tool.
+    pub key: String,
+    /// The normalised natural key the records share.
+    pub natural_key: String,
+    /// The keys of the tool's other records with that natural key.
+    pub others: Vec<String>,
+}
+
 /// Why a record became a dead letter, by kind.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum LetterReason {
@@ -151,6 +168,7 @@ pub struct Store {
     dead: Keyspace,
     digests: Keyspace,
     quarantine: Keyspace,
+    ambiguous: Keyspace,
     /// Per collection, the XOR of heads digests in each bucket (built on first use).
     buckets: HashMap<String, Vec<u64>>,
     actor: StoreId,
@@ -215,6 +233,7 @@ pub struct StoreReader {
     docs: Keyspace,
     pending: Keyspace,
     quarantine: Keyspace,
+    ambiguous: Keyspace,
 }
 
 impl std::fmt::Debug for StoreReader {
@@ -277,6 +296,7 @@ impl Store {
             dead: open("dead")?,
             digests: open("digests")?,
             quarantine: open("quarantine")?,
+            ambiguous: open("ambiguous")?,
             buckets: HashMap::new(),
             db,
             actor,
@@ -310,6 +330,7 @@ impl Store {
             docs: self.docs.clone(),
             pending: self.pending.clone(),
             quarantine: self.quarantine.clone(),
+            ambiguous: self.ambiguous.clone(),
         }
     }
 
@@ -646,6 +667,12 @@ impl Store {
             .insert(&self.quarantine, quarantined.doc, encode(quarantined));
     }
 
+    /// Stages the report of a record whose natural key is not unique in its tool.
+    pub fn stage_ambiguous(&self, batch: &mut Batch, ambiguous: &Ambiguous) {
+        let k = record_key(&ambiguous.tool, &ambiguous.collection, &ambiguous.key);
+        batch.inner.insert(&self.ambiguous, k, encode(ambiguous));
+    }
+
     /// Stages a dead letter (or clears the one for this record with `None`).
     pub fn stage_dead_letter(
         &self,
@@ -725,6 +752,14 @@ impl StoreReader {
         self.dead
             .iter()
             .map(|guard| decode(&guard.value()?, "dead letter"))
+            .collect()
+    }
+
+    /// All records whose natural key is not unique in their tool.
+    pub fn ambiguous(&self) -> Result<Vec<Ambiguous>, StoreError> {
+        self.ambiguous
+            .iter()
+            .map(|guard| decode(&guard.value()?, "ambiguous record"))
             .collect()
     }
 

@@ -24,6 +24,16 @@ pub struct CollectionSpec {
     pub columns: Vec<String>,
 }
 
+/// What a tool's schema says of one synced table, read without changing the tool
+/// (for checking a configuration).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableSchema {
+    /// Whether the tool assigns the keys of new rows ([`Connector::assigns_keys`]).
+    pub assigns_keys: bool,
+    /// The field type of each configured column ([`Connector::field_types`]).
+    pub field_types: BTreeMap<String, FieldType>,
+}
+
 /// A position in a tool's change feed, opaque to the agent: the connector defines
 /// its bytes (an outbox seq, a sync token, an `updated_at` watermark), and the agent
 /// stores it durably and hands it back. The empty cursor means "from the start".

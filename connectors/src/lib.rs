@@ -64,5 +64,5 @@ mod values;
 
 pub use contract::{
     CaptureBatch, CapturedChange, ChangeFeed, CollectionSpec, Connector, ConnectorError, Cursor,
-    FieldType, InvalidValue, OpOutcome, RecordKey, Rejection, RowState, Wake, WriteOp,
+    FieldType, InvalidValue, OpOutcome, RecordKey, Rejection, RowState, TableSchema, Wake, WriteOp,
 };

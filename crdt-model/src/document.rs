@@ -108,6 +108,23 @@ impl DocId {
     }
 }
 
+impl DocId {
+    /// The id of the record whose normalised natural key is `key` in `collection`:
+    /// two sites that create records with equal natural keys offline compute the same
+    /// id, so they grow one document.
+    pub fn natural(collection: &str, key: &str) -> DocId {
+        let mut hasher = Sha256::new();
+        hasher.update(b"concord/doc/natural/v1\0");
+        hasher.update((collection.len() as u64).to_be_bytes());
+        hasher.update(collection.as_bytes());
+        hasher.update(key.as_bytes());
+        let digest = hasher.finalize();
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&digest[..16]);
+        DocId(id)
+    }
+}
+
 impl fmt::Display for DocId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for byte in self.0 {
@@ -294,6 +311,34 @@ impl RecordDoc {
             Some(_) => read_text(&self.doc, KEY_IDENTITY)?,
         };
         Ok(Some((read_text(&self.doc, KEY_COLLECTION)?, key)))
+    }
+
+    /// When each field's current value was written: the time (milliseconds since
+    /// the Unix epoch) of the change that wrote it, as recorded by [`Edit::time_ms`].
+    /// Fields edited concurrently report the winning value's time.
+    pub fn field_times(&mut self) -> Result<BTreeMap<String, i64>, ModelError> {
+        let mut ops = Vec::new();
+        for key in self.doc.keys(ObjId::Root) {
+            if let Some(field) = key.strip_prefix(PREFIX_FIELD)
+                && let Some((_, ObjId::Id(counter, actor, _))) =
+                    self.doc.get(ObjId::Root, key.as_str())?
+            {
+                ops.push((field.to_owned(), counter, actor));
+            }
+        }
+        let mut times = BTreeMap::new();
+        if ops.is_empty() {
+            return Ok(times);
+        }
+        for change in self.doc.get_changes(&[]) {
+            let range = change.start_op().get()..=change.max_op();
+            for (field, counter, actor) in &ops {
+                if change.actor_id() == actor && range.contains(counter) {
+                    times.insert(field.clone(), change.timestamp());
+                }
+            }
+        }
+        Ok(times)
     }
 
     /// Whether the document holds no change at all.

@@ -531,6 +531,7 @@ impl Sim {
         let info = |identity| CollectionInfo {
             mapping: Mapping::plain(&columns),
             identity,
+            natural_key: None,
         };
         let collections = BTreeMap::from([
             (COLLECTION.to_owned(), info(RecordIdentity::SharedKey)),

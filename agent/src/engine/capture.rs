@@ -3,6 +3,7 @@
 use connectors::{CaptureBatch, CapturedChange, RowState};
 use crdt_model::{DocId, Edit};
 
+use super::matching::SharedKeys;
 use super::{Engine, RecordIdentity, ToolIx, needs_write, tombstoned};
 use crate::store::{Batch, LetterReason, StoreError};
 
@@ -52,8 +53,9 @@ impl Engine {
         mark: u64,
         now_ms: i64,
     ) -> Result<(), StoreError> {
+        let shared = self.shared_natural_keys(tool, &captured.changes)?;
         for change in captured.changes {
-            self.capture_one(batch, tool, change, now_ms, captured.rescan)?;
+            self.capture_one(batch, tool, change, now_ms, captured.rescan, &shared)?;
         }
         let state = &mut self.tools[tool];
         self.store
@@ -70,6 +72,7 @@ impl Engine {
         change: CapturedChange,
         now_ms: i64,
         rescan: bool,
+        shared: &SharedKeys,
     ) -> Result<(), StoreError> {
         let CapturedChange {
             collection,
@@ -84,7 +87,7 @@ impl Engine {
         if let Some(previous) = previous_key.filter(|p| *p != key) {
             match info.identity {
                 // The record keeps its document under its new key.
-                RecordIdentity::ToolIds => {
+                RecordIdentity::ToolIds | RecordIdentity::NaturalKey => {
                     self.move_record(batch, &name, &collection, &previous, &key)?;
                 }
                 // The key is the identity: the old record is gone, a new one begins.
@@ -95,15 +98,16 @@ impl Engine {
                         previous_key: None,
                         state: RowState::Absent,
                     };
-                    self.capture_one(batch, tool, gone, now_ms, rescan)?;
+                    self.capture_one(batch, tool, gone, now_ms, rescan, shared)?;
                 }
             }
         }
         let shadow = self.store.shadow(&name, &collection, &key)?;
         let present = matches!(state, RowState::Present(_));
+        let mut joins = false;
         let (id, identity_key) = match info.identity {
             RecordIdentity::SharedKey => (DocId::of(&collection, &key), key.as_str()),
-            RecordIdentity::ToolIds => {
+            RecordIdentity::ToolIds | RecordIdentity::NaturalKey => {
                 let linked = self.store.linked_doc(&name, &collection, &key)?;
                 let id = match linked {
                     // A row created where its linked record is deleted is a new
@@ -119,9 +123,23 @@ impl Engine {
                         DocId::minted(&self.store.actor(), &uid, &collection, &key, Some(old))
                     }
                     Some(linked) => linked,
-                    None if present => {
-                        DocId::minted(&self.store.actor(), &uid, &collection, &key, None)
-                    }
+                    None if present => match (&info.natural_key, &state) {
+                        (Some(natural), RowState::Present(row)) => {
+                            let placement = self.natural_doc(
+                                batch,
+                                tool,
+                                &info,
+                                natural,
+                                &collection,
+                                &key,
+                                row,
+                                shared,
+                            )?;
+                            joins = placement.joins;
+                            placement.id
+                        }
+                        _ => DocId::minted(&self.store.actor(), &uid, &collection, &key, None),
+                    },
                     // A record never linked that is gone or unreadable: nothing to
                     // record in a document (an invalid row still becomes a dead
                     // letter below).
@@ -158,7 +176,11 @@ impl Engine {
                 // A new row's empty columns are not written: two sites creating the
                 // same record offline then merge what each knew instead of one site's
                 // nulls hiding the other's values. A reset removes every other field.
+                let row_ms = info.mapping.changed_at_ms(&record).unwrap_or(now_ms);
                 let fields = match info.mapping.read(&record, shadow.as_ref()) {
+                    Ok(fields) if joins => {
+                        self.joining_fields(id, info.mapping.on_match(), fields, row_ms)?
+                    }
                     Ok(fields) => fields,
                     Err(e) => {
                         // The shadow stays as it was, so the row is read again
@@ -173,7 +195,7 @@ impl Engine {
                     external_id: created.then(|| (uid.to_string(), key.clone())),
                     deleted: revive.then_some(false),
                     reset,
-                    time_ms: info.mapping.changed_at_ms(&record).unwrap_or(now_ms),
+                    time_ms: row_ms,
                 };
                 (edit, Some(record))
             }
@@ -187,7 +209,7 @@ impl Engine {
                     self.store
                         .stage_external_id(batch, &name, &collection, &key, id);
                 }
-                RecordIdentity::ToolIds => {
+                RecordIdentity::ToolIds | RecordIdentity::NaturalKey => {
                     self.store.stage_link(batch, &name, &collection, &key, id)?;
                 }
             }

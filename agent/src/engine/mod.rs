@@ -12,6 +12,7 @@
 //! (write-back).
 
 mod capture;
+mod matching;
 mod remote;
 mod write_back;
 
@@ -23,7 +24,7 @@ use crdt_model::{DocId, Record, RecordDoc, RecordState};
 use connectors::Cursor;
 
 use crate::config::FilterExit;
-use crate::mapping::{Mapping, Projection};
+use crate::mapping::{Mapping, NaturalKey, Projection};
 use crate::store::{
     Batch, DeadLetter, LetterReason, Quarantined, Store, StoreError, StoreId, StoreReader,
 };
@@ -41,6 +42,8 @@ pub struct CollectionInfo {
     pub mapping: Mapping,
     /// What makes two records of the collection the same.
     pub identity: RecordIdentity,
+    /// The fields that identify a record, for [`RecordIdentity::NaturalKey`].
+    pub natural_key: Option<NaturalKey>,
 }
 
 /// What makes two records of a collection the same record.
@@ -54,6 +57,11 @@ pub enum RecordIdentity {
     /// The key means the same record everywhere: the document id derives from
     /// (collection, key), and every tool holds the record under that key.
     SharedKey,
+    /// Normalised canonical fields identify a record: a tool's new record joins the
+    /// document of records with its natural key (derived from it, so two sites that
+    /// create the same record offline grow one document); once linked, the tool's
+    /// record stays with its document as under tool ids, whatever its fields become.
+    NaturalKey,
 }
 
 /// One tool of this agent, as the engine knows it.
@@ -87,6 +95,8 @@ pub struct EngineStats {
     pub stale_writes: u64,
     /// Documents quarantined because they could not be read.
     pub quarantined: u64,
+    /// New records left unmatched because their natural key is not unique in their tool.
+    pub ambiguous: u64,
 }
 
 /// The agent's decision logic over its store.

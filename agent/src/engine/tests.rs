@@ -6,6 +6,7 @@ use connectors::{CaptureBatch, CapturedChange, Cursor, OpOutcome, RowState, Writ
 use crdt_model::{DocId, Edit, Record, RecordDoc, Value};
 
 use super::*;
+use crate::config::{MatchWins, Normalize};
 use crate::engine::{RemoteError, WireEntry};
 use crate::store::DOC_CACHE_MAX;
 
@@ -14,6 +15,7 @@ fn engine(dir: &std::path::Path) -> Result<Engine, StoreError> {
         "customers".to_owned(),
         CollectionInfo {
             mapping: Mapping::plain(&["name".to_owned()]),
+            natural_key: None,
             identity: RecordIdentity::SharedKey,
         },
     )]);
@@ -330,6 +332,7 @@ fn a_row_created_after_a_delete_starts_from_the_row() -> TestResult {
         "customers".to_owned(),
         CollectionInfo {
             mapping: Mapping::plain(&["name".to_owned(), "email".to_owned()]),
+            natural_key: None,
             identity: RecordIdentity::SharedKey,
         },
     )]);
@@ -419,6 +422,7 @@ fn tool_ids_engine(dir: &std::path::Path, name: &str, uid: &str) -> Result<Engin
         "customers".to_owned(),
         CollectionInfo {
             mapping: Mapping::plain(&["name".to_owned()]),
+            natural_key: None,
             identity: RecordIdentity::ToolIds,
         },
     )]);
@@ -516,5 +520,182 @@ fn a_reused_key_unlinks_the_record_it_named_before() -> Result<(), Box<dyn std::
     assert_eq!(b.store().linked_key("crm", x)?, None);
     assert_eq!(b.store().linked_key("crm", y)?.as_deref(), Some("7"));
     assert_eq!(b.store().linked_doc("crm", "customers", "7")?, Some(y));
+    Ok(())
+}
+
+/// An engine whose tool `name` syncs customers (name, email) matched by e-mail.
+fn natural_engine(dir: &std::path::Path, uid: &str, on_match: MatchWins) -> Result<Engine, StoreError> {
+    let collections = BTreeMap::from([(
+        "customers".to_owned(),
+        CollectionInfo {
+            mapping: Mapping::plain(&["name".to_owned(), "email".to_owned()]).joining(on_match),
+            identity: RecordIdentity::NaturalKey,
+            natural_key: Some(NaturalKey::new(vec![(
+                "email".to_owned(),
+                vec![Normalize::Trim, Normalize::Lowercase],
+            )])),
+        },
+    )]);
+    let tool = ToolSpec {
+        name: "crm".to_owned(),
+        uid: uid.to_owned(),
+        collections,
+    };
+    Engine::new(Store::open(dir)?, vec![tool], [])
+}
+
+fn customer(key: &str, name: &str, email: &str) -> CapturedChange {
+    CapturedChange {
+        collection: "customers".to_owned(),
+        key: key.to_owned(),
+        previous_key: None,
+        state: RowState::Present(Record::from([
+            ("name".to_owned(), Value::Text(name.to_owned())),
+            ("email".to_owned(), Value::Text(email.to_owned())),
+        ])),
+    }
+}
+
+/// Commits `changes` as one capture made at `now_ms`.
+fn capture_at(engine: &mut Engine, changes: Vec<CapturedChange>, now_ms: i64) -> TestResult {
+    let mut batch = engine.store().batch();
+    let seq = engine.stats().captured + 1;
+    let captured = CaptureBatch {
+        changes,
+        cursor: Cursor(seq.to_be_bytes().to_vec()),
+        rescan: false,
+    };
+    engine.capture(&mut batch, 0, captured, seq, now_ms)?;
+    engine.store().commit(batch)?;
+    Ok(())
+}
+
+/// Everything `from` logged, applied to `to` as a peer's changes.
+fn replicate(from: &mut Engine, to: &mut Engine) -> TestResult {
+    let log = from.reader().log_from("customers", 1, 1000)?;
+    let upto = log.last().map(|(seq, _)| *seq);
+    let entries = log
+        .into_iter()
+        .map(|(seq, entry)| WireEntry {
+            seq,
+            doc: entry.doc,
+            changes: entry.changes,
+        })
+        .collect();
+    let mut batch = to.store().batch();
+    to.apply_remote(&mut batch, from.store_id(), "customers", upto, entries)?;
+    to.store().commit(batch)?;
+    Ok(())
+}
+
+fn ada() -> DocId {
+    DocId::natural("customers", "ada@example.com")
+}
+
+#[test]
+fn two_sites_creating_the_same_customer_offline_grow_one_document() -> TestResult {
+    let (dir_a, dir_b) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let mut a = natural_engine(dir_a.path(), "a.crm", MatchWins::Others)?;
+    let mut b = natural_engine(dir_b.path(), "b.crm", MatchWins::Others)?;
+    capture_at(&mut a, vec![customer("1", "Ada", "Ada@Example.com")], 1)?;
+    capture_at(&mut b, vec![customer("7", "Ada", " ada@example.com")], 1)?;
+    replicate(&mut a, &mut b)?;
+    replicate(&mut b, &mut a)?;
+    for engine in [&mut a, &mut b] {
+        assert!(engine.store().has_doc(ada())?);
+        assert_eq!(engine.reader().log_head("customers")?, 2, "one document, two changes");
+    }
+    let state = a.store().doc(ada())?.read()?;
+    assert_eq!(state.external_ids.len(), 2, "{:?}", state.external_ids);
+    Ok(())
+}
+
+#[test]
+fn a_tool_joining_links_its_records_and_the_values_win_as_configured() -> TestResult {
+    for (on_match, b_at, name) in [
+        (MatchWins::Others, 5, "Ada Lovelace"),
+        (MatchWins::Tool, 5, "Ada King"),
+        (MatchWins::Newest, 5, "Ada King"),
+        (MatchWins::Newest, 0, "Ada Lovelace"),
+    ] {
+        let (dir_a, dir_b) = (tempfile::tempdir()?, tempfile::tempdir()?);
+        let mut a = natural_engine(dir_a.path(), "a.crm", MatchWins::Others)?;
+        let mut b = natural_engine(dir_b.path(), "b.crm", on_match)?;
+        capture_at(&mut a, vec![customer("1", "Ada Lovelace", "ada@example.com")], 1)?;
+        replicate(&mut a, &mut b)?;
+        capture_at(
+            &mut b,
+            vec![
+                customer("7", "Ada King", "ADA@example.com"),
+                customer("8", "Bob", "bob@example.com"),
+            ],
+            b_at,
+        )?;
+        let state = b.store().doc(ada())?.read()?;
+        assert_eq!(state.fields["name"], Value::Text(name.to_owned()), "{on_match:?} at {b_at}");
+        assert_eq!(b.reader().shadows("crm", "customers")?.len(), 2);
+        // The tool's row takes the merged values; Bob is its own record.
+        let mut batch = b.store().batch();
+        let plan = b.plan_writes(&mut batch, 0, 10, 10)?;
+        let expected = usize::from(name != "Ada King");
+        assert_eq!(plan.writes.len(), expected, "{on_match:?}: {:?}", plan.writes);
+        if let Some(write) = plan.writes.first() {
+            assert_eq!(write.doc, ada());
+            assert!(matches!(&write.op, WriteOp::Upsert { key, .. } if key == "7"));
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn natural_keys_not_unique_in_a_tool_are_reported_and_matched_to_nothing() -> TestResult {
+    let (dir_a, dir_b) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let mut a = natural_engine(dir_a.path(), "a.crm", MatchWins::Others)?;
+    let mut b = natural_engine(dir_b.path(), "b.crm", MatchWins::Others)?;
+    capture_at(&mut a, vec![customer("1", "Ada", "ada@example.com")], 1)?;
+    replicate(&mut a, &mut b)?;
+    // Two of B's rows have Ada's e-mail, in one batch: neither joins her record.
+    capture_at(
+        &mut b,
+        vec![
+            customer("7", "Ada", "ada@example.com"),
+            customer("8", "Ada Two", "ADA@example.com"),
+        ],
+        2,
+    )?;
+    let mut reported = b.reader().ambiguous()?;
+    reported.sort_by(|x, y| x.key.cmp(&y.key));
+    assert_eq!(reported.len(), 2, "{reported:?}");
+    assert_eq!(reported[0].key, "7");
+    assert_eq!(reported[0].others, ["8"]);
+    assert_eq!(reported[0].natural_key, "ada@example.com");
+    assert_eq!(b.store().linked_key("crm", ada())?, None, "not merged silently");
+    // A third, in a later batch, is reported against the first.
+    capture_at(&mut a, vec![customer("2", "Bea", "bea@example.com")], 3)?;
+    replicate(&mut a, &mut b)?;
+    capture_at(&mut b, vec![customer("9", "Bea", "bea@example.com")], 4)?;
+    capture_at(&mut b, vec![customer("10", "Bea B.", "BEA@example.com")], 5)?;
+    let bea = DocId::natural("customers", "bea@example.com");
+    assert_eq!(b.store().linked_key("crm", bea)?.as_deref(), Some("9"));
+    let reported = b.reader().ambiguous()?;
+    assert!(reported.iter().any(|r| r.key == "10" && r.others == ["9"]), "{reported:?}");
+    Ok(())
+}
+
+#[test]
+fn an_edit_of_the_key_field_after_linking_does_not_fork_the_record() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let mut a = natural_engine(dir.path(), "a.crm", MatchWins::Others)?;
+    capture_at(&mut a, vec![customer("1", "Ada", "ada@example.com")], 1)?;
+    capture_at(&mut a, vec![customer("1", "Ada", "ada@lovelace.org")], 2)?;
+    let state = a.store().doc(ada())?.read()?;
+    assert_eq!(state.fields["email"], Value::Text("ada@lovelace.org".to_owned()));
+    assert_eq!(a.reader().log_head("customers")?, 2);
+    assert!(!a.store().has_doc(DocId::natural("customers", "ada@lovelace.org"))?);
+    // A new record with the old e-mail is a new record, not the renamed one.
+    capture_at(&mut a, vec![customer("2", "Other", "ada@example.com")], 3)?;
+    assert_eq!(a.store().linked_key("crm", ada())?.as_deref(), Some("1"));
+    assert_eq!(a.reader().shadows("crm", "customers")?.len(), 2);
+    assert!(a.reader().ambiguous()?.is_empty());
     Ok(())
 }

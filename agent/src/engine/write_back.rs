@@ -125,7 +125,7 @@ impl Engine {
         let write = match (projected, key) {
             (Projection::Deleted | Projection::Outside, None) => None,
             (Projection::Held(record), None) => match info.identity {
-                RecordIdentity::ToolIds => Some(PlannedWrite {
+                RecordIdentity::ToolIds | RecordIdentity::NaturalKey => Some(PlannedWrite {
                     doc: id,
                     op: WriteOp::Insert {
                         collection: collection.clone(),

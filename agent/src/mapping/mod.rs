@@ -141,6 +141,13 @@ impl Mapping {
         }
     }
 
+    /// The same mapping, with `on_match` deciding whose values win when the tool's
+    /// record joins an existing one.
+    pub fn joining(mut self, on_match: MatchWins) -> Mapping {
+        self.on_match = on_match;
+        self
+    }
+
     /// The tool's columns this mapping reads and writes.
     pub fn columns(&self) -> &[String] {
         &self.columns
@@ -152,6 +159,22 @@ impl Mapping {
             .iter()
             .filter(|f| f.reads())
             .map(|f| f.field.as_str())
+    }
+
+    /// The canonical fields this mapping reads or writes (not computed ones).
+    pub fn fields(&self) -> impl Iterator<Item = &str> {
+        self.fields
+            .iter()
+            .filter(|f| f.compute.is_none())
+            .map(|f| f.field.as_str())
+    }
+
+    /// Each expression (the filter, computed columns) with the fields it reads.
+    pub fn expressions(&self) -> impl Iterator<Item = (&str, &[String])> {
+        self.filter
+            .iter()
+            .chain(self.fields.iter().filter_map(|f| f.compute.as_ref()))
+            .map(|e| (e.source(), e.variables()))
     }
 
     /// What the tool does with a record that stops passing its filter.

@@ -83,7 +83,7 @@ use tokio_postgres::{AsyncMessage, Client, NoTls, Statement};
 use crate::values::{key_text, quote_literal, shorten};
 use crate::{
     CaptureBatch, CapturedChange, ChangeFeed, CollectionSpec, Connector, ConnectorError, Cursor,
-    FieldType, InvalidValue, OpOutcome, RecordKey, Rejection, RowState, Wake, WriteOp,
+    FieldType, InvalidValue, OpOutcome, RecordKey, Rejection, RowState, TableSchema, Wake, WriteOp,
 };
 pub use error::PostgresError;
 use schema::Table;
@@ -827,6 +827,35 @@ async fn install(client: &Client, specs: &[CollectionSpec]) -> Result<Vec<Table>
     }
     client.batch_execute("COMMIT").await?;
     Ok(tables)
+}
+
+/// Reads what the server says of each spec's table, changing nothing: the same
+/// checks as [`PostgresConnector::open`], for checking a configuration.
+pub fn inspect(
+    config: &PostgresConfig,
+    specs: &[CollectionSpec],
+) -> Result<Vec<TableSchema>, PostgresError> {
+    let pg_config: tokio_postgres::Config = config
+        .url
+        .parse()
+        .map_err(|e: tokio_postgres::Error| PostgresError::BadUrl(e.to_string()))?;
+    let server = describe_server(&pg_config);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| PostgresError::Postgres(format!("cannot start the driver: {e}")))?;
+    runtime.block_on(async {
+        let client = connect(&pg_config, &server).await?;
+        let mut schemas = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let table = Table::validate(&client, spec).await?;
+            schemas.push(TableSchema {
+                assigns_keys: table.assigns_keys,
+                field_types: table.field_types,
+            });
+        }
+        Ok(schemas)
+    })
 }
 
 /// Host, port and database of a connection string, for messages (never the password).

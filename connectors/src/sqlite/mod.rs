@@ -69,7 +69,7 @@ use std::time::Duration;
 use crdt_model::Record;
 
 use crate::values::key_text;
-use crate::{ChangeFeed, Connector, ConnectorError, Cursor, RecordKey};
+use crate::{ChangeFeed, Connector, ConnectorError, Cursor, RecordKey, TableSchema};
 use rusqlite::types::{ToSqlOutput, Value as SqlValue, ValueRef};
 use rusqlite::{
     Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior, params_from_iter,
@@ -145,6 +145,29 @@ pub struct OutboxBatch {
     pub changes: Vec<CapturedChange>,
     /// The highest outbox sequence number read; the `after` passed in when none was.
     pub cursor: u64,
+}
+
+/// Reads what the database at `path` says of each spec's table, changing nothing:
+/// the same checks as [`SqliteConnector::open`], for checking a configuration.
+pub fn inspect(path: &Path, specs: &[CollectionSpec]) -> Result<Vec<TableSchema>, SqliteError> {
+    if !path.is_file() {
+        return Err(SqliteError::MissingDatabase {
+            path: path.to_owned(),
+        });
+    }
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(path, flags)?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    specs
+        .iter()
+        .map(|spec| {
+            let table = Table::validate(&conn, spec)?;
+            Ok(TableSchema {
+                assigns_keys: table.assigns_keys,
+                field_types: table.field_types,
+            })
+        })
+        .collect()
 }
 
 impl SqliteConnector {

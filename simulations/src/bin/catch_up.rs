@@ -39,6 +39,7 @@ fn engine(dir: &std::path::Path) -> anyhow::Result<Engine> {
         COLLECTION.to_owned(),
         CollectionInfo {
             mapping: Mapping::plain(&["name".to_owned(), "qty".to_owned()]),
+            natural_key: None,
             identity: RecordIdentity::SharedKey,
         },
     )]);
