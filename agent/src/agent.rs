@@ -237,7 +237,10 @@ pub(crate) fn postgres_config(tool: &ToolConfig) -> PostgresConfig {
 }
 
 /// The collection specs of tool `t`: the columns its mappings read and write.
-pub(crate) fn collection_specs(config: &Config, t: usize) -> Result<Vec<CollectionSpec>, StartError> {
+pub(crate) fn collection_specs(
+    config: &Config,
+    t: usize,
+) -> Result<Vec<CollectionSpec>, StartError> {
     let tool = &config.tools[t];
     let mut specs = Vec::with_capacity(tool.collections.len());
     for (i, c) in tool.collections.iter().enumerate() {

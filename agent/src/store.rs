@@ -653,6 +653,38 @@ impl Store {
         Ok(())
     }
 
+    /// Marks every document of `collections` as awaiting write-back to `tool`, once:
+    /// a tool added to an agent whose store already holds records gets all of them.
+    /// Later calls for the same (tool, collection) do nothing. Returns the documents
+    /// marked.
+    pub fn join_tool(&self, tool: &str, collections: &[&str]) -> Result<Vec<DocId>, StoreError> {
+        let mut batch = self.db.batch().durability(Some(PersistMode::SyncAll));
+        let mut marked = Vec::new();
+        for collection in collections {
+            let joined = format!("joined/{tool}/{collection}");
+            if self.cursors.get(&joined)?.is_some() {
+                continue;
+            }
+            let prefix = log_prefix(collection);
+            for guard in self.digests.prefix(&prefix) {
+                let key = guard.key()?;
+                let id = <[u8; 16]>::try_from(&key[prefix.len()..]).map_err(|_| {
+                    StoreError::Corrupt {
+                        what: "digest key",
+                        reason: format!("{} bytes", key.len()),
+                    }
+                })?;
+                batch.insert(&self.pending, pending_key(tool, DocId(id)), []);
+                marked.push(DocId(id));
+            }
+            batch.insert(&self.cursors, joined, 1u64.to_be_bytes().to_vec());
+        }
+        if !batch.is_empty() {
+            batch.commit()?;
+        }
+        Ok(marked)
+    }
+
     /// Stages `tool`'s capture cursor (the connector's opaque bytes).
     pub fn stage_tool_cursor(&self, batch: &mut Batch, tool: &str, cursor: &Cursor) {
         batch

@@ -61,6 +61,10 @@ pub struct ToolLoop {
     recent_len: usize,
     /// Batches up to this mark were forgotten from `recent`.
     forgotten_upto: u64,
+    /// Once a capture found nothing new since the loop started, the mark of the
+    /// last capture before that: everything the tool held at start (an initial
+    /// import) is in the captures up to it.
+    start_captured: Option<u64>,
 }
 
 impl ToolLoop {
@@ -75,6 +79,7 @@ impl ToolLoop {
             recent: VecDeque::new(),
             recent_len: 0,
             forgotten_upto: 0,
+            start_captured: None,
         }
     }
 
@@ -102,6 +107,7 @@ impl ToolLoop {
         if batch.cursor == *self.capture_after() {
             debug_assert!(batch.changes.is_empty(), "changes without a new cursor");
             self.force = false;
+            self.start_captured.get_or_insert(self.next_mark - 1);
             return None;
         }
         let mark = self.next_mark;
@@ -141,10 +147,13 @@ impl ToolLoop {
     }
 
     /// The records captured after the capture numbered `mark` (a plan's): a plan
-    /// must not write them. `None` when some of them were forgotten: refuse the
-    /// whole plan.
+    /// must not write them. `None` when some of them were forgotten, or when the
+    /// plan was made before everything the tool held at start was captured (a new
+    /// record could be one the tool already holds, uncaptured, under a natural
+    /// key): refuse the whole plan.
     pub fn changed_since(&self, mark: u64) -> Option<HashSet<RecordKey>> {
-        if mark < self.forgotten_upto {
+        let before_start = self.start_captured.is_none_or(|start| mark < start);
+        if mark < self.forgotten_upto || before_start {
             return None;
         }
         Some(
@@ -428,6 +437,7 @@ mod tests {
     #[test]
     fn records_captured_after_a_plan_are_stale_for_it() {
         let mut state = ToolLoop::new(Cursor(10u64.to_be_bytes().to_vec()));
+        assert_eq!(state.captured(&batch(10, &[])), None, "caught up");
         let first = state.captured(&batch(12, &["a"])).expect("new");
         state.durable();
         let second = state.captured(&batch(15, &["b"])).expect("new");
@@ -438,11 +448,24 @@ mod tests {
         assert_eq!(state.changed_since(0).map(|c| c.len()), Some(2));
         state.plan_done(first, false);
         assert_eq!(state.changed_since(first).map(|c| c.len()), Some(1));
-        assert_eq!(
-            state.captured(&batch(15, &[])),
-            None,
-            "nothing new: caught up"
+    }
+
+    /// Regression (a record was inserted into a tool that already held it, not yet
+    /// captured, under the same natural key): nothing is written into a tool before
+    /// everything it held at start is captured.
+    #[test]
+    fn plans_are_refused_until_the_first_capture_is_caught_up() {
+        let mut state = ToolLoop::new(Cursor::start());
+        assert!(state.changed_since(0).is_none(), "nothing captured yet");
+        let import = state.captured(&batch(4, &["a"])).expect("new");
+        state.durable();
+        assert!(state.changed_since(import).is_none(), "more may follow");
+        assert_eq!(state.captured(&batch(4, &[])), None);
+        assert!(
+            state.changed_since(0).is_none(),
+            "planned before the import"
         );
+        assert_eq!(state.changed_since(import).map(|c| c.len()), Some(0));
     }
 
     #[test]
@@ -456,7 +479,8 @@ mod tests {
 
     #[test]
     fn a_plan_older_than_what_is_remembered_is_refused_whole() {
-        let mut state = ToolLoop::new(Cursor::start());
+        let mut state = ToolLoop::new(Cursor(0u64.to_be_bytes().to_vec()));
+        assert_eq!(state.captured(&batch(0, &[])), None, "caught up");
         let keys: Vec<String> = (0..CAPTURED_KEYS_REMEMBERED_MAX)
             .map(|i| i.to_string())
             .collect();

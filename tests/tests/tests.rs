@@ -4,6 +4,7 @@
 mod bad_input;
 mod durability;
 mod identity;
+mod mapping;
 mod postgres;
 mod postgres_sync;
 mod security;

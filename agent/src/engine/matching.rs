@@ -38,8 +38,7 @@ impl Engine {
             let Some(info) = state.collections.get(&change.collection) else {
                 continue;
             };
-            let (Some(natural), RowState::Present(row)) = (&info.natural_key, &change.state)
-            else {
+            let (Some(natural), RowState::Present(row)) = (&info.natural_key, &change.state) else {
                 continue;
             };
             if self
@@ -65,7 +64,10 @@ impl Engine {
     /// gets a document of its own), the record under that key was deleted (a record
     /// created again starts clean), or the record there now has another key (its key
     /// field was edited).
-    #[expect(clippy::too_many_arguments, reason = "one call site, each argument distinct")]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one call site, each argument distinct"
+    )]
     pub(super) fn natural_doc(
         &mut self,
         batch: &mut Batch,

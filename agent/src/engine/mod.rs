@@ -152,6 +152,8 @@ impl Engine {
             for collection in tool.collections.keys() {
                 collections.entry(collection.clone()).or_default().push(ix);
             }
+            let names: Vec<&str> = tool.collections.keys().map(String::as_str).collect();
+            store.join_tool(&tool.name, &names)?;
             states.push(ToolState {
                 captured: reader.tool_cursor(&tool.name)?,
                 captured_mark: 0,

@@ -524,7 +524,11 @@ fn a_reused_key_unlinks_the_record_it_named_before() -> Result<(), Box<dyn std::
 }
 
 /// An engine whose tool `name` syncs customers (name, email) matched by e-mail.
-fn natural_engine(dir: &std::path::Path, uid: &str, on_match: MatchWins) -> Result<Engine, StoreError> {
+fn natural_engine(
+    dir: &std::path::Path,
+    uid: &str,
+    on_match: MatchWins,
+) -> Result<Engine, StoreError> {
     let collections = BTreeMap::from([(
         "customers".to_owned(),
         CollectionInfo {
@@ -603,7 +607,11 @@ fn two_sites_creating_the_same_customer_offline_grow_one_document() -> TestResul
     replicate(&mut b, &mut a)?;
     for engine in [&mut a, &mut b] {
         assert!(engine.store().has_doc(ada())?);
-        assert_eq!(engine.reader().log_head("customers")?, 2, "one document, two changes");
+        assert_eq!(
+            engine.reader().log_head("customers")?,
+            2,
+            "one document, two changes"
+        );
     }
     let state = a.store().doc(ada())?.read()?;
     assert_eq!(state.external_ids.len(), 2, "{:?}", state.external_ids);
@@ -621,7 +629,11 @@ fn a_tool_joining_links_its_records_and_the_values_win_as_configured() -> TestRe
         let (dir_a, dir_b) = (tempfile::tempdir()?, tempfile::tempdir()?);
         let mut a = natural_engine(dir_a.path(), "a.crm", MatchWins::Others)?;
         let mut b = natural_engine(dir_b.path(), "b.crm", on_match)?;
-        capture_at(&mut a, vec![customer("1", "Ada Lovelace", "ada@example.com")], 1)?;
+        capture_at(
+            &mut a,
+            vec![customer("1", "Ada Lovelace", "ada@example.com")],
+            1,
+        )?;
         replicate(&mut a, &mut b)?;
         capture_at(
             &mut b,
@@ -632,13 +644,22 @@ fn a_tool_joining_links_its_records_and_the_values_win_as_configured() -> TestRe
             b_at,
         )?;
         let state = b.store().doc(ada())?.read()?;
-        assert_eq!(state.fields["name"], Value::Text(name.to_owned()), "{on_match:?} at {b_at}");
+        assert_eq!(
+            state.fields["name"],
+            Value::Text(name.to_owned()),
+            "{on_match:?} at {b_at}"
+        );
         assert_eq!(b.reader().shadows("crm", "customers")?.len(), 2);
         // The tool's row takes the merged values; Bob is its own record.
         let mut batch = b.store().batch();
         let plan = b.plan_writes(&mut batch, 0, 10, 10)?;
         let expected = usize::from(name != "Ada King");
-        assert_eq!(plan.writes.len(), expected, "{on_match:?}: {:?}", plan.writes);
+        assert_eq!(
+            plan.writes.len(),
+            expected,
+            "{on_match:?}: {:?}",
+            plan.writes
+        );
         if let Some(write) = plan.writes.first() {
             assert_eq!(write.doc, ada());
             assert!(matches!(&write.op, WriteOp::Upsert { key, .. } if key == "7"));
@@ -669,7 +690,11 @@ fn natural_keys_not_unique_in_a_tool_are_reported_and_matched_to_nothing() -> Te
     assert_eq!(reported[0].key, "7");
     assert_eq!(reported[0].others, ["8"]);
     assert_eq!(reported[0].natural_key, "ada@example.com");
-    assert_eq!(b.store().linked_key("crm", ada())?, None, "not merged silently");
+    assert_eq!(
+        b.store().linked_key("crm", ada())?,
+        None,
+        "not merged silently"
+    );
     // A third, in a later batch, is reported against the first.
     capture_at(&mut a, vec![customer("2", "Bea", "bea@example.com")], 3)?;
     replicate(&mut a, &mut b)?;
@@ -678,7 +703,10 @@ fn natural_keys_not_unique_in_a_tool_are_reported_and_matched_to_nothing() -> Te
     let bea = DocId::natural("customers", "bea@example.com");
     assert_eq!(b.store().linked_key("crm", bea)?.as_deref(), Some("9"));
     let reported = b.reader().ambiguous()?;
-    assert!(reported.iter().any(|r| r.key == "10" && r.others == ["9"]), "{reported:?}");
+    assert!(
+        reported.iter().any(|r| r.key == "10" && r.others == ["9"]),
+        "{reported:?}"
+    );
     Ok(())
 }
 
@@ -689,9 +717,15 @@ fn an_edit_of_the_key_field_after_linking_does_not_fork_the_record() -> TestResu
     capture_at(&mut a, vec![customer("1", "Ada", "ada@example.com")], 1)?;
     capture_at(&mut a, vec![customer("1", "Ada", "ada@lovelace.org")], 2)?;
     let state = a.store().doc(ada())?.read()?;
-    assert_eq!(state.fields["email"], Value::Text("ada@lovelace.org".to_owned()));
+    assert_eq!(
+        state.fields["email"],
+        Value::Text("ada@lovelace.org".to_owned())
+    );
     assert_eq!(a.reader().log_head("customers")?, 2);
-    assert!(!a.store().has_doc(DocId::natural("customers", "ada@lovelace.org"))?);
+    assert!(
+        !a.store()
+            .has_doc(DocId::natural("customers", "ada@lovelace.org"))?
+    );
     // A new record with the old e-mail is a new record, not the renamed one.
     capture_at(&mut a, vec![customer("2", "Other", "ada@example.com")], 3)?;
     assert_eq!(a.store().linked_key("crm", ada())?.as_deref(), Some("1"));
