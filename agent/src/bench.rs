@@ -40,6 +40,42 @@ const PG_SCHEMA: &str = "CREATE TABLE customers (
     balance numeric(12,2), score double precision, visits integer, active boolean,
     created timestamptz
 )";
+/// Agent B's table when the benchmark runs through a mapping: the name renamed, the
+/// balance in cents, and a label computed from name and city.
+const MAPPED_SCHEMA: &str = "CREATE TABLE customers (
+    id INTEGER PRIMARY KEY,
+    full_name TEXT, email TEXT, city TEXT, country TEXT, phone TEXT,
+    balance_cents INTEGER, score REAL, visits INTEGER, active BOOLEAN, created TIMESTAMP,
+    label TEXT
+)";
+/// Agent B's mapping onto [`MAPPED_SCHEMA`]: a rename, a conversion, a CEL filter
+/// every sample record passes, and a computed field.
+const MAPPED_COLLECTION: &str = r#"[[tool]]
+name = "app"
+kind = "sqlite"
+path = "app.db"
+
+[[tool.collection]]
+name = "customers"
+table = "customers"
+primary_key = "id"
+identity = "shared_key"
+columns = ["email", "city", "country", "phone", "score", "visits", "active", "created"]
+filter = 'visits >= 0'
+
+[[tool.collection.field]]
+column = "full_name"
+field = "name"
+
+[[tool.collection.field]]
+column = "balance_cents"
+field = "balance"
+convert = "minor_units"
+
+[[tool.collection.field]]
+column = "label"
+compute = 'name + " (" + city + ")"'
+"#;
 /// How long one edit may take to arrive at most.
 const EDIT_TIMEOUT_MS: u64 = 10_000;
 /// How long the sustained updates may take to drain after the writer stopped.
@@ -59,11 +95,18 @@ pub struct Options {
     pub sustain: Duration,
     /// Sync into PostgreSQL instead of SQLite on agent B.
     pub postgres: bool,
+    /// Sync into a SQLite table of other names and types on agent B, through a
+    /// mapping with a rename, a conversion, a CEL filter and a computed field.
+    pub mapped: bool,
 }
 
 /// Agent B's tool, read by the benchmark.
 enum Sink {
-    Sqlite(Connection),
+    Sqlite {
+        db: Connection,
+        /// Whether B's table is [`MAPPED_SCHEMA`].
+        mapped: bool,
+    },
     Postgres {
         client: tokio_postgres::Client,
         _server: crate::pg_server::Postgres,
@@ -73,14 +116,19 @@ enum Sink {
 impl Sink {
     fn label(&self) -> &'static str {
         match self {
-            Sink::Sqlite(_) => "SQLite -> SQLite",
+            Sink::Sqlite { mapped: false, .. } => "SQLite -> SQLite",
+            Sink::Sqlite { mapped: true, .. } => {
+                "SQLite -> SQLite through a mapping (rename, cents, CEL filter, computed label)"
+            }
             Sink::Postgres { .. } => "SQLite -> PostgreSQL",
         }
     }
 
     async fn count(&self) -> anyhow::Result<i64> {
         Ok(match self {
-            Sink::Sqlite(db) => db.query_row("SELECT count(*) FROM customers", [], |r| r.get(0))?,
+            Sink::Sqlite { db, .. } => {
+                db.query_row("SELECT count(*) FROM customers", [], |r| r.get(0))?
+            }
             Sink::Postgres { client, .. } => client
                 .query_one("SELECT count(*) FROM customers", &[])
                 .await?
@@ -90,8 +138,11 @@ impl Sink {
 
     async fn name(&self, id: i64) -> anyhow::Result<Option<String>> {
         Ok(match self {
-            Sink::Sqlite(db) => db
+            Sink::Sqlite { db, mapped: false } => db
                 .prepare_cached("SELECT name FROM customers WHERE id = ?1")?
+                .query_row([id], |r| r.get(0))?,
+            Sink::Sqlite { db, mapped: true } => db
+                .prepare_cached("SELECT full_name FROM customers WHERE id = ?1")?
                 .query_row([id], |r| r.get(0))?,
             Sink::Postgres { client, .. } => client
                 .query_one("SELECT name FROM customers WHERE id = $1", &[&id])
@@ -103,7 +154,7 @@ impl Sink {
     /// The sum of `visits` over rows a sustained update reached.
     async fn visits_sum(&self) -> anyhow::Result<i64> {
         Ok(match self {
-            Sink::Sqlite(db) => db.query_row(
+            Sink::Sqlite { db, .. } => db.query_row(
                 "SELECT coalesce(sum(visits), 0) FROM customers WHERE visits >= ?1",
                 [VISITS_BASE],
                 |r| r.get(0),
@@ -126,10 +177,15 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         edits,
         sustain,
         postgres,
+        mapped,
     } = options;
+    if mapped && postgres {
+        bail!("--mapped runs SQLite -> SQLite; drop --postgres");
+    }
     let tmp = tempfile::tempdir()?;
     let a = AgentFiles::create(&tmp.path().join("a"), SCHEMA)?;
-    let b = AgentFiles::create(&tmp.path().join("b"), SCHEMA)?;
+    let b_schema = if mapped { MAPPED_SCHEMA } else { SCHEMA };
+    let b = AgentFiles::create(&tmp.path().join("b"), b_schema)?;
     let rows: Vec<Record> = (0..records).map(sample).collect();
     fill(&a.db, &rows)?;
 
@@ -158,10 +214,14 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             },
         )
     } else {
-        let config = b.config("127.0.0.1:0", &peers, &COLUMNS)?;
+        let config = if mapped {
+            b.config_with("127.0.0.1:0", &peers, MAPPED_COLLECTION)?
+        } else {
+            b.config("127.0.0.1:0", &peers, &COLUMNS)?
+        };
         let db = Connection::open(&b.db)?;
         db.busy_timeout(Duration::from_secs(10))?;
-        (config, Sink::Sqlite(db))
+        (config, Sink::Sqlite { db, mapped })
     };
     let mut proc_b = AgentProcess::start(&b_config.path)?;
     let relay = Relay::start(proc_b.addr).await?;

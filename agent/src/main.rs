@@ -57,6 +57,10 @@ enum Command {
         /// server binaries) instead of a second SQLite database.
         #[arg(long)]
         postgres: bool,
+        /// Sync into a SQLite table of other names and types through a mapping (a
+        /// rename, a conversion, a CEL filter and a computed field).
+        #[arg(long)]
+        mapped: bool,
     },
 }
 
@@ -93,6 +97,7 @@ fn main() -> anyhow::Result<()> {
             edits,
             sustain_secs,
             postgres,
+            mapped,
         } => {
             init_logging(LogFormat::Text, "warn");
             runtime()?.block_on(concord_agent::bench::run(concord_agent::bench::Options {
@@ -100,6 +105,7 @@ fn main() -> anyhow::Result<()> {
                 edits,
                 sustain: std::time::Duration::from_secs(sustain_secs),
                 postgres,
+                mapped,
             }))
         }
     }

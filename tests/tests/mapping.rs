@@ -547,3 +547,94 @@ async fn stats(
     }
     Ok(all)
 }
+
+/// The mapping example in README.md, with the test server's address.
+fn readme_example(pg: &Postgres) -> anyhow::Result<String> {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))?;
+    let Some((_, after)) = readme.split_once("<!-- mapping example -->\n```toml\n") else {
+        bail!("README.md has no mapping example");
+    };
+    let Some((example, _)) = after.split_once("```") else {
+        bail!("the mapping example is not closed");
+    };
+    Ok(example.replace(
+        "postgresql://concord:secret@127.0.0.1:5432/erp",
+        &pg.url("erp"),
+    ))
+}
+
+/// `concord check` on `config`: whether it passed, and what it printed.
+fn concord_check(config: &Path) -> anyhow::Result<(bool, String)> {
+    let output = std::process::Command::new(concord_tests::concord_bin()?)
+        .args(["check", "--config"])
+        .arg(config)
+        .output()?;
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok((output.status.success(), printed))
+}
+
+/// The README's complete mapping example is accepted by `concord check` against
+/// real tools, and a mapping that does not fit the real schema is refused with the
+/// file, the line and the entry, with nothing changed in the tools.
+#[tokio::test(flavor = "multi_thread")]
+async fn concord_check_accepts_the_readme_example_and_names_what_is_wrong() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let pg = Postgres::start()?;
+    pg.create_database("erp")?;
+    pg.psql("erp", PG_CONTACTS)?;
+    rusqlite::Connection::open(tmp.path().join("crm.db"))?.execute_batch(FILTERED_CUSTOMERS)?;
+    let example = readme_example(&pg)?;
+    let config = tmp.path().join("concord.toml");
+    std::fs::write(&config, &example)?;
+    let (ok, printed) = concord_check(&config)?;
+    assert!(ok, "{printed}");
+    assert!(printed.contains("ok (2 tools, 1 collections)"), "{printed}");
+    // Checking changed nothing: no outbox, no triggers, in either tool.
+    let tables: i64 = rusqlite::Connection::open(tmp.path().join("crm.db"))?.query_row(
+        "SELECT count(*) FROM sqlite_master WHERE name LIKE '_concord%'",
+        [],
+        |r| r.get(0),
+    )?;
+    assert_eq!(tables, 0);
+    let schemas = pg.psql(
+        "erp",
+        "SELECT count(*) FROM pg_namespace WHERE nspname = '_concord'",
+    )?;
+    assert!(schemas.trim().ends_with('0'), "{schemas}");
+
+    // Cents into a text column: refused, naming file, line and entry.
+    let wrong = example.replace(
+        "max_length = 40",
+        "max_length = 40\nconvert = \"minor_units\"",
+    );
+    std::fs::write(&config, &wrong)?;
+    let (ok, printed) = concord_check(&config)?;
+    assert!(!ok);
+    let line = wrong
+        .lines()
+        .position(|l| l.contains("max_length = 40"))
+        .map_or(0, |i| i + 2);
+    assert!(
+        printed.contains(&format!("concord.toml:{line}:")),
+        "{printed}"
+    );
+    assert!(
+        printed.contains("column `notes` is text, and this needs an integer column"),
+        "{printed}"
+    );
+    // A filter that does not compile names the tool, collection and expression.
+    let wrong = example.replace("filter = 'status == \"active\"'", "filter = 'status =='");
+    std::fs::write(&config, &wrong)?;
+    let (ok, printed) = concord_check(&config)?;
+    assert!(!ok);
+    assert!(
+        printed.contains("tool `crm`, collection `customers`: the CEL expression `status ==`"),
+        "{printed}"
+    );
+    Ok(())
+}
