@@ -581,6 +581,55 @@ mod write_back {
         assert_eq!(rows, [(1, "Ada L.".to_owned())]);
     }
 
+    /// Regression (a record that left a tool and came back was never inserted
+    /// again): its insert token named a row deleted since, and the insert answered
+    /// with that row's key without writing anything.
+    #[test]
+    fn an_insert_whose_row_is_gone_inserts_anew() {
+        let fx = fixture(CUSTOMERS);
+        let mut connector = open(&fx, vec![customers()]);
+        let insert = |name: &str| WriteOp::Insert {
+            collection: "customers".to_owned(),
+            token: "doc-1".to_owned(),
+            fields: record(&[("name", text(name))]),
+        };
+        connector
+            .write_back(0, &HashSet::new(), &[insert("Ada")])
+            .expect("write-back");
+        let delete = WriteOp::Delete {
+            collection: "customers".to_owned(),
+            key: "1".to_owned(),
+        };
+        connector
+            .write_back(0, &HashSet::new(), &[delete])
+            .expect("write-back");
+        fx.tool
+            .execute(
+                "INSERT INTO customers (id, name) VALUES (1, 'someone else')",
+                [],
+            )
+            .expect("the key is given out again");
+        fx.tool
+            .execute("DELETE FROM customers WHERE id = 1", [])
+            .expect("and freed");
+        let again = connector
+            .write_back(0, &HashSet::new(), &[insert("Ada again")])
+            .expect("write-back");
+        assert!(
+            matches!(&again[0], OpOutcome::Written { key: Some(_), .. }),
+            "{again:?}"
+        );
+        let names: Vec<String> = fx
+            .tool
+            .prepare("SELECT name FROM customers")
+            .expect("prepare")
+            .query_map([], |r| r.get(0))
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("rows");
+        assert_eq!(names, ["Ada again"]);
+    }
+
     #[test]
     fn an_insert_into_a_table_whose_keys_sqlite_does_not_assign_is_rejected() {
         let fx = fixture("CREATE TABLE codes (code TEXT PRIMARY KEY, label TEXT)");

@@ -507,6 +507,37 @@ async fn four_agents_with_mappings_merge_filter_and_round_trip() -> anyhow::Resu
         6,
         "nothing deleted in the ERP"
     );
+    // Reopened, Bob comes back to the branch as a new row of its own.
+    client
+        .execute(
+            "UPDATE contacts SET state = 'open' WHERE email = 'bob@example.com'",
+            &[],
+        )
+        .await?;
+    eventually("Bob to come back to the branch", || async {
+        let bob = sqlite_customers(&branch_db)?
+            .into_iter()
+            .find(|c| c.1 == text("bob@example.com"));
+        Ok(differs(
+            &bob.map(|c| (c.0, c.3)),
+            &Some((text("Bob"), text("active"))),
+        ))
+    })
+    .await?;
+    client
+        .execute(
+            "UPDATE contacts SET state = 'closed' WHERE email = 'bob@example.com'",
+            &[],
+        )
+        .await?;
+    eventually("Bob to leave the branch again", || async {
+        let emails: Vec<Option<String>> = sqlite_customers(&branch_db)?
+            .into_iter()
+            .map(|c| c.1)
+            .collect();
+        Ok(differs(&emails.contains(&text("bob@example.com")), &false))
+    })
+    .await?;
 
     // Quiet: nothing is captured or written any more.
     let agents = [&agent_crm, &agent_erp, &agent_branch, &agent_hub];

@@ -301,7 +301,7 @@ async fn an_insert_is_done_once_per_token() -> anyhow::Result<()> {
         token: "doc-1".into(),
         fields: Record::from([("name".to_owned(), text("Ada L."))]),
     }];
-    let (_connector, changed) = with(connector, move |c| {
+    let (connector, changed) = with(connector, move |c| {
         c.write_back(&Cursor::start(), &HashSet::new(), &ops)
     })
     .await?;
@@ -309,6 +309,29 @@ async fn an_insert_is_done_once_per_token() -> anyhow::Result<()> {
     assert_eq!(
         pg.psql("crm", "SELECT id, name FROM customers")?,
         "1|Ada L."
+    );
+    // Regression (a record that left a tool and came back was never inserted
+    // again): once its row is gone, the same token inserts a new row.
+    pg.psql("crm", "DELETE FROM customers")?;
+    let ops = vec![WriteOp::Insert {
+        collection: "customers".into(),
+        token: "doc-1".into(),
+        fields: Record::from([("name".to_owned(), text("Ada again"))]),
+    }];
+    let (_connector, back) = with(connector, move |c| {
+        c.write_back(&Cursor::start(), &HashSet::new(), &ops)
+    })
+    .await?;
+    assert_eq!(
+        back?,
+        [OpOutcome::Written {
+            key: Some("2".to_owned()),
+            version: None,
+        }]
+    );
+    assert_eq!(
+        pg.psql("crm", "SELECT id, name FROM customers")?,
+        "2|Ada again"
     );
     Ok(())
 }

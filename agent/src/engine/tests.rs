@@ -733,3 +733,130 @@ fn an_edit_of_the_key_field_after_linking_does_not_fork_the_record() -> TestResu
     assert!(a.reader().ambiguous()?.is_empty());
     Ok(())
 }
+
+/// An engine whose tool holds only active customers, and leaves the others as
+/// `exit` says.
+fn filtered_engine(
+    dir: &std::path::Path,
+    exit: &str,
+) -> Result<Engine, Box<dyn std::error::Error>> {
+    let text = format!(
+        "data_dir = \"d\"\nkey_file = \"k\"\nlisten = \"127.0.0.1:1\"\n\n[[tool]]\nname = \"crm\"\n\
+         kind = \"sqlite\"\npath = \"a.db\"\n\n[[tool.collection]]\nname = \"customers\"\n\
+         table = \"customers\"\nprimary_key = \"id\"\ncolumns = [\"name\", \"status\"]\n\
+         filter = 'status == \"active\"'\non_filter_exit = \"{exit}\"\n"
+    );
+    let config = crate::config::Config::parse(std::path::Path::new("a.toml"), text)?;
+    let mapping = crate::mapping::collection_mapping(&config, 0, 0, None)?;
+    let collections = BTreeMap::from([(
+        "customers".to_owned(),
+        CollectionInfo {
+            mapping,
+            identity: RecordIdentity::ToolIds,
+            natural_key: None,
+        },
+    )]);
+    Ok(Engine::new(Store::open(dir)?, vec![tool(collections)], [])?)
+}
+
+/// A remote edit of the record with minted id `id`, made by store `actor`.
+fn remote_status(
+    actor: u8,
+    id: DocId,
+    base: &[Vec<u8>],
+    status: &str,
+) -> Result<WireEntry, Box<dyn std::error::Error>> {
+    let mut doc = RecordDoc::new(&[actor; 16]);
+    doc.apply(base)?;
+    let mut edit = Edit::default();
+    edit.fields
+        .insert("name".to_owned(), Value::Text("Ada".to_owned()));
+    edit.fields
+        .insert("status".to_owned(), Value::Text(status.to_owned()));
+    let change = doc.edit("customers", "", &edit)?.ok_or("a change")?;
+    Ok(WireEntry {
+        seq: 1,
+        doc: id.0,
+        changes: vec![change],
+    })
+}
+
+/// Runs one plan of the engine's tool, every op written (inserts get key "1").
+fn write_all(engine: &mut Engine) -> Result<Vec<WriteOp>, Box<dyn std::error::Error>> {
+    let mut batch = engine.store().batch();
+    let plan = engine.plan_writes(&mut batch, 0, 10, 0)?;
+    let ops: Vec<WriteOp> = plan.writes.iter().map(|w| w.op.clone()).collect();
+    let outcomes = ops
+        .iter()
+        .map(|op| match op {
+            WriteOp::Insert { .. } => OpOutcome::Written {
+                key: Some("1".to_owned()),
+                version: None,
+            },
+            _ => OpOutcome::WRITTEN,
+        })
+        .collect();
+    engine.writes_done(&mut batch, plan, outcomes, 0)?;
+    engine.store().commit(batch)?;
+    Ok(ops)
+}
+
+#[test]
+fn a_record_leaving_the_filter_is_removed_from_that_tool_or_kept_as_configured() -> TestResult {
+    for exit in ["remove", "keep"] {
+        let dir = tempfile::tempdir()?;
+        let mut a = filtered_engine(dir.path(), exit)?;
+        let id = DocId([7; 16]);
+        let first = remote_status(9, id, &[], "active")?;
+        let mut changes = first.changes.clone();
+        let mut batch = a.store().batch();
+        a.apply_remote(&mut batch, [9; 16], "customers", Some(1), vec![first])?;
+        a.store().commit(batch)?;
+        let ops = write_all(&mut a)?;
+        assert!(matches!(ops[..], [WriteOp::Insert { .. }]), "{ops:?}");
+
+        let inactive = WireEntry {
+            seq: 2,
+            ..remote_status(9, id, &changes, "inactive")?
+        };
+        changes.extend(inactive.changes.clone());
+        let mut batch = a.store().batch();
+        a.apply_remote(&mut batch, [9; 16], "customers", Some(2), vec![inactive])?;
+        a.store().commit(batch)?;
+        let ops = write_all(&mut a)?;
+        match exit {
+            "remove" => {
+                assert!(
+                    matches!(&ops[..], [WriteOp::Delete { key, .. }] if key == "1"),
+                    "{ops:?}"
+                );
+                assert_eq!(
+                    a.store().linked_key("sqlite", id)?,
+                    None,
+                    "no longer linked"
+                );
+            }
+            _ => assert!(ops.is_empty(), "kept, and no longer written: {ops:?}"),
+        }
+        // The record was deleted nowhere: its document is alive.
+        assert!(!a.store().doc(id)?.read()?.deleted);
+
+        let active = WireEntry {
+            seq: 3,
+            ..remote_status(9, id, &changes, "active")?
+        };
+        let mut batch = a.store().batch();
+        a.apply_remote(&mut batch, [9; 16], "customers", Some(3), vec![active])?;
+        a.store().commit(batch)?;
+        let ops = write_all(&mut a)?;
+        match exit {
+            "remove" => assert!(
+                matches!(ops[..], [WriteOp::Insert { .. }]),
+                "comes back: {ops:?}"
+            ),
+            // The kept row still holds what it held: nothing to write.
+            _ => assert!(ops.is_empty(), "{ops:?}"),
+        }
+    }
+    Ok(())
+}

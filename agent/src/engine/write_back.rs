@@ -227,6 +227,7 @@ impl Engine {
                     if write.leaves {
                         self.store
                             .stage_unlink_record(batch, &name, collection, key);
+                        self.store.stage_unlink_doc(batch, &name, write.doc);
                     }
                     self.stats.writes += 1;
                     self.tools[tool].stale.remove(&write.doc);
