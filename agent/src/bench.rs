@@ -190,6 +190,23 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     fill(&a.db, &rows)?;
 
     let floor = floor(&rows)?;
+    let projection = if mapped {
+        let config = crate::config::Config::parse(
+            Path::new("bench.toml"),
+            format!(
+                "data_dir = \"d\"\nkey_file = \"k\"\nlisten = \"127.0.0.1:1\"\n\n{MAPPED_COLLECTION}"
+            ),
+        )?;
+        let mapped = crate::mapping::collection_mapping(&config, 0, 0, None)?;
+        let columns: Vec<String> = COLUMNS.iter().map(|c| (*c).to_owned()).collect();
+        let plain = crate::mapping::Mapping::plain(&columns);
+        Some((
+            projection_time(&plain, &rows)?,
+            projection_time(&mapped, &rows)?,
+        ))
+    } else {
+        None
+    };
 
     let peers = [(a.identity.peer_id(), None)];
     let (b_config, sink) = if postgres {
@@ -317,6 +334,15 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         "  ratio to the floor    {:>10.2}  (goal >= 0.7)",
         rate / floor_rate
     );
+    if let Some((plain, mapped)) = projection {
+        let per = |d: Duration| d.as_secs_f64() * 1e6 / records.max(1) as f64;
+        println!(
+            "  projection per record {:>10.2} µs through the mapping, {:.2} µs plain ({:.1}% of the floor's time per record)",
+            per(mapped),
+            per(plain),
+            (per(mapped) - per(plain)) * 100.0 / per(floor)
+        );
+    }
     println!(
         "edit latency A -> B     p50 {:.2} ms, p99 {:.2} ms  (goal p50 <= 2, p99 <= 10)",
         ms(pct(0.50)),
@@ -471,6 +497,23 @@ fn fill(db: &Path, rows: &[Record]) -> anyhow::Result<()> {
 
 /// The Automerge-only floor: make each record's document and its change, then apply
 /// the change into a second document set.
+/// The time to project every row through `mapping` into what a tool holds, as the
+/// receiving agent does for each record it writes back (filter, conversions,
+/// computed columns, and the columns to write).
+fn projection_time(mapping: &crate::mapping::Mapping, rows: &[Record]) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    for row in rows {
+        let state = crdt_model::RecordState {
+            fields: row.clone(),
+            ..crdt_model::RecordState::default()
+        };
+        if let crate::mapping::Projection::Held(target) = mapping.project(&state)? {
+            std::hint::black_box(mapping.writes(&target, &state.fields, None));
+        }
+    }
+    Ok(start.elapsed())
+}
+
 fn floor(rows: &[Record]) -> anyhow::Result<Duration> {
     let start = Instant::now();
     let mut changes = Vec::with_capacity(rows.len());

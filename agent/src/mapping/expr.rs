@@ -4,10 +4,10 @@
 //! names is a variable, null where the record has no value.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use cel::objects::{Key, Map};
-use cel::{Context, Program};
+use cel::{Context, Env, Program};
 use chrono::DateTime;
 use crdt_model::{Record, Timestamp, Value};
 
@@ -64,7 +64,15 @@ impl Expr {
 
     /// The expression's value for a record with `fields`.
     pub(crate) fn eval(&self, fields: &Record) -> Result<Value, String> {
-        let mut context = Context::default();
+        // The standard library is built once: building it per evaluation (what
+        // `Context::default` does) cost more than the evaluation itself.
+        static STDLIB: OnceLock<Arc<Env>> = OnceLock::new();
+        let mut context = Context::Root {
+            functions: Default::default(),
+            variables: Default::default(),
+            resolver: None,
+            env: STDLIB.get_or_init(|| Arc::new(Env::stdlib())).clone(),
+        };
         for name in &self.variables {
             let value = fields.get(name).map_or(cel::Value::Null, to_cel);
             context.add_variable_from_value(name.clone(), value);
