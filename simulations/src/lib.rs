@@ -35,11 +35,12 @@ use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use concord_agent::config::Normalize;
 use concord_agent::core::{Core, CoreRequest, GROUP_COMMIT_REQUESTS_MAX};
 use concord_agent::engine::{
     CollectionInfo, Engine, RecordIdentity, RemoteError, ToolSpec, WritePlan,
 };
-use concord_agent::mapping::Mapping;
+use concord_agent::mapping::{Mapping, NaturalKey};
 use concord_agent::peers::EVENTS_IN_FLIGHT_MAX;
 use concord_agent::replication::{Action, Session};
 use concord_agent::store::{Store, StoreId};
@@ -76,6 +77,8 @@ pub const EPOCH_MS: i64 = 1_767_225_600_000;
 /// Values a user writes carry the user's agent number times this, so the simulator
 /// can tell whose edit a value is.
 const VALUE_AGENT_STRIDE: i64 = 1_000_000;
+/// Names of orders that users on different sites create alike, under a natural key.
+const SHARED_ORDER_NAMES: u64 = 4;
 
 /// How a run is shaped.
 #[derive(Debug, Clone)]
@@ -146,6 +149,9 @@ struct Swarm {
     oneway: f64,
     crash: f64,
     wipe: f64,
+    /// Orders are matched by a natural key (their name, trimmed and lower-cased)
+    /// instead of tool ids, and users sometimes give orders names other sites use.
+    natural_orders: bool,
     loss: f64,
     duplicate: f64,
     reorder: f64,
@@ -312,6 +318,8 @@ impl Sim {
         swarm.slow = rng.chance(0.5);
         swarm.skew = rng.chance(0.5);
         swarm.topology = ["mesh", "line", "star"][rng.below(3) as usize];
+        // From the seed, not the generator, so other seeds replay as before.
+        swarm.natural_orders = seed % 2 == 1;
         let root = scratch_dir()?;
         let mut sim_agents = Vec::with_capacity(agents);
         for i in 0..agents {
@@ -528,14 +536,23 @@ impl Sim {
             Store::open_with(&agent.dir, || actor).map_err(|e| format!("agent {i}: {e}"))?;
         store.set_doc_cache_max(SIM_DOC_CACHE_MAX);
         let columns: Vec<String> = COLUMNS.iter().map(|c| (*c).to_owned()).collect();
-        let info = |identity| CollectionInfo {
+        let info = |identity, natural_key| CollectionInfo {
             mapping: Mapping::plain(&columns),
             identity,
-            natural_key: None,
+            natural_key,
+        };
+        let orders = if self.swarm.natural_orders {
+            let key = NaturalKey::new(vec![(
+                "name".to_owned(),
+                vec![Normalize::Trim, Normalize::Lowercase],
+            )]);
+            info(RecordIdentity::NaturalKey, Some(key))
+        } else {
+            info(RecordIdentity::ToolIds, None)
         };
         let collections = BTreeMap::from([
-            (COLLECTION.to_owned(), info(RecordIdentity::SharedKey)),
-            (ORDERS.to_owned(), info(RecordIdentity::ToolIds)),
+            (COLLECTION.to_owned(), info(RecordIdentity::SharedKey, None)),
+            (ORDERS.to_owned(), orders),
         ]);
         let tool = ToolSpec {
             name: "tool".to_owned(),
@@ -880,10 +897,21 @@ impl Sim {
         let keys: Vec<String> = self.agents[i].tool.orders.keys().cloned().collect();
         let roll = self.rng.below(10);
         if keys.is_empty() || roll < 4 {
-            let fields: Record = COLUMNS
+            let mut fields: Record = COLUMNS
                 .iter()
                 .map(|c| ((*c).to_owned(), self.user_value(i, c)))
                 .collect();
+            // Under a natural key, sites create the same order (by name, whatever
+            // its case and spacing) now and then.
+            if self.swarm.natural_orders && self.rng.chance(0.3) {
+                let n = self.rng.below(SHARED_ORDER_NAMES);
+                let name = match self.rng.below(3) {
+                    0 => format!("Shared order {n}"),
+                    1 => format!("SHARED ORDER {n}"),
+                    _ => format!("  shared order {n} "),
+                };
+                fields.insert("name".to_owned(), Value::Text(name));
+            }
             let key = self.agents[i].tool.user_insert_order(fields.clone());
             self.log(format!("agent {i} user creates order {key}: {fields:?}"));
             return;
@@ -1488,6 +1516,8 @@ fn foreign_value(change: &automerge::Change, agent: usize) -> Option<String> {
             ScalarValue::Str(text) => {
                 text.starts_with(&format!("n{agent}:"))
                     || text.starts_with(&format!("note {agent}:"))
+                    // Every site's users write the shared order names.
+                    || text.to_lowercase().contains("shared order")
             }
             ScalarValue::Int(qty) => qty.div_euclid(VALUE_AGENT_STRIDE) == agent as i64,
             ScalarValue::Null => true,

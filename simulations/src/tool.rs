@@ -253,7 +253,7 @@ impl SimTool {
     }
 
     /// Inserts a row whose key the tool assigns, once per token: a repeat writes its
-    /// fields into the row the first one made.
+    /// fields into the row the first one made, if it still exists.
     fn insert(&mut self, collection: &str, token: &str, fields: &Record) -> OpOutcome {
         if collection != ORDERS {
             return OpOutcome::Rejected(Rejection::KeyNotAssigned {
@@ -261,7 +261,13 @@ impl SimTool {
                 column: "key".to_owned(),
             });
         }
-        let key = match self.inserted.get(token) {
+        // A token whose row is gone (the record left the tool and came back)
+        // inserts anew, as the connectors do.
+        let done = self
+            .inserted
+            .get(token)
+            .filter(|key| self.orders.contains_key(*key));
+        let key = match done {
             Some(key) => key.clone(),
             None => {
                 self.last_order += 1;

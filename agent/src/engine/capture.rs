@@ -1,10 +1,10 @@
 //! Capture: the local tool's changed rows become changes of their documents.
 
 use connectors::{CaptureBatch, CapturedChange, RowState};
-use crdt_model::{DocId, Edit};
+use crdt_model::{DocId, Edit, Record};
 
-use super::matching::SharedKeys;
-use super::{Engine, RecordIdentity, ToolIx, needs_write, tombstoned};
+use super::matching::{Placement, SharedKeys};
+use super::{CollectionInfo, Engine, RecordIdentity, ToolIx, needs_write, tombstoned};
 use crate::store::{Batch, LetterReason, StoreError};
 
 impl Engine {
@@ -80,7 +80,7 @@ impl Engine {
             previous_key,
             state,
         } = change;
-        let (name, uid) = (self.tools[tool].name.clone(), self.tools[tool].uid.clone());
+        let name = self.tools[tool].name.clone();
         let Some(info) = self.tools[tool].collections.get(&collection).cloned() else {
             return Ok(());
         };
@@ -103,145 +103,211 @@ impl Engine {
             }
         }
         let shadow = self.store.shadow(&name, &collection, &key)?;
-        let present = matches!(state, RowState::Present(_));
-        let mut joins = false;
-        let (id, identity_key) = match info.identity {
-            RecordIdentity::SharedKey => (DocId::of(&collection, &key), key.as_str()),
-            RecordIdentity::ToolIds | RecordIdentity::NaturalKey => {
-                let linked = self.store.linked_doc(&name, &collection, &key)?;
-                let id = match linked {
-                    // A row created where its linked record is deleted is a new
-                    // record (the tool reused the key): a new document, never the
-                    // dead one.
-                    Some(old)
-                        if present
-                            && shadow.is_none()
-                            && !rescan
-                            && tombstoned(self.store.doc(old)?) =>
-                    {
-                        self.store.stage_unlink_doc(batch, &name, old);
-                        DocId::minted(&self.store.actor(), &uid, &collection, &key, Some(old))
-                    }
-                    Some(linked) => linked,
-                    None if present => match (&info.natural_key, &state) {
-                        (Some(natural), RowState::Present(row)) => {
-                            let placement = self.natural_doc(
-                                batch,
-                                tool,
-                                &info,
-                                natural,
-                                &collection,
-                                &key,
-                                row,
-                                shared,
-                            )?;
-                            joins = placement.joins;
-                            placement.id
-                        }
-                        _ => DocId::minted(&self.store.actor(), &uid, &collection, &key, None),
-                    },
-                    // A record never linked that is gone or unreadable: nothing to
-                    // record in a document (an invalid row still becomes a dead
-                    // letter below).
-                    None => DocId([0; 16]),
-                };
-                (id, "")
-            }
+        let row = Row {
+            collection: &collection,
+            key: &key,
+            shadow: shadow.as_ref(),
+            rescan,
         };
-        let (edit, after) = match state {
+        let present = match &state {
+            RowState::Present(fields) => Some(fields),
+            _ => None,
+        };
+        let placement = self.place(batch, tool, &info, &row, present, shared)?;
+        let Some(captured) =
+            self.captured_edit(batch, tool, &info, &row, state, placement, now_ms)?
+        else {
+            return Ok(());
+        };
+        self.stage_captured(batch, tool, &info, &row, placement.id, captured)
+    }
+
+    /// The document of a captured row: derived from its key (shared key), the one
+    /// it is linked to, or, for a row not linked yet, the one of its natural key or a
+    /// newly minted one. A row created where its linked record is deleted is a new
+    /// record (the tool reused the key): a new document, never the dead one.
+    fn place(
+        &mut self,
+        batch: &mut Batch,
+        tool: ToolIx,
+        info: &CollectionInfo,
+        row: &Row<'_>,
+        present: Option<&Record>,
+        shared: &SharedKeys,
+    ) -> Result<Placement, StoreError> {
+        let (name, uid) = (self.tools[tool].name.clone(), self.tools[tool].uid.clone());
+        let (collection, key) = (row.collection, row.key);
+        if info.identity == RecordIdentity::SharedKey {
+            let id = DocId::of(collection, key);
+            return Ok(Placement { id, joins: false });
+        }
+        let minted = |engine: &Engine, previous| {
+            DocId::minted(&engine.store.actor(), &uid, collection, key, previous)
+        };
+        let id = match self.store.linked_doc(&name, collection, key)? {
+            Some(old)
+                if present.is_some()
+                    && row.shadow.is_none()
+                    && !row.rescan
+                    && tombstoned(self.store.doc(old)?) =>
+            {
+                self.store.stage_unlink_doc(batch, &name, old);
+                minted(self, Some(old))
+            }
+            Some(linked) => linked,
+            None => match (present, &info.natural_key) {
+                (Some(fields), Some(natural)) => {
+                    return self.natural_doc(batch, tool, info, natural, row, fields, shared);
+                }
+                (Some(_), None) => minted(self, None),
+                // A record never linked that is gone or unreadable: nothing to record
+                // in a document (an invalid row still becomes a dead letter).
+                (None, _) => DocId([0; 16]),
+            },
+        };
+        Ok(Placement { id, joins: false })
+    }
+
+    /// The edit a captured row makes to its document, with what the tool holds
+    /// after it (`None`: nothing); `None` when the row changes no document (gone and
+    /// never held, invalid, or not convertible: the last two become dead letters).
+    ///
+    /// A new row's empty columns are not written: two sites creating the same record
+    /// offline then merge what each knew instead of one site's nulls hiding the
+    /// other's values. A row the tool created revives its record, and a reset removes
+    /// every other field; a row found by a rescan does not overrule a delete made
+    /// elsewhere.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one call site, each argument distinct"
+    )]
+    fn captured_edit(
+        &mut self,
+        batch: &mut Batch,
+        tool: ToolIx,
+        info: &CollectionInfo,
+        row: &Row<'_>,
+        state: RowState,
+        placement: Placement,
+        now_ms: i64,
+    ) -> Result<Option<(Edit, Option<Record>)>, StoreError> {
+        let (name, uid) = (self.tools[tool].name.clone(), self.tools[tool].uid.clone());
+        let record = match state {
             RowState::Invalid(invalid) => {
                 let reason = LetterReason::InvalidRow(invalid);
-                self.dead_letter(batch, &name, &collection, &key, reason);
-                return Ok(());
+                self.dead_letter(batch, &name, row.collection, row.key, reason);
+                return Ok(None);
             }
-            RowState::Absent => match shadow {
-                None => return Ok(()),
-                Some(_) => (
-                    Edit {
-                        deleted: Some(true),
-                        time_ms: now_ms,
-                        ..Edit::default()
-                    },
-                    None,
-                ),
-            },
-            RowState::Present(record) => {
-                let created = shadow.is_none();
-                // A row the tool created revives its record; a row found by a
-                // rescan does not overrule a delete made elsewhere.
-                let revive = created && !rescan;
-                let reset = revive
-                    && info.identity == RecordIdentity::SharedKey
-                    && tombstoned(self.store.doc(id)?);
-                // A new row's empty columns are not written: two sites creating the
-                // same record offline then merge what each knew instead of one site's
-                // nulls hiding the other's values. A reset removes every other field.
-                let row_ms = info.mapping.changed_at_ms(&record).unwrap_or(now_ms);
-                let fields = match info.mapping.read(&record, shadow.as_ref()) {
-                    Ok(fields) if joins => {
-                        self.joining_fields(id, info.mapping.on_match(), fields, row_ms)?
-                    }
-                    Ok(fields) => fields,
-                    Err(e) => {
-                        // The shadow stays as it was, so the row is read again
-                        // once it changes.
-                        let reason = LetterReason::Mapping(e);
-                        self.dead_letter(batch, &name, &collection, &key, reason);
-                        return Ok(());
-                    }
-                };
+            RowState::Absent if row.shadow.is_none() => return Ok(None),
+            RowState::Absent => {
                 let edit = Edit {
-                    fields,
-                    external_id: created.then(|| (uid.to_string(), key.clone())),
-                    deleted: revive.then_some(false),
-                    reset,
-                    time_ms: row_ms,
+                    deleted: Some(true),
+                    time_ms: now_ms,
+                    ..Edit::default()
                 };
-                (edit, Some(record))
+                return Ok(Some((edit, None)));
+            }
+            RowState::Present(record) => record,
+        };
+        let created = row.shadow.is_none();
+        let revive = created && !row.rescan;
+        let reset = revive
+            && info.identity == RecordIdentity::SharedKey
+            && tombstoned(self.store.doc(placement.id)?);
+        let row_ms = info.mapping.changed_at_ms(&record).unwrap_or(now_ms);
+        let fields = match info.mapping.read(&record, row.shadow) {
+            Ok(fields) if placement.joins => {
+                let on_match = info.mapping.on_match();
+                self.joining_fields(placement.id, on_match, fields, row_ms)?
+            }
+            Ok(fields) => fields,
+            Err(e) => {
+                // The shadow stays as it was, so the row is read again once it
+                // changes.
+                let reason = LetterReason::Mapping(e);
+                self.dead_letter(batch, &name, row.collection, row.key, reason);
+                return Ok(None);
             }
         };
+        let edit = Edit {
+            fields,
+            external_id: created.then(|| (uid.to_string(), row.key.to_owned())),
+            deleted: revive.then_some(false),
+            reset,
+            time_ms: row_ms,
+        };
+        Ok(Some((edit, Some(record))))
+    }
+
+    /// Stages a captured row's edit of document `id`: its link, shadow and change,
+    /// and the write-backs it makes due.
+    fn stage_captured(
+        &mut self,
+        batch: &mut Batch,
+        tool: ToolIx,
+        info: &CollectionInfo,
+        row: &Row<'_>,
+        id: DocId,
+        (edit, after): (Edit, Option<Record>),
+    ) -> Result<(), StoreError> {
+        let name = self.tools[tool].name.clone();
+        let (collection, key) = (row.collection, row.key);
         self.store
-            .stage_dead_letter(batch, &name, &collection, &key, None);
+            .stage_dead_letter(batch, &name, collection, key, None);
         if after.is_some() && edit.external_id.is_some() {
             match info.identity {
                 // The key names the document: the record index is enough.
                 RecordIdentity::SharedKey => {
                     self.store
-                        .stage_external_id(batch, &name, &collection, &key, id);
+                        .stage_external_id(batch, &name, collection, key, id);
                 }
                 RecordIdentity::ToolIds | RecordIdentity::NaturalKey => {
-                    self.store.stage_link(batch, &name, &collection, &key, id)?;
+                    self.store.stage_link(batch, &name, collection, key, id)?;
                 }
             }
         }
         self.store
-            .stage_shadow(batch, &name, &collection, &key, after.as_ref());
+            .stage_shadow(batch, &name, collection, key, after.as_ref());
+        let identity_key = match info.identity {
+            RecordIdentity::SharedKey => key,
+            RecordIdentity::ToolIds | RecordIdentity::NaturalKey => "",
+        };
         let doc = self.store.doc(id)?;
         let was_empty = doc.is_empty();
-        let change = match doc.edit(&collection, identity_key, &edit) {
+        let change = match doc.edit(collection, identity_key, &edit) {
             Ok(change) => change,
             Err(e) => {
                 // The document holds something the edit cannot work with: set it
                 // aside rather than stop capturing everything else.
                 self.store.forget(id);
-                self.quarantine(batch, id, &collection, None, e.to_string());
+                self.quarantine(batch, id, collection, None, e.to_string());
                 return Ok(());
             }
         };
         if let Some(change) = change {
             self.store
-                .stage_doc(batch, id, &collection, vec![change], None)?;
+                .stage_doc(batch, id, collection, vec![change], None)?;
             self.stats.captured += 1;
             // The agent's other tools of this collection take the change too.
-            self.set_pending_all(batch, &collection, id, Some(tool));
+            self.set_pending_all(batch, collection, id, Some(tool));
         }
         // The merged record may differ from what the tool holds (a concurrent remote
         // edit won, or the record is deleted): then the tool needs a write-back. A
         // document this capture created holds exactly the tool's record.
         if !was_empty && let Some(state) = self.read_or_quarantine(batch, id)? {
-            let differs = needs_write(&info, &state, after.as_ref());
+            let differs = needs_write(info, &state, after.as_ref());
             self.set_pending(batch, tool, id, differs);
         }
         Ok(())
     }
+}
+
+/// A captured row, as the steps of capturing it see it.
+pub(super) struct Row<'a> {
+    pub(super) collection: &'a str,
+    pub(super) key: &'a str,
+    /// What the tool was known to hold under the key.
+    pub(super) shadow: Option<&'a Record>,
+    /// The row was found by a rescan.
+    pub(super) rescan: bool,
 }

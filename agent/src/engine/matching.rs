@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use connectors::{CapturedChange, RowState};
 use crdt_model::{DocId, Record, Value};
 
+use super::capture::Row;
 use super::{CollectionInfo, Engine, ToolIx, tombstoned};
 use crate::config::MatchWins;
 use crate::mapping::NaturalKey;
@@ -74,11 +75,11 @@ impl Engine {
         tool: ToolIx,
         info: &CollectionInfo,
         natural: &NaturalKey,
-        collection: &str,
-        key: &str,
+        captured: &Row<'_>,
         row: &Record,
         shared: &SharedKeys,
     ) -> Result<Placement, StoreError> {
+        let (collection, key) = (captured.collection, captured.key);
         let (name, uid) = (self.tools[tool].name.clone(), self.tools[tool].uid.clone());
         let own = |engine: &Engine, previous| Placement {
             id: DocId::minted(&engine.store.actor(), &uid, collection, key, previous),

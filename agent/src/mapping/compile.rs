@@ -247,210 +247,280 @@ fn field_map(
     f: &FieldConfig,
     types: Option<&BTreeMap<String, FieldType>>,
 ) -> Result<FieldMap, ConfigError> {
-    let key = |name: &str| format!("field[{k}].{name}");
     let column = f.column.get_ref().clone();
-    at.column_exists(f.column.span(), &key("column"), &column, types)?;
-    let native = types.and_then(|t| t.get(&column).copied());
-    let compute = match &f.compute {
-        Some(source) => {
-            if let Some(d) = f
-                .direction
-                .as_ref()
-                .filter(|d| *d.get_ref() != Direction::IntoTool)
-            {
-                return Err(at.invalid(
-                    d.span(),
-                    &key("direction"),
-                    "a computed column is only written into the tool (`into_tool`)".to_owned(),
-                ));
-            }
-            Some(at.expr(source, &key("compute"))?)
-        }
-        None => None,
+    at.column_exists(
+        f.column.span(),
+        &format!("field[{k}].column"),
+        &column,
+        types,
+    )?;
+    let field = FieldPlace {
+        at,
+        k,
+        native: types.and_then(|t| t.get(&column).copied()),
+        column,
     };
-    let direction = match (&compute, &f.direction) {
-        (Some(_), _) => Direction::IntoTool,
-        (None, Some(d)) => *d.get_ref(),
-        (None, None) => Direction::Both,
-    };
-    // A key allowed only with a conversion, or refused.
-    let only_with =
-        |value: Option<Range<usize>>, name: &str, conversion: &str, ok: bool| match value {
-            Some(span) if !ok => Err(at.invalid(
+    let (compute, direction) = field.compute(f)?;
+    field.conversion_keys(f)?;
+    let mut steps = field.text_steps(f)?;
+    let zone = field.zone(f)?;
+    if let Some(conversion) = &f.convert {
+        steps.push(field.conversion(f, conversion, zone)?);
+    }
+    steps.extend(field.wall_clock(f, zone)?);
+    steps.extend(field.factor(f)?);
+    steps.extend(field.enumeration(f)?);
+    Ok(FieldMap {
+        field: f
+            .field
+            .as_ref()
+            .map_or_else(|| field.column.clone(), |f| f.get_ref().clone()),
+        column: field.column,
+        direction,
+        steps,
+        compute,
+    })
+}
+
+/// One `[[tool.collection.field]]` being compiled: where it is, and its column.
+struct FieldPlace<'a> {
+    at: &'a Place<'a>,
+    k: usize,
+    column: String,
+    /// The column's type, when the schema is known.
+    native: Option<FieldType>,
+}
+
+impl FieldPlace<'_> {
+    fn invalid(&self, span: Range<usize>, name: &str, message: String) -> ConfigError {
+        self.at
+            .invalid(span, &format!("field[{}].{name}", self.k), message)
+    }
+
+    /// Refuses a column whose known type is not among `wanted` (`what` says them).
+    fn needs(
+        &self,
+        wanted: &[FieldType],
+        what: &str,
+        span: Range<usize>,
+        name: &str,
+    ) -> Result<(), ConfigError> {
+        match self.native {
+            Some(found) if !wanted.contains(&found) => Err(self.invalid(
                 span,
-                &key(name),
-                format!("`{name}` applies to `convert = \"{conversion}\"`"),
+                name,
+                format!("column `{}` is {found}, and this needs {what}", self.column),
             )),
             _ => Ok(()),
-        };
-    let convert = f.convert.as_ref().map(|c| *c.get_ref());
-    only_with(
-        f.scale.as_ref().map(Spanned::span),
-        "scale",
-        "minor_units",
-        convert == Some(Conversion::MinorUnits),
-    )?;
-    only_with(
-        f.format.as_ref().map(Spanned::span),
-        "format",
-        "timestamp",
-        convert == Some(Conversion::Timestamp),
-    )?;
-    for (value, name) in [
-        (&f.true_value, "true_value"),
-        (&f.false_value, "false_value"),
-    ] {
-        only_with(
-            value.as_ref().map(Spanned::span),
-            name,
-            "bool",
-            convert == Some(Conversion::Bool),
-        )?;
-    }
-    // The column's type a conversion needs, checked when the schema is known.
-    let needs = |wanted: &[FieldType], what: &str, span: Range<usize>, name: &str| match native {
-        Some(found) if !wanted.contains(&found) => Err(at.invalid(
-            span,
-            &key(name),
-            format!("column `{column}` is {found}, and this needs {what}"),
-        )),
-        _ => Ok(()),
-    };
-    let mut steps = Vec::new();
-    if let Some(max) = &f.max_length {
-        needs(&[FieldType::Text], "text", max.span(), "max_length")?;
-        if *max.get_ref() == 0 {
-            return Err(at.invalid(max.span(), &key("max_length"), "at least 1".to_owned()));
         }
-        steps.push(Step::MaxLength(*max.get_ref()));
     }
-    if let Some(case) = &f.case {
-        needs(&[FieldType::Text], "text", case.span(), "case")?;
-        steps.push(Step::Case(*case.get_ref()));
+
+    /// The computed column's expression, and the field's direction.
+    fn compute(&self, f: &FieldConfig) -> Result<(Option<Expr>, Direction), ConfigError> {
+        let Some(source) = &f.compute else {
+            return Ok((
+                None,
+                f.direction
+                    .as_ref()
+                    .map_or(Direction::Both, |d| *d.get_ref()),
+            ));
+        };
+        if let Some(d) = f
+            .direction
+            .as_ref()
+            .filter(|d| *d.get_ref() != Direction::IntoTool)
+        {
+            return Err(self.invalid(
+                d.span(),
+                "direction",
+                "a computed column is only written into the tool (`into_tool`)".to_owned(),
+            ));
+        }
+        let expr = self
+            .at
+            .expr(source, &format!("field[{}].compute", self.k))?;
+        Ok((Some(expr), Direction::IntoTool))
     }
-    if let Some(trim) = &f.trim
-        && *trim.get_ref()
-    {
-        needs(&[FieldType::Text], "text", trim.span(), "trim")?;
-        steps.push(Step::Trim);
+
+    /// Keys that belong to one conversion are refused with any other.
+    fn conversion_keys(&self, f: &FieldConfig) -> Result<(), ConfigError> {
+        let convert = f.convert.as_ref().map(|c| *c.get_ref());
+        let keys = [
+            (
+                f.scale.as_ref().map(Spanned::span),
+                "scale",
+                Conversion::MinorUnits,
+                "minor_units",
+            ),
+            (
+                f.format.as_ref().map(Spanned::span),
+                "format",
+                Conversion::Timestamp,
+                "timestamp",
+            ),
+            (
+                f.true_value.as_ref().map(Spanned::span),
+                "true_value",
+                Conversion::Bool,
+                "bool",
+            ),
+            (
+                f.false_value.as_ref().map(Spanned::span),
+                "false_value",
+                Conversion::Bool,
+                "bool",
+            ),
+        ];
+        for (span, name, conversion, spelled) in keys {
+            if let Some(span) = span
+                && convert != Some(conversion)
+            {
+                return Err(self.invalid(
+                    span,
+                    name,
+                    format!("`{name}` applies to `convert = \"{spelled}\"`"),
+                ));
+            }
+        }
+        Ok(())
     }
-    let zone = match &f.timezone {
-        Some(name) => Some(name.get_ref().parse::<Tz>().map_err(|_| {
-            at.invalid(
+
+    /// `max_length`, `case` and `trim`, which shape text on the tool's side.
+    fn text_steps(&self, f: &FieldConfig) -> Result<Vec<Step>, ConfigError> {
+        let mut steps = Vec::new();
+        if let Some(max) = &f.max_length {
+            self.needs(&[FieldType::Text], "text", max.span(), "max_length")?;
+            if *max.get_ref() == 0 {
+                return Err(self.invalid(max.span(), "max_length", "at least 1".to_owned()));
+            }
+            steps.push(Step::MaxLength(*max.get_ref()));
+        }
+        if let Some(case) = &f.case {
+            self.needs(&[FieldType::Text], "text", case.span(), "case")?;
+            steps.push(Step::Case(*case.get_ref()));
+        }
+        if let Some(trim) = f.trim.as_ref().filter(|t| *t.get_ref()) {
+            self.needs(&[FieldType::Text], "text", trim.span(), "trim")?;
+            steps.push(Step::Trim);
+        }
+        Ok(steps)
+    }
+
+    fn zone(&self, f: &FieldConfig) -> Result<Option<Tz>, ConfigError> {
+        let Some(name) = &f.timezone else {
+            return Ok(None);
+        };
+        name.get_ref().parse::<Tz>().map(Some).map_err(|_| {
+            self.invalid(
                 name.span(),
-                &key("timezone"),
+                "timezone",
                 format!(
                     "`{}` is not an IANA time zone (e.g. \"Europe/Berlin\")",
                     name.get_ref()
                 ),
             )
-        })?),
-        None => None,
-    };
-    if let Some(conversion) = &f.convert {
+        })
+    }
+
+    /// The step of `convert`, checked against the column's type.
+    fn conversion(
+        &self,
+        f: &FieldConfig,
+        conversion: &Spanned<Conversion>,
+        zone: Option<Tz>,
+    ) -> Result<Step, ConfigError> {
         let span = conversion.span();
-        steps.push(match conversion.get_ref() {
+        let needs =
+            |wanted: &[FieldType], what: &str| self.needs(wanted, what, span.clone(), "convert");
+        match conversion.get_ref() {
             Conversion::MinorUnits => {
-                needs(
-                    &[FieldType::Integer],
-                    "an integer column",
-                    span.clone(),
-                    "convert",
-                )?;
+                needs(&[FieldType::Integer], "an integer column")?;
                 let scale = f.scale.as_ref().map_or(2, |s| *s.get_ref());
-                if scale > 18 {
-                    let span = f.scale.as_ref().map_or(span, Spanned::span);
-                    return Err(at.invalid(span, &key("scale"), "at most 18 digits".to_owned()));
+                if scale > MINOR_UNITS_SCALE_MAX {
+                    let span = f.scale.as_ref().map_or(span.clone(), Spanned::span);
+                    let message = format!("at most {MINOR_UNITS_SCALE_MAX} digits");
+                    return Err(self.invalid(span, "scale", message));
                 }
-                Step::MinorUnits { scale }
+                Ok(Step::MinorUnits { scale })
             }
             Conversion::Timestamp => {
-                needs(&[FieldType::Text], "a text column", span.clone(), "convert")?;
-                let format = f.format.as_ref().map(|f| f.get_ref().clone());
-                if let (Some(text), Some(spanned)) = (&format, &f.format)
-                    && !format_is_valid(text)
-                {
-                    return Err(at.invalid(
-                        spanned.span(),
-                        &key("format"),
-                        format!("{text:?} is not a valid strftime format"),
-                    ));
+                needs(&[FieldType::Text], "a text column")?;
+                if let Some(format) = f.format.as_ref().filter(|f| !format_is_valid(f.get_ref())) {
+                    let message = format!("{:?} is not a valid strftime format", format.get_ref());
+                    return Err(self.invalid(format.span(), "format", message));
                 }
-                Step::TextTimestamp {
-                    format,
+                Ok(Step::TextTimestamp {
+                    format: f.format.as_ref().map(|f| f.get_ref().clone()),
                     zone: zone.unwrap_or(Tz::UTC),
-                }
+                })
             }
             Conversion::Bool => {
-                let text = native == Some(FieldType::Text);
-                needs(
-                    &[FieldType::Integer, FieldType::Text, FieldType::Bool],
-                    "an integer, text or boolean column",
-                    span.clone(),
-                    "convert",
-                )?;
-                let pick =
-                    |v: &Option<Spanned<toml::Value>>, name: &str, int: i64, word: &str| match v {
-                        None if text => Ok(Value::Text(word.to_owned())),
-                        None => Ok(Value::Int(int)),
-                        Some(v) => match v.get_ref() {
-                            toml::Value::String(s) => Ok(Value::Text(s.clone())),
-                            toml::Value::Integer(i) => Ok(Value::Int(*i)),
-                            toml::Value::Boolean(b) => Ok(Value::Bool(*b)),
-                            _ => Err(at.invalid(
-                                v.span(),
-                                &key(name),
-                                "a text, an integer or a boolean".to_owned(),
-                            )),
-                        },
-                    };
-                let yes = pick(&f.true_value, "true_value", 1, "Y")?;
-                let no = pick(&f.false_value, "false_value", 0, "N")?;
-                if yes == no {
-                    let span = f.false_value.as_ref().map_or(span, Spanned::span);
-                    return Err(at.invalid(
-                        span,
-                        &key("false_value"),
-                        "the true and false values must differ".to_owned(),
-                    ));
-                }
-                Step::Bool { yes, no }
+                let kinds = [FieldType::Integer, FieldType::Text, FieldType::Bool];
+                needs(&kinds, "an integer, text or boolean column")?;
+                self.bool_step(f, span.clone())
             }
             Conversion::Number => {
-                needs(&[FieldType::Text], "a text column", span.clone(), "convert")?;
-                Step::Number
+                needs(&[FieldType::Text], "a text column")?;
+                Ok(Step::Number)
             }
             Conversion::Text => {
-                needs(
-                    &[FieldType::Integer, FieldType::Float, FieldType::Decimal],
-                    "a number column",
-                    span.clone(),
-                    "convert",
-                )?;
-                Step::Text(NumberKind::of(native))
+                let kinds = [FieldType::Integer, FieldType::Float, FieldType::Decimal];
+                needs(&kinds, "a number column")?;
+                Ok(Step::Text(NumberKind::of(self.native)))
             }
-        });
+        }
     }
-    match (&f.timezone, zone, convert) {
-        (_, _, Some(Conversion::Timestamp)) | (None, _, _) => {}
-        (Some(spanned), Some(zone), None) => {
-            needs(
-                &[FieldType::Timestamp],
-                "a timestamp column",
+
+    /// `convert = "bool"`: the column's two values (1/0, or "Y"/"N" for text).
+    fn bool_step(&self, f: &FieldConfig, span: Range<usize>) -> Result<Step, ConfigError> {
+        let text = self.native == Some(FieldType::Text);
+        let pick = |v: &Option<Spanned<toml::Value>>, name: &str, int: i64, word: &str| match v {
+            None if text => Ok(Value::Text(word.to_owned())),
+            None => Ok(Value::Int(int)),
+            Some(v) => match v.get_ref() {
+                toml::Value::String(s) => Ok(Value::Text(s.clone())),
+                toml::Value::Integer(i) => Ok(Value::Int(*i)),
+                toml::Value::Boolean(b) => Ok(Value::Bool(*b)),
+                _ => {
+                    Err(self.invalid(v.span(), name, "a text, an integer or a boolean".to_owned()))
+                }
+            },
+        };
+        let yes = pick(&f.true_value, "true_value", 1, "Y")?;
+        let no = pick(&f.false_value, "false_value", 0, "N")?;
+        if yes == no {
+            let span = f.false_value.as_ref().map_or(span, Spanned::span);
+            let message = "the true and false values must differ".to_owned();
+            return Err(self.invalid(span, "false_value", message));
+        }
+        Ok(Step::Bool { yes, no })
+    }
+
+    /// `timezone` without `convert`: a timestamp column holding wall-clock time.
+    fn wall_clock(&self, f: &FieldConfig, zone: Option<Tz>) -> Result<Option<Step>, ConfigError> {
+        let (Some(spanned), Some(zone)) = (&f.timezone, zone) else {
+            return Ok(None);
+        };
+        match f.convert.as_ref().map(|c| *c.get_ref()) {
+            Some(Conversion::Timestamp) => Ok(None),
+            None => {
+                let kinds = [FieldType::Timestamp];
+                self.needs(&kinds, "a timestamp column", spanned.span(), "timezone")?;
+                Ok(Some(Step::WallClock { zone }))
+            }
+            Some(_) => Err(self.invalid(
                 spanned.span(),
                 "timezone",
-            )?;
-            steps.push(Step::WallClock { zone });
-        }
-        (Some(spanned), _, _) => {
-            return Err(at.invalid(
-                spanned.span(),
-                &key("timezone"),
                 "applies to a timestamp column or to `convert = \"timestamp\"`".to_owned(),
-            ));
+            )),
         }
     }
-    if let Some(factor) = &f.factor {
+
+    /// `factor`: units, for numbers.
+    fn factor(&self, f: &FieldConfig) -> Result<Option<Step>, ConfigError> {
+        let Some(factor) = &f.factor else {
+            return Ok(None);
+        };
         let exact = match factor.get_ref() {
             toml::Value::String(s) => Exact::from_str_exact(s.trim()).ok(),
             toml::Value::Integer(i) => Some(Exact::from(*i)),
@@ -458,89 +528,61 @@ fn field_map(
             _ => None,
         };
         let Some(exact) = exact.filter(|e| !e.is_zero()) else {
-            return Err(at.invalid(
-                factor.span(),
-                &key("factor"),
-                "a non-zero decimal number, such as \"1000\" or \"0.01\"".to_owned(),
-            ));
+            let message = "a non-zero decimal number, such as \"1000\" or \"0.01\"".to_owned();
+            return Err(self.invalid(factor.span(), "factor", message));
         };
-        if matches!(
-            convert,
-            Some(Conversion::Timestamp | Conversion::Bool | Conversion::Text)
-        ) {
-            return Err(at.invalid(
-                factor.span(),
-                &key("factor"),
-                "applies to numbers, not to this conversion".to_owned(),
-            ));
-        }
-        if convert.is_none() {
-            needs(
-                &[FieldType::Integer, FieldType::Float, FieldType::Decimal],
-                "a number column",
-                factor.span(),
-                "factor",
-            )?;
-        }
+        let convert = f.convert.as_ref().map(|c| *c.get_ref());
         let kind = match convert {
-            Some(_) => NumberKind::Decimal,
-            None => NumberKind::of(native),
+            None => {
+                let kinds = [FieldType::Integer, FieldType::Float, FieldType::Decimal];
+                self.needs(&kinds, "a number column", factor.span(), "factor")?;
+                NumberKind::of(self.native)
+            }
+            Some(Conversion::MinorUnits | Conversion::Number) => NumberKind::Decimal,
+            Some(_) => {
+                let message = "applies to numbers, not to this conversion".to_owned();
+                return Err(self.invalid(factor.span(), "factor", message));
+            }
         };
-        steps.push(Step::Factor(exact, kind));
+        Ok(Some(Step::Factor(exact, kind)))
     }
-    if let Some(values) = &f.values {
-        if convert.is_some() {
-            return Err(at.invalid(
-                values.span(),
-                &key("values"),
-                "an enumeration maps the column's own values: drop `convert`".to_owned(),
-            ));
+
+    /// `values`, `default` and `tool_default`: an enumeration.
+    fn enumeration(&self, f: &FieldConfig) -> Result<Option<Step>, ConfigError> {
+        let Some(values) = &f.values else {
+            for (value, name) in [(&f.default, "default"), (&f.tool_default, "tool_default")] {
+                if let Some(v) = value {
+                    let message = "applies to an enumeration (`values`)".to_owned();
+                    return Err(self.invalid(v.span(), name, message));
+                }
+            }
+            return Ok(None);
+        };
+        if f.convert.is_some() {
+            let message = "an enumeration maps the column's own values: drop `convert`".to_owned();
+            return Err(self.invalid(values.span(), "values", message));
         }
-        needs(
-            &[FieldType::Text, FieldType::Integer],
-            "a text or integer column",
-            values.span(),
-            "values",
-        )?;
+        let kinds = [FieldType::Text, FieldType::Integer];
+        self.needs(&kinds, "a text or integer column", values.span(), "values")?;
         let mut to_tool = BTreeMap::new();
         for (tool, field) in values.get_ref() {
             if let Some(other) = to_tool.insert(field.clone(), tool.clone()) {
-                return Err(at.invalid(
-                    values.span(),
-                    &key("values"),
-                    format!(
-                        "`{other}` and `{tool}` both map to `{field}`: each field value needs \
-                         one column value to be written back as"
-                    ),
-                ));
+                let message = format!(
+                    "`{other}` and `{tool}` both map to `{field}`: each field value needs one \
+                     column value to be written back as"
+                );
+                return Err(self.invalid(values.span(), "values", message));
             }
         }
-        steps.push(Step::Enum(EnumMap {
+        Ok(Some(Step::Enum(EnumMap {
             to_field: values.get_ref().clone(),
             to_tool,
             default: f.default.as_ref().map(|d| d.get_ref().clone()),
             tool_default: f.tool_default.as_ref().map(|d| d.get_ref().clone()),
-            integer: native == Some(FieldType::Integer),
-        }));
-    } else {
-        for (value, name) in [(&f.default, "default"), (&f.tool_default, "tool_default")] {
-            if let Some(v) = value {
-                return Err(at.invalid(
-                    v.span(),
-                    &key(name),
-                    "applies to an enumeration (`values`)".to_owned(),
-                ));
-            }
-        }
+            integer: self.native == Some(FieldType::Integer),
+        })))
     }
-    Ok(FieldMap {
-        field: f
-            .field
-            .as_ref()
-            .map_or_else(|| column.clone(), |f| f.get_ref().clone()),
-        column,
-        direction,
-        steps,
-        compute,
-    })
 }
+
+/// The most decimal places `minor_units` takes (10^18 still fits an integer).
+const MINOR_UNITS_SCALE_MAX: u32 = 18;
