@@ -62,8 +62,14 @@ pub struct DocId(pub [u8; 16]);
 impl DocId {
     /// The id of the record with identity `key` in `collection`.
     pub fn of(collection: &str, key: &str) -> DocId {
+        DocId::derived(b"concord/doc/v1\0", collection, key)
+    }
+
+    /// SHA-256 over `tag`, the collection's length, the collection and `key`, cut to
+    /// 16 bytes.
+    fn derived(tag: &[u8], collection: &str, key: &str) -> DocId {
         let mut hasher = Sha256::new();
-        hasher.update(b"concord/doc/v1\0");
+        hasher.update(tag);
         hasher.update((collection.len() as u64).to_be_bytes());
         hasher.update(collection.as_bytes());
         hasher.update(key.as_bytes());
@@ -113,15 +119,7 @@ impl DocId {
     /// two sites that create records with equal natural keys offline compute the same
     /// id, so they grow one document.
     pub fn natural(collection: &str, key: &str) -> DocId {
-        let mut hasher = Sha256::new();
-        hasher.update(b"concord/doc/natural/v1\0");
-        hasher.update((collection.len() as u64).to_be_bytes());
-        hasher.update(collection.as_bytes());
-        hasher.update(key.as_bytes());
-        let digest = hasher.finalize();
-        let mut id = [0u8; 16];
-        id.copy_from_slice(&digest[..16]);
-        DocId(id)
+        DocId::derived(b"concord/doc/natural/v1\0", collection, key)
     }
 }
 

@@ -322,3 +322,37 @@ fn a_value_of_an_unknown_kind_is_an_error_naming_the_field() -> Result<(), Model
     );
     Ok(())
 }
+
+/// Document ids are part of the wire and store format: agents of different
+/// versions must derive the same id for the same record.
+#[test]
+fn derived_doc_ids_never_change() {
+    assert_eq!(
+        DocId::of("customers", "1").to_string(),
+        "d218eeda0095c37f01aba3853800b8b0"
+    );
+    assert_eq!(
+        DocId::natural("customers", "ada@example.com").to_string(),
+        "013e172d52cd5937b0aed7d49a534b14"
+    );
+    assert_ne!(
+        DocId::natural("customers", "1"),
+        DocId::of("customers", "1")
+    );
+}
+
+/// `field_times` reports the time of the change that wrote each field's value.
+#[test]
+fn field_times_are_those_of_the_changes_that_wrote_the_values() -> Result<(), ModelError> {
+    let mut doc = RecordDoc::new(&[1; 16]);
+    let mut first = edit(&[("name", text("Ada")), ("city", text("London"))]);
+    first.time_ms = 1_000;
+    doc.edit("customers", "1", &first)?;
+    let mut second = edit(&[("city", text("Paris"))]);
+    second.time_ms = 5_000;
+    doc.edit("customers", "1", &second)?;
+    let times = doc.field_times()?;
+    assert_eq!(times.get("name"), Some(&1_000));
+    assert_eq!(times.get("city"), Some(&5_000));
+    Ok(())
+}
