@@ -609,7 +609,21 @@ path = "app.db"
 name = "customers"
 table = "customers"
 primary_key = "id"
+# Columns synced as they are.
 columns = ["name", "email"]
+# Only the records this CEL expression passes (over canonical fields):
+# filter = 'status == "active"'
+#
+# A column mapped onto a canonical field of another name and type (README: Mapping):
+# [[tool.collection.field]]
+# column = "amount_cents"
+# field = "amount"
+# convert = "minor_units"
+
+# Records identified by their normalised e-mail in every tool (the same on every agent):
+# [[collection]]
+# name = "customers"
+# natural_key = ["email"]
 
 # A PostgreSQL database is a tool too (the role must own the synced tables):
 # [[tool]]
