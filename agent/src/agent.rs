@@ -486,10 +486,11 @@ pub(crate) fn sqlite_error(
         | SqliteError::NoPrimaryKey { table }
         | SqliteError::NotATable { table }
         | SqliteError::ReservedTable { table }
-        | SqliteError::CompositePrimaryKey { table, .. } => Some((table.clone(), "table")),
-        SqliteError::PrimaryKeyMismatch { table, .. } => Some((table.clone(), "primary_key")),
-        SqliteError::MissingColumn { table, .. } | SqliteError::UnsupportedType { table, .. } => {
-            Some((table.clone(), "columns"))
+        | SqliteError::CompositePrimaryKey { table, .. } => Some((table.clone(), "table", None)),
+        SqliteError::PrimaryKeyMismatch { table, .. } => Some((table.clone(), "primary_key", None)),
+        SqliteError::MissingColumn { table, column }
+        | SqliteError::UnsupportedType { table, column, .. } => {
+            Some((table.clone(), "columns", Some(column.clone())))
         }
         _ => None,
     };
@@ -509,10 +510,14 @@ pub(crate) fn postgres_error(
         | PostgresError::NoPrimaryKey { table }
         | PostgresError::NotATable { table, .. }
         | PostgresError::ReservedTable { table }
-        | PostgresError::CompositePrimaryKey { table, .. } => Some((table.clone(), "table")),
-        PostgresError::PrimaryKeyMismatch { table, .. } => Some((table.clone(), "primary_key")),
-        PostgresError::MissingColumn { table, .. }
-        | PostgresError::UnsupportedType { table, .. } => Some((table.clone(), "columns")),
+        | PostgresError::CompositePrimaryKey { table, .. } => Some((table.clone(), "table", None)),
+        PostgresError::PrimaryKeyMismatch { table, .. } => {
+            Some((table.clone(), "primary_key", None))
+        }
+        PostgresError::MissingColumn { table, column }
+        | PostgresError::UnsupportedType { table, column, .. } => {
+            Some((table.clone(), "columns", Some(column.clone())))
+        }
         PostgresError::BadUrl(_) => {
             if let Some(url) = &tool.url {
                 return StartError::Config(config.invalid(
@@ -533,23 +538,33 @@ fn tool_error(
     config: &Config,
     t: usize,
     tool: &ToolConfig,
-    at: Option<(String, &str)>,
+    at: Option<(String, &str, Option<String>)>,
     message: String,
 ) -> StartError {
-    if let Some((table, field)) = at {
+    if let Some((table, field, column)) = at {
         for (i, c) in tool.collections.iter().enumerate() {
-            if *c.table.get_ref() == table {
-                let span = match field {
-                    "primary_key" => c.primary_key.span(),
-                    "columns" => c.columns.as_ref().map_or(c.table.span(), |c| c.span()),
-                    _ => c.table.span(),
-                };
-                return StartError::Config(config.invalid(
-                    span,
-                    format!("tool[{t}].collection[{i}].{field}"),
-                    message,
-                ));
+            if *c.table.get_ref() != table {
+                continue;
             }
+            // A column of a `[[tool.collection.field]]` is named there.
+            let mapped = c
+                .fields
+                .iter()
+                .position(|f| Some(f.column.get_ref()) == column.as_ref());
+            let (span, field) = match (field, mapped) {
+                ("columns", Some(k)) => (c.fields[k].column.span(), format!("field[{k}].column")),
+                ("primary_key", _) => (c.primary_key.span(), field.to_owned()),
+                ("columns", None) => (
+                    c.columns.as_ref().map_or(c.table.span(), |c| c.span()),
+                    field.to_owned(),
+                ),
+                _ => (c.table.span(), field.to_owned()),
+            };
+            return StartError::Config(config.invalid(
+                span,
+                format!("tool[{t}].collection[{i}].{field}"),
+                message,
+            ));
         }
     }
     StartError::Tool {

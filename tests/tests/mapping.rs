@@ -640,6 +640,22 @@ async fn concord_check_accepts_the_readme_example_and_names_what_is_wrong() -> a
         printed.contains("column `notes` is text, and this needs an integer column"),
         "{printed}"
     );
+    // A misspelt column of a field table is named at its own line.
+    let wrong = example.replace("column = \"label\"", "column = \"lable\"");
+    std::fs::write(&config, &wrong)?;
+    let (ok, printed) = concord_check(&config)?;
+    assert!(!ok);
+    let line = wrong
+        .lines()
+        .position(|l| l.contains("\"lable\""))
+        .map_or(0, |i| i + 1);
+    assert!(
+        printed.contains(&format!(
+            "concord.toml:{line}: `tool[0].collection[0].field[4].column`"
+        )),
+        "{printed}"
+    );
+    assert!(printed.contains("no column `lable`"), "{printed}");
     // A filter that does not compile names the tool, collection and expression.
     let wrong = example.replace("filter = 'status == \"active\"'", "filter = 'status =='");
     std::fs::write(&config, &wrong)?;
