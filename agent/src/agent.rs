@@ -199,11 +199,7 @@ fn open_tool(
 ) -> Result<Box<dyn Connector>, StartError> {
     match tool.kind.get_ref() {
         ToolKind::Sqlite => {
-            let path = tool
-                .path
-                .as_ref()
-                .map(|p| p.get_ref().clone())
-                .unwrap_or_default();
+            let path = sqlite_path(tool);
             match SqliteConnector::open(&path, collection_specs(config, t)?) {
                 Ok(connector) => Ok(Box::new(connector)),
                 Err(e) => Err(sqlite_error(config, t, tool, &path, e)),
@@ -217,6 +213,14 @@ fn open_tool(
             }
         }
     }
+}
+
+/// A `sqlite` tool's database file.
+pub(crate) fn sqlite_path(tool: &ToolConfig) -> std::path::PathBuf {
+    tool.path
+        .as_ref()
+        .map(|p| p.get_ref().clone())
+        .unwrap_or_default()
 }
 
 /// A `postgres` tool's connection settings.

@@ -7,7 +7,7 @@ use connectors::{postgres, sqlite};
 
 use crate::agent::{
     StartError, ToolSchema, collection_specs, postgres_config, postgres_error, sqlite_error,
-    tool_specs,
+    sqlite_path, tool_specs,
 };
 use crate::config::{Config, ToolKind};
 use crate::mapping;
@@ -32,11 +32,7 @@ pub fn check(config: &Config) -> Result<CheckReport, StartError> {
         let specs = collection_specs(config, t)?;
         let schema = match tool.kind.get_ref() {
             ToolKind::Sqlite => {
-                let path = tool
-                    .path
-                    .as_ref()
-                    .map(|p| p.get_ref().clone())
-                    .unwrap_or_default();
+                let path = sqlite_path(tool);
                 let tables = sqlite::inspect(&path, &specs)
                     .map_err(|e| sqlite_error(config, t, tool, &path, e))?;
                 ToolSchema {

@@ -591,6 +591,24 @@ fn concord_check(config: &Path) -> anyhow::Result<(bool, String)> {
     Ok((output.status.success(), printed))
 }
 
+/// Writes `text` to `config` and runs `concord check` on it, which must refuse it;
+/// returns what it printed.
+fn refused(config: &Path, text: &str) -> anyhow::Result<String> {
+    std::fs::write(config, text)?;
+    let (ok, printed) = concord_check(config)?;
+    if ok {
+        bail!("concord check accepted a wrong config: {printed}");
+    }
+    Ok(printed)
+}
+
+/// The line number (1-based) of the first line of `text` holding `needle`.
+fn line_of(text: &str, needle: &str) -> usize {
+    text.lines()
+        .position(|l| l.contains(needle))
+        .map_or(0, |i| i + 1)
+}
+
 /// The README's complete mapping example is accepted by `concord check` against
 /// real tools, and a mapping that does not fit the real schema is refused with the
 /// file, the line and the entry, with nothing changed in the tools.
@@ -625,13 +643,8 @@ async fn concord_check_accepts_the_readme_example_and_names_what_is_wrong() -> a
         "max_length = 40",
         "max_length = 40\nconvert = \"minor_units\"",
     );
-    std::fs::write(&config, &wrong)?;
-    let (ok, printed) = concord_check(&config)?;
-    assert!(!ok);
-    let line = wrong
-        .lines()
-        .position(|l| l.contains("max_length = 40"))
-        .map_or(0, |i| i + 2);
+    let line = line_of(&wrong, "max_length = 40") + 1;
+    let printed = refused(&config, &wrong)?;
     assert!(
         printed.contains(&format!("concord.toml:{line}:")),
         "{printed}"
@@ -642,25 +655,14 @@ async fn concord_check_accepts_the_readme_example_and_names_what_is_wrong() -> a
     );
     // A misspelt column of a field table is named at its own line.
     let wrong = example.replace("column = \"label\"", "column = \"lable\"");
-    std::fs::write(&config, &wrong)?;
-    let (ok, printed) = concord_check(&config)?;
-    assert!(!ok);
-    let line = wrong
-        .lines()
-        .position(|l| l.contains("\"lable\""))
-        .map_or(0, |i| i + 1);
-    assert!(
-        printed.contains(&format!(
-            "concord.toml:{line}: `tool[0].collection[0].field[4].column`"
-        )),
-        "{printed}"
-    );
+    let line = line_of(&wrong, "\"lable\"");
+    let printed = refused(&config, &wrong)?;
+    let at = format!("concord.toml:{line}: `tool[0].collection[0].field[4].column`");
+    assert!(printed.contains(&at), "{printed}");
     assert!(printed.contains("no column `lable`"), "{printed}");
     // A filter that does not compile names the tool, collection and expression.
     let wrong = example.replace("filter = 'status == \"active\"'", "filter = 'status =='");
-    std::fs::write(&config, &wrong)?;
-    let (ok, printed) = concord_check(&config)?;
-    assert!(!ok);
+    let printed = refused(&config, &wrong)?;
     assert!(
         printed.contains("tool `crm`, collection `customers`: the CEL expression `status ==`"),
         "{printed}"
