@@ -23,12 +23,13 @@ use automerge::transaction::Transactable;
 use automerge::{ActorId, AutoCommit, Change, ChangeHash, ObjId, ObjType, ReadDoc, ScalarValue};
 use sha2::{Digest, Sha256};
 
+use crate::provenance::Provenance;
 use crate::value::{Decimal, Record, Timestamp, Value};
 
 const KEY_COLLECTION: &str = "collection";
 const KEY_IDENTITY: &str = "key";
-const KEY_DELETED: &str = "deleted";
-const PREFIX_FIELD: &str = "f:";
+pub(crate) const KEY_DELETED: &str = "deleted";
+pub(crate) const PREFIX_FIELD: &str = "f:";
 const PREFIX_EXTERNAL: &str = "x:";
 const DECIMAL_TAG: u8 = b'd';
 
@@ -148,6 +149,8 @@ pub struct Edit {
     /// When the edit was made, in milliseconds since the Unix epoch (recorded in the
     /// change; passed in so that a replay makes the same bytes).
     pub time_ms: i64,
+    /// Where the edit came from, recorded in the change's message (none: unknown).
+    pub provenance: Option<Provenance>,
 }
 
 /// The merged state of a record, as read from its document.
@@ -163,8 +166,12 @@ pub struct RecordState {
     pub deleted: bool,
     /// The record's external id in each tool it reached.
     pub external_ids: BTreeMap<String, String>,
-    /// Fields edited concurrently to different values: every value, winner first.
+    /// Fields edited concurrently to different values: every value, Automerge's
+    /// winner first.
     pub conflicts: BTreeMap<String, Vec<Value>>,
+    /// Whether a field or the tombstone holds concurrent values (perhaps equal):
+    /// [`RecordDoc::contested`] tells which and where each came from.
+    pub contested: bool,
 }
 
 /// What applying remote changes did to a document.
@@ -182,7 +189,7 @@ pub struct Applied {
 /// One record as an Automerge document.
 #[derive(Debug)]
 pub struct RecordDoc {
-    doc: AutoCommit,
+    pub(crate) doc: AutoCommit,
 }
 
 impl RecordDoc {
@@ -265,7 +272,10 @@ impl RecordDoc {
                 &Value::Bool(deleted),
             )?;
         }
-        let options = automerge::transaction::CommitOptions::default().with_time(edit.time_ms);
+        let mut options = automerge::transaction::CommitOptions::default().with_time(edit.time_ms);
+        if let Some(provenance) = &edit.provenance {
+            options = options.with_message(provenance.encode());
+        }
         if self.doc.commit_with(options).is_none() {
             return Ok(None);
         }
@@ -393,6 +403,7 @@ impl RecordDoc {
             } else if name == KEY_IDENTITY {
                 state.key = read_text(&self.doc, &name)?;
             } else if name == KEY_DELETED {
+                state.contested |= item.conflict;
                 state.deleted = matches!(
                     read_value(&self.doc, &ObjId::Root, &name)?,
                     Value::Bool(true)
@@ -402,6 +413,7 @@ impl RecordDoc {
                     .external_ids
                     .insert(tool.to_owned(), read_text(&self.doc, &name)?);
             } else if let Some(field) = name.strip_prefix(PREFIX_FIELD) {
+                state.contested |= item.conflict;
                 let all = self.doc.get_all(ObjId::Root, name.as_str())?;
                 let mut values = Vec::with_capacity(all.len());
                 for (value, id) in all.iter().rev() {
@@ -451,14 +463,14 @@ fn read_text(doc: &AutoCommit, name: &str) -> Result<String, ModelError> {
     }
 }
 
-fn read_value(doc: &AutoCommit, obj: &ObjId, prop: &str) -> Result<Value, ModelError> {
+pub(crate) fn read_value(doc: &AutoCommit, obj: &ObjId, prop: &str) -> Result<Value, ModelError> {
     match doc.get(obj, prop)? {
         Some((value, id)) => to_value(doc, &value, &id, prop),
         None => Ok(Value::Null),
     }
 }
 
-fn to_value(
+pub(crate) fn to_value(
     doc: &AutoCommit,
     value: &automerge::Value<'_>,
     id: &ObjId,
@@ -508,7 +520,7 @@ fn to_value(
     })
 }
 
-fn scalar_of(value: &Value) -> Option<ScalarValue> {
+pub(crate) fn scalar_of(value: &Value) -> Option<ScalarValue> {
     Some(match value {
         Value::Null => ScalarValue::Null,
         Value::Bool(b) => ScalarValue::Boolean(*b),
@@ -543,7 +555,7 @@ impl From<Slot> for automerge::Prop {
 }
 
 /// Writes `value` at `prop` of map `obj` unless the document already holds it there.
-fn put_value(
+pub(crate) fn put_value(
     doc: &mut AutoCommit,
     obj: &ObjId,
     prop: String,
@@ -641,7 +653,11 @@ fn insert_value(
     Ok(())
 }
 
-fn fill_object(doc: &mut AutoCommit, obj: &ObjId, value: &Value) -> Result<(), ModelError> {
+pub(crate) fn fill_object(
+    doc: &mut AutoCommit,
+    obj: &ObjId,
+    value: &Value,
+) -> Result<(), ModelError> {
     match value {
         Value::Map(entries) => {
             for (key, entry) in entries {

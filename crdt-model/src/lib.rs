@@ -22,8 +22,10 @@
 //! ```
 
 mod document;
+mod provenance;
 mod value;
 
 pub use automerge::ChangeHash;
 pub use document::{ActorBytes, Applied, DocId, Edit, ModelError, RecordDoc, RecordState};
+pub use provenance::{Candidate, Contested, Decision, HistoryEntry, Provenance};
 pub use value::{Decimal, DecimalError, Record, Timestamp, Value};
