@@ -11,9 +11,11 @@ use connectors::sqlite::{SqliteConnector, SqliteError};
 use connectors::{CollectionSpec, Connector, TableSchema};
 use tokio::sync::{oneshot, watch};
 
-use crate::config::{Config, ConfigError, IdentityConfig, ToolConfig, ToolKind};
+use crate::config::{Config, ConfigError, ConflictPolicy, IdentityConfig, ToolConfig, ToolKind};
 use crate::core::{self, CoreHandle, CoreOutputs, CoreRequest};
-use crate::engine::{CollectionInfo, Engine, EngineStats, RecordIdentity, ToolSpec};
+use crate::engine::{
+    CollectionInfo, CollectionPolicy, Engine, EngineStats, FieldPolicy, RecordIdentity, ToolSpec,
+};
 use crate::identity::{Identity, IdentityError, PeerId};
 use crate::mapping;
 use crate::peers::{self, PeerContext, Registry};
@@ -52,6 +54,14 @@ pub enum StartError {
     /// The listening socket could not be set up.
     #[error("transport: {0}")]
     Transport(#[from] TransportError),
+    /// The admin API's address could not be used.
+    #[error("admin API on {addr}: {source}")]
+    Admin {
+        /// The configured address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
     /// A thread could not be started.
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
@@ -63,6 +73,9 @@ pub enum StartError {
 pub struct RunningAgent {
     peer_id: PeerId,
     local_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    /// The admin API and the retry clock: they hold core handles, so they end first.
+    background: Vec<tokio::task::JoinHandle<()>>,
     core: CoreHandle,
     reader: StoreReader,
     ctx: Arc<PeerContext>,
@@ -114,10 +127,47 @@ pub async fn start(config: Config) -> Result<RunningAgent, StartError> {
             tokio::spawn(peers::dial_loop(transport.clone(), id, addr, ctx.clone()));
         }
     }
+    let admin_listener = crate::admin::bind(*config.admin.listen.get_ref(), &config.data_dir)
+        .await
+        .map_err(|source| StartError::Admin {
+            addr: *config.admin.listen.get_ref(),
+            source,
+        })?;
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(|source| StartError::Admin {
+            addr: *config.admin.listen.get_ref(),
+            source,
+        })?;
+    let admin_state = crate::admin::AdminState {
+        reader: reader.clone(),
+        core: threads.core.clone(),
+        token: config
+            .admin
+            .token
+            .as_ref()
+            .map(|t| t.get_ref().as_str().into()),
+        tools: config
+            .tools
+            .iter()
+            .map(|t| t.name.get_ref().clone())
+            .collect(),
+    };
+    let background = vec![
+        tokio::spawn(crate::admin::serve(
+            admin_listener,
+            admin_state,
+            shutdown.subscribe(),
+        )),
+        tokio::spawn(tick(threads.core.clone(), shutdown.subscribe())),
+    ];
+    tracing::info!(admin = %admin_addr, "admin API listening");
     tracing::info!(peer_id = %identity.peer_id(), listen = %local_addr, store = %crate::store::hex(&store_id), tools = config.tools.len(), "agent started");
     Ok(RunningAgent {
         peer_id: identity.peer_id(),
         local_addr,
+        admin_addr,
+        background,
         core: threads.core,
         reader,
         ctx,
@@ -128,6 +178,25 @@ pub async fn start(config: Config) -> Result<RunningAgent, StartError> {
         tool_threads: threads.tool_threads,
         commits: threads.commits,
     })
+}
+
+/// How often the core looks for dead letters due for a retry.
+pub const RETRY_TICK_MS: u64 = 500;
+
+/// Tells the core that time passed, until shutdown.
+async fn tick(core: CoreHandle, mut shutdown: watch::Receiver<bool>) {
+    let mut interval = tokio::time::interval(std::time::Duration::from_millis(RETRY_TICK_MS));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {
+                if core.send(CoreRequest::Tick).await.is_err() {
+                    return;
+                }
+            }
+            () = async { let _ = shutdown.wait_for(|stop| *stop).await; } => return,
+        }
+    }
 }
 
 /// What [`assemble`] made: the store and the threads that own it.
@@ -169,7 +238,8 @@ fn assemble(config: &Config, me: &PeerId) -> Result<Assembled, StartError> {
         store,
         specs,
         config.collections.iter().map(|c| c.name.get_ref().clone()),
-    )?;
+    )?
+    .with_policies(uid_prefix(me), collection_policies(config));
     let collection_names: Vec<String> = engine.collections().map(str::to_owned).collect();
     let names = config.tools.iter().map(|t| t.name.get_ref().clone());
     let threads = spawn_threads(engine, connectors.into_iter().zip(names).zip(loops))?;
@@ -238,6 +308,48 @@ pub(crate) fn postgres_config(tool: &ToolConfig) -> PostgresConfig {
                 std::time::Duration::from_millis(*ms.get_ref())
             }),
     }
+}
+
+/// Each listed collection's conflict and delete policies, from its `[[collection]]`.
+pub fn collection_policies(config: &Config) -> BTreeMap<String, CollectionPolicy> {
+    let field_policy = |policy: ConflictPolicy, tool: Option<&toml::Spanned<String>>| match policy {
+        ConflictPolicy::LatestEdit => FieldPolicy::LatestEdit,
+        ConflictPolicy::Manual => FieldPolicy::Manual,
+        ConflictPolicy::SystemOfRecord => {
+            FieldPolicy::SystemOfRecord(tool.map(|t| t.get_ref().clone()).unwrap_or_default())
+        }
+    };
+    config
+        .collections
+        .iter()
+        .map(|c| {
+            let policy = CollectionPolicy {
+                conflicts: field_policy(
+                    c.conflicts
+                        .as_ref()
+                        .map(|p| *p.get_ref())
+                        .unwrap_or_default(),
+                    c.system_of_record.as_ref(),
+                ),
+                fields: c
+                    .fields
+                    .iter()
+                    .map(|(field, p)| {
+                        let policy =
+                            field_policy(*p.conflicts.get_ref(), p.system_of_record.as_ref());
+                        (field.clone(), policy)
+                    })
+                    .collect(),
+                deletes: c.deletes.as_ref().map(|d| *d.get_ref()).unwrap_or_default(),
+                hold_deletes: c
+                    .hold_deletes
+                    .as_ref()
+                    .map(|h| h.get_ref().iter().cloned().collect())
+                    .unwrap_or_default(),
+            };
+            (c.name.get_ref().clone(), policy)
+        })
+        .collect()
 }
 
 /// The collection specs of tool `t`: the columns its mappings read and write.
@@ -593,6 +705,11 @@ impl RunningAgent {
         self.local_addr
     }
 
+    /// The address of the admin API.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
     /// Read access to the store (log heads, cursors, dead letters).
     pub fn reader(&self) -> &StoreReader {
         &self.reader
@@ -623,6 +740,10 @@ impl RunningAgent {
     /// Stops the agent: closes connections, stops the threads, flushes the store.
     pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(true);
+        for task in std::mem::take(&mut self.background) {
+            task.abort();
+            let _ = task.await;
+        }
         self.transport.close();
         self.stop_tools.store(true, Ordering::Relaxed);
         let tools = std::mem::take(&mut self.tool_threads);

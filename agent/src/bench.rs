@@ -525,6 +525,12 @@ fn floor(rows: &[Record]) -> anyhow::Result<Duration> {
             deleted: Some(false),
             reset: false,
             time_ms: 0,
+            // The agent's own edits record where they came from: so does the floor.
+            provenance: Some(crdt_model::Provenance {
+                agent: "abcdefgh".into(),
+                tool: "sqlite".into(),
+                decision: None,
+            }),
         };
         changes.push(
             doc.edit("customers", &i.to_string(), &edit)?

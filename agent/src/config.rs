@@ -73,6 +73,10 @@ pub struct Config {
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
+    /// The admin HTTP API that `concord conflicts`, `deletes`, `dead-letters` and
+    /// `history` talk to.
+    #[serde(default)]
+    pub admin: AdminConfig,
     /// The file this was read from (set by [`Config::load`]).
     #[serde(skip)]
     pub path: PathBuf,
@@ -140,6 +144,87 @@ pub struct SharedCollection {
     /// `["trim", "lowercase"]`).
     #[serde(default)]
     pub normalize: BTreeMap<String, Spanned<Vec<Normalize>>>,
+    /// How concurrent edits of one field settle (default `latest_edit`).
+    #[serde(default)]
+    pub conflicts: Option<Spanned<ConflictPolicy>>,
+    /// For `conflicts = "system_of_record"`: the tool whose value wins, by its name
+    /// (`erp`) or, where several agents have a tool of that name, its id in
+    /// documents (`<first 8 characters of the agent's peer id>.erp`).
+    #[serde(default)]
+    pub system_of_record: Option<Spanned<String>>,
+    /// Per-field overrides of `conflicts` and `system_of_record`.
+    #[serde(default)]
+    pub fields: BTreeMap<String, FieldPolicyConfig>,
+    /// What settles a delete concurrent with an edit (default `delete_wins`).
+    #[serde(default)]
+    pub deletes: Option<Spanned<DeletePolicy>>,
+    /// Tools of this agent whose deletes wait in the approval queue (`"*"`: all).
+    #[serde(default)]
+    pub hold_deletes: Option<Spanned<Vec<String>>>,
+}
+
+/// A field's own conflict policy.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FieldPolicyConfig {
+    /// How concurrent edits of the field settle.
+    pub conflicts: Spanned<ConflictPolicy>,
+    /// For `system_of_record`: the tool whose value wins.
+    #[serde(default)]
+    pub system_of_record: Option<Spanned<String>>,
+}
+
+/// How concurrent edits of one field settle.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConflictPolicy {
+    /// The value with the latest edit time wins; ties go the same way on every agent.
+    #[default]
+    LatestEdit,
+    /// The value from the named tool wins (latest edit among others without one).
+    SystemOfRecord,
+    /// The latest edit stays until a person picks a value; the conflict waits in a queue.
+    Manual,
+}
+
+/// What settles a delete concurrent with an edit of the record.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeletePolicy {
+    /// The record stays deleted.
+    #[default]
+    DeleteWins,
+    /// The record comes back, with the edit.
+    EditWins,
+}
+
+/// The admin HTTP API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// The TCP address to serve on (default `127.0.0.1:0`: loopback, any free port;
+    /// the agent writes the address it got to `admin-address` in its data folder).
+    #[serde(default = "AdminConfig::default_listen")]
+    pub listen: Spanned<SocketAddr>,
+    /// The bearer token requests must carry; required when `listen` is not a
+    /// loopback address.
+    #[serde(default)]
+    pub token: Option<Spanned<String>>,
+}
+
+impl AdminConfig {
+    fn default_listen() -> Spanned<SocketAddr> {
+        Spanned::new(0..0, SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+}
+
+impl Default for AdminConfig {
+    fn default() -> AdminConfig {
+        AdminConfig {
+            listen: AdminConfig::default_listen(),
+            token: None,
+        }
+    }
 }
 
 /// One normalisation step of a natural-key value.
@@ -414,6 +499,83 @@ impl Config {
         }
         for (i, c) in self.collections.iter().enumerate() {
             self.check_collection_name(&c.name, format!("collection[{i}].name"))?;
+            self.check_policies(i, c)?;
+        }
+        self.check_admin()
+    }
+
+    /// `system_of_record` goes with `conflicts = "system_of_record"`, and
+    /// `hold_deletes` names tools of this agent.
+    fn check_policies(&self, i: usize, c: &SharedCollection) -> Result<(), ConfigError> {
+        let policies = std::iter::once((
+            format!("collection[{i}]"),
+            c.conflicts.as_ref(),
+            c.system_of_record.as_ref(),
+        ))
+        .chain(c.fields.iter().map(|(field, p)| {
+            (
+                format!("collection[{i}].fields.{field}"),
+                Some(&p.conflicts),
+                p.system_of_record.as_ref(),
+            )
+        }));
+        for (place, policy, tool) in policies {
+            let is_sor = policy.is_some_and(|p| *p.get_ref() == ConflictPolicy::SystemOfRecord);
+            match (is_sor, tool) {
+                (true, None) => {
+                    let span = policy.map_or(c.name.span(), Spanned::span);
+                    return Err(self.invalid(
+                        span,
+                        format!("{place}.system_of_record"),
+                        "`conflicts = \"system_of_record\"` needs `system_of_record`: the \
+                         name of the tool whose value wins"
+                            .to_owned(),
+                    ));
+                }
+                (false, Some(tool)) => {
+                    return Err(self.invalid(
+                        tool.span(),
+                        format!("{place}.system_of_record"),
+                        "`system_of_record` is only read with `conflicts = \"system_of_record\"`"
+                            .to_owned(),
+                    ));
+                }
+                _ => {}
+            }
+        }
+        if let Some(hold) = &c.hold_deletes {
+            for name in hold.get_ref() {
+                if name != "*" && !self.tools.iter().any(|t| t.name.get_ref() == name) {
+                    return Err(self.invalid(
+                        hold.span(),
+                        format!("collection[{i}].hold_deletes"),
+                        format!("no tool of this agent is named `{name}` (use `\"*\"` for all)"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// An admin API reachable from other machines must ask for a token.
+    fn check_admin(&self) -> Result<(), ConfigError> {
+        let listen = &self.admin.listen;
+        if !listen.get_ref().ip().is_loopback()
+            && self
+                .admin
+                .token
+                .as_ref()
+                .is_none_or(|t| t.get_ref().trim().is_empty())
+        {
+            return Err(self.invalid(
+                listen.span(),
+                "admin.token".to_owned(),
+                format!(
+                    "the admin API listens on {}, which is not a loopback address: set \
+                     `token` so that only those who have it can use the API",
+                    listen.get_ref()
+                ),
+            ));
         }
         Ok(())
     }
@@ -620,10 +782,14 @@ columns = ["name", "email"]
 # field = "amount"
 # convert = "minor_units"
 
-# Records identified by their normalised e-mail in every tool (the same on every agent):
+# Records identified by their normalised e-mail in every tool, and how conflicts and
+# deletes settle (the same on every agent; README: Conflicts):
 # [[collection]]
 # name = "customers"
 # natural_key = ["email"]
+# conflicts = "latest_edit"      # or "system_of_record" (with system_of_record = "erp"), "manual"
+# deletes = "delete_wins"        # or "edit_wins"
+# hold_deletes = ["crm"]         # deletes from these tools wait for `concord deletes approve`
 
 # A PostgreSQL database is a tool too (the role must own the synced tables):
 # [[tool]]
@@ -638,6 +804,12 @@ columns = ["name", "email"]
 # table = "public.customers"
 # primary_key = "id"
 # columns = ["name", "email"]
+
+# The admin API of `concord conflicts`, `deletes`, `dead-letters` and `history`:
+# loopback by default; any other address needs a token.
+# [admin]
+# listen = "127.0.0.1:7390"
+# token = "a long random secret"
 
 [log]
 # "text" or "json"

@@ -16,7 +16,7 @@ use std::sync::mpsc::SyncSender;
 use connectors::{CaptureBatch, OpOutcome};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::engine::{Engine, EngineStats, RemoteError, ToolIx, WritePlan};
+use crate::engine::{ActionError, Engine, EngineStats, RemoteError, ToolIx, WritePlan};
 use crate::replication::{Action, Event, policy};
 use crate::store::{StoreError, StoreId};
 
@@ -61,11 +61,53 @@ pub enum CoreRequest {
         /// One outcome per write.
         outcomes: Option<Vec<OpOutcome>>,
     },
+    /// A person's action on a queue (from the admin API); answered after the commit.
+    Admin {
+        /// What to do.
+        action: AdminAction,
+        /// Done, or why not.
+        reply: oneshot::Sender<Result<(), ActionError>>,
+    },
+    /// Time passed: dead letters whose retry is due are retried.
+    Tick,
     /// Counters, for status and tests.
     Stats {
         /// The counters.
         reply: oneshot::Sender<EngineStats>,
     },
+}
+
+/// A person's action on one of the queues.
+#[derive(Debug, Clone)]
+pub enum AdminAction {
+    /// Settle an open conflict on a value.
+    Resolve {
+        /// The record's document.
+        doc: crdt_model::DocId,
+        /// The field.
+        field: String,
+        /// The value chosen (one of the candidates, or a new one).
+        value: crdt_model::Value,
+    },
+    /// Let a held delete go out.
+    ApproveDelete(RecordRef),
+    /// Restore the record a held delete removed from its tool.
+    RejectDelete(RecordRef),
+    /// Retry a dead letter now.
+    RetryLetter(RecordRef),
+    /// Drop a dead letter.
+    DiscardLetter(RecordRef),
+}
+
+/// A record of one of this agent's tools.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RecordRef {
+    /// The tool's name.
+    pub tool: String,
+    /// The collection.
+    pub collection: String,
+    /// The record's key in the tool.
+    pub key: String,
 }
 
 /// A handle to send requests to the core.
@@ -181,6 +223,7 @@ impl Core {
                 continue;
             }
             self.plan_needed[tool] = false;
+            self.engine.set_now(now_ms);
             let mut batch = self.engine.store().batch();
             let plan = self
                 .engine
@@ -207,6 +250,31 @@ impl Core {
             .for_each(|needed| *needed = true);
     }
 
+    fn act(
+        &mut self,
+        batch: &mut crate::store::Batch,
+        action: AdminAction,
+    ) -> Result<Result<(), ActionError>, StoreError> {
+        let engine = &mut self.engine;
+        match action {
+            AdminAction::Resolve { doc, field, value } => {
+                engine.resolve(batch, doc, &field, &value)
+            }
+            AdminAction::ApproveDelete(r) => {
+                engine.approve_delete(batch, &r.tool, &r.collection, &r.key)
+            }
+            AdminAction::RejectDelete(r) => {
+                engine.reject_delete(batch, &r.tool, &r.collection, &r.key)
+            }
+            AdminAction::RetryLetter(r) => {
+                engine.retry_letter(batch, &r.tool, &r.collection, &r.key)
+            }
+            AdminAction::DiscardLetter(r) => {
+                engine.discard_letter(batch, &r.tool, &r.collection, &r.key)
+            }
+        }
+    }
+
     /// Stages every request into one batch, commits it with one fsync, then sends
     /// the replies. Later requests see what earlier ones staged.
     pub fn step(
@@ -215,6 +283,7 @@ impl Core {
         now_ms: i64,
     ) -> Result<Committed, StoreError> {
         debug_assert!(requests.len() <= GROUP_COMMIT_REQUESTS_MAX);
+        self.engine.set_now(now_ms);
         let mut batch = self.engine.store().batch();
         let mut replies: Vec<Box<dyn FnOnce()>> = Vec::with_capacity(requests.len());
         for request in requests {
@@ -252,6 +321,18 @@ impl Core {
                     }
                     self.write_back_in_flight[tool] = false;
                     self.plan_needed[tool] = true;
+                }
+                CoreRequest::Admin { action, reply } => {
+                    let result = self.act(&mut batch, action)?;
+                    self.replan_all();
+                    replies.push(Box::new(move || {
+                        let _ = reply.send(result);
+                    }));
+                }
+                CoreRequest::Tick => {
+                    if self.engine.retry_due(&mut batch) {
+                        self.replan_all();
+                    }
                 }
                 CoreRequest::Stats { reply } => {
                     let stats = self.engine.stats().clone();

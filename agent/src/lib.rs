@@ -6,6 +6,7 @@
 //! receiving agent merges it and writes the result back into its own tool.
 //! See ARCHITECTURE.md for the map and the invariants.
 
+pub mod admin;
 pub mod agent;
 pub mod bench;
 pub mod check;

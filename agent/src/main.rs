@@ -42,6 +42,44 @@ enum Command {
     },
     /// Runs two agents on loopback over two sample SQLite databases and shows them converge.
     Demo,
+    /// Same-field conflicts waiting for a person (fields whose policy is `manual`).
+    Conflicts {
+        #[command(subcommand)]
+        action: ConflictsAction,
+        /// The running agent's configuration file.
+        #[arg(long, global = true, default_value = "concord.toml")]
+        config: PathBuf,
+    },
+    /// Deletes held for approval.
+    Deletes {
+        #[command(subcommand)]
+        action: QueueAction,
+        /// The running agent's configuration file.
+        #[arg(long, global = true, default_value = "concord.toml")]
+        config: PathBuf,
+    },
+    /// Records a tool refused or the mapping could not convert.
+    DeadLetters {
+        #[command(subcommand)]
+        action: LettersAction,
+        /// The running agent's configuration file.
+        #[arg(long, global = true, default_value = "concord.toml")]
+        config: PathBuf,
+    },
+    /// Every value each field of a record had: when, from which agent and tool, and
+    /// which policy chose it.
+    History {
+        /// The collection.
+        collection: String,
+        /// The record: its key in one of this agent's tools, its shared key, or its id.
+        key: String,
+        /// Look the key up in this tool only.
+        #[arg(long)]
+        tool: Option<String>,
+        /// The running agent's configuration file.
+        #[arg(long, default_value = "concord.toml")]
+        config: PathBuf,
+    },
     /// Measures initial sync, edit latency and wire bytes, and prints the figures.
     Bench {
         /// Records in the initial sync.
@@ -61,6 +99,125 @@ enum Command {
         /// rename, a conversion, a CEL filter and a computed field).
         #[arg(long)]
         mapped: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConflictsAction {
+    /// Lists the open conflicts with their values.
+    List,
+    /// Shows one conflict and the history of its field.
+    Show {
+        /// The conflict (`<record id>/<field>`, as listed).
+        id: String,
+    },
+    /// Settles a conflict on one of its values or on a new one.
+    Resolve {
+        /// The conflict (`<record id>/<field>`, as listed).
+        id: String,
+        /// The number of the value chosen, as listed.
+        #[arg(long, conflicts_with = "value", required_unless_present = "value")]
+        pick: Option<usize>,
+        /// A new value, read as the type of the conflicting values.
+        #[arg(long)]
+        value: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum QueueAction {
+    /// Lists the held deletes.
+    List,
+    /// Lets a held delete go out to every tool.
+    Approve {
+        /// The delete (`<tool>/<collection>/<key>`, as listed).
+        id: String,
+    },
+    /// Restores the record in the tool that deleted it.
+    Reject {
+        /// The delete (`<tool>/<collection>/<key>`, as listed).
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum LettersAction {
+    /// Lists the dead letters with their reasons.
+    List,
+    /// Tries the record again now.
+    Retry {
+        /// The letter (`<tool>/<collection>/<key>`, as listed).
+        id: String,
+    },
+    /// Drops the letter: the record is tried again only when it changes.
+    Discard {
+        /// The letter (`<tool>/<collection>/<key>`, as listed).
+        id: String,
+    },
+}
+
+/// Runs one admin command against the agent of `config`.
+fn admin_command(config: &std::path::Path, command: AdminCommand) -> anyhow::Result<()> {
+    use concord_agent::admin::{self, AdminClient, Resolution};
+    init_logging(LogFormat::Text, "warn");
+    let config = Config::load(config)?;
+    let client = AdminClient::for_config(&config)?;
+    runtime()?.block_on(async move {
+        match command {
+            AdminCommand::Conflicts(ConflictsAction::List) => {
+                admin::print_conflicts(&client.conflicts().await?);
+            }
+            AdminCommand::Conflicts(ConflictsAction::Show { id }) => {
+                admin::print_conflict(&client.conflict(&id).await?);
+            }
+            AdminCommand::Conflicts(ConflictsAction::Resolve { id, pick, value }) => {
+                let value = value.map(serde_json::Value::String);
+                client.resolve(&id, &Resolution { pick, value }).await?;
+                println!("resolved {id}");
+            }
+            AdminCommand::Deletes(QueueAction::List) => {
+                admin::print_held(&client.held_deletes().await?);
+            }
+            AdminCommand::Deletes(QueueAction::Approve { id }) => {
+                client.decide_delete("approve", &id).await?;
+                println!("approved the delete of {id}");
+            }
+            AdminCommand::Deletes(QueueAction::Reject { id }) => {
+                client.decide_delete("reject", &id).await?;
+                println!("rejected the delete of {id}: the record is restored");
+            }
+            AdminCommand::Letters(LettersAction::List) => {
+                admin::print_letters(&client.dead_letters().await?);
+            }
+            AdminCommand::Letters(LettersAction::Retry { id }) => {
+                client.act_on_letter("retry", &id).await?;
+                println!("retrying {id}");
+            }
+            AdminCommand::Letters(LettersAction::Discard { id }) => {
+                client.act_on_letter("discard", &id).await?;
+                println!("discarded {id}");
+            }
+            AdminCommand::History {
+                collection,
+                key,
+                tool,
+            } => {
+                admin::print_history(&client.history(&collection, &key, tool.as_deref()).await?);
+            }
+        }
+        Ok(())
+    })
+}
+
+/// The admin subcommands, without their config.
+enum AdminCommand {
+    Conflicts(ConflictsAction),
+    Deletes(QueueAction),
+    Letters(LettersAction),
+    History {
+        collection: String,
+        key: String,
+        tool: Option<String>,
     },
 }
 
@@ -88,6 +245,28 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Conflicts { action, config } => {
+            admin_command(&config, AdminCommand::Conflicts(action))
+        }
+        Command::Deletes { action, config } => {
+            admin_command(&config, AdminCommand::Deletes(action))
+        }
+        Command::DeadLetters { action, config } => {
+            admin_command(&config, AdminCommand::Letters(action))
+        }
+        Command::History {
+            collection,
+            key,
+            tool,
+            config,
+        } => admin_command(
+            &config,
+            AdminCommand::History {
+                collection,
+                key,
+                tool,
+            },
+        ),
         Command::Demo => {
             init_logging(LogFormat::Text, "warn");
             runtime()?.block_on(concord_agent::demo::run())

@@ -15,6 +15,9 @@
 //! | `dead`    | tool, 0, collection, 0, key           | [`DeadLetter`]                     |
 //! | `digests` | collection, 0, doc id                 | the document's heads digest (u64 BE) |
 //! | `quarantine` | doc id                             | [`Quarantined`]                    |
+//! | `ambiguous` | tool, 0, collection, 0, key         | [`Ambiguous`]                      |
+//! | `conflicts` | doc id, field                       | [`OpenConflict`]: waits for a person |
+//! | `held`    | tool, 0, collection, 0, key           | [`HeldDelete`]: waits for approval |
 //!
 //! All writes of one step go into one [`Batch`], committed with fsync before the
 //! step is acknowledged or anything of it is sent (Architecture Invariant). A failed
@@ -93,6 +96,60 @@ pub struct DeadLetter {
     pub key: String,
     /// Why it was set aside.
     pub reason: LetterReason,
+    /// The document a write-back was for; `None` for a row that could not be
+    /// captured (it is read again when the tool changes it).
+    pub doc: Option<[u8; 16]>,
+    /// Write-backs refused so far.
+    pub attempts: u32,
+    /// When the write-back is tried again (ms since the epoch); `None` once the
+    /// retries ran out, or for a captured row: then only a person retries it.
+    pub retry_at_ms: Option<i64>,
+    /// When the record was first set aside (ms since the epoch).
+    pub since_ms: i64,
+}
+
+/// A same-field conflict that waits for a person: the field's policy is `manual`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OpenConflict {
+    /// The collection.
+    pub collection: String,
+    /// The record's document.
+    pub doc: [u8; 16],
+    /// The field.
+    pub field: String,
+    /// The concurrent values, with where each came from.
+    pub candidates: Vec<ConflictValue>,
+    /// The candidate the tools hold meanwhile (the latest edit).
+    pub interim: usize,
+}
+
+/// One of the values of a conflict.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConflictValue {
+    /// The value.
+    pub value: crdt_model::Value,
+    /// The agent whose tool gave it.
+    pub agent: String,
+    /// The tool that gave it (empty: a person).
+    pub tool: String,
+    /// When it was edited (ms since the epoch).
+    pub time_ms: i64,
+}
+
+/// A delete captured from a tool whose deletes are held: the record stays alive
+/// everywhere else until a person approves or rejects the delete.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeldDelete {
+    /// The tool the record was deleted from.
+    pub tool: String,
+    /// The collection.
+    pub collection: String,
+    /// The record's key in the tool.
+    pub key: String,
+    /// The record's document.
+    pub doc: [u8; 16],
+    /// When the delete was captured (ms since the epoch).
+    pub time_ms: i64,
 }
 
 /// A record whose natural key another record of the same tool also has: it was not
@@ -169,6 +226,8 @@ pub struct Store {
     digests: Keyspace,
     quarantine: Keyspace,
     ambiguous: Keyspace,
+    conflicts: Keyspace,
+    held: Keyspace,
     /// Per collection, the XOR of heads digests in each bucket (built on first use).
     buckets: HashMap<String, Vec<u64>>,
     actor: StoreId,
@@ -234,6 +293,9 @@ pub struct StoreReader {
     pending: Keyspace,
     quarantine: Keyspace,
     ambiguous: Keyspace,
+    conflicts: Keyspace,
+    held: Keyspace,
+    ext: Keyspace,
 }
 
 impl std::fmt::Debug for StoreReader {
@@ -297,6 +359,8 @@ impl Store {
             digests: open("digests")?,
             quarantine: open("quarantine")?,
             ambiguous: open("ambiguous")?,
+            conflicts: open("conflicts")?,
+            held: open("held")?,
             buckets: HashMap::new(),
             db,
             actor,
@@ -331,6 +395,9 @@ impl Store {
             pending: self.pending.clone(),
             quarantine: self.quarantine.clone(),
             ambiguous: self.ambiguous.clone(),
+            conflicts: self.conflicts.clone(),
+            held: self.held.clone(),
+            ext: self.ext.clone(),
         }
     }
 
@@ -705,6 +772,57 @@ impl Store {
         batch.inner.insert(&self.ambiguous, k, encode(ambiguous));
     }
 
+    /// Stages the open conflict of `field` in document `doc`, or clears it with `None`.
+    pub fn stage_conflict(
+        &self,
+        batch: &mut Batch,
+        doc: DocId,
+        field: &str,
+        conflict: Option<&OpenConflict>,
+    ) {
+        let k = conflict_key(doc, field);
+        match conflict {
+            Some(conflict) => batch.inner.insert(&self.conflicts, k, encode(conflict)),
+            None => batch.inner.remove(&self.conflicts, k),
+        }
+    }
+
+    /// Stages a held delete, or clears the one of this record with `None`.
+    pub fn stage_held(
+        &self,
+        batch: &mut Batch,
+        tool: &str,
+        collection: &str,
+        key: &str,
+        held: Option<&HeldDelete>,
+    ) {
+        let k = record_key(tool, collection, key);
+        match held {
+            Some(held) => batch.inner.insert(&self.held, k, encode(held)),
+            None => batch.inner.remove(&self.held, k),
+        }
+    }
+
+    /// The dead letter of record `key` of `tool`, as committed.
+    pub fn dead_letter(
+        &self,
+        tool: &str,
+        collection: &str,
+        key: &str,
+    ) -> Result<Option<DeadLetter>, StoreError> {
+        get_decoded(&self.dead, record_key(tool, collection, key), "dead letter")
+    }
+
+    /// The delete of record `key` of `tool` waiting for approval, as committed.
+    pub fn held(
+        &self,
+        tool: &str,
+        collection: &str,
+        key: &str,
+    ) -> Result<Option<HeldDelete>, StoreError> {
+        get_decoded(&self.held, record_key(tool, collection, key), "held delete")
+    }
+
     /// Stages a dead letter (or clears the one for this record with `None`).
     pub fn stage_dead_letter(
         &self,
@@ -787,6 +905,40 @@ impl StoreReader {
             .collect()
     }
 
+    /// All conflicts waiting for a person, by document and field.
+    pub fn conflicts(&self) -> Result<Vec<OpenConflict>, StoreError> {
+        self.conflicts
+            .iter()
+            .map(|guard| decode(&guard.value()?, "open conflict"))
+            .collect()
+    }
+
+    /// The open conflict of `field` in document `doc`, if any.
+    pub fn conflict(&self, doc: DocId, field: &str) -> Result<Option<OpenConflict>, StoreError> {
+        get_decoded(&self.conflicts, conflict_key(doc, field), "open conflict")
+    }
+
+    /// All deletes waiting for approval.
+    pub fn held_deletes(&self) -> Result<Vec<HeldDelete>, StoreError> {
+        self.held
+            .iter()
+            .map(|guard| decode(&guard.value()?, "held delete"))
+            .collect()
+    }
+
+    /// The document the record `key` of `tool` is linked to, if any (committed).
+    pub fn linked_doc(
+        &self,
+        tool: &str,
+        collection: &str,
+        key: &str,
+    ) -> Result<Option<DocId>, StoreError> {
+        match self.ext.get(record_key(tool, collection, key))? {
+            Some(bytes) => Ok(<[u8; 16]>::try_from(&bytes[..]).ok().map(DocId)),
+            None => Ok(None),
+        }
+    }
+
     /// All records whose natural key is not unique in their tool.
     pub fn ambiguous(&self) -> Result<Vec<Ambiguous>, StoreError> {
         self.ambiguous
@@ -833,6 +985,20 @@ impl StoreReader {
     /// How many documents the store holds.
     pub fn doc_count(&self) -> Result<usize, StoreError> {
         Ok(self.docs.len()?)
+    }
+
+    /// Document `id` as committed, loaded read-only (local edits would be made by a
+    /// zero actor: callers only read it).
+    pub fn load_doc(&self, id: DocId) -> Result<Option<RecordDoc>, StoreError> {
+        let Some(bytes) = self.docs.get(id.0)? else {
+            return Ok(None);
+        };
+        RecordDoc::load(&bytes, &[0; 16])
+            .map(Some)
+            .map_err(|e| StoreError::Corrupt {
+                what: "document",
+                reason: format!("{id}: {e}"),
+            })
     }
 
     /// The ids of all documents, in order.
@@ -904,6 +1070,13 @@ fn log_key(collection: &str, seq: u64) -> Vec<u8> {
     key
 }
 
+fn conflict_key(doc: DocId, field: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(16 + field.len());
+    k.extend_from_slice(&doc.0);
+    k.extend_from_slice(field.as_bytes());
+    k
+}
+
 fn record_key(tool: &str, collection: &str, key: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(tool.len() + collection.len() + key.len() + 2);
     k.extend_from_slice(tool.as_bytes());
@@ -921,6 +1094,18 @@ fn decode_seq(bytes: &[u8]) -> Result<u64, StoreError> {
             what: "sequence number",
             reason: format!("{} bytes", bytes.len()),
         })
+}
+
+/// The value stored under `key` in `keyspace`, decoded, if any.
+fn get_decoded<T: for<'de> Deserialize<'de>>(
+    keyspace: &Keyspace,
+    key: Vec<u8>,
+    what: &'static str,
+) -> Result<Option<T>, StoreError> {
+    keyspace
+        .get(key)?
+        .map(|bytes| decode(&bytes, what))
+        .transpose()
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {

@@ -38,7 +38,8 @@ use std::time::{Duration, Instant};
 use concord_agent::config::Normalize;
 use concord_agent::core::{Core, CoreRequest, GROUP_COMMIT_REQUESTS_MAX};
 use concord_agent::engine::{
-    CollectionInfo, Engine, RecordIdentity, RemoteError, ToolSpec, WritePlan,
+    CollectionInfo, CollectionPolicy, Engine, FieldPolicy, RecordIdentity, RemoteError, ToolSpec,
+    WritePlan,
 };
 use concord_agent::mapping::{Mapping, NaturalKey};
 use concord_agent::peers::EVENTS_IN_FLIGHT_MAX;
@@ -107,6 +108,31 @@ impl Default for Config {
     }
 }
 
+/// The policies of policy set `set` (from the seed): 0 latest edit everywhere; 1
+/// agent 0's tool is the system of record for `qty`; 2 `note` waits for a person
+/// (manual: the latest edit meanwhile); 3 latest edit, and an edit concurrent with a
+/// delete brings the record back.
+fn policies(set: u64) -> BTreeMap<String, CollectionPolicy> {
+    let mut policy = CollectionPolicy::default();
+    match set {
+        1 => {
+            policy.fields.insert(
+                "qty".to_owned(),
+                FieldPolicy::SystemOfRecord("agent0.tool".to_owned()),
+            );
+        }
+        2 => {
+            policy.fields.insert("note".to_owned(), FieldPolicy::Manual);
+        }
+        3 => policy.deletes = concord_agent::config::DeletePolicy::EditWins,
+        _ => {}
+    }
+    COLLECTIONS
+        .iter()
+        .map(|c| ((*c).to_owned(), policy.clone()))
+        .collect()
+}
+
 /// The outcome of one run. Checked on every run: (1) convergence: identical
 /// documents on all agents and every tool holding their projection; (2) no lost
 /// acknowledged write: every change a capture committed is in every agent's
@@ -152,6 +178,8 @@ struct Swarm {
     /// Orders are matched by a natural key (their name, trimmed and lower-cased)
     /// instead of tool ids, and users sometimes give orders names other sites use.
     natural_orders: bool,
+    /// Which conflict and delete policies the collections use (see [`policies`]).
+    policies: u64,
     loss: f64,
     duplicate: f64,
     reorder: f64,
@@ -320,6 +348,7 @@ impl Sim {
         swarm.topology = ["mesh", "line", "star"][rng.below(3) as usize];
         // From the seed, not the generator, so other seeds replay as before.
         swarm.natural_orders = seed % 2 == 1;
+        swarm.policies = (seed / 2) % 4;
         let root = scratch_dir()?;
         let mut sim_agents = Vec::with_capacity(agents);
         for i in 0..agents {
@@ -559,7 +588,9 @@ impl Sim {
             uid: format!("agent{i}.tool"),
             collections,
         };
-        let engine = Engine::new(store, vec![tool], []).map_err(|e| format!("agent {i}: {e}"))?;
+        let engine = Engine::new(store, vec![tool], [])
+            .map_err(|e| format!("agent {i}: {e}"))?
+            .with_policies(format!("agent{i}"), policies(self.swarm.policies));
         agent
             .tool
             .claim(&engine.store_id())
@@ -806,7 +837,11 @@ impl Sim {
                         if change.actor_id().to_bytes() != actor {
                             continue;
                         }
-                        if !rescanning && echo.is_none() {
+                        // A policy's decision writes other agents' values on purpose.
+                        let decision = crdt_model::Provenance::decode(change.message())
+                            .decision
+                            .is_some();
+                        if !rescanning && echo.is_none() && !decision {
                             echo = foreign_value(&change, i).map(|v| (DocId(entry.doc), v));
                         }
                         new_acks.push((DocId(entry.doc), change.hash(), actor.to_vec()));
@@ -1184,6 +1219,7 @@ impl Sim {
     /// Every document's heads on every running agent, or why they differ.
     fn converged(&mut self) -> Result<(), String> {
         let mut reference: Option<BTreeMap<DocId, Vec<ChangeHash>>> = None;
+        let mut settled: Option<BTreeMap<String, Record>> = None;
         for i in 0..self.agents.len() {
             let agent = &mut self.agents[i];
             if agent.plan.is_some()
@@ -1207,12 +1243,11 @@ impl Sim {
                 let mut h = engine.heads(id).map_err(|e| e.to_string())?;
                 h.sort();
                 heads.insert(id, h);
+                // As the policies settle it: every agent must pick the same winners.
                 let state = engine
-                    .store()
-                    .doc(id)
+                    .record(id)
                     .map_err(|e| e.to_string())?
-                    .read()
-                    .map_err(|e| e.to_string())?;
+                    .ok_or_else(|| format!("agent {i}: document {id} cannot be read"))?;
                 if !state.deleted {
                     let row: Record = COLUMNS
                         .iter()
@@ -1254,6 +1289,15 @@ impl Sim {
                     agent.tool.rows.get(&key),
                     projection.get(&key)
                 ));
+            }
+            match &settled {
+                None => settled = Some(projection.clone()),
+                Some(first) if *first != projection => {
+                    return Err(format!(
+                        "agent {i} settles the same documents differently from agent 0"
+                    ));
+                }
+                Some(_) => {}
             }
             match &reference {
                 None => reference = Some(heads),

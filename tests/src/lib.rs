@@ -201,7 +201,7 @@ pub async fn converged(nodes: &[&Node]) -> anyhow::Result<Vec<Row>> {
     nodes[0].rows()
 }
 
-/// The path of the `concord` binary, built once if missing.
+/// The path of the `concord` binary, built (or found up to date) once per test run.
 pub fn concord_bin() -> anyhow::Result<PathBuf> {
     static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     BIN.get_or_init(|| {
@@ -214,6 +214,25 @@ pub fn concord_bin() -> anyhow::Result<PathBuf> {
         let bin = profile_dir.join("concord");
         let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
         build.args(["build", "-q", "-p", "concord-agent", "--bin", "concord"]);
+        // Cargo gives a running test its package's variables (CARGO_MANIFEST_DIR,
+        // CARGO_PKG_NAME, ...). Build scripts such as ring's rerun when those change,
+        // so passing them on would rebuild the TLS stack and the agent on every run.
+        for (name, _) in std::env::vars_os() {
+            let name = name.to_string_lossy();
+            if [
+                "CARGO_PKG_",
+                "CARGO_MANIFEST_",
+                "CARGO_CRATE_",
+                "CARGO_BIN_",
+            ]
+            .iter()
+            .any(|prefix| name.starts_with(prefix))
+                || name == "CARGO_PRIMARY_PACKAGE"
+                || name == "CARGO_TARGET_TMPDIR"
+            {
+                build.env_remove(name.as_ref());
+            }
+        }
         if !cfg!(debug_assertions) {
             build.arg("--release");
         }
@@ -227,6 +246,32 @@ pub fn concord_bin() -> anyhow::Result<PathBuf> {
     })
     .clone()
     .map_err(anyhow::Error::msg)
+}
+
+/// A loopback UDP address free now, for an agent that must keep its port across
+/// restarts.
+pub fn free_udp_addr() -> anyhow::Result<String> {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    Ok(socket.local_addr()?.to_string())
+}
+
+/// Runs `concord ARGS --config <node's config>` and returns what it printed; fails
+/// with its error output if it fails.
+pub fn cli(node: &Node, args: &[&str]) -> anyhow::Result<String> {
+    let output = Command::new(concord_bin()?)
+        .args(args)
+        .arg("--config")
+        .arg(node.config_path())
+        .env_remove("RUST_LOG")
+        .output()?;
+    if !output.status.success() {
+        bail!(
+            "concord {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(String::from_utf8(output.stdout)?)
 }
 
 /// An agent running as its own process.
@@ -250,12 +295,23 @@ impl Process {
         log: Option<&str>,
         stderr: impl Into<Stdio>,
     ) -> anyhow::Result<Process> {
+        Process::start_with_env(node, log, stderr, &[])
+    }
+
+    /// Starts `concord run` as [`Process::start_logging`] does, with `env` set too.
+    pub fn start_with_env(
+        node: &Node,
+        log: Option<&str>,
+        stderr: impl Into<Stdio>,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Process> {
         use std::io::{BufRead, BufReader};
         let mut command = Command::new(concord_bin()?);
         command
             .args(["run", "--config"])
             .arg(node.config_path())
             .env_remove("RUST_LOG")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(stderr);
         if let Some(log) = log {

@@ -191,18 +191,22 @@ impl Engine {
         placement: Placement,
         now_ms: i64,
     ) -> Result<Option<(Edit, Option<Record>)>, StoreError> {
-        let (name, uid) = (self.tools[tool].name.clone(), self.tools[tool].uid.clone());
+        let uid = self.tools[tool].uid.clone();
         let record = match state {
             RowState::Invalid(invalid) => {
                 let reason = LetterReason::InvalidRow(invalid);
-                self.dead_letter(batch, &name, row.collection, row.key, reason);
+                self.dead_letter(batch, tool, row.collection, row.key, reason, None)?;
                 return Ok(None);
             }
             RowState::Absent if row.shadow.is_none() => return Ok(None),
             RowState::Absent => {
+                if self.hold_delete(batch, tool, row.collection, row.key, placement.id)? {
+                    return Ok(None);
+                }
                 let edit = Edit {
                     deleted: Some(true),
                     time_ms: now_ms,
+                    provenance: Some(self.tools[tool].provenance.clone()),
                     ..Edit::default()
                 };
                 return Ok(Some((edit, None)));
@@ -210,6 +214,9 @@ impl Engine {
             RowState::Present(record) => record,
         };
         let created = row.shadow.is_none();
+        if created {
+            self.unhold(batch, tool, row.collection, row.key, placement.id);
+        }
         let revive = created && !row.rescan;
         let reset = revive
             && info.identity == RecordIdentity::SharedKey
@@ -225,7 +232,7 @@ impl Engine {
                 // The shadow stays as it was, so the row is read again once it
                 // changes.
                 let reason = LetterReason::Mapping(e);
-                self.dead_letter(batch, &name, row.collection, row.key, reason);
+                self.dead_letter(batch, tool, row.collection, row.key, reason, None)?;
                 return Ok(None);
             }
         };
@@ -235,6 +242,7 @@ impl Engine {
             deleted: revive.then_some(false),
             reset,
             time_ms: row_ms,
+            provenance: Some(self.tools[tool].provenance.clone()),
         };
         Ok(Some((edit, Some(record))))
     }
@@ -297,6 +305,9 @@ impl Engine {
         if !was_empty && let Some(state) = self.read_or_quarantine(batch, id)? {
             let differs = needs_write(info, &state, after.as_ref());
             self.set_pending(batch, tool, id, differs);
+        }
+        if self.open_conflicts.contains_key(&id) {
+            self.settle_doc(batch, id, collection, self.now_ms)?;
         }
         Ok(())
     }

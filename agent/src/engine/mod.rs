@@ -12,6 +12,9 @@
 //! (write-back).
 
 mod capture;
+pub mod conflicts;
+mod deletes;
+mod letters;
 mod matching;
 mod remote;
 mod write_back;
@@ -19,16 +22,18 @@ mod write_back;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
-use crdt_model::{DocId, Record, RecordDoc, RecordState};
+use crdt_model::{DocId, Provenance, Record, RecordDoc, RecordState};
 
 use connectors::Cursor;
 
 use crate::config::FilterExit;
 use crate::mapping::{Mapping, NaturalKey, Projection};
-use crate::store::{
-    Batch, DeadLetter, LetterReason, Quarantined, Store, StoreError, StoreId, StoreReader,
-};
+use crate::store::{Batch, Quarantined, Store, StoreError, StoreId, StoreReader};
 
+pub use conflicts::{CollectionPolicy, FieldPolicy};
+pub use letters::{
+    ActionError, DEAD_LETTER_RETRIES_MAX, DEAD_LETTER_RETRY_FIRST_MS, DEAD_LETTER_RETRY_MAX_MS,
+};
 pub use remote::{ApplyOutcome, DocChanges, RemoteError, WireEntry};
 pub use write_back::{
     PlannedWrite, WRITE_BACK_STALE_RETRIES_MAX, WRITE_BACK_STALE_WAIT_MAX_MS,
@@ -108,6 +113,15 @@ pub struct Engine {
     /// the tools syncing each.
     collections: BTreeMap<String, Vec<ToolIx>>,
     stats: EngineStats,
+    /// The agent's name in provenance (the first characters of its peer id).
+    agent: String,
+    /// Conflict and delete policies by collection (defaults for those not listed).
+    policies: BTreeMap<String, CollectionPolicy>,
+    /// Fields of documents with a conflict waiting for a person: the stored queue,
+    /// mirrored in memory.
+    open_conflicts: BTreeMap<DocId, BTreeSet<String>>,
+    /// The time of the step being staged (ms since the epoch), set by the core.
+    now_ms: i64,
 }
 
 /// What the engine keeps per tool.
@@ -131,6 +145,13 @@ struct ToolState {
     /// Per document, write-backs refused as stale in a row, and until when (ms since
     /// the epoch) it waits before the next attempt once there were too many.
     stale: HashMap<DocId, (u32, i64)>,
+    /// What the tool's edits record as their provenance.
+    provenance: Provenance,
+    /// Documents whose delete from this tool waits for approval: not written to it.
+    held: HashMap<DocId, String>,
+    /// Documents whose write-back this tool refused (dead letters), with the
+    /// record's collection and key and when it is retried.
+    letters: HashMap<DocId, Letter>,
 }
 
 impl Engine {
@@ -154,7 +175,34 @@ impl Engine {
             }
             let names: Vec<&str> = tool.collections.keys().map(String::as_str).collect();
             store.join_tool(&tool.name, &names)?;
+            let held = reader
+                .held_deletes()?
+                .into_iter()
+                .filter(|h| h.tool == tool.name)
+                .map(|h| (DocId(h.doc), h.key))
+                .collect();
+            let letters = reader
+                .dead_letters()?
+                .into_iter()
+                .filter(|l| l.tool == tool.name)
+                .filter_map(|l| {
+                    let letter = Letter {
+                        collection: l.collection,
+                        key: l.key,
+                        retry_at_ms: l.retry_at_ms,
+                    };
+                    Some((DocId(l.doc?), letter))
+                })
+                .collect();
+            let provenance = Provenance {
+                agent: tool.uid.split('.').next().unwrap_or_default().to_owned(),
+                tool: tool.name.clone(),
+                decision: None,
+            };
             states.push(ToolState {
+                provenance,
+                held,
+                letters,
                 captured: reader.tool_cursor(&tool.name)?,
                 captured_mark: 0,
                 pending: reader
@@ -173,12 +221,43 @@ impl Engine {
                 uid: tool.uid.into(),
             });
         }
+        let mut open_conflicts: BTreeMap<DocId, BTreeSet<String>> = BTreeMap::new();
+        for conflict in reader.conflicts()? {
+            open_conflicts
+                .entry(DocId(conflict.doc))
+                .or_default()
+                .insert(conflict.field);
+        }
+        let agent = states
+            .first()
+            .map(|s| s.provenance.agent.clone())
+            .unwrap_or_else(|| crate::store::hex(&store.actor()[..4]));
         Ok(Engine {
             store,
             tools: states,
             collections,
             stats: EngineStats::default(),
+            agent,
+            policies: BTreeMap::new(),
+            open_conflicts,
+            now_ms: 0,
         })
+    }
+
+    /// Sets the agent's name in provenance and the collections' policies.
+    pub fn with_policies(
+        mut self,
+        agent: String,
+        policies: BTreeMap<String, CollectionPolicy>,
+    ) -> Engine {
+        self.agent = agent;
+        self.policies = policies;
+        self
+    }
+
+    /// Sets the time of the step being staged (ms since the epoch).
+    pub fn set_now(&mut self, now_ms: i64) {
+        self.now_ms = now_ms;
     }
 
     /// The store, for commits.
@@ -264,7 +343,7 @@ impl Engine {
     ) -> Result<Option<RecordState>, StoreError> {
         let doc = self.store.doc(id)?;
         match doc.read() {
-            Ok(state) => Ok(Some(state)),
+            Ok(state) => self.settled(id, state).map(Some),
             Err(e) => {
                 let collection = match doc.identity() {
                     Ok(Some((collection, _))) => collection,
@@ -274,27 +353,6 @@ impl Engine {
                 Ok(None)
             }
         }
-    }
-
-    /// Sets record `key` of `tool` aside as a dead letter with `reason`.
-    fn dead_letter(
-        &mut self,
-        batch: &mut Batch,
-        tool: &str,
-        collection: &str,
-        key: &str,
-        reason: LetterReason,
-    ) {
-        tracing::warn!(%tool, %collection, %key, %reason, "record set aside as a dead letter");
-        let letter = DeadLetter {
-            tool: tool.to_owned(),
-            collection: collection.to_owned(),
-            key: key.to_owned(),
-            reason,
-        };
-        self.store
-            .stage_dead_letter(batch, tool, collection, key, Some(&letter));
-        self.stats.dead_letters += 1;
     }
 
     /// Sets document `id` aside with `reason`: it is not written back any more.
@@ -319,6 +377,15 @@ impl Engine {
         }
         self.stats.quarantined += 1;
     }
+}
+
+/// A dead letter of a refused write-back, as the engine keeps it in memory.
+#[derive(Debug, Clone)]
+struct Letter {
+    collection: String,
+    key: String,
+    /// When it is retried (ms since the epoch); `None`: not automatically.
+    retry_at_ms: Option<i64>,
 }
 
 /// Whether the record is deleted (tombstoned); a document that cannot be read counts

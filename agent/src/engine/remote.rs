@@ -151,6 +151,7 @@ impl Engine {
             .stage_doc(batch, id, collection, applied.new_changes, origin)?;
         self.set_pending_all(batch, collection, id, None);
         self.stats.applied += 1;
+        self.settle_doc(batch, id, collection, self.now_ms)?;
         Ok(applied.missing_deps)
     }
 

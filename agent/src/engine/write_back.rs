@@ -98,6 +98,11 @@ impl Engine {
         tool: ToolIx,
         id: DocId,
     ) -> Result<Option<PlannedWrite>, StoreError> {
+        if self.tools[tool].held.contains_key(&id) {
+            // The tool's delete of it waits for a person.
+            self.set_pending(batch, tool, id, false);
+            return Ok(None);
+        }
         let Some(state) = self.read_or_quarantine(batch, id)? else {
             return Ok(None);
         };
@@ -117,7 +122,14 @@ impl Engine {
             Ok(projected) => projected,
             Err(e) => {
                 let key = key.unwrap_or_else(|| id_as_key(id));
-                self.dead_letter(batch, &name, &collection, &key, LetterReason::Mapping(e));
+                self.dead_letter(
+                    batch,
+                    tool,
+                    &collection,
+                    &key,
+                    LetterReason::Mapping(e),
+                    Some(id),
+                )?;
                 self.set_pending(batch, tool, id, false);
                 return Ok(None);
             }
@@ -142,7 +154,14 @@ impl Engine {
                 RecordIdentity::SharedKey => {
                     // A record created under tool ids elsewhere has no key here.
                     let key = id_as_key(id);
-                    self.dead_letter(batch, &name, &collection, &key, LetterReason::NoKey);
+                    self.dead_letter(
+                        batch,
+                        tool,
+                        &collection,
+                        &key,
+                        LetterReason::NoKey,
+                        Some(id),
+                    )?;
                     self.set_pending(batch, tool, id, false);
                     return Ok(None);
                 }
@@ -218,7 +237,14 @@ impl Engine {
                     // The tool inserted a record but did not say its key: the link
                     // cannot be made, and writing again would duplicate the record.
                     tracing::error!(tool = %name, %collection, doc = %write.doc, "the tool did not return the key of an inserted record");
-                    self.dead_letter(batch, &name, collection, key, LetterReason::NoKey);
+                    self.dead_letter(
+                        batch,
+                        tool,
+                        collection,
+                        key,
+                        LetterReason::NoKey,
+                        Some(write.doc),
+                    )?;
                     self.set_pending(batch, tool, write.doc, false);
                 }
                 OpOutcome::Written { .. } => {
@@ -231,6 +257,7 @@ impl Engine {
                     }
                     self.stats.writes += 1;
                     self.tools[tool].stale.remove(&write.doc);
+                    self.clear_letter(batch, tool, write.doc);
                     // The document changed again while the plan was on its way (a
                     // peer's change arrived): it stays pending.
                     if !changed_in_flight.contains(&write.doc) {
@@ -243,7 +270,7 @@ impl Engine {
                 }
                 OpOutcome::Rejected(rejection) => {
                     let reason = LetterReason::Rejected(rejection);
-                    self.dead_letter(batch, &name, collection, key, reason);
+                    self.dead_letter(batch, tool, collection, key, reason, Some(write.doc))?;
                     self.tools[tool].stale.remove(&write.doc);
                     self.set_pending(batch, tool, write.doc, false);
                 }
@@ -268,6 +295,7 @@ impl Engine {
         let edit = Edit {
             external_id: Some((uid.to_string(), key.to_owned())),
             time_ms: now_ms,
+            provenance: Some(self.tools[tool].provenance.clone()),
             ..Edit::default()
         };
         match self.store.doc(id)?.edit(collection, "", &edit) {

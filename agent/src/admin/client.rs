@@ -1,0 +1,365 @@
+//! The CLI's side of the admin API: `concord conflicts`, `deletes`, `dead-letters`
+//! and `history` talk to a running agent through it.
+
+use std::net::SocketAddr;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::json::{ConflictView, HeldView, HistoryView, LetterView};
+use super::{ADMIN_ADDRESS_FILE, ConflictDetail, RecordHistory, Resolution};
+use crate::config::Config;
+use crate::core::RecordRef;
+
+/// Why the CLI could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The agent's admin API could not be reached.
+    #[error(
+        "cannot reach the agent's admin API at {url}: {reason} (is `concord run` running with this config?)"
+    )]
+    Unreachable {
+        /// Where it was looked for.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+    /// The agent answered with an error.
+    #[error("the agent answered {status}: {message}")]
+    Api {
+        /// The HTTP status.
+        status: u16,
+        /// The agent's message.
+        message: String,
+    },
+    /// What was asked is malformed.
+    #[error("{0}")]
+    Usage(String),
+}
+
+/// A client of one agent's admin API.
+#[derive(Debug, Clone)]
+pub struct AdminClient {
+    base: String,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+impl AdminClient {
+    /// A client of the agent at `addr`, sending `token` if given.
+    pub fn new(addr: SocketAddr, token: Option<String>) -> AdminClient {
+        AdminClient {
+            base: format!("http://{addr}"),
+            token,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// A client of the agent that runs `config`: the configured address or, for
+    /// port 0, the one the agent recorded in its data folder.
+    pub fn for_config(config: &Config) -> Result<AdminClient, ClientError> {
+        let mut addr = *config.admin.listen.get_ref();
+        if addr.port() == 0 {
+            let file = config.data_dir.join(ADMIN_ADDRESS_FILE);
+            let text = std::fs::read_to_string(&file).map_err(|e| ClientError::Unreachable {
+                url: file.display().to_string(),
+                reason: e.to_string(),
+            })?;
+            addr = text.trim().parse().map_err(|_| ClientError::Unreachable {
+                url: file.display().to_string(),
+                reason: format!("{text:?} is not an address"),
+            })?;
+        }
+        if addr.ip().is_unspecified() {
+            addr.set_ip(if addr.is_ipv4() {
+                std::net::Ipv4Addr::LOCALHOST.into()
+            } else {
+                std::net::Ipv6Addr::LOCALHOST.into()
+            });
+        }
+        let token = config.admin.token.as_ref().map(|t| t.get_ref().clone());
+        Ok(AdminClient::new(addr, token))
+    }
+
+    async fn send<T: DeserializeOwned>(
+        &self,
+        request: reqwest::RequestBuilder,
+        url: &str,
+    ) -> Result<T, ClientError> {
+        let request = match &self.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        };
+        let response = request.send().await.map_err(|e| ClientError::Unreachable {
+            url: url.to_owned(),
+            reason: e.to_string(),
+        })?;
+        let status = response.status();
+        let body: serde_json::Value = response.json().await.map_err(|e| ClientError::Api {
+            status: status.as_u16(),
+            message: format!("unreadable answer: {e}"),
+        })?;
+        if !status.is_success() {
+            let message = body
+                .get("error")
+                .and_then(|e| e.as_str())
+                .unwrap_or("no message")
+                .to_owned();
+            return Err(ClientError::Api {
+                status: status.as_u16(),
+                message,
+            });
+        }
+        serde_json::from_value(body).map_err(|e| ClientError::Api {
+            status: status.as_u16(),
+            message: format!("unexpected answer: {e}"),
+        })
+    }
+
+    /// GETs `path` of the API.
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let url = format!("{}{path}", self.base);
+        self.send(self.http.get(&url), &url).await
+    }
+
+    /// POSTs `body` as JSON to `path` of the API.
+    pub async fn post<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &impl Serialize,
+    ) -> Result<T, ClientError> {
+        let url = format!("{}{path}", self.base);
+        self.send(self.http.post(&url).json(body), &url).await
+    }
+
+    /// The conflicts waiting for a person.
+    pub async fn conflicts(&self) -> Result<Vec<ConflictView>, ClientError> {
+        self.get("/api/conflicts").await
+    }
+
+    /// One conflict, with its field's history.
+    pub async fn conflict(&self, id: &str) -> Result<ConflictDetail, ClientError> {
+        let (doc, field) = split_conflict_id(id)?;
+        self.get(&format!("/api/conflicts/{doc}/{}", encode(field)))
+            .await
+    }
+
+    /// Settles conflict `id`.
+    pub async fn resolve(&self, id: &str, resolution: &Resolution) -> Result<(), ClientError> {
+        let (doc, field) = split_conflict_id(id)?;
+        let _: serde_json::Value = self
+            .post(
+                &format!("/api/conflicts/{doc}/{}/resolve", encode(field)),
+                resolution,
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// The deletes waiting for approval.
+    pub async fn held_deletes(&self) -> Result<Vec<HeldView>, ClientError> {
+        self.get("/api/deletes").await
+    }
+
+    /// Approves (`approve`) or rejects (`reject`) held delete `id`.
+    pub async fn decide_delete(&self, action: &str, id: &str) -> Result<(), ClientError> {
+        let _: serde_json::Value = self
+            .post(&format!("/api/deletes/{action}"), &record_ref(id)?)
+            .await?;
+        Ok(())
+    }
+
+    /// The dead letters.
+    pub async fn dead_letters(&self) -> Result<Vec<LetterView>, ClientError> {
+        self.get("/api/dead-letters").await
+    }
+
+    /// Retries (`retry`) or discards (`discard`) dead letter `id`.
+    pub async fn act_on_letter(&self, action: &str, id: &str) -> Result<(), ClientError> {
+        let _: serde_json::Value = self
+            .post(&format!("/api/dead-letters/{action}"), &record_ref(id)?)
+            .await?;
+        Ok(())
+    }
+
+    /// The history of record `key` of `collection` (its key in `tool`, if given).
+    pub async fn history(
+        &self,
+        collection: &str,
+        key: &str,
+        tool: Option<&str>,
+    ) -> Result<RecordHistory, ClientError> {
+        let mut path = format!("/api/history/{}/{}", encode(collection), encode(key));
+        if let Some(tool) = tool {
+            path.push_str(&format!("?tool={}", encode(tool)));
+        }
+        self.get(&path).await
+    }
+}
+
+/// `<record id>/<field>` split in two.
+fn split_conflict_id(id: &str) -> Result<(&str, &str), ClientError> {
+    id.split_once('/')
+        .filter(|(doc, field)| doc.len() == 32 && !field.is_empty())
+        .ok_or_else(|| {
+            ClientError::Usage(format!(
+                "{id:?} is not a conflict id (`<record id>/<field>`, as `concord conflicts list` prints)"
+            ))
+        })
+}
+
+/// `<tool>/<collection>/<key>` as a record of a tool.
+fn record_ref(id: &str) -> Result<RecordRef, ClientError> {
+    let mut parts = id.splitn(3, '/');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(tool), Some(collection), Some(key))
+            if !tool.is_empty() && !collection.is_empty() && !key.is_empty() =>
+        {
+            Ok(RecordRef {
+                tool: tool.to_owned(),
+                collection: collection.to_owned(),
+                key: key.to_owned(),
+            })
+        }
+        _ => Err(ClientError::Usage(format!(
+            "{id:?} is not a record id (`<tool>/<collection>/<key>`, as the list prints)"
+        ))),
+    }
+}
+
+/// `text` made safe as one segment of a URL path.
+fn encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+/// The lines `concord conflicts list` prints.
+pub fn print_conflicts(conflicts: &[ConflictView]) {
+    if conflicts.is_empty() {
+        println!("no conflicts wait for a decision");
+        return;
+    }
+    for c in conflicts {
+        println!("{}  {}.{}", c.id, c.collection, c.field);
+        print_values(c);
+    }
+}
+
+fn print_values(c: &ConflictView) {
+    for (i, v) in c.values.iter().enumerate() {
+        let holding = if i == c.interim {
+            "  (in the tools meanwhile)"
+        } else {
+            ""
+        };
+        println!(
+            "  [{i}] {:<24} from {} at {}{holding}",
+            v.value.display,
+            source(&v.agent, &v.tool),
+            v.time
+        );
+    }
+}
+
+/// The lines `concord conflicts show` prints.
+pub fn print_conflict(detail: &ConflictDetail) {
+    let c = &detail.conflict;
+    println!("conflict {}", c.id);
+    println!("collection {}, field {}", c.collection, c.field);
+    println!("values:");
+    print_values(c);
+    println!("history of the field:");
+    print_history_lines(&detail.history, "  ");
+    println!(
+        "settle it with: concord conflicts resolve {} --pick N (or --value V)",
+        c.id
+    );
+}
+
+/// The lines `concord deletes list` prints.
+pub fn print_held(held: &[HeldView]) {
+    if held.is_empty() {
+        println!("no deletes wait for approval");
+    }
+    for h in held {
+        println!("{}  deleted at {} (record {})", h.id, h.time, h.doc);
+    }
+}
+
+/// The lines `concord dead-letters list` prints.
+pub fn print_letters(letters: &[LetterView]) {
+    if letters.is_empty() {
+        println!("no dead letters");
+    }
+    for l in letters {
+        let retry = match &l.retry_at {
+            Some(at) => format!("retried at {at}"),
+            None => "waits for a person".to_owned(),
+        };
+        println!("{}  [{}] {}", l.id, l.kind, l.reason);
+        println!("  since {}, {} attempt(s), {retry}", l.since, l.attempts);
+    }
+}
+
+/// The lines `concord history` prints: per field, every value it had.
+pub fn print_history(history: &RecordHistory) {
+    println!(
+        "record {} of {}{}",
+        history.doc,
+        history.collection,
+        if history.deleted { " (deleted)" } else { "" }
+    );
+    for (tool, key) in &history.keys {
+        println!("  key {key} in {tool}");
+    }
+    let mut fields: Vec<&str> = history.entries.iter().map(|e| e.field.as_str()).collect();
+    fields.sort_unstable();
+    fields.dedup();
+    for field in fields {
+        println!("{field}");
+        let entries: Vec<HistoryView> = history
+            .entries
+            .iter()
+            .filter(|e| e.field == field)
+            .cloned()
+            .collect();
+        print_history_lines(&entries, "  ");
+    }
+}
+
+fn print_history_lines(entries: &[HistoryView], indent: &str) {
+    for e in entries {
+        let value = e
+            .value
+            .as_ref()
+            .map_or_else(|| "(removed)".to_owned(), |v| v.display.clone());
+        let mut line = format!(
+            "{indent}{}  {:<24} from {}",
+            e.time,
+            value,
+            source(&e.agent, &e.tool)
+        );
+        if let (Some(policy), Some(on)) = (&e.decided_by_policy, &e.decided_on) {
+            line.push_str(&format!(", chosen by {policy} on {on}"));
+        }
+        if e.current {
+            line.push_str("  <- current");
+        }
+        println!("{line}");
+    }
+}
+
+fn source(agent: &str, tool: &str) -> String {
+    match (agent.is_empty(), tool.is_empty()) {
+        (true, _) => "an unknown source".to_owned(),
+        (false, true) => format!("a person on {agent}"),
+        (false, false) => format!("{tool} on {agent}"),
+    }
+}
