@@ -20,6 +20,7 @@ use crate::identity::{Identity, IdentityError, PeerId};
 use crate::mapping;
 use crate::peers::{self, PeerContext, Registry};
 use crate::store::{Store, StoreError, StoreReader};
+use crate::telemetry::{AgentInfo, Telemetry, ToolInfo};
 use crate::tool::{ToolLoop, ToolThread};
 use crate::transport::{PinnedPeers, Transport, TransportError};
 
@@ -85,17 +86,20 @@ pub struct RunningAgent {
     core_thread: Option<std::thread::JoinHandle<()>>,
     tool_threads: Vec<std::thread::JoinHandle<()>>,
     commits: Arc<AtomicU64>,
+    telemetry: Arc<Telemetry>,
 }
 
 /// Starts an agent. Must be called inside a tokio runtime.
 pub async fn start(config: Config) -> Result<RunningAgent, StartError> {
     let identity = Identity::load(&config.key_file)?;
+    let telemetry = Arc::new(new_telemetry(&config));
     // Tools block (and some run a driver runtime of their own): they are opened,
     // and the store with them, off the async runtime.
     let assembled = {
         let config = config.clone();
         let me = identity.peer_id();
-        tokio::task::spawn_blocking(move || assemble(&config, &me))
+        let telemetry = telemetry.clone();
+        tokio::task::spawn_blocking(move || assemble(&config, &me, telemetry))
             .await
             .map_err(|e| StartError::Thread(std::io::Error::other(e.to_string())))??
     };
@@ -120,6 +124,7 @@ pub async fn start(config: Config) -> Result<RunningAgent, StartError> {
         registry: Registry::default(),
         shutdown: shutdown_rx,
         dials: AtomicU64::new(0),
+        telemetry: telemetry.clone(),
     });
     tokio::spawn(peers::accept_loop(transport.clone(), ctx.clone()));
     for peer in &config.peers {
@@ -152,6 +157,7 @@ pub async fn start(config: Config) -> Result<RunningAgent, StartError> {
             .iter()
             .map(|t| t.name.get_ref().clone())
             .collect(),
+        telemetry: telemetry.clone(),
     };
     let background = vec![
         tokio::spawn(crate::admin::serve(
@@ -160,7 +166,13 @@ pub async fn start(config: Config) -> Result<RunningAgent, StartError> {
             shutdown.subscribe(),
         )),
         tokio::spawn(tick(threads.core.clone(), shutdown.subscribe())),
+        tokio::spawn(sample(telemetry.clone(), shutdown.subscribe())),
     ];
+    telemetry.started(AgentInfo {
+        peer_id: identity.peer_id(),
+        store: crate::store::hex(&store_id),
+        listen: local_addr.to_string(),
+    });
     tracing::info!(admin = %admin_addr, "admin API listening");
     tracing::info!(peer_id = %identity.peer_id(), listen = %local_addr, store = %crate::store::hex(&store_id), tools = config.tools.len(), "agent started");
     Ok(RunningAgent {
@@ -177,8 +189,56 @@ pub async fn start(config: Config) -> Result<RunningAgent, StartError> {
         core_thread: Some(threads.core_thread),
         tool_threads: threads.tool_threads,
         commits: threads.commits,
+        telemetry,
     })
 }
+
+/// The telemetry of the agent of `config`, with its tools and its peers.
+fn new_telemetry(config: &Config) -> Telemetry {
+    let tools = config
+        .tools
+        .iter()
+        .map(|t| ToolInfo {
+            name: t.name.get_ref().clone(),
+            kind: match t.kind.get_ref() {
+                ToolKind::Sqlite => "sqlite",
+                ToolKind::Postgres => "postgres",
+            },
+            collections: t
+                .collections
+                .iter()
+                .map(|c| c.name.get_ref().clone())
+                .collect(),
+        })
+        .collect();
+    let peers = config
+        .peers
+        .iter()
+        .filter_map(|p| {
+            let id = p.id.get_ref().parse::<PeerId>().ok()?;
+            Some((id, p.addr.map(|a| a.to_string())))
+        })
+        .collect();
+    Telemetry::new(tools, peers)
+}
+
+/// Takes a point of the throughput series every [`crate::telemetry::SERIES_INTERVAL_MS`],
+/// until shutdown.
+async fn sample(telemetry: Arc<Telemetry>, mut shutdown: watch::Receiver<bool>) {
+    let period = std::time::Duration::from_millis(crate::telemetry::SERIES_INTERVAL_MS);
+    let mut interval = tokio::time::interval(period);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => telemetry.sample(),
+            () = async { let _ = shutdown.wait_for(|stop| *stop).await; } => return,
+        }
+    }
+}
+
+/// How long `concord run` waits for a clean stop after SIGINT or SIGTERM before
+/// exiting anyway (every commit is durable, so exiting loses nothing).
+pub const SHUTDOWN_GRACE_MS: u64 = 10_000;
 
 /// How often the core looks for dead letters due for a retry.
 pub const RETRY_TICK_MS: u64 = 500;
@@ -208,7 +268,11 @@ struct Assembled {
 }
 
 /// Opens the tools and the store, and starts the core and tool threads.
-fn assemble(config: &Config, me: &PeerId) -> Result<Assembled, StartError> {
+fn assemble(
+    config: &Config,
+    me: &PeerId,
+    telemetry: Arc<Telemetry>,
+) -> Result<Assembled, StartError> {
     let mut connectors = open_tools(config)?;
     let schemas: Vec<ToolSchema> = connectors
         .iter()
@@ -242,7 +306,11 @@ fn assemble(config: &Config, me: &PeerId) -> Result<Assembled, StartError> {
     .with_policies(uid_prefix(me), collection_policies(config));
     let collection_names: Vec<String> = engine.collections().map(str::to_owned).collect();
     let names = config.tools.iter().map(|t| t.name.get_ref().clone());
-    let threads = spawn_threads(engine, connectors.into_iter().zip(names).zip(loops))?;
+    let threads = spawn_threads(
+        engine,
+        connectors.into_iter().zip(names).zip(loops),
+        telemetry,
+    )?;
     Ok(Assembled {
         threads,
         store_id,
@@ -541,6 +609,7 @@ struct Threads {
 fn spawn_threads(
     engine: Engine,
     tools: impl ExactSizeIterator<Item = ((Box<dyn Connector>, String), ToolLoop)>,
+    telemetry: Arc<Telemetry>,
 ) -> Result<Threads, StartError> {
     let (core, core_rx) = core::channel();
     let (log_tx, log_version) = watch::channel(0u64);
@@ -558,6 +627,7 @@ fn spawn_threads(
             core: core.clone(),
             events,
             wake: events_tx,
+            telemetry: telemetry.clone(),
         };
         pending_threads.push((thread, state));
     }
@@ -565,6 +635,7 @@ fn spawn_threads(
         log_version: log_tx,
         write_back: senders,
         commits: commits.clone(),
+        telemetry,
     };
     let core_thread = std::thread::Builder::new()
         .name("concord-core".into())
@@ -730,6 +801,11 @@ impl RunningAgent {
         self.commits.load(Ordering::Relaxed)
     }
 
+    /// The agent's telemetry: status, metrics, activity.
+    pub fn telemetry(&self) -> &Arc<Telemetry> {
+        &self.telemetry
+    }
+
     /// What the engine did so far.
     pub async fn stats(&self) -> Option<EngineStats> {
         let (reply, answer) = oneshot::channel();
@@ -739,6 +815,7 @@ impl RunningAgent {
 
     /// Stops the agent: closes connections, stops the threads, flushes the store.
     pub async fn shutdown(mut self) {
+        self.telemetry.stopping();
         let _ = self.shutdown.send(true);
         for task in std::mem::take(&mut self.background) {
             task.abort();

@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::engine::{ActionError, Engine, EngineStats, RemoteError, ToolIx, WritePlan};
 use crate::replication::{Action, Event, policy};
 use crate::store::{StoreError, StoreId};
+use crate::telemetry::Telemetry;
 
 /// Requests queued for the core at most.
 pub const CORE_QUEUE_MAX: usize = 256;
@@ -110,6 +111,12 @@ pub struct RecordRef {
     pub key: String,
 }
 
+impl std::fmt::Display for RecordRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}/{}", self.tool, self.collection, self.key)
+    }
+}
+
 /// A handle to send requests to the core.
 #[derive(Debug, Clone)]
 pub struct CoreHandle {
@@ -142,7 +149,13 @@ pub struct CoreOutputs {
     pub write_back: Vec<SyncSender<ToolEvent>>,
     /// Commits done, for status.
     pub commits: Arc<AtomicU64>,
+    /// Where the core publishes its snapshot and the times of its commits.
+    pub telemetry: Arc<Telemetry>,
 }
+
+/// How often the core publishes its snapshot while busy, at most; an idle core
+/// publishes after each commit.
+pub const SNAPSHOT_INTERVAL_MS: i64 = 100;
 
 /// Creates the core's queue.
 pub fn channel() -> (CoreHandle, mpsc::Receiver<CoreRequest>) {
@@ -166,12 +179,14 @@ fn fatal(error: &dyn std::fmt::Display) -> ! {
 }
 
 /// What one [`Core::step`] committed.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Committed {
     /// Whether a batch was committed at all.
     pub batch: bool,
     /// Log entries appended.
     pub appended: usize,
+    /// The last seq appended to each collection's log.
+    pub heads: Vec<(String, u64)>,
 }
 
 /// What a tool's loop waits for: a plan from the core, or a wake-up from its
@@ -342,9 +357,17 @@ impl Core {
                 }
             }
         }
+        let mut heads: Vec<(String, u64)> = Vec::new();
+        for (collection, seq) in &batch.appended {
+            match heads.iter_mut().find(|(c, _)| c == collection) {
+                Some((_, head)) => *head = (*head).max(*seq),
+                None => heads.push((collection.clone(), *seq)),
+            }
+        }
         let committed = Committed {
             batch: !batch.is_empty(),
             appended: batch.appended.len(),
+            heads,
         };
         self.engine.store().commit(batch)?;
         for reply in replies {
@@ -357,6 +380,7 @@ impl Core {
 /// Runs the core until every handle is dropped. A store failure aborts the process.
 pub fn run(engine: Engine, mut rx: mpsc::Receiver<CoreRequest>, outputs: CoreOutputs) {
     let mut core = Core::new(engine);
+    let mut published_ms = i64::MIN;
     loop {
         for plan in core.plan(now_ms()).unwrap_or_else(|e| fatal(&e)) {
             let tool = plan.tool;
@@ -378,14 +402,22 @@ pub fn run(engine: Engine, mut rx: mpsc::Receiver<CoreRequest>, outputs: CoreOut
                 Err(_) => break,
             }
         }
-        let committed = core.step(requests, now_ms()).unwrap_or_else(|e| fatal(&e));
+        let now = now_ms();
+        let committed = core.step(requests, now).unwrap_or_else(|e| fatal(&e));
         if committed.batch {
             outputs.commits.fetch_add(1, Ordering::Relaxed);
         }
         if committed.appended > 0 {
+            outputs.telemetry.committed(&committed.heads, now);
             outputs
                 .log_version
                 .send_modify(|version| *version += committed.appended as u64);
+        }
+        if rx.is_empty() || now - published_ms >= SNAPSHOT_INTERVAL_MS {
+            published_ms = now;
+            let mut snapshot = core.engine().snapshot().unwrap_or_else(|e| fatal(&e));
+            snapshot.commits = outputs.commits.load(Ordering::Relaxed);
+            outputs.telemetry.publish(snapshot);
         }
     }
 }

@@ -27,10 +27,33 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:7400")]
         listen: SocketAddr,
     },
-    /// Runs the agent until interrupted.
+    /// Runs the agent until interrupted (SIGINT or SIGTERM: it finishes what is in
+    /// flight, persists and closes its peers, within a bounded time).
     Run {
         /// The configuration file.
         #[arg(long)]
+        config: PathBuf,
+        /// How log lines are written (overrides `[log] format`).
+        #[arg(long, value_enum)]
+        log_format: Option<LogFormat>,
+    },
+    /// The running agent's tools, collections, peers with their lag, and what waits
+    /// for a person.
+    Status {
+        /// Print the status as JSON.
+        #[arg(long)]
+        json: bool,
+        /// The running agent's configuration file.
+        #[arg(long, default_value = "concord.toml")]
+        config: PathBuf,
+    },
+    /// The running agent's peers: connected or not, since when, lag and traffic.
+    Peers {
+        /// Print the peers as JSON.
+        #[arg(long)]
+        json: bool,
+        /// The running agent's configuration file.
+        #[arg(long, default_value = "concord.toml")]
         config: PathBuf,
     },
     /// Checks a configuration without running it: mappings, expressions, natural
@@ -204,6 +227,22 @@ fn admin_command(config: &std::path::Path, command: AdminCommand) -> anyhow::Res
             } => {
                 admin::print_history(&client.history(&collection, &key, tool.as_deref()).await?);
             }
+            AdminCommand::Status { json } => {
+                let status = client.status().await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&status)?);
+                } else {
+                    admin::print_status(&status);
+                }
+            }
+            AdminCommand::Peers { json } => {
+                let peers = client.peers().await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&peers)?);
+                } else {
+                    admin::print_peers(&peers, concord_agent::core::now_ms());
+                }
+            }
         }
         Ok(())
     })
@@ -219,17 +258,29 @@ enum AdminCommand {
         key: String,
         tool: Option<String>,
     },
+    Status {
+        json: bool,
+    },
+    Peers {
+        json: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Init { dir, listen } => init(dir, listen),
-        Command::Run { config } => {
+        Command::Run { config, log_format } => {
             let config = Config::load(&config)?;
-            init_logging(config.log.format, "info");
+            let format = log_format.unwrap_or(config.log.format);
+            if format == LogFormat::Text {
+                concord_agent::progress::enable_bars();
+            }
+            init_logging(format, "info");
             runtime()?.block_on(run(config))
         }
+        Command::Status { json, config } => admin_command(&config, AdminCommand::Status { json }),
+        Command::Peers { json, config } => admin_command(&config, AdminCommand::Peers { json }),
         Command::Check { config } => {
             init_logging(LogFormat::Text, "warn");
             let loaded = Config::load(&config)?;
@@ -308,7 +359,7 @@ fn init_logging(format: LogFormat, default: &str) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        .with_writer(concord_agent::progress::LogWriter);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -343,11 +394,30 @@ async fn run(config: Config) -> anyhow::Result<()> {
         agent.local_addr()
     );
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let signal = tokio::select! {
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+    };
+    let started = std::time::Instant::now();
+    tracing::info!(
+        signal,
+        "stopping: finishing what is in flight (a second signal stops at once)"
+    );
+    let grace = std::time::Duration::from_millis(concord_agent::agent::SHUTDOWN_GRACE_MS);
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+        stopped = tokio::time::timeout(grace, agent.shutdown()) => match stopped {
+            Ok(()) => {
+                tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "stopped cleanly");
+                Ok(())
+            }
+            Err(_) => {
+                // Every commit is durable: stopping here loses nothing, a restart
+                // resumes from the store.
+                tracing::warn!(grace_ms = grace.as_millis() as u64, "did not stop within the grace period; exiting");
+                std::process::exit(1)
+            }
+        },
+        _ = tokio::signal::ctrl_c() => std::process::exit(130),
+        _ = term.recv() => std::process::exit(143),
     }
-    tracing::info!("stopping");
-    agent.shutdown().await;
-    Ok(())
 }

@@ -16,13 +16,16 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::task::AbortOnDropHandle;
+use tracing::Instrument;
 
 use crate::core::{CoreHandle, CoreRequest};
 use crate::engine::RemoteError;
 use crate::identity::PeerId;
 use crate::logs::RepeatLimiter;
+use crate::progress::Progress;
 use crate::replication::{Action, ProtocolError, Session};
 use crate::store::{StoreId, StoreReader};
+use crate::telemetry::{StreamProgress, Telemetry};
 use crate::transport::{FrameError, Transport, TransportError, read_frame, write_frame};
 
 /// Frames read ahead of the session per connection at most.
@@ -59,7 +62,13 @@ pub struct PeerContext {
     pub shutdown: watch::Receiver<bool>,
     /// Dial attempts made, for status and tests.
     pub dials: AtomicU64,
+    /// Where each session reports its peer's status.
+    pub telemetry: Arc<Telemetry>,
 }
+
+/// How often a session reports its progress while busy, at most (it reports
+/// whenever it goes idle, and when it ends).
+pub const REPORT_INTERVAL_MS: u64 = 50;
 
 /// The live connections, one preferred per peer.
 #[derive(Debug, Default)]
@@ -221,14 +230,27 @@ async fn run_connection(
     dialer: PeerId,
     ctx: Arc<PeerContext>,
 ) -> bool {
+    // The span follows the task across threads (an entered guard would not).
+    let span = tracing::info_span!("peer", %peer);
+    run_connection_in_span(connection, peer, dialer, ctx)
+        .instrument(span)
+        .await
+}
+
+async fn run_connection_in_span(
+    connection: quinn::Connection,
+    peer: PeerId,
+    dialer: PeerId,
+    ctx: Arc<PeerContext>,
+) -> bool {
     let id = ctx.registry.add(ctx.me, peer, dialer, connection.clone());
     let dialed = dialer == ctx.me;
-    let span = tracing::info_span!("peer", %peer);
-    let _enter = span.enter();
     tracing::debug!(remote = %connection.remote_address(), dialed, "connection open");
     let mut established = false;
-    let result = drive(&connection, dialed, &ctx, &mut established).await;
+    let mut reporter = Reporter::new(&ctx.telemetry, peer);
+    let result = drive(&connection, dialed, &ctx, &mut established, &mut reporter).await;
     ctx.registry.remove(peer, id);
+    reporter.ended(&result);
     let duplicate = matches!(
         connection.close_reason(),
         Some(quinn::ConnectionError::LocallyClosed)
@@ -268,6 +290,7 @@ async fn drive(
     dialed: bool,
     ctx: &PeerContext,
     established: &mut bool,
+    reporter: &mut Reporter<'_>,
 ) -> Result<(), DriveError> {
     let (mut send, recv) = if dialed {
         connection.open_bi().await?
@@ -282,6 +305,31 @@ async fn drive(
         heads.push((collection.clone(), ctx.reader.log_head(collection)?));
     }
     let mut session = Session::new(ctx.store, heads, Instant::now());
+    let result = pump(
+        &mut session,
+        &mut send,
+        &mut frames_rx,
+        ctx,
+        established,
+        reporter,
+        connection,
+    )
+    .await;
+    reporter.report(&mut session, connection, true);
+    result
+}
+
+/// Moves frames, events and log reads between the session, the stream and the core
+/// until the session ends.
+async fn pump(
+    session: &mut Session,
+    send: &mut quinn::SendStream,
+    frames_rx: &mut mpsc::Receiver<Result<Vec<u8>, FrameError>>,
+    ctx: &PeerContext,
+    established: &mut bool,
+    reporter: &mut Reporter<'_>,
+    connection: &quinn::Connection,
+) -> Result<(), DriveError> {
     let mut pending: VecDeque<PendingEvent> = VecDeque::new();
     let mut log_version = ctx.log_version.clone();
     let mut shutdown = ctx.shutdown.clone();
@@ -304,9 +352,10 @@ async fn drive(
             session.send_entries(Instant::now(), &collection, read, max);
         }
         while let Some(frame) = session.poll_transmit() {
-            write_frame(&mut send, &frame).await?;
+            write_frame(send, &frame).await?;
         }
         let more_to_read = !session.wants().is_empty();
+        reporter.report(session, connection, !more_to_read && pending.is_empty());
         let timeout = session
             .poll_timeout()
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
@@ -351,5 +400,137 @@ async fn read_frames(
         if frames.send(result).await.is_err() || end {
             return;
         }
+    }
+}
+
+/// Reports one connection's session to the telemetry: the peer's status, its
+/// acknowledgements into the latency histogram, and the progress of a long catch-up.
+struct Reporter<'a> {
+    telemetry: &'a Telemetry,
+    peer: PeerId,
+    /// Whether the session was announced as up.
+    announced: bool,
+    last: Option<Instant>,
+    /// What was reported already, to report only what came since.
+    sent: u64,
+    received: u64,
+    bytes_in: u64,
+    bytes_out: u64,
+    /// The catch-up shown, and the entries behind when it started.
+    catch_up: Option<(Progress, u64)>,
+    catch_up_checked: bool,
+}
+
+impl<'a> Reporter<'a> {
+    fn new(telemetry: &'a Telemetry, peer: PeerId) -> Reporter<'a> {
+        Reporter {
+            telemetry,
+            peer,
+            announced: false,
+            last: None,
+            sent: 0,
+            received: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            catch_up: None,
+            catch_up_checked: false,
+        }
+    }
+
+    /// Reports the session's progress: now if `now` or [`REPORT_INTERVAL_MS`] passed.
+    fn report(&mut self, session: &mut Session, connection: &quinn::Connection, now: bool) {
+        let now_ms = crate::core::now_ms();
+        for (collection, from, upto) in session.take_acked() {
+            self.telemetry
+                .acked(self.peer, &collection, from, upto, now_ms);
+        }
+        let due = self
+            .last
+            .is_none_or(|last| last.elapsed() >= Duration::from_millis(REPORT_INTERVAL_MS));
+        if !(now || due) || session.peer().is_none() {
+            return;
+        }
+        self.last = Some(Instant::now());
+        let progress = session.progress();
+        let stats = connection.stats();
+        let (bytes_in, bytes_out) = (stats.udp_rx.bytes, stats.udp_tx.bytes);
+        let announce = !self.announced;
+        self.announced = true;
+        let addr = connection.remote_address().to_string();
+        self.telemetry.peer(self.peer, |status| {
+            if announce {
+                status.sessions += 1;
+                status.connected = true;
+                status.since_ms = Some(now_ms);
+                status.addr = Some(addr.clone());
+            }
+            status.last_seen_ms = Some(now_ms);
+            status.sent += progress.sent - self.sent;
+            status.received += progress.received - self.received;
+            status.bytes_in += bytes_in.saturating_sub(self.bytes_in);
+            status.bytes_out += bytes_out.saturating_sub(self.bytes_out);
+            status.streams = progress
+                .streams
+                .iter()
+                .map(|(collection, in_flight, next, acked)| StreamProgress {
+                    collection: collection.clone(),
+                    in_flight: *in_flight,
+                    next: *next,
+                    acked: *acked,
+                })
+                .collect();
+            status.incoming_behind = progress.incoming_behind;
+        });
+        if announce {
+            tracing::info!(remote = %addr, "peer connected");
+            self.telemetry
+                .note("peer", format!("connected to {} at {addr}", self.peer));
+        }
+        (self.sent, self.received) = (progress.sent, progress.received);
+        (self.bytes_in, self.bytes_out) = (bytes_in, bytes_out);
+        self.show_catch_up(progress.incoming_behind);
+    }
+
+    /// Shows the progress of receiving what the peer had at its hello, when that is a
+    /// lot.
+    fn show_catch_up(&mut self, incoming_behind: Option<u64>) {
+        let Some(behind) = incoming_behind else {
+            return;
+        };
+        if !self.catch_up_checked {
+            self.catch_up_checked = true;
+            let short: String = self.peer.to_string().chars().take(12).collect();
+            self.catch_up =
+                Progress::start(format!("sync with peer {short}"), behind).map(|p| (p, behind));
+        }
+        if let Some((progress, start)) = &mut self.catch_up {
+            let done = start.saturating_sub(behind);
+            progress.advance(done.saturating_sub(progress.done()));
+            if behind == 0
+                && let Some((progress, _)) = self.catch_up.take()
+            {
+                progress.finish();
+            }
+        }
+    }
+
+    /// The connection ended with `result`.
+    fn ended(&mut self, result: &Result<(), DriveError>) {
+        if !self.announced {
+            return;
+        }
+        if let Some((progress, _)) = self.catch_up.take() {
+            progress.finish();
+        }
+        self.telemetry.peer(self.peer, |status| {
+            status.sessions = status.sessions.saturating_sub(1);
+            status.connected = status.sessions > 0;
+        });
+        let why = match result {
+            Ok(()) => "closed".to_owned(),
+            Err(e) => e.to_string(),
+        };
+        self.telemetry
+            .note("peer", format!("disconnected from {}: {why}", self.peer));
     }
 }

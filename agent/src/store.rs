@@ -210,6 +210,13 @@ struct CachedDoc {
     stored: Vec<u8>,
     /// How many change chunks were appended to `stored` since the last whole save.
     appends: u32,
+    /// Whether `stored` holds a live record (created and not deleted).
+    alive: bool,
+}
+
+/// Whether `doc` holds a live record: created and not deleted.
+fn alive(doc: &RecordDoc) -> bool {
+    !doc.is_empty() && !doc.is_deleted().unwrap_or(false)
 }
 
 /// The agent's store. One writer (the core) changes it; readers share its keyspaces.
@@ -234,6 +241,9 @@ pub struct Store {
     cache: LruCache<DocId, CachedDoc>,
     /// Next sequence number of each collection's log.
     log_next: HashMap<String, u64>,
+    /// Live records per collection, counting the open batch (committed in
+    /// `cursors` under [`records_counter`]); read from disk on first use.
+    records: HashMap<String, u64>,
     /// What the open batch staged, so that later steps of the same group commit
     /// read it (Architecture Invariant: staged state is visible to the rest of the
     /// batch).
@@ -260,6 +270,8 @@ struct Staged {
     /// Links from a document to a tool's record staged, by `links` key (`None`:
     /// removed).
     links: HashMap<Vec<u8>, Option<String>>,
+    /// Collections whose record count changed.
+    records: HashSet<String>,
 }
 
 impl Staged {
@@ -270,6 +282,7 @@ impl Staged {
             && self.digests.is_empty()
             && self.ext.is_empty()
             && self.links.is_empty()
+            && self.records.is_empty()
     }
 }
 
@@ -366,6 +379,7 @@ impl Store {
             actor,
             cache: LruCache::new(NonZeroUsize::new(DOC_CACHE_MAX).expect("DOC_CACHE_MAX > 0")),
             log_next: HashMap::new(),
+            records: HashMap::new(),
             staged: Staged::default(),
         };
         Ok(store)
@@ -415,7 +429,15 @@ impl Store {
     }
 
     /// Commits `batch` atomically and fsyncs it; returns the log entries it appended.
-    pub fn commit(&mut self, batch: Batch) -> Result<Vec<(String, u64)>, StoreError> {
+    pub fn commit(&mut self, mut batch: Batch) -> Result<Vec<(String, u64)>, StoreError> {
+        for collection in &self.staged.records {
+            let count = self.records.get(collection).copied().unwrap_or_default();
+            batch.inner.insert(
+                &self.cursors,
+                records_counter(collection),
+                count.to_be_bytes().to_vec(),
+            );
+        }
         if !batch.inner.is_empty() {
             batch.inner.commit()?;
         }
@@ -431,9 +453,11 @@ impl Store {
         for id in staged.doc_ids {
             self.cache.pop(&id);
         }
-        // Log seqs and bucket digests moved with what was staged: rebuild them from disk.
+        // Log seqs, bucket digests and record counts moved with what was staged:
+        // rebuild them from disk.
         self.log_next.clear();
         self.buckets.clear();
+        self.records.clear();
     }
 
     /// Loads the document `id` into the cache (creating an empty one if unknown) and
@@ -456,19 +480,25 @@ impl Store {
                 None => self.docs.get(id.0)?,
             };
             let entry = match bytes {
-                Some(bytes) => CachedDoc {
-                    doc: RecordDoc::load(&bytes, &self.actor).map_err(|e| StoreError::Corrupt {
-                        what: "document",
-                        reason: format!("{id}: {e}"),
-                    })?,
-                    stored: bytes.to_vec(),
-                    // How many changes were appended before is not known: compact soon.
-                    appends: DOC_APPENDS_MAX - DOC_APPENDS_AFTER_LOAD_MAX,
-                },
+                Some(bytes) => {
+                    let doc =
+                        RecordDoc::load(&bytes, &self.actor).map_err(|e| StoreError::Corrupt {
+                            what: "document",
+                            reason: format!("{id}: {e}"),
+                        })?;
+                    CachedDoc {
+                        alive: alive(&doc),
+                        doc,
+                        stored: bytes.to_vec(),
+                        // How many changes were appended before is not known: compact soon.
+                        appends: DOC_APPENDS_MAX - DOC_APPENDS_AFTER_LOAD_MAX,
+                    }
+                }
                 None => CachedDoc {
                     doc: RecordDoc::new(&self.actor),
                     stored: Vec::new(),
                     appends: 0,
+                    alive: false,
                 },
             };
             if let Some((evicted, old)) = self.cache.push(id, entry)
@@ -507,6 +537,11 @@ impl Store {
         batch.inner.insert(&docs, id.0, cached.stored.as_slice());
         let mut heads = cached.doc.heads();
         heads.sort();
+        let now_alive = alive(&cached.doc);
+        let was_alive = std::mem::replace(&mut cached.alive, now_alive);
+        if now_alive != was_alive {
+            self.count_record(collection, now_alive)?;
+        }
         self.staged.doc_ids.insert(id);
         self.stage_digest(batch, collection, id, heads_digest(id, &heads), new_doc)?;
         let seq = self.next_seq(collection)?;
@@ -520,6 +555,56 @@ impl Store {
             .insert(&self.log, log_key(collection, seq), encode(&entry));
         batch.appended.push((collection.to_owned(), seq));
         Ok(())
+    }
+
+    /// A record of `collection` came alive (`true`) or was deleted.
+    fn count_record(&mut self, collection: &str, alive: bool) -> Result<(), StoreError> {
+        let count = self.records(collection)?;
+        let count = if alive {
+            count + 1
+        } else {
+            count.saturating_sub(1)
+        };
+        self.records.insert(collection.to_owned(), count);
+        self.staged.records.insert(collection.to_owned());
+        Ok(())
+    }
+
+    /// Live records of `collection` (created and not deleted), counting the open batch.
+    pub fn records(&mut self, collection: &str) -> Result<u64, StoreError> {
+        if let Some(count) = self.records.get(collection) {
+            return Ok(*count);
+        }
+        let count = committed_cursor(&self.cursors, &records_counter(collection))?;
+        self.records.insert(collection.to_owned(), count);
+        Ok(count)
+    }
+
+    /// Counts the live records of `collection` by reading every document, for a store
+    /// written before record counts were kept. Returns the count (and keeps it).
+    pub fn recount_records(&mut self, collection: &str) -> Result<u64, StoreError> {
+        if self.cursors.contains_key(records_counter(collection))?
+            || committed_log_head(&self.log, collection)? == 0
+        {
+            return self.records(collection);
+        }
+        let prefix = log_prefix(collection);
+        let mut count = 0u64;
+        for guard in self.digests.prefix(&prefix) {
+            let key = guard.key()?;
+            let Ok(id) = <[u8; 16]>::try_from(&key[prefix.len()..]) else {
+                continue;
+            };
+            if let Some(bytes) = self.docs.get(id)?
+                && RecordDoc::load(&bytes, &self.actor).is_ok_and(|doc| alive(&doc))
+            {
+                count += 1;
+            }
+        }
+        self.cursors
+            .insert(records_counter(collection), count.to_be_bytes().to_vec())?;
+        self.records.insert(collection.to_owned(), count);
+        Ok(count)
     }
 
     fn next_seq(&mut self, collection: &str) -> Result<u64, StoreError> {
@@ -1033,6 +1118,11 @@ fn pending_key(tool: &str, id: DocId) -> Vec<u8> {
 /// The name of a tool's capture cursor.
 pub fn tool_cursor(tool: &str) -> String {
     format!("tool/{tool}")
+}
+
+/// The name of the counter of live records of `collection`, among the cursors.
+fn records_counter(collection: &str) -> String {
+    format!("records/{collection}")
 }
 
 /// The name of the cursor into a peer store's log of `collection`: the next seq to ask for.

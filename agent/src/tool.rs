@@ -28,6 +28,8 @@ use tokio::sync::oneshot;
 
 use crate::core::{CoreHandle, CoreRequest, CoreStopped, ToolEvent};
 use crate::engine::{ToolIx, WritePlan};
+use crate::progress::Progress;
+use crate::telemetry::Telemetry;
 
 /// How long after the last capture or write-back a polled tool counts as busy (it
 /// is polled at the connector's busy interval, then at its idle one).
@@ -205,6 +207,8 @@ pub struct ToolThread {
     pub events: Receiver<ToolEvent>,
     /// Where wake-ups are sent.
     pub wake: SyncSender<ToolEvent>,
+    /// Where the tool's health is reported.
+    pub telemetry: Arc<Telemetry>,
 }
 
 /// Runs until `stop` is set or the core stops.
@@ -216,8 +220,11 @@ pub fn run(thread: ToolThread, mut state: ToolLoop, stop: Arc<AtomicBool>) {
         core,
         events,
         wake,
+        telemetry,
     } = thread;
     let _span = tracing::info_span!("tool", tool = %name).entered();
+    let health = telemetry.tool(tool);
+    let mut import = start_import(connector.as_mut(), &state, &name);
     // A wake-up is queued only when none is: they coalesce, and the queue stays bounded.
     let woken = Arc::new(AtomicBool::new(false));
     let on_wake = {
@@ -256,8 +263,20 @@ pub fn run(thread: ToolThread, mut state: ToolLoop, stop: Arc<AtomicBool>) {
                 }
             }
         };
-        match step(connector.as_mut(), &io, &mut state, wait, &woken) {
+        match step(
+            connector.as_mut(),
+            &io,
+            &mut state,
+            wait,
+            &woken,
+            &mut import,
+        ) {
             Ok(busy) => {
+                if !health.reachable() {
+                    tracing::info!("the tool is reachable again");
+                    telemetry.note("tool", format!("tool `{name}` is reachable again"));
+                }
+                health.ok();
                 delay_ms = 10;
                 if busy {
                     last_busy = Instant::now();
@@ -265,6 +284,10 @@ pub fn run(thread: ToolThread, mut state: ToolLoop, stop: Arc<AtomicBool>) {
             }
             Err(StepError::Core(_)) => return,
             Err(StepError::Tool(e)) => {
+                if health.reachable() {
+                    telemetry.note("tool", format!("tool `{name}` failed: {e}"));
+                }
+                health.failed(&e.to_string());
                 state.failed();
                 subscribed = false;
                 tracing::error!(error = %e, retry_in_ms = delay_ms, "the tool failed; retrying");
@@ -298,12 +321,18 @@ fn step(
     state: &mut ToolLoop,
     wait: Duration,
     woken: &AtomicBool,
+    import: &mut Option<Progress>,
 ) -> Result<bool, StepError> {
     let mut busy = false;
     let mut wait = wait;
     if state.wants_capture(connector.changed()?) {
-        let progress = capture_all(connector, io, state)?;
+        let progress = capture_all(connector, io, state, import)?;
         busy |= progress.captured;
+        if progress.caught_up
+            && let Some(import) = import.take()
+        {
+            import.finish();
+        }
         if !progress.caught_up {
             // More to capture: look at the plans without waiting, then go on.
             state.force = true;
@@ -323,6 +352,24 @@ fn step(
         Err(RecvTimeoutError::Disconnected) => return Err(CoreStopped.into()),
     }
     Ok(busy)
+}
+
+/// The progress of capturing what the tool holds at start, when that is a lot: all
+/// of it on a first import, what changed while the agent was away otherwise.
+fn start_import(connector: &mut dyn Connector, state: &ToolLoop, name: &str) -> Option<Progress> {
+    let backlog = match connector.backlog(state.cursor()) {
+        Ok(backlog) => backlog?,
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot tell how much there is to capture");
+            return None;
+        }
+    };
+    let what = if state.cursor().as_bytes().is_empty() {
+        format!("first import from tool `{name}`")
+    } else {
+        format!("catching up with tool `{name}`")
+    };
+    Progress::start(what, backlog)
 }
 
 /// Runs a plan and reports the outcome; records changed since its capture are
@@ -365,7 +412,7 @@ fn write_back(
 }
 
 /// What one round of capturing did.
-struct Progress {
+struct Captured {
     /// Something was captured.
     captured: bool,
     /// The tool holds nothing more to capture (as of the last read).
@@ -379,8 +426,9 @@ fn capture_all(
     connector: &mut dyn Connector,
     io: &Io<'_>,
     state: &mut ToolLoop,
-) -> Result<Progress, StepError> {
-    let mut progress = Progress {
+    import: &mut Option<Progress>,
+) -> Result<Captured, StepError> {
+    let mut progress = Captured {
         captured: false,
         caught_up: false,
     };
@@ -391,6 +439,9 @@ fn capture_all(
             break;
         };
         progress.captured = true;
+        if let Some(import) = import {
+            import.advance(batch.changes.len() as u64);
+        }
         tracing::debug!(
             changes = batch.changes.len(),
             rescan = batch.rescan,

@@ -398,6 +398,13 @@ pub trait Connector: Send + fmt::Debug {
     /// Everything up to `durable` is stored by the agent: the tool may forget it.
     fn acknowledge(&mut self, durable: &Cursor) -> Result<(), ConnectorError>;
 
+    /// About how many changes wait to be captured after `after` (at most that many),
+    /// if the connector can tell cheaply: for showing the progress of a first import.
+    fn backlog(&mut self, after: &Cursor) -> Result<Option<u64>, ConnectorError> {
+        let _ = after;
+        Ok(None)
+    }
+
     /// Applies `ops`, with one outcome per op. An op is [`OpOutcome::Stale`], and
     /// nothing of it is written, when its record changed in the tool after the
     /// capture at `captured`, or when `changed_since` names it (records the agent

@@ -186,6 +186,47 @@ pub async fn wait_for(
     }
 }
 
+/// Polls `check` every 20 ms until it gives `Some`, up to [`CONVERGE_TIMEOUT`].
+pub async fn eventually<T>(
+    what: &str,
+    mut check: impl AsyncFnMut() -> anyhow::Result<Option<T>>,
+) -> anyhow::Result<T> {
+    let deadline = Instant::now() + CONVERGE_TIMEOUT;
+    loop {
+        if let Some(found) = check().await? {
+            return Ok(found);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {CONVERGE_TIMEOUT:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The admin client of a node's running agent.
+pub fn admin(node: &Node) -> anyhow::Result<concord_agent::admin::AdminClient> {
+    Ok(concord_agent::admin::AdminClient::for_config(
+        node.config.as_ref().context("configured")?,
+    )?)
+}
+
+/// The value of the sample `name` whose labels include every one of `labels`, in
+/// Prometheus text `metrics`.
+pub fn metric(metrics: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    metrics.lines().find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let (sample, label_text) = match series.split_once('{') {
+            Some((sample, rest)) => (sample, rest.strip_suffix('}')?),
+            None => (series, ""),
+        };
+        let matches = sample == name
+            && labels
+                .iter()
+                .all(|(k, v)| label_text.split(',').any(|l| l == format!("{k}=\"{v}\"")));
+        if matches { value.parse().ok() } else { None }
+    })
+}
+
 /// Waits until all nodes hold the same rows, and returns them.
 pub async fn converged(nodes: &[&Node]) -> anyhow::Result<Vec<Row>> {
     wait_for("the databases to converge", CONVERGE_TIMEOUT, || {
@@ -305,11 +346,23 @@ impl Process {
         stderr: impl Into<Stdio>,
         env: &[(&str, &str)],
     ) -> anyhow::Result<Process> {
+        Process::start_with(node, log, stderr, env, &[])
+    }
+
+    /// Starts `concord run ARGS` as [`Process::start_with_env`] does.
+    pub fn start_with(
+        node: &Node,
+        log: Option<&str>,
+        stderr: impl Into<Stdio>,
+        env: &[(&str, &str)],
+        args: &[&str],
+    ) -> anyhow::Result<Process> {
         use std::io::{BufRead, BufReader};
         let mut command = Command::new(concord_bin()?);
         command
             .args(["run", "--config"])
             .arg(node.config_path())
+            .args(args)
             .env_remove("RUST_LOG")
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
@@ -339,6 +392,32 @@ impl Process {
         self.child.kill()?;
         self.child.wait()?;
         Ok(())
+    }
+
+    /// Sends `signal` (`TERM`, `INT`) and waits up to `within` for the process to
+    /// exit; returns its exit status and how long it took.
+    pub fn signal(
+        mut self,
+        signal: &str,
+        within: Duration,
+    ) -> anyhow::Result<(std::process::ExitStatus, Duration)> {
+        let sent = Instant::now();
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()?;
+        if !status.success() {
+            bail!("kill -{signal} failed");
+        }
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok((status, sent.elapsed()));
+            }
+            if sent.elapsed() > within {
+                bail!("the agent did not exit within {within:?} of SIG{signal}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Stops the process with SIGTERM and waits for it.

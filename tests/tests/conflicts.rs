@@ -6,12 +6,10 @@
 //! turns a record into a dead letter until it is fixed and retried, `history`, and
 //! the admin API's token.
 
-use std::time::{Duration, Instant};
-
-use anyhow::{Context, bail};
+use anyhow::Context;
 use concord_agent::admin::{AdminClient, ClientError, HistoryView};
 use concord_tests::postgres::Postgres;
-use concord_tests::{COLUMNS, CONVERGE_TIMEOUT, Node, Process, cli, converged, free_udp_addr};
+use concord_tests::{COLUMNS, Node, Process, admin, cli, converged, eventually, free_udp_addr};
 
 /// The one tool of every agent here, syncing customers by their shared id, and the
 /// collection's policies (`policy`: lines of the `[[collection]]` table).
@@ -35,13 +33,6 @@ fn pair(root: &std::path::Path, policy_a: &str, policy_b: &str) -> anyhow::Resul
     Ok((a, b))
 }
 
-/// The admin client of a node's running agent.
-fn admin(node: &Node) -> anyhow::Result<AdminClient> {
-    Ok(AdminClient::for_config(
-        node.config.as_ref().context("configured")?,
-    )?)
-}
-
 /// Creates customer 1 on A, waits until B holds it too, and stops both agents: from
 /// here on they are apart.
 async fn seed_and_part(a: &Node, b: &Node) -> anyhow::Result<()> {
@@ -55,23 +46,6 @@ async fn seed_and_part(a: &Node, b: &Node) -> anyhow::Result<()> {
     pa.stop()?;
     pb.stop()?;
     Ok(())
-}
-
-/// Polls `check` every 20 ms until it gives `Some`, up to [`CONVERGE_TIMEOUT`].
-async fn eventually<T>(
-    what: &str,
-    mut check: impl AsyncFnMut() -> anyhow::Result<Option<T>>,
-) -> anyhow::Result<T> {
-    let deadline = Instant::now() + CONVERGE_TIMEOUT;
-    loop {
-        if let Some(found) = check().await? {
-            return Ok(found);
-        }
-        if Instant::now() > deadline {
-            bail!("timed out after {CONVERGE_TIMEOUT:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// The history entries of `field` of customer 1 on `node`'s agent.

@@ -6,6 +6,7 @@ mod conflicts;
 mod durability;
 mod identity;
 mod mapping;
+mod operate;
 mod postgres;
 mod postgres_sync;
 mod security;

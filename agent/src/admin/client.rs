@@ -10,6 +10,7 @@ use super::json::{ConflictView, HeldView, HistoryView, LetterView};
 use super::{ADMIN_ADDRESS_FILE, ConflictDetail, RecordHistory, Resolution};
 use crate::config::Config;
 use crate::core::RecordRef;
+use crate::telemetry::{PeerView, StatusView};
 
 /// Why the CLI could not do what was asked.
 #[derive(Debug, thiserror::Error)]
@@ -132,6 +133,40 @@ impl AdminClient {
         self.send(self.http.post(&url).json(body), &url).await
     }
 
+    /// The agent's status.
+    pub async fn status(&self) -> Result<StatusView, ClientError> {
+        self.get("/api/status").await
+    }
+
+    /// The agent's peers.
+    pub async fn peers(&self) -> Result<Vec<PeerView>, ClientError> {
+        self.get("/api/peers").await
+    }
+
+    /// The agent's metrics, in Prometheus' text format.
+    pub async fn metrics(&self) -> Result<String, ClientError> {
+        let url = format!("{}/metrics", self.base);
+        let request = self.http.get(&url);
+        let request = match &self.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        };
+        let unreachable = |e: reqwest::Error| ClientError::Unreachable {
+            url: url.clone(),
+            reason: e.to_string(),
+        };
+        let response = request.send().await.map_err(unreachable)?;
+        let status = response.status().as_u16();
+        let text = response.text().await.map_err(unreachable)?;
+        if status != 200 {
+            return Err(ClientError::Api {
+                status,
+                message: text,
+            });
+        }
+        Ok(text)
+    }
+
     /// The conflicts waiting for a person.
     pub async fn conflicts(&self) -> Result<Vec<ConflictView>, ClientError> {
         self.get("/api/conflicts").await
@@ -238,6 +273,194 @@ fn encode(text: &str) -> String {
         }
     }
     out
+}
+
+/// A time span in seconds as people read it: `45 s`, `3 min 20 s`, `2 h 5 min`.
+fn span(seconds: i64) -> String {
+    match seconds.max(0) {
+        s if s < 60 => format!("{s} s"),
+        s if s < 3600 => format!("{} min {} s", s / 60, s % 60),
+        s => format!("{} h {} min", s / 3600, s % 3600 / 60),
+    }
+}
+
+/// How long ago `at_ms` was, from `now_ms`.
+fn ago(at_ms: Option<i64>, now_ms: i64) -> String {
+    match at_ms {
+        Some(at) if now_ms - at < 1000 => "now".to_owned(),
+        Some(at) => format!("{} ago", span((now_ms - at) / 1000)),
+        None => "never".to_owned(),
+    }
+}
+
+fn or_unknown<T: std::fmt::Display>(value: Option<T>) -> String {
+    value.map_or_else(|| "?".to_owned(), |v| v.to_string())
+}
+
+/// Prints `rows` as columns under `header`, each as wide as its widest cell.
+fn print_table(indent: &str, header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{indent}{}", padded.join("  ").trim_end());
+    };
+    line(header.iter().map(|h| (*h).to_owned()).collect());
+    for row in rows {
+        line(row.clone());
+    }
+}
+
+/// The lines `concord status` prints: the agent, its tools, collections and peers
+/// (with their lag), and what waits for a person.
+pub fn print_status(status: &StatusView) {
+    let a = &status.agent;
+    println!(
+        "agent {}  {}  listening on {}, up {}, version {}",
+        a.peer_id,
+        if a.ready { "ready" } else { "NOT READY" },
+        a.listen,
+        span((a.now_ms - a.started_ms) / 1000),
+        a.version
+    );
+    println!("tools:");
+    let rows: Vec<Vec<String>> = status
+        .tools
+        .iter()
+        .map(|t| {
+            vec![
+                t.name.clone(),
+                t.kind.clone(),
+                if t.reachable { "up" } else { "DOWN" }.to_owned(),
+                t.captured.to_string(),
+                t.written.to_string(),
+                t.pending.to_string(),
+                t.errors.to_string(),
+                t.last_error.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    print_table(
+        "  ",
+        &[
+            "TOOL",
+            "KIND",
+            "STATE",
+            "CAPTURED",
+            "WRITTEN",
+            "PENDING",
+            "ERRORS",
+            "LAST ERROR",
+        ],
+        &rows,
+    );
+    println!("collections:");
+    let rows: Vec<Vec<String>> = status
+        .collections
+        .iter()
+        .map(|c| {
+            vec![
+                c.name.clone(),
+                c.records.to_string(),
+                c.log_head.to_string(),
+            ]
+        })
+        .collect();
+    print_table("  ", &["COLLECTION", "RECORDS", "LOG HEAD"], &rows);
+    println!("peers:");
+    let rows: Vec<Vec<String>> = status
+        .peers
+        .iter()
+        .map(|p| {
+            vec![
+                p.id.chars().take(12).collect(),
+                if p.connected {
+                    "connected"
+                } else {
+                    "disconnected"
+                }
+                .to_owned(),
+                or_unknown(p.changes_behind),
+                or_unknown(p.seconds_behind.map(|s| format!("{s:.1} s"))),
+                or_unknown(p.incoming_behind),
+                ago(p.last_seen_ms, a.now_ms),
+            ]
+        })
+        .collect();
+    print_table(
+        "  ",
+        &["PEER", "STATE", "BEHIND", "LAG", "INCOMING", "LAST SEEN"],
+        &rows,
+    );
+    let q = &status.queues;
+    println!(
+        "waiting for a person: {} conflicts, {} held deletes, {} dead letters",
+        q.conflicts, q.held_deletes, q.dead_letters
+    );
+}
+
+/// The lines `concord peers` prints.
+pub fn print_peers(peers: &[PeerView], now_ms: i64) {
+    if peers.is_empty() {
+        println!("no peers configured or seen");
+        return;
+    }
+    let rows: Vec<Vec<String>> = peers
+        .iter()
+        .map(|p| {
+            vec![
+                p.id.clone(),
+                p.addr.clone().unwrap_or_else(|| "-".to_owned()),
+                if p.connected {
+                    "connected"
+                } else {
+                    "disconnected"
+                }
+                .to_owned(),
+                p.since_ms
+                    .filter(|_| p.connected)
+                    .map_or_else(|| "-".to_owned(), |since| span((now_ms - since) / 1000)),
+                ago(p.last_seen_ms, now_ms),
+                or_unknown(p.changes_behind),
+                p.sent.to_string(),
+                p.received.to_string(),
+                format!("{}/{}", bytes(p.bytes_in), bytes(p.bytes_out)),
+            ]
+        })
+        .collect();
+    print_table(
+        "",
+        &[
+            "PEER",
+            "ADDRESS",
+            "STATE",
+            "UP FOR",
+            "LAST SEEN",
+            "BEHIND",
+            "SENT",
+            "RECEIVED",
+            "BYTES IN/OUT",
+        ],
+        &rows,
+    );
+}
+
+/// A byte count as people read it.
+fn bytes(n: u64) -> String {
+    match n {
+        n if n < 1 << 10 => format!("{n} B"),
+        n if n < 1 << 20 => format!("{:.1} KiB", n as f64 / 1024.0),
+        n if n < 1 << 30 => format!("{:.1} MiB", n as f64 / (1 << 20) as f64),
+        n => format!("{:.1} GiB", n as f64 / (1 << 30) as f64),
+    }
 }
 
 /// The lines `concord conflicts list` prints.

@@ -24,10 +24,14 @@ use tokio::sync::oneshot;
 use crate::core::{AdminAction, CoreHandle, CoreRequest, RecordRef};
 use crate::engine::ActionError;
 use crate::store::{StoreError, StoreReader};
+use crate::telemetry::{Activity, PeerView, Series, StatusView, Telemetry};
+
+/// The dashboard: one page with no outside assets, reading the API below.
+const DASHBOARD: &str = include_str!("dashboard.html");
 
 pub use client::{
     AdminClient, ClientError, print_conflict, print_conflicts, print_held, print_history,
-    print_letters,
+    print_letters, print_peers, print_status,
 };
 pub use json::{ConflictView, HeldView, HistoryView, LetterView, ValueView};
 
@@ -45,6 +49,8 @@ pub struct AdminState {
     pub token: Option<Arc<str>>,
     /// This agent's tools, for finding a record by its key in one of them.
     pub tools: Arc<[String]>,
+    /// Status, metrics and activity.
+    pub telemetry: Arc<Telemetry>,
 }
 
 /// An error answered as JSON `{"error": ...}` with its status.
@@ -80,9 +86,18 @@ fn bad_request(message: String) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, message)
 }
 
-/// The API's routes over `state`.
+/// The API's routes over `state`. The dashboard page (which holds no data) and the
+/// health check answer anyone; everything else needs the token, if one is set.
 pub fn router(state: AdminState) -> Router {
+    let open = Router::new()
+        .route("/", get(dashboard))
+        .route("/healthz", get(healthz));
     Router::new()
+        .route("/metrics", get(metrics))
+        .route("/api/status", get(status))
+        .route("/api/peers", get(peers))
+        .route("/api/activity", get(activity))
+        .route("/api/series", get(series))
         .route("/api/conflicts", get(list_conflicts))
         .route("/api/conflicts/{doc}/{field}", get(show_conflict))
         .route(
@@ -98,7 +113,53 @@ pub fn router(state: AdminState) -> Router {
             state.clone(),
             authorize,
         ))
+        .merge(open)
         .with_state(state)
+}
+
+async fn dashboard() -> axum::response::Html<&'static str> {
+    axum::response::Html(DASHBOARD)
+}
+
+/// 200 once the store is open and every tool answered its last step; 503 with the
+/// reasons otherwise.
+async fn healthz(State(state): State<AdminState>) -> Response {
+    match state.telemetry.readiness() {
+        Ok(()) => Json(serde_json::json!({ "ready": true })).into_response(),
+        Err(reasons) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({ "ready": false, "reasons": reasons })),
+        )
+            .into_response(),
+    }
+}
+
+async fn metrics(State(state): State<AdminState>) -> Result<Response, ApiError> {
+    let text = state.telemetry.render_metrics(&state.reader)?;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
+}
+
+async fn status(State(state): State<AdminState>) -> Result<Json<StatusView>, ApiError> {
+    Ok(Json(state.telemetry.status(&state.reader)?))
+}
+
+async fn peers(State(state): State<AdminState>) -> Result<Json<Vec<PeerView>>, ApiError> {
+    Ok(Json(state.telemetry.status(&state.reader)?.peers))
+}
+
+async fn activity(State(state): State<AdminState>) -> Json<Vec<Activity>> {
+    Json(state.telemetry.activity())
+}
+
+async fn series(State(state): State<AdminState>) -> Json<Series> {
+    Json(state.telemetry.series())
 }
 
 /// Serves the API on `listener` until `shutdown` turns true.
@@ -172,12 +233,23 @@ async fn act(state: &AdminState, action: AdminAction) -> Result<Json<serde_json:
             "the agent is stopping".to_owned(),
         )
     };
+    let done = match &action {
+        AdminAction::Resolve { doc, field, .. } => {
+            ("conflict", format!("conflict on {doc}/{field} resolved"))
+        }
+        AdminAction::ApproveDelete(r) => ("delete", format!("delete of {r} approved")),
+        AdminAction::RejectDelete(r) => ("delete", format!("delete of {r} rejected")),
+        AdminAction::RetryLetter(r) => ("letter", format!("dead letter {r} retried")),
+        AdminAction::DiscardLetter(r) => ("letter", format!("dead letter {r} discarded")),
+    };
     state
         .core
         .send(CoreRequest::Admin { action, reply })
         .await
         .map_err(|_| stopped())?;
     answer.await.map_err(|_| stopped())??;
+    tracing::info!("{}", done.1);
+    state.telemetry.note(done.0, done.1);
     Ok(Json(serde_json::json!({ "ok": true })))
 }
 

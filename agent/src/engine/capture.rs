@@ -296,6 +296,7 @@ impl Engine {
             self.store
                 .stage_doc(batch, id, collection, vec![change], None)?;
             self.stats.captured += 1;
+            self.tools[tool].counts.captured += 1;
             // The agent's other tools of this collection take the change too.
             self.set_pending_all(batch, collection, id, Some(tool));
         }

@@ -80,6 +80,7 @@ impl Engine {
             self.store
                 .stage_doc(batch, id, collection, vec![change], None)?;
             self.stats.captured += 1;
+            self.tools[ix].counts.captured += 1;
             self.set_pending_all(batch, collection, id, Some(ix));
         }
         self.store.stage_held(batch, tool, collection, key, None);

@@ -67,6 +67,7 @@ impl Engine {
             self.tools[tool].letters.insert(doc, letter);
         }
         self.stats.dead_letters += 1;
+        self.tools[tool].counts.dead_lettered += 1;
         Ok(())
     }
 

@@ -152,13 +152,28 @@ struct ToolState {
     /// Documents whose write-back this tool refused (dead letters), with the
     /// record's collection and key and when it is retried.
     letters: HashMap<DocId, Letter>,
+    /// What was done with this tool since start.
+    counts: ToolCounts,
+}
+
+/// What the engine did with one tool since the agent started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ToolCounts {
+    /// Captured row changes that changed a document.
+    pub captured: u64,
+    /// Rows written, updated or deleted in the tool.
+    pub written: u64,
+    /// Writes refused as stale (the tool changed the record since).
+    pub stale: u64,
+    /// Records set aside as dead letters (each time).
+    pub dead_lettered: u64,
 }
 
 impl Engine {
     /// An engine over `store` for `tools`, also relaying the collections in `relayed`
     /// (a hub has no tool and relays only).
     pub fn new(
-        store: Store,
+        mut store: Store,
         tools: Vec<ToolSpec>,
         relayed: impl IntoIterator<Item = String>,
     ) -> Result<Engine, StoreError> {
@@ -200,6 +215,7 @@ impl Engine {
                 decision: None,
             };
             states.push(ToolState {
+                counts: ToolCounts::default(),
                 provenance,
                 held,
                 letters,
@@ -220,6 +236,10 @@ impl Engine {
                 name: tool.name.into(),
                 uid: tool.uid.into(),
             });
+        }
+        // A store written before records were counted counts them once.
+        for collection in collections.keys() {
+            store.recount_records(collection)?;
         }
         let mut open_conflicts: BTreeMap<DocId, BTreeSet<String>> = BTreeMap::new();
         for conflict in reader.conflicts()? {
@@ -288,6 +308,36 @@ impl Engine {
     /// What the engine did so far.
     pub fn stats(&self) -> &EngineStats {
         &self.stats
+    }
+
+    /// What the agent's status shows of the engine now: per tool what it did and
+    /// what waits, per collection its records and log head.
+    pub fn snapshot(&mut self) -> Result<crate::telemetry::CoreSnapshot, StoreError> {
+        let tools = self
+            .tools
+            .iter()
+            .map(|t| crate::telemetry::ToolSnapshot {
+                name: t.name.to_string(),
+                counts: t.counts,
+                pending: t.pending.len() as u64,
+                held_deletes: t.held.len() as u64,
+            })
+            .collect();
+        let mut collections = Vec::with_capacity(self.collections.len());
+        for name in self.collections.keys() {
+            collections.push(crate::telemetry::CollectionSnapshot {
+                name: name.clone(),
+                records: self.store.records(name)?,
+                log_head: self.store.log_head(name)?,
+            });
+        }
+        Ok(crate::telemetry::CoreSnapshot {
+            tools,
+            collections,
+            conflicts: self.open_conflicts.values().map(|f| f.len() as u64).sum(),
+            stats: self.stats.clone(),
+            commits: 0,
+        })
     }
 
     /// Tool `tool`'s capture cursor, committed (or staged in the open batch).

@@ -256,6 +256,7 @@ impl Engine {
                         self.store.stage_unlink_doc(batch, &name, write.doc);
                     }
                     self.stats.writes += 1;
+                    self.tools[tool].counts.written += 1;
                     self.tools[tool].stale.remove(&write.doc);
                     self.clear_letter(batch, tool, write.doc);
                     // The document changed again while the plan was on its way (a
@@ -266,6 +267,7 @@ impl Engine {
                 }
                 OpOutcome::Stale => {
                     self.stats.stale_writes += 1;
+                    self.tools[tool].counts.stale += 1;
                     self.note_stale(tool, write.doc, now_ms);
                 }
                 OpOutcome::Rejected(rejection) => {

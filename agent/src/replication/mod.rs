@@ -23,7 +23,7 @@ pub use policy::Action;
 pub use session::{
     ACK_DELAY_MS, ACK_ENTRIES_MAX, ACK_TIMEOUT_MS, DOC_HEADS_MAX, ENTRIES_PER_MESSAGE_MAX, Event,
     HELLO_TIMEOUT_MS, IN_FLIGHT_ENTRIES_MAX, MESSAGE_CHANGE_BYTES_MAX, NEED_DOCS_IN_FLIGHT_MAX,
-    ProtocolError, SUBSCRIBE_COLLECTIONS_MAX, SUBSCRIBE_TIMEOUT_MS, Session,
+    ProtocolError, SUBSCRIBE_COLLECTIONS_MAX, SUBSCRIBE_TIMEOUT_MS, Session, SessionProgress,
 };
 
 /// The protocol version spoken; a peer speaking another is refused.

@@ -111,6 +111,7 @@ pub fn on_event(
             entries,
         } => {
             let count = entries.len();
+            let _span = tracing::info_span!("collection", %collection).entered();
             let outcome = engine.apply_remote(batch, peer, &collection, Some(upto), entries)?;
             let mut actions = vec![Action::Applied {
                 collection: collection.clone(),

@@ -174,12 +174,31 @@ struct Stream {
     caught_up: bool,
     /// A message moved the peer's cursor in this session.
     advanced: bool,
+    /// The last seq the peer acknowledged (or had when it subscribed).
+    acked: u64,
 }
 
 #[derive(Debug, Default)]
 struct Inbound {
     /// The last `upto` received.
     upto: u64,
+    /// The peer's last seq as of its hello.
+    hello_head: u64,
+}
+
+/// What a session did and where its streams stand, for the agent's status.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SessionProgress {
+    /// Log entries sent in this session.
+    pub sent: u64,
+    /// Log entries received in this session.
+    pub received: u64,
+    /// Per outbound collection: (collection, entries in flight, next seq to read,
+    /// last seq acknowledged).
+    pub streams: Vec<(String, u64, u64, u64)>,
+    /// Entries of the peer's logs, as of its hello, not received yet (`None` before
+    /// this agent subscribed).
+    pub incoming_behind: Option<u64>,
 }
 
 /// The replication session with one peer.
@@ -214,6 +233,13 @@ pub struct Session {
     send_seq: u64,
     /// The number of the next message due.
     recv_seq: u64,
+    /// The peer's heads from its hello.
+    hello_heads: BTreeMap<String, u64>,
+    /// Log entries sent and received in this session.
+    sent_entries: u64,
+    received_entries: u64,
+    /// Acknowledgements received and not yet taken: (collection, acked before, now).
+    acked: Vec<(String, u64, u64)>,
 }
 
 impl Session {
@@ -239,6 +265,10 @@ impl Session {
             subscribe_deadline: None,
             send_seq: 0,
             recv_seq: 0,
+            hello_heads: BTreeMap::new(),
+            sent_entries: 0,
+            received_entries: 0,
+            acked: Vec::new(),
         };
         session.queue(&Message::Hello {
             version: PROTOCOL_VERSION,
@@ -368,10 +398,11 @@ impl Session {
         self.peer = Some(store);
         self.hello_deadline = None;
         self.subscribe_deadline = Some(now + Duration::from_millis(SUBSCRIBE_TIMEOUT_MS));
-        let heads = heads
+        let heads: Vec<(String, u64)> = heads
             .into_iter()
             .filter(|(c, _)| self.collections.contains(c))
             .collect();
+        self.hello_heads = heads.iter().cloned().collect();
         self.events.push_back(Event::PeerHello { store, heads });
         Ok(())
     }
@@ -393,6 +424,7 @@ impl Session {
             let stream = Stream {
                 next,
                 sent_upto: next - 1,
+                acked: next - 1,
                 ..Stream::default()
             };
             self.streams.insert(collection, stream);
@@ -425,6 +457,7 @@ impl Session {
             return Err(ProtocolError::Unexpected("a log that went backwards"));
         }
         inbound.upto = upto;
+        self.received_entries += entries.len() as u64;
         self.events.push_back(Event::Apply {
             collection,
             upto,
@@ -448,6 +481,14 @@ impl Session {
             }
             stream.unacked.pop_front();
             stream.in_flight -= entries;
+        }
+        if upto > stream.acked {
+            // One entry per collection until taken: bounded whoever drives the session.
+            match self.acked.iter_mut().find(|(c, _, _)| c == collection) {
+                Some((_, _, last)) => *last = upto,
+                None => self.acked.push((collection.to_owned(), stream.acked, upto)),
+            }
+            stream.acked = upto;
         }
         Ok(())
     }
@@ -507,6 +548,7 @@ impl Session {
                 collection.clone(),
                 Inbound {
                     upto: next.saturating_sub(1),
+                    hello_head: self.hello_heads.get(collection).copied().unwrap_or(0),
                 },
             );
         }
@@ -764,12 +806,39 @@ impl Session {
         stream.sent_upto = upto;
         stream.unacked.push_back((upto, entries.len(), now));
         stream.in_flight += entries.len();
+        self.sent_entries += entries.len() as u64;
         let message = Message::Entries {
             collection: collection.to_owned(),
             upto,
             entries,
         };
         self.queue(&message);
+    }
+
+    /// What the session did and where its streams stand.
+    pub fn progress(&self) -> SessionProgress {
+        let subscribed = !self.inbound.is_empty();
+        SessionProgress {
+            sent: self.sent_entries,
+            received: self.received_entries,
+            streams: self
+                .streams
+                .iter()
+                .map(|(c, s)| (c.clone(), s.in_flight as u64, s.next, s.acked))
+                .collect(),
+            incoming_behind: subscribed.then(|| {
+                self.inbound
+                    .values()
+                    .map(|i| i.hello_head.saturating_sub(i.upto))
+                    .sum()
+            }),
+        }
+    }
+
+    /// The acknowledgements received since the last call: (collection, the last seq
+    /// acknowledged before, the last now).
+    pub fn take_acked(&mut self) -> Vec<(String, u64, u64)> {
+        std::mem::take(&mut self.acked)
     }
 
     /// The local log grew: streams that were caught up read again.

@@ -707,6 +707,11 @@ impl Connector for PostgresConnector {
         })
     }
 
+    fn backlog(&mut self, _after: &Cursor) -> Result<Option<u64>, ConnectorError> {
+        // Entries are trimmed once durable: what the outbox holds is what waits.
+        Ok(Some(self.outbox_len()?))
+    }
+
     fn acknowledge(&mut self, durable: &Cursor) -> Result<(), ConnectorError> {
         let upto = position_of(durable)?;
         if upto != (0, 0) {

@@ -797,6 +797,11 @@ impl Connector for SqliteConnector {
         })
     }
 
+    fn backlog(&mut self, after: &Cursor) -> Result<Option<u64>, ConnectorError> {
+        let after = seq_of(after)?;
+        Ok(Some(self.outbox_head()?.saturating_sub(after)))
+    }
+
     fn acknowledge(&mut self, durable: &Cursor) -> Result<(), ConnectorError> {
         let upto = seq_of(durable)?;
         if upto <= self.trimmed {
