@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -98,7 +98,13 @@ pub struct Options {
     /// Sync into a SQLite table of other names and types on agent B, through a
     /// mapping with a rename, a conversion, a CEL filter and a computed field.
     pub mapped: bool,
+    /// After the sustained updates, run them again in rounds with and without both
+    /// agents' `/metrics` scraped at this interval, and print what scraping costs.
+    pub scrape: Option<Duration>,
 }
+
+/// Rounds of sustained updates with and without scraping, alternated.
+const SCRAPE_ROUNDS: usize = 3;
 
 /// Agent B's tool, read by the benchmark.
 enum Sink {
@@ -178,6 +184,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         sustain,
         postgres,
         mapped,
+        scrape,
     } = options;
     if mapped && postgres {
         bail!("--mapped runs SQLite -> SQLite; drop --postgres");
@@ -304,6 +311,21 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     } else {
         Some(sustained_updates(&a.db, &sink, records, sustain).await?)
     };
+    let scraping = match scrape {
+        Some(every) if !sustain.is_zero() && records > 0 => {
+            let configs = [
+                crate::config::Config::load(&a.dir.join("concord.toml"))?,
+                crate::config::Config::load(&b_config.path)?,
+            ];
+            let clients = configs
+                .iter()
+                .map(crate::admin::AdminClient::for_config)
+                .collect::<Result<Vec<_>, _>>()?;
+            let procs = [&proc_a, &proc_b];
+            Some(scrape_cost(&a.db, &sink, records, sustain, every, &clients, procs).await?)
+        }
+        _ => None,
+    };
     let (rss_a_end, rss_b_end) = (proc_a.peak_rss_kib()?, proc_b.peak_rss_kib()?);
     proc_a.stop();
     proc_b.stop();
@@ -366,6 +388,9 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         "peak RSS at the end     A {} KiB, B {} KiB",
         rss_a_end, rss_b_end
     );
+    if let Some(cost) = scraping {
+        cost.print();
+    }
     drop(sink);
     Ok(())
 }
@@ -412,6 +437,116 @@ async fn sustained_updates(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok((updates, started.elapsed(), writing))
+}
+
+/// What scraping `/metrics` costs the sync path, from rounds of sustained updates
+/// with and without it.
+#[derive(Debug, Default)]
+struct ScrapeCost {
+    every: Duration,
+    /// Per round without and with scraping: updates per second, and both agents'
+    /// CPU time per 1,000 updates.
+    quiet: Vec<(f64, f64)>,
+    scraped: Vec<(f64, f64)>,
+    /// Scrapes done, and their answer times.
+    scrape_times: Vec<Duration>,
+    /// Bytes of the last answer.
+    answer_bytes: usize,
+}
+
+impl ScrapeCost {
+    fn print(&self) {
+        let mean = |v: &[(f64, f64)], f: fn(&(f64, f64)) -> f64| {
+            v.iter().map(f).sum::<f64>() / v.len().max(1) as f64
+        };
+        let (rate_q, cpu_q) = (mean(&self.quiet, |r| r.0), mean(&self.quiet, |r| r.1));
+        let (rate_s, cpu_s) = (mean(&self.scraped, |r| r.0), mean(&self.scraped, |r| r.1));
+        let mut times = self.scrape_times.clone();
+        times.sort();
+        let p50 = times.get(times.len() / 2).copied().unwrap_or_default();
+        let per_second = 1.0 / self.every.as_secs_f64();
+        println!(
+            "/metrics every {} ms    {} scrapes of both agents, answer p50 {:.2} ms ({} bytes); \
+             {:.2}% of one core per agent",
+            self.every.as_millis(),
+            times.len(),
+            p50.as_secs_f64() * 1000.0,
+            self.answer_bytes,
+            p50.as_secs_f64() * per_second * 100.0,
+        );
+        println!(
+            "  sustained updates     {rate_q:>10.0}/s quiet, {rate_s:.0}/s scraped ({:+.1}%), {SCRAPE_ROUNDS} rounds each, alternated",
+            (rate_s / rate_q - 1.0) * 100.0
+        );
+        println!(
+            "  agents' CPU per 1,000 updates {cpu_q:.1} ms quiet, {cpu_s:.1} ms scraped ({:+.1}%; goal < 2%)",
+            (cpu_s / cpu_q - 1.0) * 100.0
+        );
+    }
+}
+
+/// Runs [`SCRAPE_ROUNDS`] rounds of sustained updates without and with both agents'
+/// `/metrics` scraped every `every`, alternated, measuring the agents' CPU time.
+async fn scrape_cost(
+    db: &Path,
+    sink: &Sink,
+    records: usize,
+    sustain: Duration,
+    every: Duration,
+    clients: &[crate::admin::AdminClient],
+    procs: [&AgentProcess; 2],
+) -> anyhow::Result<ScrapeCost> {
+    let mut cost = ScrapeCost {
+        every,
+        ..ScrapeCost::default()
+    };
+    for round in 0..SCRAPE_ROUNDS * 2 {
+        let scraped = round % 2 == 1;
+        let cpu_before: u64 = procs
+            .iter()
+            .map(|p| p.cpu_ms())
+            .sum::<anyhow::Result<u64>>()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let scraper = scraped.then(|| {
+            let clients = clients.to_vec();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut times = Vec::new();
+                let mut bytes = 0;
+                let mut interval = tokio::time::interval(every);
+                while !stop.load(Ordering::Relaxed) {
+                    interval.tick().await;
+                    for client in &clients {
+                        let t0 = Instant::now();
+                        bytes = client.metrics().await.map(|m| m.len()).unwrap_or(0);
+                        times.push(t0.elapsed());
+                    }
+                }
+                (times, bytes)
+            })
+        });
+        let (updates, elapsed, _) = sustained_updates(db, sink, records, sustain).await?;
+        stop.store(true, Ordering::Relaxed);
+        if let Some(scraper) = scraper {
+            let (times, bytes) = scraper.await?;
+            cost.scrape_times.extend(times);
+            cost.answer_bytes = bytes;
+        }
+        let cpu: u64 = procs
+            .iter()
+            .map(|p| p.cpu_ms())
+            .sum::<anyhow::Result<u64>>()?;
+        let figures = (
+            updates as f64 / elapsed.as_secs_f64(),
+            (cpu - cpu_before) as f64 * 1000.0 / updates.max(1) as f64,
+        );
+        if scraped {
+            cost.scraped.push(figures);
+        } else {
+            cost.quiet.push(figures);
+        }
+    }
+    Ok(cost)
 }
 
 /// A sample record: 10 fields of mixed types.
@@ -572,6 +707,22 @@ impl AgentProcess {
                 bail!("the agent did not start: {line:?}")
             }
         }
+    }
+
+    /// The process's CPU time so far (user and system), in milliseconds.
+    fn cpu_ms(&self) -> anyhow::Result<u64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))?;
+        // The fields after the command name (which may hold spaces) are plain.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .context("no command name")?
+            .1
+            .split_whitespace()
+            .collect();
+        let ticks: u64 = fields.get(11).context("utime")?.parse::<u64>()?
+            + fields.get(12).context("stime")?.parse::<u64>()?;
+        // Linux reports them in clock ticks of 1/100 s (USER_HZ).
+        Ok(ticks * 10)
     }
 
     /// The process's peak resident set (VmHWM), in KiB.

@@ -122,6 +122,10 @@ enum Command {
         /// rename, a conversion, a CEL filter and a computed field).
         #[arg(long)]
         mapped: bool,
+        /// Also measure what scraping both agents' `/metrics` every this many
+        /// milliseconds costs the sustained updates.
+        #[arg(long)]
+        scrape_ms: Option<u64>,
     },
 }
 
@@ -328,6 +332,7 @@ fn main() -> anyhow::Result<()> {
             sustain_secs,
             postgres,
             mapped,
+            scrape_ms,
         } => {
             init_logging(LogFormat::Text, "warn");
             runtime()?.block_on(concord_agent::bench::run(concord_agent::bench::Options {
@@ -336,6 +341,7 @@ fn main() -> anyhow::Result<()> {
                 sustain: std::time::Duration::from_secs(sustain_secs),
                 postgres,
                 mapped,
+                scrape: scrape_ms.map(std::time::Duration::from_millis),
             }))
         }
     }

@@ -3,6 +3,8 @@
 
 pub use concord_agent::pg_server as postgres;
 
+pub mod browser;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;

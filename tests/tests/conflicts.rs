@@ -463,3 +463,78 @@ async fn the_admin_api_needs_its_token_and_a_token_off_loopback() -> anyhow::Res
     agent.shutdown().await;
     Ok(())
 }
+
+/// The dashboard in a real headless Chromium: it shows the peer connected and the
+/// conflict, and a click on one of the values settles it, in the page and in the
+/// tools.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_dashboard_shows_a_conflict_and_a_click_resolves_it() -> anyhow::Result<()> {
+    use fantoccini::Locator;
+    let tmp = tempfile::tempdir()?;
+    let manual = "[collection.fields.city]\nconflicts = \"manual\"\n";
+    let (a, b) = pair(tmp.path(), manual, manual)?;
+    seed_and_part(&a, &b).await?;
+    a.db()?
+        .execute("UPDATE customers SET city = 'Lyon' WHERE id = 1", [])?;
+    b.db()?
+        .execute("UPDATE customers SET city = 'Nice' WHERE id = 1", [])?;
+    let (pa, pb) = (Process::start(&a)?, Process::start(&b)?);
+    let conflict = eventually("the conflict in A's queue", async || {
+        Ok(admin(&a)?.conflicts().await?.into_iter().next())
+    })
+    .await?;
+    let browser = concord_tests::browser::Browser::start().await?;
+    let page = browser.client.clone();
+    let address = std::fs::read_to_string(
+        a.config
+            .as_ref()
+            .context("configured")?
+            .data_dir
+            .join("admin-address"),
+    )?;
+    page.goto(&format!("http://{}/", address.trim())).await?;
+    let wait = || page.wait().at_most(concord_tests::CONVERGE_TIMEOUT);
+    // The peer, connected.
+    let state = format!("#peers tr[data-peer=\"{}\"] td.state", b.id());
+    eventually("the peer shown connected", async || {
+        let cell = wait().for_element(Locator::Css(&state)).await?;
+        Ok((cell.text().await? == "connected").then_some(()))
+    })
+    .await?;
+    // The conflict, with both values; pick Lyon.
+    let item = format!("#conflicts [data-conflict=\"{}\"]", conflict.id);
+    let item = wait().for_element(Locator::Css(&item)).await?;
+    let mut picked = false;
+    for value in item.find_all(Locator::Css("li")).await? {
+        let text = value.text().await?;
+        if text.contains("Lyon") {
+            value
+                .find(Locator::Css("button.pick"))
+                .await?
+                .click()
+                .await?;
+            picked = true;
+            break;
+        }
+    }
+    assert!(
+        picked,
+        "a value Lyon is listed: {}",
+        item.html(false).await?
+    );
+    // Gone from the page, from both queues, and Lyon in both tools.
+    wait().for_element(Locator::Css("#no-conflicts")).await?;
+    city_everywhere(&[&a, &b], "Lyon").await?;
+    for node in [&a, &b] {
+        eventually("the queue to empty", async || {
+            Ok(admin(node)?.conflicts().await?.is_empty().then_some(()))
+        })
+        .await?;
+    }
+    let activity = page.find(Locator::Css("#activity")).await?.text().await?;
+    assert!(activity.contains("resolved"), "{activity}");
+    browser.close().await?;
+    pa.stop()?;
+    pb.stop()?;
+    Ok(())
+}

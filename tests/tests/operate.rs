@@ -19,7 +19,10 @@ fn pair(root: &std::path::Path) -> anyhow::Result<(Node, Node)> {
     let mut b = Node::new(root, "b")?;
     let (addr_a, addr_b) = (free_udp_addr()?, free_udp_addr()?);
     // Rows are compared id for id: both tools use the same keys.
-    let tool = format!("{}identity = \"shared_key\"\n", sqlite_tool("app", "app.db"));
+    let tool = format!(
+        "{}identity = \"shared_key\"\n",
+        sqlite_tool("app", "app.db")
+    );
     a.configure_with(&addr_a, &[(b.id(), Some(addr_b.clone()))], &tool)?;
     b.configure_with(&addr_b, &[(a.id(), Some(addr_a))], &tool)?;
     Ok((a, b))
