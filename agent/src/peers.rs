@@ -282,6 +282,11 @@ async fn run_connection_in_span(
     established
 }
 
+/// An instant no timer reaches.
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(3600)
+}
+
 /// A session event handed to the core, awaiting its actions.
 type PendingEvent = oneshot::Receiver<Result<Vec<Action>, RemoteError>>;
 
@@ -355,10 +360,13 @@ async fn pump(
             write_frame(send, &frame).await?;
         }
         let more_to_read = !session.wants().is_empty();
-        reporter.report(session, connection, !more_to_read && pending.is_empty());
+        reporter.report(session, connection, false);
+        // A report held back by the interval is made when it is due, even if the
+        // session goes quiet meanwhile.
         let timeout = session
             .poll_timeout()
-            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600))
+            .min(reporter.due().unwrap_or(far_future()));
         tokio::select! {
             biased;
             _ = shutdown.changed() => return Err(DriveError::Stopping),
@@ -411,6 +419,10 @@ struct Reporter<'a> {
     /// Whether the session was announced as up.
     announced: bool,
     last: Option<Instant>,
+    /// Something happened since the last report.
+    dirty: bool,
+    /// The session's counters at the last look.
+    counters: (u64, u64, u64),
     /// What was reported already, to report only what came since.
     sent: u64,
     received: u64,
@@ -428,6 +440,8 @@ impl<'a> Reporter<'a> {
             peer,
             announced: false,
             last: None,
+            dirty: false,
+            counters: (0, 0, 0),
             sent: 0,
             received: 0,
             bytes_in: 0,
@@ -437,20 +451,35 @@ impl<'a> Reporter<'a> {
         }
     }
 
-    /// Reports the session's progress: now if `now` or [`REPORT_INTERVAL_MS`] passed.
+    /// When a report held back by [`REPORT_INTERVAL_MS`] is due, if one is.
+    fn due(&self) -> Option<Instant> {
+        let last = self.last?;
+        self.dirty
+            .then(|| last + Duration::from_millis(REPORT_INTERVAL_MS))
+    }
+
+    /// Reports the session's progress: now if `now` or [`REPORT_INTERVAL_MS`] passed,
+    /// else it is due later (see [`Reporter::due`]).
     fn report(&mut self, session: &mut Session, connection: &quinn::Connection, now: bool) {
         let now_ms = crate::core::now_ms();
         for (collection, from, upto) in session.take_acked() {
             self.telemetry
                 .acked(self.peer, &collection, from, upto, now_ms);
         }
+        let counters = session.counters();
+        if counters != self.counters {
+            self.counters = counters;
+            self.dirty = true;
+        }
         let due = self
             .last
             .is_none_or(|last| last.elapsed() >= Duration::from_millis(REPORT_INTERVAL_MS));
-        if !(now || due) || session.peer().is_none() {
+        let first = !self.announced && session.peer().is_some();
+        if !(now || first || (due && self.dirty)) || session.peer().is_none() {
             return;
         }
         self.last = Some(Instant::now());
+        self.dirty = false;
         let progress = session.progress();
         let stats = connection.stats();
         let (bytes_in, bytes_out) = (stats.udp_rx.bytes, stats.udp_tx.bytes);

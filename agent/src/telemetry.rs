@@ -18,7 +18,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::{EngineStats, ToolCounts};
 use crate::identity::PeerId;
-use crate::store::{StoreError, StoreReader};
 
 /// Activity lines kept for the dashboard.
 pub const ACTIVITY_MAX: usize = 200;
@@ -64,6 +63,8 @@ pub struct ToolSnapshot {
     pub pending: u64,
     /// Deletes it made that wait for approval.
     pub held_deletes: u64,
+    /// Its records set aside as dead letters.
+    pub dead_letters: u64,
 }
 
 /// One collection, as the core sees it.
@@ -600,12 +601,10 @@ impl Telemetry {
             .collect()
     }
 
-    /// The agent's status: the core's snapshot, the peers', the tools' and the
-    /// queues read from the committed store.
-    pub fn status(&self, reader: &StoreReader) -> Result<StatusView, StoreError> {
+    /// The agent's status: the core's snapshot, the peers' and the tools'.
+    pub fn status(&self) -> StatusView {
         let now = crate::core::now_ms();
         let core = self.core();
-        let letters = reader.dead_letters()?;
         let agent = lock(&self.agent).clone();
         let tools = self
             .tools
@@ -622,13 +621,13 @@ impl Telemetry {
                     errors: health.errors.load(Ordering::Relaxed),
                     last_error: lock(&health.last_error).clone(),
                     pending: snapshot.pending,
-                    dead_letters: letters.iter().filter(|l| l.tool == health.name).count() as u64,
+                    dead_letters: snapshot.dead_letters,
                     held_deletes: snapshot.held_deletes,
                     collections: health.collections.clone(),
                 }
             })
             .collect::<Vec<_>>();
-        Ok(StatusView {
+        StatusView {
             agent: AgentView {
                 peer_id: agent
                     .as_ref()
@@ -644,7 +643,7 @@ impl Telemetry {
             queues: QueuesView {
                 conflicts: core.conflicts,
                 held_deletes: tools.iter().map(|t| t.held_deletes).sum(),
-                dead_letters: letters.len() as u64,
+                dead_letters: tools.iter().map(|t| t.dead_letters).sum(),
             },
             tools,
             collections: core
@@ -657,12 +656,12 @@ impl Telemetry {
                 })
                 .collect(),
             peers: self.peer_views(&core, now),
-        })
+        }
     }
 
     /// The metrics in Prometheus' text format.
-    pub fn render_metrics(&self, reader: &StoreReader) -> Result<String, StoreError> {
-        let status = self.status(reader)?;
+    pub fn render_metrics(&self) -> String {
+        let status = self.status();
         let core = self.core();
         metrics::with_local_recorder(&self.recorder, || {
             metrics::gauge!("concord_ready").set(if status.agent.ready { 1.0 } else { 0.0 });
@@ -710,7 +709,7 @@ impl Telemetry {
                 }
             }
         });
-        Ok(self.handle.render())
+        self.handle.render()
     }
 }
 

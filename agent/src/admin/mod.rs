@@ -134,24 +134,24 @@ async fn healthz(State(state): State<AdminState>) -> Response {
     }
 }
 
-async fn metrics(State(state): State<AdminState>) -> Result<Response, ApiError> {
-    let text = state.telemetry.render_metrics(&state.reader)?;
-    Ok((
+async fn metrics(State(state): State<AdminState>) -> Response {
+    let text = state.telemetry.render_metrics();
+    (
         [(
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
         text,
     )
-        .into_response())
+        .into_response()
 }
 
-async fn status(State(state): State<AdminState>) -> Result<Json<StatusView>, ApiError> {
-    Ok(Json(state.telemetry.status(&state.reader)?))
+async fn status(State(state): State<AdminState>) -> Json<StatusView> {
+    Json(state.telemetry.status())
 }
 
-async fn peers(State(state): State<AdminState>) -> Result<Json<Vec<PeerView>>, ApiError> {
-    Ok(Json(state.telemetry.status(&state.reader)?.peers))
+async fn peers(State(state): State<AdminState>) -> Json<Vec<PeerView>> {
+    Json(state.telemetry.status().peers)
 }
 
 async fn activity(State(state): State<AdminState>) -> Json<Vec<Activity>> {

@@ -32,8 +32,9 @@ impl Engine {
         self.store.stage_shadow(batch, tool, collection, from, None);
         self.store
             .stage_shadow(batch, tool, collection, to, shadow.as_ref());
-        self.store
-            .stage_dead_letter(batch, tool, collection, from, None);
+        if let Some(ix) = self.tools.iter().position(|t| &*t.name == tool) {
+            self.clear_row_letter(batch, ix, collection, from);
+        }
         Ok(())
     }
 
@@ -260,8 +261,7 @@ impl Engine {
     ) -> Result<(), StoreError> {
         let name = self.tools[tool].name.clone();
         let (collection, key) = (row.collection, row.key);
-        self.store
-            .stage_dead_letter(batch, &name, collection, key, None);
+        self.clear_row_letter(batch, tool, collection, key);
         if after.is_some() && edit.external_id.is_some() {
             match info.identity {
                 // The key names the document: the record index is enough.

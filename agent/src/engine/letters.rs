@@ -58,6 +58,9 @@ impl Engine {
         };
         self.store
             .stage_dead_letter(batch, &name, collection, key, Some(&letter));
+        self.tools[tool]
+            .lettered
+            .insert((collection.to_owned(), key.to_owned()));
         if let Some(doc) = doc {
             let letter = Letter {
                 collection: collection.to_owned(),
@@ -77,6 +80,28 @@ impl Engine {
             let name = self.tools[tool].name.clone();
             self.store
                 .stage_dead_letter(batch, &name, &letter.collection, &letter.key, None);
+            self.tools[tool]
+                .lettered
+                .remove(&(letter.collection, letter.key));
+        }
+    }
+
+    /// Record `key` of `tool` was captured (or moved away from): a dead letter it
+    /// has, if any, is cleared (the record is read afresh).
+    pub(super) fn clear_row_letter(
+        &mut self,
+        batch: &mut Batch,
+        tool: ToolIx,
+        collection: &str,
+        key: &str,
+    ) {
+        let state = &mut self.tools[tool];
+        if state
+            .lettered
+            .remove(&(collection.to_owned(), key.to_owned()))
+        {
+            self.store
+                .stage_dead_letter(batch, &state.name, collection, key, None);
         }
     }
 
@@ -157,6 +182,9 @@ impl Engine {
         };
         self.store
             .stage_dead_letter(batch, tool, collection, key, None);
+        self.tools[ix]
+            .lettered
+            .remove(&(collection.to_owned(), key.to_owned()));
         if let Some(doc) = letter.doc {
             self.tools[ix].letters.remove(&DocId(doc));
         }

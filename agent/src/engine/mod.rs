@@ -19,7 +19,7 @@ mod matching;
 mod remote;
 mod write_back;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use crdt_model::{DocId, Provenance, Record, RecordDoc, RecordState};
@@ -154,6 +154,9 @@ struct ToolState {
     letters: HashMap<DocId, Letter>,
     /// What was done with this tool since start.
     counts: ToolCounts,
+    /// The (collection, key) of every dead letter of this tool: the stored set,
+    /// mirrored so that a capture clears a letter only where there is one.
+    lettered: HashSet<(String, String)>,
 }
 
 /// What the engine did with one tool since the agent started.
@@ -196,10 +199,17 @@ impl Engine {
                 .filter(|h| h.tool == tool.name)
                 .map(|h| (DocId(h.doc), h.key))
                 .collect();
-            let letters = reader
+            let tool_letters: Vec<_> = reader
                 .dead_letters()?
                 .into_iter()
                 .filter(|l| l.tool == tool.name)
+                .collect();
+            let lettered = tool_letters
+                .iter()
+                .map(|l| (l.collection.clone(), l.key.clone()))
+                .collect();
+            let letters = tool_letters
+                .into_iter()
                 .filter_map(|l| {
                     let letter = Letter {
                         collection: l.collection,
@@ -216,6 +226,7 @@ impl Engine {
             };
             states.push(ToolState {
                 counts: ToolCounts::default(),
+                lettered,
                 provenance,
                 held,
                 letters,
@@ -321,6 +332,7 @@ impl Engine {
                 counts: t.counts,
                 pending: t.pending.len() as u64,
                 held_deletes: t.held.len() as u64,
+                dead_letters: t.lettered.len() as u64,
             })
             .collect();
         let mut collections = Vec::with_capacity(self.collections.len());

@@ -235,9 +235,10 @@ pub struct Session {
     recv_seq: u64,
     /// The peer's heads from its hello.
     hello_heads: BTreeMap<String, u64>,
-    /// Log entries sent and received in this session.
+    /// Log entries sent and received in this session, and acknowledgements received.
     sent_entries: u64,
     received_entries: u64,
+    acks_received: u64,
     /// Acknowledgements received and not yet taken: (collection, acked before, now).
     acked: Vec<(String, u64, u64)>,
 }
@@ -268,6 +269,7 @@ impl Session {
             hello_heads: BTreeMap::new(),
             sent_entries: 0,
             received_entries: 0,
+            acks_received: 0,
             acked: Vec::new(),
         };
         session.queue(&Message::Hello {
@@ -482,6 +484,7 @@ impl Session {
             stream.unacked.pop_front();
             stream.in_flight -= entries;
         }
+        self.acks_received += 1;
         if upto > stream.acked {
             // One entry per collection until taken: bounded whoever drives the session.
             match self.acked.iter_mut().find(|(c, _, _)| c == collection) {
@@ -833,6 +836,12 @@ impl Session {
                     .sum()
             }),
         }
+    }
+
+    /// Entries sent, entries received and acknowledgements received in this session:
+    /// a cheap sign that something moved.
+    pub fn counters(&self) -> (u64, u64, u64) {
+        (self.sent_entries, self.received_entries, self.acks_received)
     }
 
     /// The acknowledgements received since the last call: (collection, the last seq
