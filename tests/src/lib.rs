@@ -111,6 +111,15 @@ impl Node {
         rows(&self.files.db)
     }
 
+    /// The base URL of its running agent's admin API, as the agent recorded it.
+    pub fn admin_url(&self) -> anyhow::Result<String> {
+        let config = self.config.as_ref().context("configure the node first")?;
+        let file = config
+            .data_dir
+            .join(concord_agent::admin::ADMIN_ADDRESS_FILE);
+        Ok(format!("http://{}", std::fs::read_to_string(file)?.trim()))
+    }
+
     /// The config file's path.
     pub fn config_path(&self) -> PathBuf {
         self.files.dir.join("concord.toml")

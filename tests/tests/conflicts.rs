@@ -188,17 +188,26 @@ async fn system_of_record_wins_a_same_field_conflict_whoever_edited_last() -> an
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_manual_conflict_waits_in_the_queue_until_resolved_with_the_cli() -> anyhow::Result<()> {
-    let tmp = tempfile::tempdir()?;
+/// Two agents whose `city` is settled by a person, each of which set customer 1's
+/// city (Lyon on A, Nice on B) while apart, running again.
+async fn manual_city_conflict(
+    root: &std::path::Path,
+) -> anyhow::Result<(Node, Node, Process, Process)> {
     let manual = "[collection.fields.city]\nconflicts = \"manual\"\n";
-    let (a, b) = pair(tmp.path(), manual, manual)?;
+    let (a, b) = pair(root, manual, manual)?;
     seed_and_part(&a, &b).await?;
     a.db()?
         .execute("UPDATE customers SET city = 'Lyon' WHERE id = 1", [])?;
     b.db()?
         .execute("UPDATE customers SET city = 'Nice' WHERE id = 1", [])?;
     let (pa, pb) = (Process::start(&a)?, Process::start(&b)?);
+    Ok((a, b, pa, pb))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_manual_conflict_waits_in_the_queue_until_resolved_with_the_cli() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let (a, b, pa, pb) = manual_city_conflict(tmp.path()).await?;
     // Both agents list the conflict; meanwhile the tools agree on one value.
     for node in [&a, &b] {
         eventually("the conflict in the queue", async || {
@@ -471,28 +480,14 @@ async fn the_admin_api_needs_its_token_and_a_token_off_loopback() -> anyhow::Res
 async fn the_dashboard_shows_a_conflict_and_a_click_resolves_it() -> anyhow::Result<()> {
     use fantoccini::Locator;
     let tmp = tempfile::tempdir()?;
-    let manual = "[collection.fields.city]\nconflicts = \"manual\"\n";
-    let (a, b) = pair(tmp.path(), manual, manual)?;
-    seed_and_part(&a, &b).await?;
-    a.db()?
-        .execute("UPDATE customers SET city = 'Lyon' WHERE id = 1", [])?;
-    b.db()?
-        .execute("UPDATE customers SET city = 'Nice' WHERE id = 1", [])?;
-    let (pa, pb) = (Process::start(&a)?, Process::start(&b)?);
+    let (a, b, pa, pb) = manual_city_conflict(tmp.path()).await?;
     let conflict = eventually("the conflict in A's queue", async || {
         Ok(admin(&a)?.conflicts().await?.into_iter().next())
     })
     .await?;
     let browser = concord_tests::browser::Browser::start().await?;
     let page = browser.client.clone();
-    let address = std::fs::read_to_string(
-        a.config
-            .as_ref()
-            .context("configured")?
-            .data_dir
-            .join("admin-address"),
-    )?;
-    page.goto(&format!("http://{}/", address.trim())).await?;
+    page.goto(&format!("{}/", a.admin_url()?)).await?;
     let wait = || page.wait().at_most(concord_tests::CONVERGE_TIMEOUT);
     // The peer, connected.
     let state = format!("#peers tr[data-peer=\"{}\"] td.state", b.id());

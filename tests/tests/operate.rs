@@ -204,14 +204,7 @@ async fn metrics_status_and_peers_report_known_activity() -> anyhow::Result<()> 
 
 /// GETs `path` of `node`'s admin API: status and body.
 async fn reqwest_get(node: &Node, path: &str) -> anyhow::Result<(u16, String)> {
-    let addr = std::fs::read_to_string(
-        node.config
-            .as_ref()
-            .context("configured")?
-            .data_dir
-            .join("admin-address"),
-    )?;
-    let response = reqwest::get(format!("http://{}{path}", addr.trim())).await?;
+    let response = reqwest::get(format!("{}{path}", node.admin_url()?)).await?;
     Ok((response.status().as_u16(), response.text().await?))
 }
 
