@@ -57,6 +57,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod caldav;
 mod contract;
 pub mod postgres;
 pub mod sqlite;
