@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use connectors::caldav::{CaldavConfig, CaldavConnector, CaldavError};
 use connectors::postgres::{PostgresConfig, PostgresConnector, PostgresError};
 use connectors::sqlite::{SqliteConnector, SqliteError};
 use connectors::{CollectionSpec, Connector, TableSchema};
@@ -200,10 +201,7 @@ fn new_telemetry(config: &Config) -> Telemetry {
         .iter()
         .map(|t| ToolInfo {
             name: t.name.get_ref().clone(),
-            kind: match t.kind.get_ref() {
-                ToolKind::Sqlite => "sqlite",
-                ToolKind::Postgres => "postgres",
-            },
+            kind: t.kind.get_ref().name(),
             collections: t
                 .collections
                 .iter()
@@ -350,7 +348,75 @@ fn open_tool(
                 Err(e) => Err(postgres_error(config, t, tool, e)),
             }
         }
+        ToolKind::Caldav => {
+            let caldav = caldav_config(config, tool)?;
+            match CaldavConnector::open(&caldav, collection_specs(config, t)?) {
+                Ok(connector) => Ok(Box::new(connector)),
+                Err(e) => Err(caldav_error(config, t, tool, e)),
+            }
+        }
     }
+}
+
+/// A `caldav` tool's settings; its state file lives in the agent's data folder.
+pub(crate) fn caldav_config(
+    config: &Config,
+    tool: &ToolConfig,
+) -> Result<CaldavConfig, StartError> {
+    let password = match (&tool.password, &tool.password_env) {
+        (Some(password), _) => Some(password.get_ref().clone()),
+        (None, Some(var)) => match std::env::var(var.get_ref()) {
+            Ok(password) => Some(password),
+            Err(_) => {
+                return Err(StartError::Config(config.invalid(
+                    var.span(),
+                    "tool.password_env".to_owned(),
+                    format!("the environment variable `{}` is not set", var.get_ref()),
+                )));
+            }
+        },
+        (None, None) => None,
+    };
+    let user = tool
+        .user
+        .as_ref()
+        .map(|u| (u.get_ref().clone(), password.unwrap_or_default()));
+    Ok(CaldavConfig {
+        url: tool
+            .url
+            .as_ref()
+            .map(|u| u.get_ref().clone())
+            .unwrap_or_default(),
+        user,
+        poll_interval: tool
+            .poll_interval_ms
+            .as_ref()
+            .map_or(connectors::caldav::POLL_INTERVAL_DEFAULT, |ms| {
+                std::time::Duration::from_millis(*ms.get_ref())
+            }),
+        state: config
+            .data_dir
+            .join("tools")
+            .join(format!("{}.caldav", tool.name.get_ref())),
+    })
+}
+
+/// Names the configuration entry behind a CalDAV connector's error at start.
+pub(crate) fn caldav_error(
+    config: &Config,
+    t: usize,
+    tool: &ToolConfig,
+    error: CaldavError,
+) -> StartError {
+    let at = match &error {
+        CaldavError::NoCalendar { calendar, .. } => Some((calendar.clone(), "table", None)),
+        CaldavError::UnknownColumn {
+            calendar, column, ..
+        } => Some((calendar.clone(), "columns", Some(column.clone()))),
+        CaldavError::PrimaryKey { calendar, .. } => Some((calendar.clone(), "primary_key", None)),
+        _ => None,
+    };
+    tool_error(config, t, tool, at, error.to_string())
 }
 
 /// A `sqlite` tool's database file.
@@ -432,7 +498,10 @@ pub(crate) fn collection_specs(
         specs.push(CollectionSpec {
             collection: c.name.get_ref().clone(),
             table: c.table.get_ref().clone(),
-            primary_key: c.primary_key.get_ref().clone(),
+            primary_key: c
+                .primary_key
+                .as_ref()
+                .map_or_else(|| "uid".to_owned(), |k| k.get_ref().clone()),
             columns: mapping.columns().to_vec(),
         });
     }
@@ -740,7 +809,10 @@ fn tool_error(
                 .position(|f| Some(f.column.get_ref()) == column.as_ref());
             let (span, field) = match (field, mapped) {
                 ("columns", Some(k)) => (c.fields[k].column.span(), format!("field[{k}].column")),
-                ("primary_key", _) => (c.primary_key.span(), field.to_owned()),
+                ("primary_key", _) => (
+                    c.primary_key.as_ref().map_or(c.table.span(), |k| k.span()),
+                    field.to_owned(),
+                ),
                 ("columns", None) => (
                     c.columns.as_ref().map_or(c.table.span(), |c| c.span()),
                     field.to_owned(),

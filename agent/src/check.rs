@@ -3,11 +3,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use connectors::{postgres, sqlite};
+use connectors::{caldav, postgres, sqlite};
 
 use crate::agent::{
-    StartError, ToolSchema, collection_specs, postgres_config, postgres_error, sqlite_error,
-    sqlite_path, tool_specs,
+    StartError, ToolSchema, caldav_config, caldav_error, collection_specs, postgres_config,
+    postgres_error, sqlite_error, sqlite_path, tool_specs,
 };
 use crate::config::{Config, ToolKind};
 use crate::mapping;
@@ -45,6 +45,14 @@ pub fn check(config: &Config) -> Result<CheckReport, StartError> {
                     .map_err(|e| postgres_error(config, t, tool, e))?;
                 ToolSchema {
                     kind: "postgres",
+                    tables,
+                }
+            }
+            ToolKind::Caldav => {
+                let tables = caldav::inspect(&caldav_config(config, tool)?, &specs)
+                    .map_err(|e| caldav_error(config, t, tool, e))?;
+                ToolSchema {
+                    kind: "caldav",
                     tables,
                 }
             }

@@ -112,9 +112,19 @@ pub struct ToolConfig {
     #[serde(default)]
     pub url: Option<Spanned<String>>,
     /// `postgres`: how often to look for changes when no notification came, in
-    /// milliseconds (default 1000).
+    /// milliseconds (default 1000). `caldav`: how often to poll each calendar
+    /// (default 2000).
     #[serde(default)]
     pub poll_interval_ms: Option<Spanned<u64>>,
+    /// `caldav`: the user for basic auth.
+    #[serde(default)]
+    pub user: Option<Spanned<String>>,
+    /// `caldav`: the password for basic auth (never logged).
+    #[serde(default)]
+    pub password: Option<Spanned<String>>,
+    /// `caldav`: an environment variable holding the password, instead of `password`.
+    #[serde(default)]
+    pub password_env: Option<Spanned<String>>,
     /// The collections synced with this tool.
     #[serde(default, rename = "collection")]
     pub collections: Vec<CollectionConfig>,
@@ -128,6 +138,19 @@ pub enum ToolKind {
     Sqlite,
     /// A PostgreSQL database.
     Postgres,
+    /// A CalDAV server's calendars.
+    Caldav,
+}
+
+impl ToolKind {
+    /// The kind as written in the config.
+    pub fn name(self) -> &'static str {
+        match self {
+            ToolKind::Sqlite => "sqlite",
+            ToolKind::Postgres => "postgres",
+            ToolKind::Caldav => "caldav",
+        }
+    }
 }
 
 /// A collection's settings shared by every tool that syncs it: the same on every agent.
@@ -247,10 +270,13 @@ pub enum Normalize {
 pub struct CollectionConfig {
     /// The collection's name, the same on every agent.
     pub name: Spanned<String>,
-    /// The table.
+    /// The table; for a `caldav` tool the calendar (`calendar` is the same
+    /// setting): its name under the user's calendar home, or its path.
+    #[serde(alias = "calendar")]
     pub table: Spanned<String>,
-    /// The table's primary key column.
-    pub primary_key: Spanned<String>,
+    /// The table's primary key column (a `caldav` tool's events are keyed by `uid`).
+    #[serde(default)]
+    pub primary_key: Option<Spanned<String>>,
     /// Columns synced as they are: the canonical field has the column's name, type
     /// and value.
     #[serde(default)]
@@ -474,6 +500,15 @@ impl Config {
             if let Some(p) = &mut tool.path {
                 absolute(p.get_mut());
             }
+            if *tool.kind.get_ref() == ToolKind::Caldav {
+                // A calendar syncs every field of its events unless told otherwise.
+                for c in &mut tool.collections {
+                    if c.columns.is_none() && c.fields.is_empty() {
+                        let span = c.name.span();
+                        c.columns = Some(Spanned::new(span, connectors::caldav::all_fields()));
+                    }
+                }
+            }
         }
         config.check()?;
         Ok(config)
@@ -618,10 +653,14 @@ impl Config {
                     ));
                 }
                 if let Some(url) = &tool.url {
-                    return Err(misplaced(url.span(), "url", "postgres"));
+                    return Err(misplaced(url.span(), "url", "postgres` and `caldav"));
                 }
                 if let Some(poll) = &tool.poll_interval_ms {
-                    return Err(misplaced(poll.span(), "poll_interval_ms", "postgres"));
+                    return Err(misplaced(
+                        poll.span(),
+                        "poll_interval_ms",
+                        "postgres` and `caldav",
+                    ));
                 }
             }
             ToolKind::Postgres => {
@@ -637,15 +676,73 @@ impl Config {
                 if let Some(path) = &tool.path {
                     return Err(misplaced(path.span(), "path", "sqlite"));
                 }
-                if let Some(poll) = &tool.poll_interval_ms
-                    && !(POLL_INTERVAL_MS_MIN..=POLL_INTERVAL_MS_MAX).contains(poll.get_ref())
-                {
+                self.check_poll_interval(t, tool)?;
+            }
+            ToolKind::Caldav => {
+                let Some(url) = &tool.url else {
                     return Err(self.invalid(
-                        poll.span(),
-                        format!("tool[{t}].poll_interval_ms"),
-                        format!(
-                            "between {POLL_INTERVAL_MS_MIN} and {POLL_INTERVAL_MS_MAX} milliseconds"
-                        ),
+                        tool.kind.span(),
+                        format!("tool[{t}].url"),
+                        "a `caldav` tool needs `url`, the server's address \
+                         (e.g. \"http://127.0.0.1:5232/\")"
+                            .to_owned(),
+                    ));
+                };
+                if !url.get_ref().starts_with("http://") && !url.get_ref().starts_with("https://") {
+                    return Err(self.invalid(
+                        url.span(),
+                        format!("tool[{t}].url"),
+                        "a CalDAV address starts with `http://` or `https://`".to_owned(),
+                    ));
+                }
+                if let Some(path) = &tool.path {
+                    return Err(misplaced(path.span(), "path", "sqlite"));
+                }
+                if tool.password.is_some() && tool.password_env.is_some() {
+                    let span = tool.password_env.as_ref().map_or(0..0, Spanned::span);
+                    return Err(self.invalid(
+                        span,
+                        format!("tool[{t}].password_env"),
+                        "give `password` or `password_env`, not both".to_owned(),
+                    ));
+                }
+                if (tool.password.is_some() || tool.password_env.is_some()) && tool.user.is_none() {
+                    return Err(self.invalid(
+                        tool.kind.span(),
+                        format!("tool[{t}].user"),
+                        "a password needs a `user`".to_owned(),
+                    ));
+                }
+                self.check_poll_interval(t, tool)?;
+                for (i, c) in tool.collections.iter().enumerate() {
+                    if let Some(key) = &c.primary_key
+                        && key.get_ref() != "uid"
+                    {
+                        return Err(self.invalid(
+                            key.span(),
+                            format!("tool[{t}].collection[{i}].primary_key"),
+                            "events are keyed by `uid`; leave `primary_key` out".to_owned(),
+                        ));
+                    }
+                }
+            }
+        }
+        if *tool.kind.get_ref() != ToolKind::Caldav {
+            for (key, value) in [
+                ("user", &tool.user),
+                ("password", &tool.password),
+                ("password_env", &tool.password_env),
+            ] {
+                if let Some(value) = value {
+                    return Err(misplaced(value.span(), key, "caldav"));
+                }
+            }
+            for (i, c) in tool.collections.iter().enumerate() {
+                if c.primary_key.is_none() {
+                    return Err(self.invalid(
+                        c.table.span(),
+                        format!("tool[{t}].collection[{i}].primary_key"),
+                        "name the table's primary key column in `primary_key`".to_owned(),
                     ));
                 }
             }
@@ -682,6 +779,19 @@ impl Config {
                     ),
                 ));
             }
+        }
+        Ok(())
+    }
+
+    fn check_poll_interval(&self, t: usize, tool: &ToolConfig) -> Result<(), ConfigError> {
+        if let Some(poll) = &tool.poll_interval_ms
+            && !(POLL_INTERVAL_MS_MIN..=POLL_INTERVAL_MS_MAX).contains(poll.get_ref())
+        {
+            return Err(self.invalid(
+                poll.span(),
+                format!("tool[{t}].poll_interval_ms"),
+                format!("between {POLL_INTERVAL_MS_MIN} and {POLL_INTERVAL_MS_MAX} milliseconds"),
+            ));
         }
         Ok(())
     }

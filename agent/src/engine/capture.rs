@@ -1,7 +1,7 @@
 //! Capture: the local tool's changed rows become changes of their documents.
 
 use connectors::{CaptureBatch, CapturedChange, RowState};
-use crdt_model::{DocId, Edit, Record};
+use crdt_model::{DocId, Edit, Record, Value};
 
 use super::matching::{Placement, SharedKeys};
 use super::{CollectionInfo, Engine, RecordIdentity, ToolIx, needs_write, tombstoned};
@@ -228,7 +228,7 @@ impl Engine {
                 let on_match = info.mapping.on_match();
                 self.joining_fields(placement.id, on_match, fields, row_ms)?
             }
-            Ok(fields) => fields,
+            Ok(fields) => self.rebase_maps(info, placement.id, row.shadow, fields)?,
             Err(e) => {
                 // The shadow stays as it was, so the row is read again once it
                 // changes.
@@ -246,6 +246,41 @@ impl Engine {
             provenance: Some(self.tools[tool].provenance.clone()),
         };
         Ok(Some((edit, Some(record))))
+    }
+
+    /// A captured map field (a calendar's overrides, attendees) as an edit of the
+    /// document's map: only the entries the tool changed since its shadow, so that
+    /// entries the document gained meanwhile (a remote edit not yet written back)
+    /// are kept rather than removed for the tool's not having them yet.
+    fn rebase_maps(
+        &mut self,
+        info: &CollectionInfo,
+        id: DocId,
+        shadow: Option<&Record>,
+        mut fields: Record,
+    ) -> Result<Record, StoreError> {
+        let Some(shadow) = shadow else {
+            return Ok(fields);
+        };
+        if !fields.values().any(|v| matches!(v, Value::Map(_))) {
+            return Ok(fields);
+        }
+        let Ok(old) = info.mapping.read(shadow, None) else {
+            return Ok(fields);
+        };
+        let doc = self.store.doc(id)?;
+        if doc.is_empty() {
+            return Ok(fields);
+        }
+        let Ok(current) = doc.read() else {
+            return Ok(fields);
+        };
+        for (name, new) in fields.iter_mut() {
+            if let (Some(old), Some(current)) = (old.get(name), current.fields.get(name)) {
+                *new = rebase(current, old, new);
+            }
+        }
+        Ok(fields)
     }
 
     /// Stages a captured row's edit of document `id`: its link, shadow and change,
@@ -312,6 +347,33 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+/// `new` (the tool's value) applied to `current` (the document's) as the change
+/// from `old` (the tool's value before): for maps, entry by entry and recursively;
+/// for anything else, `new`.
+fn rebase(current: &Value, old: &Value, new: &Value) -> Value {
+    let (Value::Map(current), Value::Map(old), Value::Map(new)) = (current, old, new) else {
+        return new.clone();
+    };
+    let mut merged = current.clone();
+    for (key, value) in new {
+        match (old.get(key), current.get(key)) {
+            (Some(before), _) if before == value => {}
+            (Some(before), Some(now)) => {
+                merged.insert(key.clone(), rebase(now, before, value));
+            }
+            _ => {
+                merged.insert(key.clone(), value.clone());
+            }
+        }
+    }
+    for key in old.keys() {
+        if !new.contains_key(key) {
+            merged.remove(key);
+        }
+    }
+    Value::Map(merged)
 }
 
 /// A captured row, as the steps of capturing it see it.

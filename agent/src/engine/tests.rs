@@ -862,3 +862,88 @@ fn a_record_leaving_the_filter_is_removed_from_that_tool_or_kept_as_configured()
     }
     Ok(())
 }
+
+fn attendees(entries: &[(&str, &str)]) -> Value {
+    Value::Map(
+        entries
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), Value::Text((*v).to_owned())))
+            .collect(),
+    )
+}
+
+/// Regression (nested maps on capture): a tool's map field (a calendar event's
+/// attendees) was written into the document whole, so an entry a peer had just
+/// added, not yet written back into the tool, was removed by the tool's next edit
+/// of another entry.
+#[test]
+fn a_captured_map_keeps_entries_the_tool_has_not_seen_yet() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let collections = BTreeMap::from([(
+        "customers".to_owned(),
+        CollectionInfo {
+            mapping: Mapping::plain(&["name".to_owned()]),
+            natural_key: None,
+            identity: RecordIdentity::SharedKey,
+        },
+    )]);
+    let mut a = Engine::new(Store::open(dir.path())?, vec![tool(collections)], [])?;
+    let row = |map: Value| CapturedChange {
+        collection: "customers".to_owned(),
+        key: "1".to_owned(),
+        previous_key: None,
+        state: RowState::Present(Record::from([("name".to_owned(), map)])),
+    };
+    let mut batch = a.store().batch();
+    let before = attendees(&[("ada", "tentative")]);
+    capture(&mut a, &mut batch, vec![row(before.clone())], 1)?;
+    a.store().commit(batch)?;
+    let base: Vec<Vec<u8>> = a
+        .store()
+        .reader()
+        .log_from("customers", 1, 10)?
+        .into_iter()
+        .flat_map(|(_, e)| e.changes)
+        .collect();
+
+    // A peer adds Grace; before it reaches the tool, the tool's user accepts for Ada.
+    let mut doc = RecordDoc::new(&[9; 16]);
+    doc.apply(&base)?;
+    let mut edit = Edit::default();
+    edit.fields.insert(
+        "name".to_owned(),
+        attendees(&[("ada", "tentative"), ("grace", "needs-action")]),
+    );
+    let change = doc.edit("customers", "1", &edit)?.ok_or("a change")?;
+    let mut batch = a.store().batch();
+    let entry = WireEntry {
+        seq: 1,
+        doc: DocId::of("customers", "1").0,
+        changes: vec![change],
+    };
+    a.apply_remote(&mut batch, [9; 16], "customers", Some(1), vec![entry])?;
+    a.store().commit(batch)?;
+    let mut batch = a.store().batch();
+    capture(
+        &mut a,
+        &mut batch,
+        vec![row(attendees(&[("ada", "accepted")]))],
+        2,
+    )?;
+    a.store().commit(batch)?;
+    assert_eq!(
+        name_of(&mut a, "1")?,
+        Some(attendees(&[("ada", "accepted"), ("grace", "needs-action")])),
+        "the peer's new entry was removed by the tool's edit of another"
+    );
+
+    // An entry the tool removes is removed.
+    let mut batch = a.store().batch();
+    capture(&mut a, &mut batch, vec![row(attendees(&[]))], 3)?;
+    a.store().commit(batch)?;
+    assert_eq!(
+        name_of(&mut a, "1")?,
+        Some(attendees(&[("grace", "needs-action")]))
+    );
+    Ok(())
+}
