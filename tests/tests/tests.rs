@@ -2,6 +2,7 @@
 //! real SQLite files, and PostgreSQL servers the harness starts itself.
 
 mod bad_input;
+mod calendar;
 mod conflicts;
 mod durability;
 mod identity;

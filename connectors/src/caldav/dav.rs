@@ -53,9 +53,19 @@ pub enum DavError {
 
 /// A WebDAV client of one server account.
 pub(super) struct Dav {
-    runtime: Runtime,
+    /// `None` only while dropping.
+    runtime: Option<Runtime>,
     client: Client,
     user: Option<(String, String)>,
+}
+
+impl Drop for Dav {
+    fn drop(&mut self) {
+        // Without waiting: the connector may be dropped inside an async context.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 impl std::fmt::Debug for Dav {
@@ -120,7 +130,7 @@ impl Dav {
                 message: e.to_string(),
             })?;
         Ok(Dav {
-            runtime,
+            runtime: Some(runtime),
             client,
             user,
         })
@@ -150,7 +160,13 @@ impl Dav {
             url: url.to_owned(),
             message: without_url(e),
         };
-        self.runtime.block_on(async {
+        let Some(runtime) = &self.runtime else {
+            return Err(DavError::Unreachable {
+                url: url.to_owned(),
+                message: "the client has stopped".to_owned(),
+            });
+        };
+        runtime.block_on(async {
             let response = request.send().await.map_err(unreachable)?;
             let status = response.status();
             let etag = response
