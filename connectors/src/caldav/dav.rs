@@ -476,11 +476,9 @@ fn parse_multistatus(url: &str, text: &str) -> Result<(Option<String>, Vec<Membe
                     ("href", Some("current-user-principal" | "calendar-home-set")) => {
                         pending_link = Some(text_buf.trim().to_owned());
                     }
-                    ("status", Some("response")) => {
-                        // A member gone (404) has a status of its own and no propstat.
-                        if !text_buf.contains(" 200") {
-                            response_status_missing = true;
-                        }
+                    // A member gone (404) has a status of its own and no propstat.
+                    ("status", Some("response")) if !text_buf.contains(" 200") => {
+                        response_status_missing = true;
                     }
                     ("status", Some("propstat")) => propstat_ok = text_buf.contains(" 200"),
                     ("getetag", _) => pending_etag = Some(text_buf.trim().to_owned()),
