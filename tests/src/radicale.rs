@@ -265,7 +265,15 @@ impl Radicale {
     pub async fn events(&self, calendar: &str) -> anyhow::Result<BTreeMap<String, Record>> {
         let mut events = BTreeMap::new();
         for href in self.hrefs(calendar).await?.keys() {
-            let text = self.get_href(href).await?;
+            let path = href.trim_start_matches('/');
+            let (status, _, text) = self.request(Method::GET, path, None, &[]).await?;
+            if status == StatusCode::NOT_FOUND {
+                // Deleted between the listing and the read.
+                continue;
+            }
+            if !status.is_success() {
+                bail!("GET {href}: {status}");
+            }
             let (uid, record) = event::read(&text).map_err(|e| anyhow::anyhow!("{href}: {e:?}"))?;
             if events.insert(uid.clone(), record).is_some() {
                 bail!("event {uid} is in {calendar} twice");
