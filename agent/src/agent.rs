@@ -349,7 +349,7 @@ fn open_tool(
             }
         }
         ToolKind::Caldav => {
-            let caldav = caldav_config(config, tool)?;
+            let caldav = caldav_config(config, t, tool)?;
             match CaldavConnector::open(&caldav, collection_specs(config, t)?) {
                 Ok(connector) => Ok(Box::new(connector)),
                 Err(e) => Err(caldav_error(config, t, tool, e)),
@@ -361,6 +361,7 @@ fn open_tool(
 /// A `caldav` tool's settings; its state file lives in the agent's data folder.
 pub(crate) fn caldav_config(
     config: &Config,
+    t: usize,
     tool: &ToolConfig,
 ) -> Result<CaldavConfig, StartError> {
     let password = match (&tool.password, &tool.password_env) {
@@ -370,7 +371,7 @@ pub(crate) fn caldav_config(
             Err(_) => {
                 return Err(StartError::Config(config.invalid(
                     var.span(),
-                    "tool.password_env".to_owned(),
+                    format!("tool[{t}].password_env"),
                     format!("the environment variable `{}` is not set", var.get_ref()),
                 )));
             }

@@ -49,7 +49,7 @@ pub fn check(config: &Config) -> Result<CheckReport, StartError> {
                 }
             }
             ToolKind::Caldav => {
-                let tables = caldav::inspect(&caldav_config(config, tool)?, &specs)
+                let tables = caldav::inspect(&caldav_config(config, t, tool)?, &specs)
                     .map_err(|e| caldav_error(config, t, tool, e))?;
                 ToolSchema {
                     kind: "caldav",

@@ -371,10 +371,9 @@ pub(super) fn normalize_href(href: &str) -> String {
         }
         None => href,
     };
-    let mut out = String::with_capacity(path.len());
     let bytes = path.as_bytes();
     let mut i = 0;
-    let mut decoded = Vec::new();
+    let mut decoded = Vec::with_capacity(bytes.len());
     while i < bytes.len() {
         if bytes[i] == b'%'
             && i + 2 < bytes.len()
@@ -387,8 +386,9 @@ pub(super) fn normalize_href(href: &str) -> String {
         decoded.push(bytes[i]);
         i += 1;
     }
-    out.push_str(&String::from_utf8_lossy(&decoded));
-    out.trim_end_matches('/').to_owned()
+    String::from_utf8_lossy(&decoded)
+        .trim_end_matches('/')
+        .to_owned()
 }
 
 /// Reads a multistatus answer: its sync token, if any, and its members.

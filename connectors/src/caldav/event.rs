@@ -12,8 +12,9 @@
 //!   text `YYYY-MM-DD` for an all-day date (the end exclusive). A `DURATION` is read
 //!   as the end it gives.
 //! - `rrule` is the rule as one text: never merged part by part.
-//! - `exdates` and `rdates` are sets: maps from the normalised instant
-//!   ([`instant_key`]) to `true`.
+//! - `exdates` and `rdates` are sets: maps from the normalised instant to `true`:
+//!   `YYYYMMDDTHHMMSSZ` in UTC for zoned and UTC times, `YYYYMMDDTHHMMSS` for
+//!   floating times, `YYYYMMDD` for dates.
 //! - `overrides` maps the normalised `RECURRENCE-ID` of each overridden occurrence
 //!   to its own record (the same fields, but no rule), so each merges field by field.
 //! - `attendees` maps each address (lower case) to its parameters; `organizer` is the
@@ -234,13 +235,6 @@ fn local_instant(zone: chrono_tz::Tz, at: NaiveDateTime) -> Result<DateTime<Utc>
     Ok(local.with_timezone(&Utc))
 }
 
-/// The normalised key of an instant in `exdates`, `rdates` and `overrides`, for a
-/// time given as iCalendar text with its `TZID` (if any): `YYYYMMDDTHHMMSSZ` in UTC
-/// for zoned and UTC times, `YYYYMMDDTHHMMSS` for floating times, `YYYYMMDD` for dates.
-pub fn instant_key(value: &str, tzid: Option<&str>) -> Result<String, EventError> {
-    Ok(parse_when(value, tzid, &Resolver::default())?.key())
-}
-
 /// How the zones of one resource resolve: by name (IANA, Windows, prefixed), or by
 /// the resource's own `VTIMEZONE`.
 #[derive(Default)]
@@ -414,6 +408,16 @@ fn component_text(calendar: &ICalendar, component: &ICalendarComponent) -> Strin
         })
         .collect();
     lines.sort();
+    let name = component.component_type.as_str();
+    format!(
+        "BEGIN:{name}\r\n{}{}END:{name}\r\n",
+        lines.concat(),
+        children_text(calendar, component).concat()
+    )
+}
+
+/// The components inside `component`, each written out in normal order, sorted.
+fn children_text(calendar: &ICalendar, component: &ICalendarComponent) -> Vec<String> {
     let mut children: Vec<String> = component
         .component_ids
         .iter()
@@ -421,12 +425,7 @@ fn component_text(calendar: &ICalendar, component: &ICalendarComponent) -> Strin
         .map(|child| component_text(calendar, child))
         .collect();
     children.sort();
-    let name = component.component_type.as_str();
-    format!(
-        "BEGIN:{name}\r\n{}{}END:{name}\r\n",
-        lines.concat(),
-        children.concat()
-    )
+    children
 }
 
 /// Why a resource is not read as an event.
@@ -596,14 +595,7 @@ fn read_component(
         }
     }
     extra.sort();
-    let mut blocks: Vec<String> = component
-        .component_ids
-        .iter()
-        .filter_map(|id| calendar.components.get(*id as usize))
-        .map(|child| component_text(calendar, child))
-        .collect();
-    blocks.sort();
-    extra.extend(blocks);
+    extra.extend(children_text(calendar, component));
     if let Some(start) = start {
         let (time, zone) = start.values();
         record.insert("start".to_owned(), time);

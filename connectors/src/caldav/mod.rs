@@ -159,11 +159,7 @@ impl CaldavConnector {
     /// state file.
     pub fn open(config: &CaldavConfig, specs: Vec<CollectionSpec>) -> Result<Self, CaldavError> {
         let dav = Dav::new(config.user.clone())?;
-        let base = if config.url.ends_with('/') {
-            config.url.clone()
-        } else {
-            format!("{}/", config.url)
-        };
+        let base = with_slash(&config.url);
         let mut calendars = Vec::with_capacity(specs.len());
         for spec in specs {
             if spec.primary_key != "uid" {
@@ -172,17 +168,7 @@ impl CaldavConnector {
                     key: spec.primary_key,
                 });
             }
-            let mut field_types = BTreeMap::new();
-            for column in &spec.columns {
-                let Some(kind) = event_field_type(column) else {
-                    return Err(CaldavError::UnknownColumn {
-                        calendar: spec.table.clone(),
-                        column: column.clone(),
-                        fields: EVENT_FIELDS.join(", "),
-                    });
-                };
-                field_types.insert(column.clone(), kind);
-            }
+            let field_types = field_types(&spec)?;
             let url = find_calendar(&dav, &base, &spec.table)?;
             calendars.push(Calendar {
                 collection: spec.collection,
@@ -255,6 +241,40 @@ impl CaldavConnector {
         Ok(())
     }
 
+    /// The event the server holds at `href`, as last known.
+    fn uid_at(&self, collection: &str, href: &str) -> Result<Option<String>, CaldavError> {
+        self.state
+            .query_row(
+                "SELECT uid FROM events WHERE collection = ?1 AND href = ?2 AND etag IS NOT NULL",
+                params![collection, href],
+                |row| row.get(0),
+            )
+            .optional()
+            .map_err(|e| self.state_error(e))
+    }
+
+    /// Event `uid` is gone from the server: remembered so, and reported deleted.
+    fn gone(
+        &self,
+        collection: &str,
+        uid: String,
+        changes: &mut Vec<CapturedChange>,
+    ) -> Result<(), CaldavError> {
+        self.state
+            .execute(
+                "UPDATE events SET etag = NULL, written_etag = NULL WHERE collection = ?1 AND uid = ?2",
+                params![collection, uid],
+            )
+            .map_err(|e| self.state_error(e))?;
+        changes.push(CapturedChange {
+            collection: collection.to_owned(),
+            key: uid,
+            previous_key: None,
+            state: RowState::Absent,
+        });
+        Ok(())
+    }
+
     /// Captures one calendar from `token`; returns its new token.
     fn capture_calendar(
         &mut self,
@@ -313,28 +333,9 @@ impl CaldavConnector {
             );
         }
         for href in gone {
-            let uid: Option<String> = self
-                .state
-                .query_row(
-                    "SELECT uid FROM events WHERE collection = ?1 AND href = ?2 AND etag IS NOT NULL",
-                    params![collection, href],
-                    |row| row.get(0),
-                )
-                .optional()
-                .map_err(|e| self.state_error(e))?;
-            let Some(uid) = uid else { continue };
-            self.state
-                .execute(
-                    "UPDATE events SET etag = NULL, written_etag = NULL WHERE collection = ?1 AND uid = ?2",
-                    params![collection, uid],
-                )
-                .map_err(|e| self.state_error(e))?;
-            changes.push(CapturedChange {
-                collection: collection.clone(),
-                key: uid,
-                previous_key: None,
-                state: RowState::Absent,
-            });
+            if let Some(uid) = self.uid_at(&collection, &href)? {
+                self.gone(&collection, uid, changes)?;
+            }
         }
         // Changed events, without the echoes of this connector's own writes (unless
         // everything is listed again for a new store).
@@ -378,31 +379,12 @@ impl CaldavConnector {
             // Gone between the report and the fetch: the next report says so.
             return Ok(());
         };
-        let previous: Option<String> = self
-            .state
-            .query_row(
-                "SELECT uid FROM events WHERE collection = ?1 AND href = ?2 AND etag IS NOT NULL",
-                params![collection, member.href],
-                |row| row.get(0),
-            )
-            .optional()
-            .map_err(|e| self.state_error(e))?;
+        let previous = self.uid_at(&collection, &member.href)?;
         match event::read(&body) {
             Ok((uid, record)) => {
                 if let Some(previous) = previous.filter(|p| *p != uid) {
                     // The resource now holds another event: the old one is gone.
-                    self.state
-                        .execute(
-                            "UPDATE events SET etag = NULL, written_etag = NULL WHERE collection = ?1 AND uid = ?2",
-                            params![collection, previous],
-                        )
-                        .map_err(|e| self.state_error(e))?;
-                    changes.push(CapturedChange {
-                        collection: collection.clone(),
-                        key: previous,
-                        previous_key: None,
-                        state: RowState::Absent,
-                    });
+                    self.gone(&collection, previous, changes)?;
                 }
                 let known = Known {
                     href: member.href,
@@ -870,38 +852,44 @@ pub fn inspect(
     specs: &[CollectionSpec],
 ) -> Result<Vec<TableSchema>, CaldavError> {
     let dav = Dav::new(config.user.clone())?;
-    let base = if config.url.ends_with('/') {
-        config.url.clone()
-    } else {
-        format!("{}/", config.url)
-    };
+    let base = with_slash(&config.url);
     specs
         .iter()
         .map(|spec| {
             find_calendar(&dav, &base, &spec.table)?;
-            let mut field_types = BTreeMap::new();
-            for column in &spec.columns {
-                let kind = event_field_type(column).ok_or_else(|| CaldavError::UnknownColumn {
-                    calendar: spec.table.clone(),
-                    column: column.clone(),
-                    fields: EVENT_FIELDS.join(", "),
-                })?;
-                field_types.insert(column.clone(), kind);
-            }
             Ok(TableSchema {
                 assigns_keys: true,
-                field_types,
+                field_types: field_types(spec)?,
             })
         })
         .collect()
 }
 
-/// Events lists every field, for a calendar configured without `columns`.
-pub fn all_fields() -> Vec<String> {
-    EVENT_FIELDS
+/// The type of each configured column of a calendar; a column that is no event
+/// field is an error.
+fn field_types(spec: &CollectionSpec) -> Result<BTreeMap<String, FieldType>, CaldavError> {
+    spec.columns
         .iter()
-        .filter(|f| **f != "uid")
-        .map(|f| (*f).to_owned())
-        .chain(std::iter::once("uid".to_owned()))
+        .map(|column| {
+            let kind = event_field_type(column).ok_or_else(|| CaldavError::UnknownColumn {
+                calendar: spec.table.clone(),
+                column: column.clone(),
+                fields: EVENT_FIELDS.join(", "),
+            })?;
+            Ok((column.clone(), kind))
+        })
         .collect()
+}
+
+fn with_slash(url: &str) -> String {
+    if url.ends_with('/') {
+        url.to_owned()
+    } else {
+        format!("{url}/")
+    }
+}
+
+/// Every field of events: what a calendar configured without `columns` syncs.
+pub fn all_fields() -> Vec<String> {
+    EVENT_FIELDS.iter().map(|f| (*f).to_owned()).collect()
 }
