@@ -2,7 +2,7 @@
 //! field type. Reading never guesses: a stored value that does not fit its column's
 //! field type is reported, not coerced.
 
-use chrono::{DateTime, Datelike, NaiveDate, NaiveDateTime, Utc};
+use chrono::{DateTime, Datelike, Utc};
 use crdt_model::{Decimal, Timestamp, Value};
 use rusqlite::types::{ToSqlOutput, Value as SqlValue, ValueRef};
 
@@ -11,7 +11,7 @@ use crate::FieldType;
 #[cfg(test)]
 use crate::values::QUOTED_CHARS_MAX;
 pub(super) use crate::values::shorten;
-use crate::values::{FLOAT_EXACT_INT_MAX, from_json, to_json};
+use crate::values::{FLOAT_EXACT_INT_MAX, from_json, parse_timestamp, to_json};
 
 /// Most significant digits a decimal may have to survive SQLite's NUMERIC affinity,
 /// which stores numeric-looking text as a 64-bit float.
@@ -219,29 +219,6 @@ fn exact_int(f: f64) -> Option<i64> {
 /// Stored text as UTF-8, if it is.
 fn utf8(bytes: &[u8]) -> Option<&str> {
     std::str::from_utf8(bytes).ok()
-}
-
-/// Parses the timestamp formats found in SQLite databases, all but RFC 3339 read as UTC:
-/// RFC 3339 (`2024-05-01T10:00:00Z`, `2024-05-01 12:00:00.5+02:00`),
-/// `YYYY-MM-DD HH:MM:SS[.ffffff]`, `YYYY-MM-DDTHH:MM:SS[.ffffff]`, `YYYY-MM-DD HH:MM`
-/// and `YYYY-MM-DD`.
-fn parse_timestamp(text: &str) -> Option<Timestamp> {
-    if let Ok(instant) = DateTime::parse_from_rfc3339(text) {
-        return Some(Timestamp::from_micros(instant.timestamp_micros()));
-    }
-    let naive = [
-        "%Y-%m-%d %H:%M:%S%.f",
-        "%Y-%m-%dT%H:%M:%S%.f",
-        "%Y-%m-%d %H:%M",
-    ]
-    .iter()
-    .find_map(|format| NaiveDateTime::parse_from_str(text, format).ok())
-    .or_else(|| {
-        NaiveDate::parse_from_str(text, "%Y-%m-%d")
-            .ok()
-            .and_then(|date| date.and_hms_opt(0, 0, 0))
-    })?;
-    Some(Timestamp::from_micros(naive.and_utc().timestamp_micros()))
 }
 
 /// How a timestamp column writes its instants, learned from the values it holds, so
