@@ -60,6 +60,7 @@
 pub mod caldav;
 mod contract;
 pub mod postgres;
+pub mod rest;
 mod shadow;
 pub mod sqlite;
 mod values;
