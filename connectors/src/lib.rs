@@ -59,6 +59,7 @@
 
 pub mod caldav;
 mod contract;
+pub mod csv;
 pub mod postgres;
 pub mod rest;
 mod shadow;
