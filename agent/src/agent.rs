@@ -7,11 +7,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use connectors::caldav::{CaldavConfig, CaldavConnector, CaldavError};
+use connectors::csv::CsvConnector;
 use connectors::postgres::{PostgresConfig, PostgresConnector, PostgresError};
+use connectors::rest::RestConnector;
 use connectors::sqlite::{SqliteConnector, SqliteError};
 use connectors::{CollectionSpec, Connector, TableSchema};
 use tokio::sync::{oneshot, watch};
 
+use crate::apps::WebhookEndpoints;
 use crate::config::{Config, ConfigError, ConflictPolicy, IdentityConfig, ToolConfig, ToolKind};
 use crate::core::{self, CoreHandle, CoreOutputs, CoreRequest};
 use crate::engine::{
@@ -84,6 +87,8 @@ pub struct RunningAgent {
     transport: Arc<Transport>,
     shutdown: watch::Sender<bool>,
     stop_tools: Arc<AtomicBool>,
+    /// Wakes each tool thread, so that a stop is seen without waiting out its poll.
+    tool_wakes: Vec<std::sync::mpsc::SyncSender<core::ToolEvent>>,
     core_thread: Option<std::thread::JoinHandle<()>>,
     tool_threads: Vec<std::thread::JoinHandle<()>>,
     commits: Arc<AtomicU64>,
@@ -94,13 +99,15 @@ pub struct RunningAgent {
 pub async fn start(config: Config) -> Result<RunningAgent, StartError> {
     let identity = Identity::load(&config.key_file)?;
     let telemetry = Arc::new(new_telemetry(&config));
+    let webhooks = Arc::new(crate::apps::webhook_endpoints(&config)?);
     // Tools block (and some run a driver runtime of their own): they are opened,
     // and the store with them, off the async runtime.
     let assembled = {
         let config = config.clone();
         let me = identity.peer_id();
         let telemetry = telemetry.clone();
-        tokio::task::spawn_blocking(move || assemble(&config, &me, telemetry))
+        let webhooks = webhooks.clone();
+        tokio::task::spawn_blocking(move || assemble(&config, &me, telemetry, &webhooks))
             .await
             .map_err(|e| StartError::Thread(std::io::Error::other(e.to_string())))??
     };
@@ -159,6 +166,7 @@ pub async fn start(config: Config) -> Result<RunningAgent, StartError> {
             .map(|t| t.name.get_ref().clone())
             .collect(),
         telemetry: telemetry.clone(),
+        webhooks,
     };
     let background = vec![
         tokio::spawn(crate::admin::serve(
@@ -187,6 +195,7 @@ pub async fn start(config: Config) -> Result<RunningAgent, StartError> {
         transport,
         shutdown,
         stop_tools: threads.stop_tools,
+        tool_wakes: threads.tool_wakes,
         core_thread: Some(threads.core_thread),
         tool_threads: threads.tool_threads,
         commits: threads.commits,
@@ -270,8 +279,9 @@ fn assemble(
     config: &Config,
     me: &PeerId,
     telemetry: Arc<Telemetry>,
+    webhooks: &WebhookEndpoints,
 ) -> Result<Assembled, StartError> {
-    let mut connectors = open_tools(config)?;
+    let mut connectors = open_tools(config, webhooks)?;
     let schemas: Vec<ToolSchema> = connectors
         .iter()
         .zip(&config.tools)
@@ -318,12 +328,15 @@ fn assemble(
 }
 
 /// Opens every configured tool and checks the configuration against it.
-fn open_tools(config: &Config) -> Result<Vec<Box<dyn Connector>>, StartError> {
+fn open_tools(
+    config: &Config,
+    webhooks: &WebhookEndpoints,
+) -> Result<Vec<Box<dyn Connector>>, StartError> {
     config
         .tools
         .iter()
         .enumerate()
-        .map(|(t, tool)| open_tool(config, t, tool))
+        .map(|(t, tool)| open_tool(config, t, tool, webhooks))
         .collect()
 }
 
@@ -332,6 +345,7 @@ fn open_tool(
     config: &Config,
     t: usize,
     tool: &ToolConfig,
+    webhooks: &WebhookEndpoints,
 ) -> Result<Box<dyn Connector>, StartError> {
     match tool.kind.get_ref() {
         ToolKind::Sqlite => {
@@ -355,6 +369,21 @@ fn open_tool(
                 Err(e) => Err(caldav_error(config, t, tool, e)),
             }
         }
+        ToolKind::Rest => {
+            let hooks = webhooks.get(tool.name.get_ref()).cloned();
+            let rest = crate::apps::rest_config(config, t, tool, hooks)?;
+            match RestConnector::open(&rest, crate::apps::rest_collections(config, t)?) {
+                Ok(connector) => Ok(Box::new(connector)),
+                Err(e) => Err(crate::apps::rest_error(config, t, tool, e)),
+            }
+        }
+        ToolKind::Csv => {
+            let csv = crate::apps::csv_config(config, tool);
+            match CsvConnector::open(&csv, crate::apps::csv_collections(config, t)?) {
+                Ok(connector) => Ok(Box::new(connector)),
+                Err(e) => Err(crate::apps::csv_error(config, t, tool, e)),
+            }
+        }
     }
 }
 
@@ -364,24 +393,7 @@ pub(crate) fn caldav_config(
     t: usize,
     tool: &ToolConfig,
 ) -> Result<CaldavConfig, StartError> {
-    let password = match (&tool.password, &tool.password_env) {
-        (Some(password), _) => Some(password.get_ref().clone()),
-        (None, Some(var)) => match std::env::var(var.get_ref()) {
-            Ok(password) => Some(password),
-            Err(_) => {
-                return Err(StartError::Config(config.invalid(
-                    var.span(),
-                    format!("tool[{t}].password_env"),
-                    format!("the environment variable `{}` is not set", var.get_ref()),
-                )));
-            }
-        },
-        (None, None) => None,
-    };
-    let user = tool
-        .user
-        .as_ref()
-        .map(|u| (u.get_ref().clone(), password.unwrap_or_default()));
+    let user = crate::apps::basic_auth(config, t, tool)?;
     Ok(CaldavConfig {
         url: tool
             .url
@@ -499,10 +511,10 @@ pub(crate) fn collection_specs(
         specs.push(CollectionSpec {
             collection: c.name.get_ref().clone(),
             table: c.table.get_ref().clone(),
-            primary_key: c
-                .primary_key
-                .as_ref()
-                .map_or_else(|| "uid".to_owned(), |k| k.get_ref().clone()),
+            primary_key: c.primary_key.as_ref().map_or_else(
+                || crate::apps::default_key(*tool.kind.get_ref()).to_owned(),
+                |k| k.get_ref().clone(),
+            ),
             columns: mapping.columns().to_vec(),
         });
     }
@@ -672,6 +684,7 @@ struct Threads {
     log_version: watch::Receiver<u64>,
     commits: Arc<AtomicU64>,
     stop_tools: Arc<AtomicBool>,
+    tool_wakes: Vec<std::sync::mpsc::SyncSender<core::ToolEvent>>,
     core_thread: std::thread::JoinHandle<()>,
     tool_threads: Vec<std::thread::JoinHandle<()>>,
 }
@@ -703,7 +716,7 @@ fn spawn_threads(
     }
     let outputs = CoreOutputs {
         log_version: log_tx,
-        write_back: senders,
+        write_back: senders.clone(),
         commits: commits.clone(),
         telemetry,
     };
@@ -725,6 +738,7 @@ fn spawn_threads(
         log_version,
         commits,
         stop_tools,
+        tool_wakes: senders,
         core_thread,
         tool_threads,
     })
@@ -791,7 +805,7 @@ pub(crate) fn postgres_error(
 }
 
 /// A tool's error at start: at the configuration entry of the table it names, if any.
-fn tool_error(
+pub(crate) fn tool_error(
     config: &Config,
     t: usize,
     tool: &ToolConfig,
@@ -896,6 +910,10 @@ impl RunningAgent {
         }
         self.transport.close();
         self.stop_tools.store(true, Ordering::Relaxed);
+        for wake in std::mem::take(&mut self.tool_wakes) {
+            // Full means a wake-up is queued already.
+            let _ = wake.try_send(core::ToolEvent::Wake);
+        }
         let tools = std::mem::take(&mut self.tool_threads);
         let core_thread = self.core_thread.take();
         // The core ends once every handle is gone: ours, the tool's, the drivers'.

@@ -56,6 +56,26 @@ pub fn check(config: &Config) -> Result<CheckReport, StartError> {
                     tables,
                 }
             }
+            ToolKind::Rest => {
+                let rest = crate::apps::rest_config(config, t, tool, None)?;
+                let tables =
+                    connectors::rest::inspect(&rest, crate::apps::rest_collections(config, t)?)
+                        .map_err(|e| crate::apps::rest_error(config, t, tool, e))?;
+                ToolSchema {
+                    kind: "rest",
+                    tables,
+                }
+            }
+            ToolKind::Csv => {
+                let csv = crate::apps::csv_config(config, tool);
+                let tables =
+                    connectors::csv::inspect(&csv, &crate::apps::csv_collections(config, t)?)
+                        .map_err(|e| crate::apps::csv_error(config, t, tool, e))?;
+                ToolSchema {
+                    kind: "csv",
+                    tables,
+                }
+            }
         };
         schemas.push(schema);
     }

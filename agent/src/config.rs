@@ -104,30 +104,129 @@ pub struct ToolConfig {
     pub name: Spanned<String>,
     /// What kind of tool it is.
     pub kind: Spanned<ToolKind>,
-    /// `sqlite`: the database file.
+    /// `sqlite`: the database file. `csv`: the folder of the files.
     #[serde(default)]
     pub path: Option<Spanned<PathBuf>>,
     /// `postgres`: the connection string (`postgresql://user:password@host:port/db`
-    /// or `host=... port=... user=... dbname=...`).
+    /// or `host=... port=... user=... dbname=...`). `caldav`: the server. `rest`:
+    /// the API's base address.
     #[serde(default)]
     pub url: Option<Spanned<String>>,
     /// `postgres`: how often to look for changes when no notification came, in
     /// milliseconds (default 1000). `caldav`: how often to poll each calendar
-    /// (default 2000).
+    /// (default 2000). `rest`: how often to poll the list endpoints (default 5000;
+    /// with webhooks, the fallback). `csv`: how often to look at the files when no
+    /// file event came (default 5000).
     #[serde(default)]
     pub poll_interval_ms: Option<Spanned<u64>>,
-    /// `caldav`: the user for basic auth.
+    /// `caldav`, `rest`: the user for basic auth.
     #[serde(default)]
     pub user: Option<Spanned<String>>,
-    /// `caldav`: the password for basic auth (never logged).
+    /// `caldav`, `rest`: the password for basic auth (never logged).
     #[serde(default)]
     pub password: Option<Spanned<String>>,
-    /// `caldav`: an environment variable holding the password, instead of `password`.
+    /// `caldav`, `rest`: an environment variable holding the password, instead of
+    /// `password`.
     #[serde(default)]
     pub password_env: Option<Spanned<String>>,
+    /// `rest`: a bearer token (never logged).
+    #[serde(default)]
+    pub token: Option<Spanned<String>>,
+    /// `rest`: an environment variable holding the bearer token, instead of `token`.
+    #[serde(default)]
+    pub token_env: Option<Spanned<String>>,
+    /// `rest`: how far back each poll starts before the latest update seen, in
+    /// milliseconds, for clocks of app and agent that differ (default 5000).
+    #[serde(default)]
+    pub overlap_ms: Option<Spanned<u64>>,
+    /// `rest`: how often every id is listed to find deletes no webhook told of, in
+    /// milliseconds (default 300000).
+    #[serde(default)]
+    pub reconcile_interval_ms: Option<Spanned<u64>>,
+    /// `rest`: requests in flight at most (default 4).
+    #[serde(default)]
+    pub concurrency: Option<Spanned<usize>>,
+    /// `rest`: how long one request may take, in milliseconds (default 30000).
+    #[serde(default)]
+    pub timeout_ms: Option<Spanned<u64>>,
+    /// `rest`: the app calls the agent's webhook endpoint `/hooks/<tool name>`.
+    #[serde(default)]
+    pub webhook: Option<WebhookConfig>,
+    /// `csv`: how long the files must be quiet after a change before they are
+    /// read, in milliseconds (default 300).
+    #[serde(default)]
+    pub debounce_ms: Option<Spanned<u64>>,
     /// The collections synced with this tool.
     #[serde(default, rename = "collection")]
     pub collections: Vec<CollectionConfig>,
+}
+
+/// A `rest` tool's webhook endpoint, served by the agent's HTTP server (the admin
+/// API's address) at `/hooks/<tool name>`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// The shared secret the app signs bodies with (HMAC-SHA256; never logged).
+    #[serde(default)]
+    pub secret: Option<Spanned<String>>,
+    /// An environment variable holding the secret, instead of `secret`.
+    #[serde(default)]
+    pub secret_env: Option<Spanned<String>>,
+    /// The header carrying the signature: hex, optionally `sha256=`-prefixed
+    /// (default `X-Concord-Signature`).
+    #[serde(default)]
+    pub header: Option<Spanned<String>>,
+    /// The JSON pointer to the record's id in a call (default `/record/id`).
+    #[serde(default)]
+    pub id: Option<Spanned<String>>,
+    /// The JSON pointer to the collection's name in a call (default
+    /// `/collection`; `""` when calls name none, for a tool of one collection).
+    #[serde(default)]
+    pub collection: Option<Spanned<String>>,
+}
+
+/// How a `rest` collection's API looks: request templates (`{{ id }}`,
+/// `{{ since }}`, `{{ page }}`, `{{ offset }}`, `{{ limit }}`, `{{ cursor }}`;
+/// values are percent-encoded) and JSON pointers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestApiConfig {
+    /// The list request: path and query, with the updated-since filter, the sort
+    /// by updated-at and the page.
+    pub list: Spanned<String>,
+    /// The path of one record.
+    pub get: Spanned<String>,
+    /// `METHOD path` creating a record.
+    pub create: Spanned<String>,
+    /// `METHOD path` updating a record.
+    pub update: Spanned<String>,
+    /// `METHOD path` deleting a record.
+    pub delete: Spanned<String>,
+    /// Where the records are in a list answer (default `""`: the answer is the array).
+    #[serde(default)]
+    pub records: String,
+    /// Where the record is in an answer about one record (default `""`: the answer).
+    #[serde(default)]
+    pub record: String,
+    /// Where the fields go in a request body (default `""`: the body is the fields).
+    #[serde(default)]
+    pub body: String,
+    /// The field holding when a record last changed (default `updated`).
+    #[serde(default)]
+    pub updated: Option<String>,
+    /// How `{{ since }}` is written, strftime in UTC (default
+    /// `%Y-%m-%dT%H:%M:%S%.3fZ`).
+    #[serde(default)]
+    pub since_format: Option<String>,
+    /// `page` (default), `offset` or `cursor`.
+    #[serde(default)]
+    pub pagination: connectors::rest::Pagination,
+    /// Records per page (default 200).
+    #[serde(default)]
+    pub page_size: Option<Spanned<usize>>,
+    /// Where a list answer names the next page's cursor (cursor pagination).
+    #[serde(default)]
+    pub next_cursor: String,
 }
 
 /// The kinds of tools Concord speaks.
@@ -140,6 +239,10 @@ pub enum ToolKind {
     Postgres,
     /// A CalDAV server's calendars.
     Caldav,
+    /// A web app's REST API.
+    Rest,
+    /// A folder of CSV files.
+    Csv,
 }
 
 impl ToolKind {
@@ -149,6 +252,8 @@ impl ToolKind {
             ToolKind::Sqlite => "sqlite",
             ToolKind::Postgres => "postgres",
             ToolKind::Caldav => "caldav",
+            ToolKind::Rest => "rest",
+            ToolKind::Csv => "csv",
         }
     }
 }
@@ -271,12 +376,26 @@ pub struct CollectionConfig {
     /// The collection's name, the same on every agent.
     pub name: Spanned<String>,
     /// The table; for a `caldav` tool the calendar (`calendar` is the same
-    /// setting): its name under the user's calendar home, or its path.
-    #[serde(alias = "calendar")]
+    /// setting): its name under the user's calendar home, or its path; for a
+    /// `rest` tool the app's name of the collection (`resource`), as its webhooks
+    /// name it; for a `csv` tool the file (`file`), in the tool's folder.
+    #[serde(alias = "calendar", alias = "resource", alias = "file")]
     pub table: Spanned<String>,
-    /// The table's primary key column (a `caldav` tool's events are keyed by `uid`).
+    /// The table's primary key column (a `caldav` tool's events are keyed by `uid`;
+    /// a `rest` record's id field defaults to `id`; a `csv` file's key column).
     #[serde(default)]
     pub primary_key: Option<Spanned<String>>,
+    /// `rest`, `csv`: the types of columns, by name (`integer`, `float`, `decimal`,
+    /// `text`, `bool`, `timestamp`, `json`). A `csv` column not listed is text; a
+    /// `rest` field not listed is taken as its JSON holds it.
+    #[serde(default)]
+    pub types: BTreeMap<String, connectors::FieldType>,
+    /// `csv`: the delimiter, one character (default: found from the header line).
+    #[serde(default)]
+    pub delimiter: Option<Spanned<String>>,
+    /// `rest`: the collection's API.
+    #[serde(default)]
+    pub api: Option<RestApiConfig>,
     /// Columns synced as they are: the canonical field has the column's name, type
     /// and value.
     #[serde(default)]
@@ -653,13 +772,17 @@ impl Config {
                     ));
                 }
                 if let Some(url) = &tool.url {
-                    return Err(misplaced(url.span(), "url", "postgres` and `caldav"));
+                    return Err(misplaced(
+                        url.span(),
+                        "url",
+                        "postgres`, `caldav` and `rest",
+                    ));
                 }
                 if let Some(poll) = &tool.poll_interval_ms {
                     return Err(misplaced(
                         poll.span(),
                         "poll_interval_ms",
-                        "postgres` and `caldav",
+                        "postgres`, `caldav`, `rest` and `csv",
                     ));
                 }
             }
@@ -674,7 +797,7 @@ impl Config {
                     ));
                 }
                 if let Some(path) = &tool.path {
-                    return Err(misplaced(path.span(), "path", "sqlite"));
+                    return Err(misplaced(path.span(), "path", "sqlite` and `csv"));
                 }
                 self.check_poll_interval(t, tool)?;
             }
@@ -698,23 +821,9 @@ impl Config {
                     ));
                 }
                 if let Some(path) = &tool.path {
-                    return Err(misplaced(path.span(), "path", "sqlite"));
+                    return Err(misplaced(path.span(), "path", "sqlite` and `csv"));
                 }
-                if tool.password.is_some() && tool.password_env.is_some() {
-                    let span = tool.password_env.as_ref().map_or(0..0, Spanned::span);
-                    return Err(self.invalid(
-                        span,
-                        format!("tool[{t}].password_env"),
-                        "give `password` or `password_env`, not both".to_owned(),
-                    ));
-                }
-                if (tool.password.is_some() || tool.password_env.is_some()) && tool.user.is_none() {
-                    return Err(self.invalid(
-                        tool.kind.span(),
-                        format!("tool[{t}].user"),
-                        "a password needs a `user`".to_owned(),
-                    ));
-                }
+                self.check_credentials(t, tool)?;
                 self.check_poll_interval(t, tool)?;
                 for (i, c) in tool.collections.iter().enumerate() {
                     if let Some(key) = &c.primary_key
@@ -728,17 +837,175 @@ impl Config {
                     }
                 }
             }
+            ToolKind::Rest => {
+                let Some(url) = &tool.url else {
+                    return Err(self.invalid(
+                        tool.kind.span(),
+                        format!("tool[{t}].url"),
+                        "a `rest` tool needs `url`, the API's base address \
+                         (e.g. \"http://127.0.0.1:8090/\")"
+                            .to_owned(),
+                    ));
+                };
+                if !url.get_ref().starts_with("http://") && !url.get_ref().starts_with("https://") {
+                    return Err(self.invalid(
+                        url.span(),
+                        format!("tool[{t}].url"),
+                        "an API address starts with `http://` or `https://`".to_owned(),
+                    ));
+                }
+                if let Some(path) = &tool.path {
+                    return Err(misplaced(path.span(), "path", "sqlite` and `csv"));
+                }
+                if tool.token.is_some() && tool.token_env.is_some() {
+                    let span = tool.token_env.as_ref().map_or(0..0, Spanned::span);
+                    return Err(self.invalid(
+                        span,
+                        format!("tool[{t}].token_env"),
+                        "give `token` or `token_env`, not both".to_owned(),
+                    ));
+                }
+                if (tool.token.is_some() || tool.token_env.is_some()) && tool.user.is_some() {
+                    let span = tool.user.as_ref().map_or(0..0, Spanned::span);
+                    return Err(self.invalid(
+                        span,
+                        format!("tool[{t}].user"),
+                        "give a bearer `token` or a `user` with a password, not both".to_owned(),
+                    ));
+                }
+                self.check_credentials(t, tool)?;
+                self.check_poll_interval(t, tool)?;
+                if let Some(concurrency) = &tool.concurrency
+                    && !(1..=CONCURRENCY_MAX).contains(concurrency.get_ref())
+                {
+                    return Err(self.invalid(
+                        concurrency.span(),
+                        format!("tool[{t}].concurrency"),
+                        format!("between 1 and {CONCURRENCY_MAX} requests"),
+                    ));
+                }
+                if let Some(hook) = &tool.webhook
+                    && hook.secret.is_some() == hook.secret_env.is_some()
+                {
+                    return Err(self.invalid(
+                        tool.name.span(),
+                        format!("tool[{t}].webhook.secret"),
+                        "webhooks are signed: give the shared secret in `secret` or \
+                         `secret_env` (one of them)"
+                            .to_owned(),
+                    ));
+                }
+                for (i, c) in tool.collections.iter().enumerate() {
+                    if c.api.is_none() {
+                        return Err(self.invalid(
+                            c.name.span(),
+                            format!("tool[{t}].collection[{i}].api"),
+                            "a `rest` collection needs `api`: its list, get, create, update \
+                             and delete requests (see the README)"
+                                .to_owned(),
+                        ));
+                    }
+                }
+            }
+            ToolKind::Csv => {
+                if tool.path.is_none() {
+                    return Err(self.invalid(
+                        tool.kind.span(),
+                        format!("tool[{t}].path"),
+                        "a `csv` tool needs `path`, the folder of its files".to_owned(),
+                    ));
+                }
+                if let Some(url) = &tool.url {
+                    return Err(misplaced(
+                        url.span(),
+                        "url",
+                        "postgres`, `caldav` and `rest",
+                    ));
+                }
+                self.check_poll_interval(t, tool)?;
+                for (i, c) in tool.collections.iter().enumerate() {
+                    if let Some(delimiter) = &c.delimiter
+                        && delimiter.get_ref().len() != 1
+                    {
+                        return Err(self.invalid(
+                            delimiter.span(),
+                            format!("tool[{t}].collection[{i}].delimiter"),
+                            "one ASCII character, e.g. \";\" or \"\\t\"".to_owned(),
+                        ));
+                    }
+                }
+            }
         }
-        if *tool.kind.get_ref() != ToolKind::Caldav {
+        let kind = *tool.kind.get_ref();
+        if !matches!(kind, ToolKind::Caldav | ToolKind::Rest) {
             for (key, value) in [
                 ("user", &tool.user),
                 ("password", &tool.password),
                 ("password_env", &tool.password_env),
             ] {
                 if let Some(value) = value {
-                    return Err(misplaced(value.span(), key, "caldav"));
+                    return Err(misplaced(value.span(), key, "caldav` and `rest"));
                 }
             }
+        }
+        if kind != ToolKind::Rest {
+            for (key, span) in [
+                ("token", tool.token.as_ref().map(Spanned::span)),
+                ("token_env", tool.token_env.as_ref().map(Spanned::span)),
+                ("overlap_ms", tool.overlap_ms.as_ref().map(Spanned::span)),
+                (
+                    "reconcile_interval_ms",
+                    tool.reconcile_interval_ms.as_ref().map(Spanned::span),
+                ),
+                ("concurrency", tool.concurrency.as_ref().map(Spanned::span)),
+                ("timeout_ms", tool.timeout_ms.as_ref().map(Spanned::span)),
+            ] {
+                if let Some(span) = span {
+                    return Err(misplaced(span, key, "rest"));
+                }
+            }
+            if tool.webhook.is_some() {
+                return Err(misplaced(tool.kind.span(), "webhook", "rest"));
+            }
+            for (i, c) in tool.collections.iter().enumerate() {
+                if c.api.is_some() {
+                    return Err(self.invalid(
+                        c.name.span(),
+                        format!("tool[{t}].collection[{i}].api"),
+                        "`api` is a setting of `rest` tools, and this tool is not one".to_owned(),
+                    ));
+                }
+            }
+        }
+        if kind != ToolKind::Csv {
+            if let Some(debounce) = &tool.debounce_ms {
+                return Err(misplaced(debounce.span(), "debounce_ms", "csv"));
+            }
+            for (i, c) in tool.collections.iter().enumerate() {
+                if let Some(delimiter) = &c.delimiter {
+                    return Err(self.invalid(
+                        delimiter.span(),
+                        format!("tool[{t}].collection[{i}].delimiter"),
+                        "`delimiter` is a setting of `csv` tools, and this tool is not one"
+                            .to_owned(),
+                    ));
+                }
+            }
+        }
+        if !matches!(kind, ToolKind::Rest | ToolKind::Csv) {
+            for (i, c) in tool.collections.iter().enumerate() {
+                if !c.types.is_empty() {
+                    return Err(self.invalid(
+                        c.name.span(),
+                        format!("tool[{t}].collection[{i}].types"),
+                        "`types` is a setting of `rest` and `csv` tools (other tools have \
+                         types of their own)"
+                            .to_owned(),
+                    ));
+                }
+            }
+        }
+        if !matches!(kind, ToolKind::Caldav | ToolKind::Rest) {
             for (i, c) in tool.collections.iter().enumerate() {
                 if c.primary_key.is_none() {
                     return Err(self.invalid(
@@ -781,6 +1048,26 @@ impl Config {
                     ),
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// `password` or `password_env`, not both, and either with a `user`.
+    fn check_credentials(&self, t: usize, tool: &ToolConfig) -> Result<(), ConfigError> {
+        if tool.password.is_some() && tool.password_env.is_some() {
+            let span = tool.password_env.as_ref().map_or(0..0, Spanned::span);
+            return Err(self.invalid(
+                span,
+                format!("tool[{t}].password_env"),
+                "give `password` or `password_env`, not both".to_owned(),
+            ));
+        }
+        if (tool.password.is_some() || tool.password_env.is_some()) && tool.user.is_none() {
+            return Err(self.invalid(
+                tool.kind.span(),
+                format!("tool[{t}].user"),
+                "a password needs a `user`".to_owned(),
+            ));
         }
         Ok(())
     }
@@ -840,6 +1127,9 @@ impl Config {
 pub const POLL_INTERVAL_MS_MIN: u64 = 10;
 /// The longest, in milliseconds (an hour).
 pub const POLL_INTERVAL_MS_MAX: u64 = 3_600_000;
+
+/// Requests a `rest` tool may have in flight at most.
+pub const CONCURRENCY_MAX: usize = 64;
 
 /// Tool names are at most this long.
 pub const TOOL_NAME_LEN_MAX: usize = 64;

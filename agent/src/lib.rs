@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod apps;
 pub mod bench;
 pub mod check;
 pub mod config;

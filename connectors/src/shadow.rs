@@ -21,13 +21,16 @@ use rusqlite::{OptionalExtension, params};
 /// is gone.
 pub(crate) type Body = Option<String>;
 
+/// What one capture saw: each record's collection, key and body.
+pub(crate) type Seen = Vec<(String, String, Body)>;
+
 /// The staged shadow of one tool.
 #[derive(Debug)]
 pub(crate) struct Shadow {
     db: rusqlite::Connection,
     path: PathBuf,
     /// Captures not acknowledged yet, in order: sequence and the records they saw.
-    pending: VecDeque<(u64, Vec<(String, String, Body)>)>,
+    pending: VecDeque<(u64, Seen)>,
     /// The latest pending body of each record in `pending`.
     overlay: HashMap<(String, String), Body>,
     /// The last sequence number given out.
@@ -139,7 +142,7 @@ impl Shadow {
 
     /// Stages what capture `seq` saw (records and bodies, `None` for gone): later
     /// reads see it, and it becomes durable when `seq` is acknowledged.
-    pub(crate) fn stage(&mut self, seq: u64, seen: Vec<(String, String, Body)>) {
+    pub(crate) fn stage(&mut self, seq: u64, seen: Seen) {
         for (collection, key, body) in &seen {
             self.overlay
                 .insert((collection.clone(), key.clone()), body.clone());

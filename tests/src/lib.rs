@@ -4,6 +4,7 @@
 pub use concord_agent::pg_server as postgres;
 
 pub mod browser;
+pub mod pocketbase;
 pub mod radicale;
 
 use std::path::{Path, PathBuf};

@@ -1,5 +1,6 @@
 //! End-to-end tests: real agents over real QUIC on loopback, real fjall stores,
-//! real SQLite files, and PostgreSQL servers the harness starts itself.
+//! real SQLite files, and the servers the harness starts itself: PostgreSQL,
+//! Radicale (calendars) and PocketBase (a web app).
 
 mod bad_input;
 mod calendar;
@@ -13,3 +14,4 @@ mod postgres_sync;
 mod security;
 mod sync;
 mod topology;
+mod webapps;

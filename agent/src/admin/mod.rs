@@ -51,6 +51,8 @@ pub struct AdminState {
     pub tools: Arc<[String]>,
     /// Status, metrics and activity.
     pub telemetry: Arc<Telemetry>,
+    /// The webhook endpoints of this agent's `rest` tools, by tool name.
+    pub webhooks: Arc<crate::apps::WebhookEndpoints>,
 }
 
 /// An error answered as JSON `{"error": ...}` with its status.
@@ -86,12 +88,19 @@ fn bad_request(message: String) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, message)
 }
 
-/// The API's routes over `state`. The dashboard page (which holds no data) and the
-/// health check answer anyone; everything else needs the token, if one is set.
+/// The API's routes over `state`. The dashboard page (which holds no data), the
+/// health check and the webhook endpoints (which check their own signatures)
+/// answer anyone; everything else needs the token, if one is set.
 pub fn router(state: AdminState) -> Router {
     let open = Router::new()
         .route("/", get(dashboard))
-        .route("/healthz", get(healthz));
+        .route("/healthz", get(healthz))
+        .route(
+            "/hooks/{tool}",
+            post(webhook).layer(axum::extract::DefaultBodyLimit::max(
+                connectors::rest::webhook::BODY_MAX,
+            )),
+        );
     Router::new()
         .route("/metrics", get(metrics))
         .route("/api/status", get(status))
@@ -115,6 +124,33 @@ pub fn router(state: AdminState) -> Router {
         ))
         .merge(open)
         .with_state(state)
+}
+
+/// A web app's call that records of tool `tool` changed: checked against the
+/// tool's shared secret, noted, and answered at once (the records are fetched
+/// after). 204 when taken; 401 for a missing or wrong signature; 400 for a body
+/// without a record id; 404 for a tool without webhooks.
+async fn webhook(
+    State(state): State<AdminState>,
+    Path(tool): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let Some(hooks) = state.webhooks.get(&tool) else {
+        return not_found(format!("no tool `{tool}` of this agent takes webhooks")).into_response();
+    };
+    let signature = headers.get(hooks.header()).and_then(|v| v.to_str().ok());
+    match hooks.receive(signature, &body) {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => {
+            tracing::warn!(tool = %tool, error = %e, "webhook refused");
+            let status = match e {
+                connectors::rest::WebhookError::Malformed(_) => StatusCode::BAD_REQUEST,
+                _ => StatusCode::UNAUTHORIZED,
+            };
+            ApiError(status, e.to_string()).into_response()
+        }
+    }
 }
 
 async fn dashboard() -> axum::response::Html<&'static str> {

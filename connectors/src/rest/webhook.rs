@@ -162,7 +162,7 @@ pub(super) fn id_text(value: &serde_json::Value) -> Option<String> {
 }
 
 fn data_from_hex(hex: &str) -> Option<Vec<u8>> {
-    if hex.len() % 2 != 0 {
+    if !hex.len().is_multiple_of(2) {
         return None;
     }
     (0..hex.len())
