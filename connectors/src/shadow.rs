@@ -189,20 +189,46 @@ impl Shadow {
             .unwrap_or(0)
     }
 
-    /// The connector wrote `body` for the record (`None`: deleted it): durable at
-    /// once, and no pending capture's older view of it will overwrite it.
+    /// The connector wrote each of `writes` (collection, key, body; `None`: deleted
+    /// it) and learned each of `meta` (name, value): durable at once, in one
+    /// commit, and no pending capture's older view of a written record will
+    /// overwrite it.
     pub(crate) fn written(
         &mut self,
-        collection: &str,
-        key: &str,
-        body: Option<&str>,
+        writes: &[(String, String, Body)],
+        meta: &[(String, String)],
     ) -> Result<(), ShadowError> {
-        put(&self.db, collection, key, body).map_err(|e| self.error(e))?;
-        for (_, seen) in &mut self.pending {
-            seen.retain(|(c, k, _)| !(c == collection && k == key));
+        if writes.is_empty() && meta.is_empty() {
+            return Ok(());
         }
-        self.overlay
-            .remove(&(collection.to_owned(), key.to_owned()));
+        let path = self.path.display().to_string();
+        let error = |e: rusqlite::Error| ShadowError {
+            path: path.clone(),
+            message: e.to_string(),
+        };
+        let tx = self.db.transaction().map_err(error)?;
+        for (collection, key, body) in writes {
+            put(&tx, collection, key, body.as_deref()).map_err(error)?;
+        }
+        for (name, value) in meta {
+            tx.execute(
+                "INSERT INTO meta (name, value) VALUES (?1, ?2)
+                 ON CONFLICT (name) DO UPDATE SET value = ?2",
+                params![name, value],
+            )
+            .map_err(error)?;
+        }
+        tx.commit().map_err(error)?;
+        let written: std::collections::HashSet<(&str, &str)> = writes
+            .iter()
+            .map(|(c, k, _)| (c.as_str(), k.as_str()))
+            .collect();
+        for (_, seen) in &mut self.pending {
+            seen.retain(|(c, k, _)| !written.contains(&(c.as_str(), k.as_str())));
+        }
+        for (collection, key, _) in writes {
+            self.overlay.remove(&(collection.clone(), key.clone()));
+        }
         Ok(())
     }
 
@@ -257,18 +283,6 @@ impl Shadow {
                 |row| row.get(0),
             )
             .optional()
-            .map_err(|e| self.error(e))
-    }
-
-    /// Sets the connector's own value under `name`, durably.
-    pub(crate) fn set_meta(&self, name: &str, value: &str) -> Result<(), ShadowError> {
-        self.db
-            .execute(
-                "INSERT INTO meta (name, value) VALUES (?1, ?2)
-                 ON CONFLICT (name) DO UPDATE SET value = ?2",
-                params![name, value],
-            )
-            .map(drop)
             .map_err(|e| self.error(e))
     }
 }
@@ -335,11 +349,15 @@ mod tests {
         let mut shadow = Shadow::open(&dir.path().join("t.shadow")).expect("open");
         let one = shadow.next_seq(0);
         shadow.stage(one, seen("a", Some("old")));
-        shadow.written("c", "a", Some("new")).expect("write");
+        shadow
+            .written(&[("c".into(), "a".into(), Some("new".into()))], &[])
+            .expect("write");
         shadow.acknowledge(one).expect("ack");
         assert_eq!(shadow.get("c", "a").expect("get"), Some("new".to_owned()));
         assert_eq!(shadow.keys("c").expect("keys"), ["a"]);
-        shadow.written("c", "a", None).expect("delete");
+        shadow
+            .written(&[("c".into(), "a".into(), None)], &[])
+            .expect("delete");
         assert!(shadow.keys("c").expect("keys").is_empty());
     }
 }

@@ -46,10 +46,12 @@ impl CsvConnector {
     fn wrote(&mut self, t: usize, write: &Write) -> Result<(), CsvError> {
         let table = &mut self.tables[t];
         let now = Stat::of(&table.path).map_err(|e| table.io(e))?;
-        for (key, body) in &write.written {
-            self.shadow
-                .written(&table.collection, key, body.as_deref())?;
-        }
+        let written: Vec<_> = write
+            .written
+            .iter()
+            .map(|(key, body)| (table.collection.clone(), key.clone(), body.clone()))
+            .collect();
+        self.shadow.written(&written, &[])?;
         let track = &mut table.track;
         for (key, _) in &write.written {
             track.invalid.remove(key);

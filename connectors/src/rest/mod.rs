@@ -56,6 +56,9 @@ pub const TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
 pub const SINCE_FORMAT_DEFAULT: &str = "%Y-%m-%dT%H:%M:%S%.3fZ";
 /// Records per page by default.
 pub const PAGE_SIZE_DEFAULT: usize = 200;
+/// Webhook calls waiting at one capture from which a listing answers them,
+/// rather than one fetch each.
+const WEBHOOK_CALLS_LISTED: usize = 32;
 /// Pages one listing follows at most.
 const PAGES_MAX: usize = 100_000;
 
@@ -540,7 +543,7 @@ impl RestConnector {
         ));
         let mut out = Vec::with_capacity(wanted.len());
         for ((c, id), reply) in wanted.iter().zip(replies) {
-            let reply = reply?;
+            let reply = reply.ok_or_else(|| lost_task(&self.collections[*c].spec.collection))??;
             if reply.status == StatusCode::NOT_FOUND {
                 out.push(None);
             } else if reply.status.is_success() {
@@ -578,44 +581,23 @@ impl RestConnector {
         }
     }
 
-    fn capture_all(&mut self, after: &Cursor) -> Result<CaptureBatch, RestError> {
-        let mut position = Position::of(after);
-        let rescan = self.rescan;
-        // The latest state of every record looked at, in order; `None`: gone.
-        let mut seen: Vec<(usize, String, Option<serde_json::Value>)> = Vec::new();
-        let mut fetch: Vec<(usize, String)> = std::mem::take(&mut self.recheck);
-        let mut calls = Vec::new();
-        let mut list_all = rescan;
-        if let Some(hooks) = &self.webhooks {
-            let (drained, overflowed) = hooks.drain();
-            list_all |= overflowed;
-            for (name, id) in &drained {
-                match self.collection_named(name.as_deref()) {
-                    Some(c) => fetch.push((c, id.clone())),
-                    None => {
-                        tracing::debug!(collection = ?name, "a webhook names no synced collection")
-                    }
-                }
-            }
-            calls = drained;
-        }
-        fetch.sort();
-        fetch.dedup();
-        let fetched = match self.fetch(&fetch) {
-            Ok(fetched) => fetched,
-            Err(e) => {
-                if let Some(hooks) = &self.webhooks {
-                    hooks.requeue(calls);
-                }
-                return Err(e);
-            }
-        };
-        for ((c, id), record) in fetch.into_iter().zip(fetched) {
-            seen.push((c, id, record));
-        }
+    /// Looks at the app: lists it when a poll or a reconciliation is due (or many
+    /// webhook calls came at once: one listing answers them in a few requests),
+    /// then fetches the records named by `recheck` and by webhook `calls` that the
+    /// listing did not show. Returns every record looked at, in order, each in its
+    /// state then (`None`: gone).
+    fn look(
+        &mut self,
+        position: &mut Position,
+        list_all: bool,
+        recheck: &[(usize, String)],
+        calls: &[(Option<String>, String)],
+    ) -> Result<Vec<(usize, String, Option<serde_json::Value>)>, RestError> {
+        let mut seen = Vec::new();
+        let mut listed: HashSet<(usize, String)> = HashSet::new();
         let now = Instant::now();
         let reconcile = list_all || now >= self.next_reconcile;
-        if reconcile || now >= self.next_poll {
+        if reconcile || now >= self.next_poll || calls.len() >= WEBHOOK_CALLS_LISTED {
             for c in 0..self.collections.len() {
                 let name = self.collections[c].spec.collection.clone();
                 let latest = position.since.get(&name).copied();
@@ -623,22 +605,20 @@ impl RestConnector {
                     Some(latest) if !reconcile => latest - self.overlap.as_micros() as i64,
                     _ => 0,
                 };
-                let records = self.list(c, from)?;
-                let mut listed = HashSet::new();
                 let mut newest = latest;
-                for record in records {
+                for record in self.list(c, from)? {
                     let Some(id) = self.id_of(c, &record) else {
                         continue;
                     };
                     if let Some(updated) = self.updated_of(c, &record) {
                         newest = Some(newest.map_or(updated, |n| n.max(updated)));
                     }
-                    listed.insert(id.clone());
+                    listed.insert((c, id.clone()));
                     seen.push((c, id, Some(record)));
                 }
                 if reconcile {
                     for key in self.shadow.keys(&name)? {
-                        if !listed.contains(&key) {
+                        if !listed.contains(&(c, key.clone())) {
                             seen.push((c, key, None));
                         }
                     }
@@ -652,6 +632,47 @@ impl RestConnector {
                 self.next_reconcile = Instant::now() + self.reconcile_interval;
             }
         }
+        let mut fetch: Vec<(usize, String)> = recheck.to_vec();
+        for (name, id) in calls {
+            match self.collection_named(name.as_deref()) {
+                // A record the listing showed is as new as the call; a deleted one
+                // is never listed, so it is fetched.
+                Some(c) if !listed.contains(&(c, id.clone())) => fetch.push((c, id.clone())),
+                Some(_) => {}
+                None => tracing::debug!(collection = ?name, "a webhook names no synced collection"),
+            }
+        }
+        fetch.sort();
+        fetch.dedup();
+        let fetched = self.fetch(&fetch)?;
+        seen.extend(
+            fetch
+                .into_iter()
+                .zip(fetched)
+                .map(|((c, id), record)| (c, id, record)),
+        );
+        Ok(seen)
+    }
+
+    fn capture_all(&mut self, after: &Cursor) -> Result<CaptureBatch, RestError> {
+        let mut position = Position::of(after);
+        let rescan = self.rescan;
+        let recheck = std::mem::take(&mut self.recheck);
+        let (calls, overflowed) = match &self.webhooks {
+            Some(hooks) => hooks.drain(),
+            None => (Vec::new(), false),
+        };
+        let seen = match self.look(&mut position, rescan || overflowed, &recheck, &calls) {
+            Ok(seen) => seen,
+            Err(e) => {
+                // Nothing noted is dropped: looked at again next time.
+                self.recheck.extend(recheck);
+                if let Some(hooks) = &self.webhooks {
+                    hooks.requeue(calls);
+                }
+                return Err(e);
+            }
+        };
         // The diff against the shadow, each record once, in its latest state.
         let mut last: HashMap<(usize, String), usize> = HashMap::new();
         for (i, (c, id, _)) in seen.iter().enumerate() {
@@ -784,8 +805,17 @@ fn render_url(
     ))
 }
 
-/// Runs `futures` at most `limit` at a time; their outputs in order.
-async fn run_all<F, T>(limit: usize, futures: impl Iterator<Item = F>) -> Vec<T>
+/// The error of a request task that ended without an answer (it panicked).
+fn lost_task(collection: &str) -> RestError {
+    RestError::Answer {
+        collection: collection.to_owned(),
+        message: "a request ended without an answer".to_owned(),
+    }
+}
+
+/// Runs `futures` at most `limit` at a time; their outputs in order (`None` for
+/// one whose task panicked).
+async fn run_all<F, T>(limit: usize, futures: impl Iterator<Item = F>) -> Vec<Option<T>>
 where
     F: Future<Output = T> + 'static,
     T: 'static,
@@ -811,7 +841,7 @@ where
             }
         })
         .await;
-    pending.into_iter().flatten().collect()
+    pending
 }
 
 /// What one op needs, decided before any request.
@@ -1201,13 +1231,17 @@ impl RestConnector {
         let sender = self.api.sender();
         let shapes: Vec<Shape> = (0..self.collections.len()).map(|c| self.shape(c)).collect();
         let indexes: Vec<usize> = jobs.iter().map(|(i, _, _)| *i).collect();
+        let of_collection: Vec<usize> = jobs.iter().map(|(_, c, _)| *c).collect();
         let results = self.api.block_on(run_all(
             self.api.concurrency,
             jobs.into_iter()
                 .map(|(_, c, job)| run_job(sender.clone(), shapes[c].clone(), c, job)),
         ));
         let mut failure = None;
-        for (i, result) in indexes.into_iter().zip(results) {
+        let (mut written, mut tokens) = (Vec::new(), Vec::new());
+        for ((i, result), c) in indexes.into_iter().zip(results).zip(of_collection) {
+            let result =
+                result.unwrap_or_else(|| Err(lost_task(&self.collections[c].spec.collection)));
             match result {
                 Ok(Done::Outcome(outcome)) => outcomes[i] = Some(outcome),
                 Ok(Done::Recheck { c, key }) => {
@@ -1222,16 +1256,15 @@ impl RestConnector {
                 }) => {
                     let name = self.collections[c].spec.collection.clone();
                     let body = record.as_ref().map(|r| self.body_of(c, r));
-                    self.shadow.written(&name, &key, body.as_deref())?;
                     let version = record
                         .as_ref()
                         .and_then(|r| r.get(&self.collections[c].api.updated))
                         .and_then(|u| u.as_str())
                         .map(str::to_owned);
                     if let Some(token) = &token {
-                        self.shadow
-                            .set_meta(&format!("token:{name}:{token}"), &key)?;
+                        tokens.push((format!("token:{name}:{token}"), key.clone()));
                     }
+                    written.push((name, key.clone(), body));
                     outcomes[i] = Some(OpOutcome::Written {
                         key: token.is_some().then_some(key),
                         version,
@@ -1242,6 +1275,9 @@ impl RestConnector {
                 }
             }
         }
+        // What was written is recorded even when another op failed: a retried
+        // insert then finds its record.
+        self.shadow.written(&written, &tokens)?;
         if let Some(e) = failure {
             return Err(e);
         }
