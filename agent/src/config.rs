@@ -1317,6 +1317,84 @@ columns = ["name"]
         Ok(())
     }
 
+    /// A `rest` tool with one collection, its API given.
+    const REST: &str = r#"
+data_dir = "data"
+key_file = "k.pem"
+listen = "127.0.0.1:7400"
+
+[[tool]]
+name = "crm"
+kind = "rest"
+url = "http://127.0.0.1:8090"
+token_env = "CRM_TOKEN"
+
+[tool.webhook]
+secret = "s"
+
+[[tool.collection]]
+name = "customers"
+resource = "customers"
+columns = ["name"]
+
+[tool.collection.api]
+list = "/r?since={{ since }}"
+get = "/r/{{ id }}"
+create = "POST /r"
+update = "PATCH /r/{{ id }}"
+delete = "DELETE /r/{{ id }}"
+"#;
+
+    #[test]
+    fn rest_and_csv_settings_are_checked_where_they_are_written() {
+        assert!(Config::parse(Path::new("a.toml"), REST.to_owned()).is_ok());
+        let cases = [
+            (
+                REST.replace(
+                    "token_env = \"CRM_TOKEN\"",
+                    "token = \"t\"\ntoken_env = \"X\"",
+                ),
+                "`tool[0].token_env`: give `token` or `token_env`, not both",
+            ),
+            (
+                REST.replace("secret = \"s\"", "header = \"X-Sig\""),
+                "`tool[0].webhook.secret`: webhooks are signed",
+            ),
+            (
+                REST[..REST.find("[tool.collection.api]").unwrap_or(0)].to_owned(),
+                "`tool[0].collection[0].api`: a `rest` collection needs `api`",
+            ),
+            (
+                REST.replace("url = \"http://127.0.0.1:8090\"", "url = \"ftp://x\""),
+                "`tool[0].url`: an API address starts with",
+            ),
+            (
+                GOOD.replace("path = \"a.db\"", "path = \"a.db\"\ntoken = \"t\""),
+                "`tool[0].token`: `token` is a setting of `rest` tools",
+            ),
+            (
+                GOOD.replace("kind = \"sqlite\"", "kind = \"csv\"").replace(
+                    "columns = [\"name\"]",
+                    "columns = [\"name\"]\ndelimiter = \";;\"",
+                ),
+                "`tool[0].collection[0].delimiter`: one ASCII character",
+            ),
+            (
+                GOOD.replace(
+                    "columns = [\"name\"]",
+                    "columns = [\"name\"]\ntypes = { name = \"text\" }",
+                ),
+                "`types` is a setting of `rest` and `csv` tools",
+            ),
+        ];
+        for (text, expected) in cases {
+            let err = Config::parse(Path::new("a.toml"), text)
+                .expect_err(expected)
+                .to_string();
+            assert!(err.contains(expected), "{err}\nexpected: {expected}");
+        }
+    }
+
     #[test]
     fn the_template_parses() -> Result<(), ConfigError> {
         let id: PeerId = "a".repeat(52).parse().expect("a valid id");

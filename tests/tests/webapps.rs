@@ -340,3 +340,32 @@ async fn a_record_the_app_refuses_becomes_a_dead_letter_with_the_apps_message() 
     .await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_naming_an_unknown_value_is_refused_at_start_with_its_line() -> anyhow::Result<()>
+{
+    let root = tempfile::tempdir()?;
+    let app = PocketBase::start(root.path(), "pocketbase").await?;
+    let reach = Reach {
+        poll_ms: 1_000,
+        reconcile_ms: 60_000,
+        webhooks: true,
+    };
+    let tool = app.rest_tool("crm", reach).replace(
+        "filter=(updated>='{{ since }}')",
+        "filter=(updated>='{{ snice }}')",
+    );
+    let mut web = Node::new(root.path(), "web")?;
+    web.configure_with(&free_udp_addr()?, &[], &tool)?;
+    let error = web.start().await.expect_err("an unknown template value");
+    let message = format!("{error:#}");
+    assert!(
+        message.contains("`tool[0].collection[0].api.list`: undefined value"),
+        "{message}"
+    );
+    assert!(
+        message.contains("concord.toml:"),
+        "names the file and line: {message}"
+    );
+    Ok(())
+}
