@@ -245,7 +245,9 @@ impl Shadow {
     /// Records `store` as the store capturing the tool. Returns true when another
     /// store captured it before: the shadow is cleared, so everything is captured
     /// again (a rescan).
-    pub(crate) fn claim(&mut self, store: &str) -> Result<bool, ShadowError> {
+    pub(crate) fn claim(&mut self, store: &[u8]) -> Result<bool, ShadowError> {
+        let store = hex(store);
+        let store = store.as_str();
         let claimed: Option<String> = self
             .db
             .query_row("SELECT value FROM meta WHERE name = 'store'", [], |row| {
@@ -307,7 +309,7 @@ fn put(
     .map(drop)
 }
 
-/// The hex form of a store id, as the shadow records it.
+/// The hex form of a store id, as the connectors' state files record it.
 pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -762,7 +762,7 @@ impl Connector for CaldavConnector {
     }
 
     fn claim(&mut self, store: &[u8]) -> Result<(), ConnectorError> {
-        let store = data_encoding_hex(store);
+        let store = crate::shadow::hex(store);
         let claimed: Option<String> = self
             .state
             .query_row("SELECT value FROM meta WHERE name = 'store'", [], |row| {
@@ -840,10 +840,6 @@ impl Connector for CaldavConnector {
         }
         Ok(outcomes)
     }
-}
-
-fn data_encoding_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// What a configuration check learns of each calendar, without changing anything.

@@ -47,7 +47,7 @@ use crate::contract::{
     CaptureBatch, CapturedChange, ChangeFeed, CollectionSpec, Connector, ConnectorError, Cursor,
     FieldType, OpOutcome, RecordKey, Rejection, TableSchema, Wake, WriteOp,
 };
-use crate::shadow::{self, Body, Shadow, ShadowError};
+use crate::shadow::{Body, Shadow, ShadowError};
 use file::{Format, ReplaceError, Row, Sheet, Stat};
 
 /// How long a file must be quiet after an event before it is captured, by default.
@@ -645,10 +645,7 @@ impl Connector for CsvConnector {
     }
 
     fn claim(&mut self, store: &[u8]) -> Result<(), ConnectorError> {
-        let rescan = self
-            .shadow
-            .claim(&shadow::hex(store))
-            .map_err(CsvError::from)?;
+        let rescan = self.shadow.claim(store).map_err(CsvError::from)?;
         if rescan {
             self.rescan = true;
             for table in &mut self.tables {

@@ -36,7 +36,7 @@ use crate::contract::{
     CaptureBatch, CapturedChange, ChangeFeed, CollectionSpec, Connector, ConnectorError, Cursor,
     FieldType, InvalidValue, OpOutcome, RecordKey, Rejection, RowState, TableSchema, Wake, WriteOp,
 };
-use crate::shadow::{self, Shadow, ShadowError};
+use crate::shadow::{Shadow, ShadowError};
 use crate::values::{from_json_typed, parse_timestamp, shorten, to_json_lenient};
 use http::{Api, Reply, Request, Sender};
 pub use http::{Auth, HttpError};
@@ -201,9 +201,16 @@ struct Collection {
     api: RestApi,
     field_types: BTreeMap<String, FieldType>,
     declared: BTreeMap<String, FieldType>,
-    create: Method,
-    update: Method,
-    delete: Method,
+    create: Line,
+    update: Line,
+    delete: Line,
+}
+
+/// A create, update or delete request: its method and path template.
+#[derive(Debug)]
+struct Line {
+    method: Method,
+    path: String,
 }
 
 /// The parts of the create, update and delete lines (method and path template).
@@ -327,7 +334,7 @@ fn compile(collections: Vec<RestCollection>) -> Result<Vec<Collection>, RestErro
             };
             check_template(&env, &name, "list", &c.api.list, &list_vars)?;
             check_template(&env, &name, "get", &c.api.get, &id_vars)?;
-            let mut methods = Vec::new();
+            let mut lines = Vec::new();
             for (setting, line) in [
                 ("create", &c.api.create),
                 ("update", &c.api.update),
@@ -342,7 +349,10 @@ fn compile(collections: Vec<RestCollection>) -> Result<Vec<Collection>, RestErro
                     )
                 })?;
                 check_template(&env, &name, setting, path, &id_vars)?;
-                methods.push(method);
+                lines.push(Line {
+                    method,
+                    path: path.to_owned(),
+                });
             }
             for (setting, pointer) in [
                 ("records", &c.api.records),
@@ -377,12 +387,9 @@ fn compile(collections: Vec<RestCollection>) -> Result<Vec<Collection>, RestErro
                     )
                 })
                 .collect();
-            let mut methods = methods.into_iter();
-            let (Some(create), Some(update), Some(delete)) =
-                (methods.next(), methods.next(), methods.next())
-            else {
-                unreachable!("three request lines were parsed")
-            };
+            let [create, update, delete]: [Line; 3] = lines
+                .try_into()
+                .unwrap_or_else(|_| unreachable!("three request lines were parsed"));
             Ok(Collection {
                 spec: c.spec,
                 api: c.api,
@@ -846,19 +853,39 @@ where
 
 /// What one op needs, decided before any request.
 #[derive(Debug)]
-enum Job {
+enum Planned {
     /// Already decided.
     Done(OpOutcome),
-    /// Fetch the record, check it is as captured (`expected`), then write. An
-    /// upsert of a record the app does not have creates it with its id; an insert
-    /// (`token`) always creates.
-    Write {
-        key: Option<String>,
-        token: Option<String>,
+    /// Requests to send.
+    Send(Job),
+}
+
+/// One op's requests.
+#[derive(Debug)]
+struct Job {
+    c: usize,
+    kind: JobKind,
+}
+
+#[derive(Debug)]
+enum JobKind {
+    /// Create a record; the app assigns its id.
+    Insert { token: String, create: Request },
+    /// Fetch the record (`get`) and check it is as captured (`expected`), then
+    /// `update` it, or `create` it with its id when the app has none.
+    Upsert {
+        key: String,
         expected: Option<String>,
-        get: Option<String>,
-        write: Option<Request>,
-        create: Option<Request>,
+        get: String,
+        update: Request,
+        create: Request,
+    },
+    /// Fetch the record and check it is as captured, then `delete` it.
+    Delete {
+        key: String,
+        expected: Option<String>,
+        get: String,
+        delete: Request,
     },
 }
 
@@ -906,28 +933,21 @@ impl Shape {
             message: reply.message(),
         }))
     }
-}
 
-/// Runs one write job against the app.
-async fn run_job(sender: Sender, shape: Shape, c: usize, job: Job) -> Result<Done, RestError> {
-    let Job::Write {
-        key,
-        token,
-        expected,
-        get,
-        write,
-        create,
-        ..
-    } = job
-    else {
-        unreachable!("only writes run")
-    };
-    let answer_error = |message: String| RestError::Answer {
-        collection: shape.collection.clone(),
-        message,
-    };
-    // Is the record as captured?
-    if let (Some(key), Some(get)) = (&key, get) {
+    fn error(&self, message: String) -> RestError {
+        RestError::Answer {
+            collection: self.collection.clone(),
+            message,
+        }
+    }
+
+    /// The record at `get`, as the app holds it now (`None`: it has none).
+    async fn fetch(
+        &self,
+        sender: &Sender,
+        key: &str,
+        get: String,
+    ) -> Result<Option<serde_json::Value>, RestError> {
         let reply = sender
             .send(Request {
                 method: Method::GET,
@@ -935,127 +955,164 @@ async fn run_job(sender: Sender, shape: Shape, c: usize, job: Job) -> Result<Don
                 body: None,
             })
             .await?;
-        let now = if reply.status == StatusCode::NOT_FOUND {
-            None
-        } else if reply.status.is_success() {
-            let record = shape.record_in(&reply).ok_or_else(|| {
-                answer_error(format!(
-                    "fetching record {key}: no record at `{}`",
-                    shape.record
-                ))
-            })?;
-            Some(synced_body(&shape.columns, &record))
-        } else {
-            return Err(answer_error(format!(
+        if reply.status == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        if !reply.status.is_success() {
+            return Err(self.error(format!(
                 "fetching record {key} was answered {}",
                 reply.message()
             )));
-        };
-        match (&now, &expected) {
-            (None, None) if write.is_some() && create.is_none() => {
-                // A delete of a record the app does not have: done.
-                return Ok(Done::Wrote {
-                    c,
-                    key: key.clone(),
-                    token: None,
-                    record: None,
-                });
-            }
-            (None, Some(_)) => {
-                if write.is_some() && create.is_none() {
-                    // Deleted in the app already: the delete is done.
-                    return Ok(Done::Wrote {
-                        c,
-                        key: key.clone(),
-                        token: None,
-                        record: None,
-                    });
-                }
-                return Ok(Done::Recheck {
-                    c,
-                    key: key.clone(),
-                });
-            }
-            (Some(_), _) if now != expected => {
-                return Ok(Done::Recheck {
-                    c,
-                    key: key.clone(),
-                });
-            }
-            _ => {}
         }
-        if now.is_some()
-            && let Some(write) = write
-        {
-            let delete = write.body.is_none();
-            let reply = sender.send(write).await?;
-            return Ok(match reply.status {
-                s if s.is_success() => Done::Wrote {
-                    c,
-                    key: key.clone(),
-                    token: None,
-                    record: if delete {
-                        None
-                    } else {
-                        shape.record_in(&reply)
-                    },
-                },
-                StatusCode::NOT_FOUND if delete => Done::Wrote {
-                    c,
-                    key: key.clone(),
-                    token: None,
-                    record: None,
-                },
-                StatusCode::NOT_FOUND | StatusCode::PRECONDITION_FAILED => Done::Recheck {
-                    c,
-                    key: key.clone(),
-                },
-                s if s.is_client_error() => shape.refused(key, &reply),
+        self.record_in(&reply).map(Some).ok_or_else(|| {
+            self.error(format!(
+                "fetching record {key}: no record at `{}`",
+                self.record
+            ))
+        })
+    }
+
+    /// The synced fields of the record at `get` (`None`: the app has none).
+    async fn fetch_body(
+        &self,
+        sender: &Sender,
+        key: &str,
+        get: String,
+    ) -> Result<Option<String>, RestError> {
+        Ok(self
+            .fetch(sender, key, get)
+            .await?
+            .map(|record| synced_body(&self.columns, &record)))
+    }
+}
+
+/// Runs one job against the app.
+async fn run_job(sender: Sender, shape: Shape, job: Job) -> Result<Done, RestError> {
+    let c = job.c;
+    match job.kind {
+        JobKind::Insert { token, create } => {
+            run_create(&sender, &shape, c, "(new)", Some(token), create).await
+        }
+        JobKind::Upsert {
+            key,
+            expected,
+            get,
+            update,
+            create,
+        } => {
+            let now = shape.fetch_body(&sender, &key, get.clone()).await?;
+            if now != expected {
+                return Ok(Done::Recheck { c, key });
+            }
+            if now.is_none() {
+                return run_create(&sender, &shape, c, &key, None, create).await;
+            }
+            let reply = sender.send(update).await?;
+            Ok(match reply.status {
+                s if s.is_success() => {
+                    // An app that answers an update without the record: read it.
+                    let record = match shape.record_in(&reply) {
+                        Some(record) => Some(record),
+                        None => shape.fetch(&sender, &key, get).await?,
+                    };
+                    Done::Wrote {
+                        c,
+                        key,
+                        token: None,
+                        record,
+                    }
+                }
+                StatusCode::NOT_FOUND | StatusCode::PRECONDITION_FAILED => Done::Recheck { c, key },
+                s if s.is_client_error() => shape.refused(&key, &reply),
                 _ => {
-                    return Err(answer_error(format!(
-                        "writing record {key} was answered {}",
+                    return Err(shape.error(format!(
+                        "updating record {key} was answered {}",
                         reply.message()
                     )));
                 }
-            });
+            })
+        }
+        JobKind::Delete {
+            key,
+            expected,
+            get,
+            delete,
+        } => {
+            let gone = Done::Wrote {
+                c,
+                key: key.clone(),
+                token: None,
+                record: None,
+            };
+            match shape.fetch_body(&sender, &key, get).await? {
+                // Not in the app (deleted there too, or never created): done.
+                None => return Ok(gone),
+                Some(now) if Some(&now) != expected.as_ref() => {
+                    return Ok(Done::Recheck { c, key });
+                }
+                Some(_) => {}
+            }
+            let reply = sender.send(delete).await?;
+            Ok(match reply.status {
+                s if s.is_success() || s == StatusCode::NOT_FOUND => gone,
+                StatusCode::PRECONDITION_FAILED => Done::Recheck { c, key },
+                s if s.is_client_error() => shape.refused(&key, &reply),
+                _ => {
+                    return Err(shape.error(format!(
+                        "deleting record {key} was answered {}",
+                        reply.message()
+                    )));
+                }
+            })
         }
     }
-    // A record to create.
-    let Some(create) = create else {
-        return Ok(Done::Outcome(OpOutcome::WRITTEN));
-    };
-    let shown = key.clone().unwrap_or_else(|| "(new)".to_owned());
+}
+
+/// Creates a record (`shown` names it in messages); the app's answer gives its id.
+async fn run_create(
+    sender: &Sender,
+    shape: &Shape,
+    c: usize,
+    shown: &str,
+    token: Option<String>,
+    create: Request,
+) -> Result<Done, RestError> {
     let reply = sender.send(create).await?;
-    if reply.status.is_success() {
-        let record = shape.record_in(&reply).ok_or_else(|| {
-            answer_error(format!(
-                "creating a record: no record at `{}` in the answer",
-                shape.record
+    if reply.status.is_client_error() {
+        return Ok(shape.refused(shown, &reply));
+    }
+    if !reply.status.is_success() {
+        return Err(shape.error(format!(
+            "creating record {shown} was answered {}",
+            reply.message()
+        )));
+    }
+    let record = shape.record_in(&reply).ok_or_else(|| {
+        shape.error(format!(
+            "creating a record: no record at `{}` in the answer",
+            shape.record
+        ))
+    })?;
+    let id = record
+        .get(&shape.primary_key)
+        .and_then(webhook::id_text)
+        .ok_or_else(|| {
+            shape.error(format!(
+                "the created record has no id in `{}`",
+                shape.primary_key
             ))
         })?;
-        let id = record
-            .get(&shape.primary_key)
-            .and_then(webhook::id_text)
-            .ok_or_else(|| {
-                answer_error(format!(
-                    "the created record has no id in `{}`",
-                    shape.primary_key
-                ))
-            })?;
-        return Ok(Done::Wrote {
-            c,
-            key: id,
-            token,
-            record: Some(record),
-        });
-    }
-    if reply.status.is_client_error() {
-        return Ok(shape.refused(&shown, &reply));
-    }
-    Err(answer_error(format!(
-        "creating record {shown} was answered {}",
-        reply.message()
-    )))
+    Ok(Done::Wrote {
+        c,
+        key: id,
+        token,
+        record: Some(record),
+    })
+}
+
+/// Where the shadow keeps the id an insert's token created.
+fn token_name(collection: &str, token: &str) -> String {
+    format!("token:{collection}:{token}")
 }
 
 /// Places `fields` at the JSON pointer `at` of an empty body.
@@ -1104,115 +1161,82 @@ impl RestConnector {
     }
 
     /// Decides what `op` needs, before any request.
-    fn job(
-        &self,
-        changed_since: &HashSet<RecordKey>,
-        op: &WriteOp,
-    ) -> Result<(usize, Job), RestError> {
+    fn plan(&self, changed_since: &HashSet<RecordKey>, op: &WriteOp) -> Result<Planned, RestError> {
         let Some(c) = self
             .collections
             .iter()
             .position(|c| c.spec.collection == op.collection())
         else {
-            return Ok((
-                0,
-                Job::Done(OpOutcome::Rejected(Rejection::UnknownCollection {
+            return Ok(Planned::Done(OpOutcome::Rejected(
+                Rejection::UnknownCollection {
                     collection: op.collection().to_owned(),
-                })),
-            ));
+                },
+            )));
         };
         let collection = &self.collections[c];
+        let name = &collection.spec.collection;
         if let Some(key) = op.key()
-            && changed_since.contains(&(collection.spec.collection.clone(), key.to_owned()))
+            && changed_since.contains(&(name.clone(), key.to_owned()))
         {
-            return Ok((c, Job::Done(OpOutcome::Stale)));
+            return Ok(Planned::Done(OpOutcome::Stale));
         }
-        let create_path = request_line(&collection.api.create)
-            .map(|(_, p)| p)
-            .unwrap_or_default();
-        let create_url = self.url(c, "create", create_path, minijinja::context! {})?;
-        let job = match op {
+        let request =
+            |line: &Line, setting: &str, key: Option<&str>, body: Option<serde_json::Value>| {
+                let url = match key {
+                    Some(key) => self.record_url(c, setting, &line.path, key)?,
+                    None => self.url(c, setting, &line.path, minijinja::context! {})?,
+                };
+                Ok::<_, RestError>(Request {
+                    method: line.method.clone(),
+                    url,
+                    body: body.map(|fields| request_body(&collection.api.body, fields)),
+                })
+            };
+        let kind = match op {
             WriteOp::Insert { token, fields, .. } => {
-                if let Some(id) = self
-                    .shadow
-                    .meta(&format!("token:{}:{token}", collection.spec.collection))?
-                {
-                    return Ok((
-                        c,
-                        Job::Done(OpOutcome::Written {
-                            key: Some(id),
-                            version: None,
-                        }),
-                    ));
+                if let Some(id) = self.shadow.meta(&token_name(name, token))? {
+                    return Ok(Planned::Done(OpOutcome::Written {
+                        key: Some(id),
+                        version: None,
+                    }));
                 }
                 let json = match self.fields_json(c, token, fields) {
                     Ok(json) => json,
-                    Err(rejection) => return Ok((c, Job::Done(OpOutcome::Rejected(rejection)))),
+                    Err(rejection) => return Ok(Planned::Done(OpOutcome::Rejected(rejection))),
                 };
-                Job::Write {
-                    key: None,
-                    token: Some(token.clone()),
-                    expected: None,
-                    get: None,
-                    write: None,
-                    create: Some(Request {
-                        method: collection.create.clone(),
-                        url: create_url,
-                        body: Some(request_body(&collection.api.body, json)),
-                    }),
+                JobKind::Insert {
+                    token: token.clone(),
+                    create: request(&collection.create, "create", None, Some(json))?,
                 }
             }
             WriteOp::Upsert { key, fields, .. } => {
-                let mut json = match self.fields_json(c, key, fields) {
+                let json = match self.fields_json(c, key, fields) {
                     Ok(json) => json,
-                    Err(rejection) => return Ok((c, Job::Done(OpOutcome::Rejected(rejection)))),
+                    Err(rejection) => return Ok(Planned::Done(OpOutcome::Rejected(rejection))),
                 };
-                let update_path = request_line(&collection.api.update)
-                    .map(|(_, p)| p)
-                    .unwrap_or_default();
-                let write = Request {
-                    method: collection.update.clone(),
-                    url: self.record_url(c, "update", update_path, key)?,
-                    body: Some(request_body(&collection.api.body, json.clone())),
-                };
-                if let serde_json::Value::Object(map) = &mut json {
+                let mut with_id = json.clone();
+                if let serde_json::Value::Object(map) = &mut with_id {
                     map.insert(
                         collection.spec.primary_key.clone(),
                         serde_json::Value::String(key.clone()),
                     );
                 }
-                Job::Write {
-                    key: Some(key.clone()),
-                    token: None,
-                    expected: self.shadow.get(&collection.spec.collection, key)?,
-                    get: Some(self.record_url(c, "get", &collection.api.get, key)?),
-                    write: Some(write),
-                    create: Some(Request {
-                        method: collection.create.clone(),
-                        url: create_url,
-                        body: Some(request_body(&collection.api.body, json)),
-                    }),
+                JobKind::Upsert {
+                    key: key.clone(),
+                    expected: self.shadow.get(name, key)?,
+                    get: self.record_url(c, "get", &collection.api.get, key)?,
+                    update: request(&collection.update, "update", Some(key), Some(json))?,
+                    create: request(&collection.create, "create", None, Some(with_id))?,
                 }
             }
-            WriteOp::Delete { key, .. } => {
-                let delete_path = request_line(&collection.api.delete)
-                    .map(|(_, p)| p)
-                    .unwrap_or_default();
-                Job::Write {
-                    key: Some(key.clone()),
-                    token: None,
-                    expected: self.shadow.get(&collection.spec.collection, key)?,
-                    get: Some(self.record_url(c, "get", &collection.api.get, key)?),
-                    write: Some(Request {
-                        method: collection.delete.clone(),
-                        url: self.record_url(c, "delete", delete_path, key)?,
-                        body: None,
-                    }),
-                    create: None,
-                }
-            }
+            WriteOp::Delete { key, .. } => JobKind::Delete {
+                key: key.clone(),
+                expected: self.shadow.get(name, key)?,
+                get: self.record_url(c, "get", &collection.api.get, key)?,
+                delete: request(&collection.delete, "delete", Some(key), None)?,
+            },
         };
-        Ok((c, job))
+        Ok(Planned::Send(Job { c, kind }))
     }
 
     fn write_all(
@@ -1223,19 +1247,19 @@ impl RestConnector {
         let mut outcomes: Vec<Option<OpOutcome>> = vec![None; ops.len()];
         let mut jobs = Vec::new();
         for (i, op) in ops.iter().enumerate() {
-            match self.job(changed_since, op)? {
-                (_, Job::Done(outcome)) => outcomes[i] = Some(outcome),
-                (c, job) => jobs.push((i, c, job)),
+            match self.plan(changed_since, op)? {
+                Planned::Done(outcome) => outcomes[i] = Some(outcome),
+                Planned::Send(job) => jobs.push((i, job)),
             }
         }
         let sender = self.api.sender();
         let shapes: Vec<Shape> = (0..self.collections.len()).map(|c| self.shape(c)).collect();
-        let indexes: Vec<usize> = jobs.iter().map(|(i, _, _)| *i).collect();
-        let of_collection: Vec<usize> = jobs.iter().map(|(_, c, _)| *c).collect();
+        let indexes: Vec<usize> = jobs.iter().map(|(i, _)| *i).collect();
+        let of_collection: Vec<usize> = jobs.iter().map(|(_, job)| job.c).collect();
         let results = self.api.block_on(run_all(
             self.api.concurrency,
             jobs.into_iter()
-                .map(|(_, c, job)| run_job(sender.clone(), shapes[c].clone(), c, job)),
+                .map(|(_, job)| run_job(sender.clone(), shapes[job.c].clone(), job)),
         ));
         let mut failure = None;
         let (mut written, mut tokens) = (Vec::new(), Vec::new());
@@ -1262,7 +1286,7 @@ impl RestConnector {
                         .and_then(|u| u.as_str())
                         .map(str::to_owned);
                     if let Some(token) = &token {
-                        tokens.push((format!("token:{name}:{token}"), key.clone()));
+                        tokens.push((token_name(&name, token), key.clone()));
                     }
                     written.push((name, key.clone(), body));
                     outcomes[i] = Some(OpOutcome::Written {
@@ -1330,7 +1354,7 @@ impl Connector for RestConnector {
     fn claim(&mut self, store: &[u8]) -> Result<(), ConnectorError> {
         if self
             .shadow
-            .claim(&shadow::hex(store))
+            .claim(store)
             .map_err(|e| connector_error(e.into()))?
         {
             self.rescan = true;
