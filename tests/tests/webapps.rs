@@ -178,7 +178,9 @@ async fn sqlite_and_pocketbase_sync_both_ways_through_webhooks() -> anyhow::Resu
     agree(&pair, 0, "Grace gone from the app").await?;
 
     // An agent polling an hour apart stops at once (it used to wait out its poll).
-    web.shutdown().await;
+    tokio::time::timeout(Duration::from_secs(10), web.shutdown())
+        .await
+        .context("the agent did not stop within 10 s")?;
     Ok(())
 }
 
