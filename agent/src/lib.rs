@@ -10,6 +10,7 @@ pub mod admin;
 pub mod agent;
 pub mod apps;
 pub mod bench;
+pub mod bench_mesh;
 pub mod check;
 pub mod config;
 pub mod core;

@@ -105,12 +105,12 @@ enum Command {
     },
     /// Measures initial sync, edit latency and wire bytes, and prints the figures.
     Bench {
-        /// Records in the initial sync.
-        #[arg(long, default_value_t = 100_000)]
-        records: usize,
-        /// Single-field edits timed for latency.
-        #[arg(long, default_value_t = 1_000)]
-        edits: usize,
+        /// Records in the initial sync (default 100,000; 1,000 with `--mesh`).
+        #[arg(long)]
+        records: Option<usize>,
+        /// Single-field edits timed for latency (default 1,000; 200 with `--mesh`).
+        #[arg(long)]
+        edits: Option<usize>,
         /// Seconds of sustained single-field updates (0: skip).
         #[arg(long, default_value_t = 30)]
         sustain_secs: u64,
@@ -126,6 +126,11 @@ enum Command {
         /// milliseconds costs the sustained updates.
         #[arg(long)]
         scrape_ms: Option<u64>,
+        /// Instead of the two-agent figures, time one edit fanned out through a full
+        /// mesh of this many agents in one process (`--records` rows each, default
+        /// 1,000 here; `--edits` edits, default 200 here).
+        #[arg(long)]
+        mesh: Option<usize>,
     },
 }
 
@@ -333,11 +338,20 @@ fn main() -> anyhow::Result<()> {
             postgres,
             mapped,
             scrape_ms,
+            mesh,
         } => {
             init_logging(LogFormat::Text, "warn");
+            if let Some(agents) = mesh {
+                use concord_agent::bench_mesh::{DEFAULT_EDITS, DEFAULT_RECORDS, MeshOptions};
+                return runtime()?.block_on(concord_agent::bench_mesh::run(MeshOptions {
+                    agents,
+                    records: records.unwrap_or(DEFAULT_RECORDS),
+                    edits: edits.unwrap_or(DEFAULT_EDITS),
+                }));
+            }
             runtime()?.block_on(concord_agent::bench::run(concord_agent::bench::Options {
-                records,
-                edits,
+                records: records.unwrap_or(100_000),
+                edits: edits.unwrap_or(1_000),
                 sustain: std::time::Duration::from_secs(sustain_secs),
                 postgres,
                 mapped,
