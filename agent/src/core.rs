@@ -393,6 +393,11 @@ pub fn run(engine: Engine, mut rx: mpsc::Receiver<CoreRequest>, outputs: CoreOut
             }
         }
         let Some(first) = rx.blocking_recv() else {
+            // Stopping: memtables written out now are not replayed from the journal
+            // at the next start.
+            if let Err(e) = core.engine().store().flush() {
+                tracing::warn!("could not flush the store on the way out: {e}");
+            }
             return;
         };
         let mut requests = vec![first];

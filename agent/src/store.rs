@@ -32,6 +32,7 @@ use std::path::Path;
 
 use connectors::Cursor;
 use crdt_model::{ActorBytes, DocId, Record, RecordDoc};
+use fjall::config::PinningPolicy;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use lru::LruCache;
 use serde::{Deserialize, Serialize};
@@ -40,10 +41,19 @@ use serde::{Deserialize, Serialize};
 pub const DOC_CACHE_MAX: usize = 1024;
 /// fjall's block cache.
 pub const STORE_CACHE_BYTES_MAX: u64 = 16 * 1024 * 1024;
+/// Journal kept at most: beyond it the keyspaces holding its oldest writes are
+/// flushed, which bounds what a start after a crash replays (fjall's least).
+pub const STORE_JOURNAL_BYTES_MAX: u64 = 64 * 1024 * 1024;
 /// One keyspace's memtable before it is flushed to disk.
 pub const STORE_MEMTABLE_BYTES_MAX: u64 = 4 * 1024 * 1024;
 /// How many changes are appended to a stored document before it is saved whole again.
 pub const DOC_APPENDS_MAX: u32 = 32;
+
+/// Log entries of each collection, the newest, that keep their change bytes. An
+/// older entry keeps only its document (`LogEntry::changes` empty) and is read as
+/// that document's changes: the bytes are the document's already, and a peer that
+/// far behind takes the document whole (applying what it holds is harmless).
+pub const LOG_RAW_KEEP: u64 = 65_536;
 
 /// Changes appended to a document loaded from disk before it is saved whole again.
 pub const DOC_APPENDS_AFTER_LOAD_MAX: u32 = 4;
@@ -78,7 +88,8 @@ pub enum StoreError {
 pub struct LogEntry {
     /// The document the changes belong to.
     pub doc: [u8; 16],
-    /// Automerge change bytes, in causal order.
+    /// Automerge change bytes, in causal order. Empty in an entry older than the
+    /// newest [`LOG_RAW_KEEP`]: [`StoreReader::log_from`] reads the document's.
     pub changes: Vec<Vec<u8>>,
     /// The store these changes were learned from, if they came from a peer; they are
     /// not sent back to it.
@@ -248,6 +259,8 @@ pub struct Store {
     /// read it (Architecture Invariant: staged state is visible to the rest of the
     /// batch).
     staged: Staged,
+    /// Log entries of each collection that keep their change bytes.
+    log_raw_keep: u64,
 }
 
 /// The state the open batch staged, read before the committed state.
@@ -322,6 +335,9 @@ pub struct Batch {
     inner: fjall::OwnedWriteBatch,
     /// Log entries appended, as (collection, seq), to announce after the commit.
     pub appended: Vec<(String, u64)>,
+    /// Writes that only move a cursor (`stage_cursor`): a batch of nothing else
+    /// stores no change, so it is committed without its own fsync.
+    cursor_writes: usize,
 }
 
 impl std::fmt::Debug for Batch {
@@ -343,9 +359,17 @@ impl Store {
     pub fn open_with(dir: &Path, new_actor: impl FnOnce() -> StoreId) -> Result<Store, StoreError> {
         let db = Database::builder(dir)
             .cache_size(STORE_CACHE_BYTES_MAX)
+            .max_journaling_size(STORE_JOURNAL_BYTES_MAX)
             .open()?;
-        let options =
-            || KeyspaceCreateOptions::default().max_memtable_size(STORE_MEMTABLE_BYTES_MAX);
+        // Filters and indexes stay in memory at every level (about 2 bytes a key):
+        // a lookup of a key that is not there, which every new record makes, then
+        // reads no block, where the block cache would have lost them to data blocks.
+        let options = || {
+            KeyspaceCreateOptions::default()
+                .max_memtable_size(STORE_MEMTABLE_BYTES_MAX)
+                .filter_block_pinning_policy(PinningPolicy::all(true))
+                .index_block_pinning_policy(PinningPolicy::all(true))
+        };
         let open = |name: &str| db.keyspace(name, options);
         let meta = open("meta")?;
         let actor = match meta.get("actor")? {
@@ -381,6 +405,7 @@ impl Store {
             log_next: HashMap::new(),
             records: HashMap::new(),
             staged: Staged::default(),
+            log_raw_keep: LOG_RAW_KEEP,
         };
         Ok(store)
     }
@@ -390,6 +415,13 @@ impl Store {
     pub fn set_doc_cache_max(&mut self, docs: usize) {
         self.cache
             .resize(NonZeroUsize::new(docs.max(1)).expect("at least one"));
+    }
+
+    /// Keeps the change bytes of only the newest `entries` log entries of each
+    /// collection (at least one). The simulator shrinks it so that peers read
+    /// entries without their bytes.
+    pub fn set_log_raw_keep(&mut self, entries: u64) {
+        self.log_raw_keep = entries.max(1);
     }
 
     /// This store's actor id, which also names it to peers.
@@ -408,6 +440,15 @@ impl Store {
             sizes.push((name, keyspace.disk_space()));
         }
         Ok(sizes)
+    }
+
+    /// Writes every keyspace's memtable out to disk and waits for it, so that the
+    /// next open has no journal to replay.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        for (_, keyspace) in self.keyspaces() {
+            keyspace.rotate_memtable_and_wait()?;
+        }
+        Ok(())
     }
 
     /// Every keyspace with its name.
@@ -457,6 +498,7 @@ impl Store {
         Batch {
             inner: self.db.batch().durability(Some(PersistMode::SyncAll)),
             appended: Vec::new(),
+            cursor_writes: 0,
         }
     }
 
@@ -469,6 +511,13 @@ impl Store {
                 records_counter(collection),
                 count.to_be_bytes().to_vec(),
             );
+        }
+        if batch.inner.len() == batch.cursor_writes {
+            // Only cursors moved (a peer's entries that were all known already, as
+            // in a mesh where every change arrives from every peer): nothing stored
+            // depends on them, and a cursor lost in a crash only brings entries
+            // again, which apply as nothing. The next fsynced batch persists it.
+            batch.inner = batch.inner.durability(None);
         }
         if !batch.inner.is_empty() {
             batch.inner.commit()?;
@@ -586,6 +635,29 @@ impl Store {
             .inner
             .insert(&self.log, log_key(collection, seq), encode(&entry));
         batch.appended.push((collection.to_owned(), seq));
+        if let Some(old) = seq.checked_sub(self.log_raw_keep) {
+            self.stage_log_trim(batch, collection, old)?;
+        }
+        Ok(())
+    }
+
+    /// Drops the change bytes of log entry `seq` of `collection`, which its
+    /// document holds too. An entry staged in the same batch is left as it is.
+    fn stage_log_trim(
+        &mut self,
+        batch: &mut Batch,
+        collection: &str,
+        seq: u64,
+    ) -> Result<(), StoreError> {
+        let key = log_key(collection, seq);
+        let Some(bytes) = self.log.get(&key)? else {
+            return Ok(());
+        };
+        let mut entry: LogEntry = decode(&bytes, "log entry")?;
+        if !entry.changes.is_empty() {
+            entry.changes.clear();
+            batch.inner.insert(&self.log, key, encode(&entry));
+        }
         Ok(())
     }
 
@@ -803,6 +875,7 @@ impl Store {
         batch
             .inner
             .insert(&self.cursors, name, value.to_be_bytes().to_vec());
+        batch.cursor_writes += 1;
         self.staged.cursors.insert(name.to_owned(), value);
     }
 
@@ -1004,7 +1077,17 @@ impl StoreReader {
             .take(max)
         {
             let (k, v) = guard.into_inner()?;
-            out.push((decode_seq(&k[prefix.len()..])?, decode(&v, "log entry")?));
+            let mut entry: LogEntry = decode(&v, "log entry")?;
+            if entry.changes.is_empty()
+                && let Some(stored) = self.docs.get(entry.doc)?
+            {
+                entry.changes =
+                    RecordDoc::stored_changes(&stored).map_err(|e| StoreError::Corrupt {
+                        what: "document",
+                        reason: format!("{}: {e}", DocId(entry.doc)),
+                    })?;
+            }
+            out.push((decode_seq(&k[prefix.len()..])?, entry));
         }
         Ok(out)
     }

@@ -207,6 +207,32 @@ impl RecordDoc {
         Ok(RecordDoc { doc })
     }
 
+    /// The changes held in a document's stored bytes (change chunks, or a saved
+    /// document with change chunks appended), each as raw change bytes. Change
+    /// chunks are cut out as they are; a saved document is loaded and its changes
+    /// encoded again.
+    pub fn stored_changes(bytes: &[u8]) -> Result<Vec<Vec<u8>>, ModelError> {
+        let mut changes = Vec::new();
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            match split_chunk(rest) {
+                Some((CHUNK_CHANGE, chunk, tail)) => {
+                    changes.push(chunk.to_vec());
+                    rest = tail;
+                }
+                _ => {
+                    let mut doc = AutoCommit::load(bytes)?;
+                    return Ok(doc
+                        .get_changes(&[])
+                        .into_iter()
+                        .map(|change| change.raw_bytes().to_vec())
+                        .collect());
+                }
+            }
+        }
+        Ok(changes)
+    }
+
     /// The whole document in compact form (not deflated: the store compresses).
     pub fn save(&mut self) -> Vec<u8> {
         self.doc.save_nocompress()
@@ -294,10 +320,21 @@ impl RecordDoc {
             .map(|bytes| Change::from_bytes(bytes.clone()))
             .collect::<Result<Vec<_>, _>>()?;
         let given: Vec<ChangeHash> = decoded.iter().map(Change::hash).collect();
+        // The common case, one change into a document with none waiting for
+        // dependencies: if the heads moved, that change is the one new change, and
+        // reading it back out of the document (which re-encodes it) is not needed.
+        let single = match (&decoded[..], self.doc.get_missing_deps(&[]).is_empty()) {
+            ([change], true) => Some(change.raw_bytes().to_vec()),
+            _ => None,
+        };
         self.doc.apply_changes(decoded)?;
         let after = self.doc.get_heads();
         let mut applied = Applied::default();
-        if before != after {
+        if let Some(raw) = single {
+            if before != after {
+                applied.new_changes.push(raw);
+            }
+        } else if before != after {
             for change in self.doc.get_changes(&before) {
                 applied.released_earlier |= !given.contains(&change.hash());
                 applied.new_changes.push(change.raw_bytes().to_vec());
@@ -672,4 +709,34 @@ pub(crate) fn fill_object(
         _ => {}
     }
     Ok(())
+}
+
+/// The magic bytes that open every Automerge chunk.
+const CHUNK_MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
+/// The chunk type of an uncompressed change.
+const CHUNK_CHANGE: u8 = 1;
+
+/// The first chunk of `bytes` as (type, the chunk, what follows it), if `bytes`
+/// open with a whole chunk header: magic, checksum, type and LEB128 body length.
+fn split_chunk(bytes: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let header = bytes.get(..9)?;
+    if header[..4] != CHUNK_MAGIC {
+        return None;
+    }
+    let (mut len, mut shift, mut at) = (0u64, 0u32, 9usize);
+    loop {
+        let byte = *bytes.get(at)?;
+        at += 1;
+        len |= u64::from(byte & 0x7f).checked_shl(shift)?;
+        if byte & 0x80 == 0 {
+            break;
+        }
+        shift += 7;
+        if shift > 63 {
+            return None;
+        }
+    }
+    let end = at.checked_add(usize::try_from(len).ok()?)?;
+    let chunk = bytes.get(..end)?;
+    Some((header[8], chunk, &bytes[end..]))
 }

@@ -356,3 +356,33 @@ fn field_times_are_those_of_the_changes_that_wrote_the_values() -> Result<(), Mo
     assert_eq!(times.get("city"), Some(&5_000));
     Ok(())
 }
+
+#[test]
+fn stored_bytes_give_back_every_change_whether_appended_or_saved() -> Result<(), ModelError> {
+    let mut a = RecordDoc::new(&[1; 16]);
+    let mut appended = Vec::new();
+    let mut changes = Vec::new();
+    for (i, name) in ["Ada", "Ada L.", "Ada Lovelace"].iter().enumerate() {
+        let change = a
+            .edit("customers", "1", &edit(&[("name", text(name))]))?
+            .expect("change");
+        if i == 1 {
+            // The store saves a document whole now and then, and appends after it.
+            appended = a.save();
+        } else if i == 2 {
+            appended.extend_from_slice(&change);
+        }
+        changes.push(change);
+    }
+    let cut = RecordDoc::stored_changes(&changes.concat())?;
+    assert_eq!(cut, changes, "change chunks are cut out as they are");
+    let loaded = RecordDoc::stored_changes(&appended)?;
+    assert_eq!(loaded.len(), 3, "a saved document gives its changes too");
+    for stored in [cut, loaded] {
+        let mut b = RecordDoc::new(&[2; 16]);
+        b.apply(&stored)?;
+        assert_eq!(b.read()?.fields["name"], text("Ada Lovelace"));
+    }
+    assert!(RecordDoc::stored_changes(&[0x85, 0x6f, 0x4a]).is_err());
+    Ok(())
+}

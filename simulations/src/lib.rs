@@ -56,12 +56,17 @@ use crate::tool::{COLLECTION, COLLECTIONS, COLUMNS, ORDERS, SimTool};
 
 /// Simulated milliseconds per step of the clock.
 pub const TICK_MS: u64 = 5;
+/// Clusters of more agents than this are linked through hubs (see `Sim::new`).
+pub const WIDE_AGENTS_MIN: usize = 12;
 /// Keys users pick from: few enough that agents create the same key offline.
 pub const KEYS_MAX: u64 = 24;
 /// Documents each simulated store caches: small, so that a bulk import touches more
 /// documents in one group commit than the cache holds, as a large one does in an
 /// agent with the real bound.
 pub const SIM_DOC_CACHE_MAX: usize = 64;
+/// Log entries that keep their change bytes in a simulated store (a real one keeps
+/// `LOG_RAW_KEEP`): fewer than a bulk import, so peers read entries without them.
+pub const SIM_LOG_RAW_KEEP: u64 = 64;
 /// Rows of a bulk import: more than the document cache holds.
 pub const BULK_ROWS: u64 = 150;
 /// How long a link may see nothing in one direction before it is closed (QUIC's idle timeout).
@@ -346,6 +351,12 @@ impl Sim {
         swarm.slow = rng.chance(0.5);
         swarm.skew = rng.chance(0.5);
         swarm.topology = ["mesh", "line", "star"][rng.below(3) as usize];
+        if agents > WIDE_AGENTS_MIN {
+            // A wide cluster is linked as users link one: a few hubs meshed with each
+            // other, every other agent on one hub (a mesh of 100 agents would be
+            // 4,950 links, a line 99 hops).
+            swarm.topology = "hubs";
+        }
         // From the seed, not the generator, so other seeds replay as before.
         swarm.natural_orders = seed % 2 == 1;
         swarm.policies = (seed / 2) % 4;
@@ -376,7 +387,9 @@ impl Sim {
         let mut links = Vec::new();
         for a in 0..agents {
             for b in a + 1..agents {
+                let hubs = agents.isqrt();
                 let linked = match swarm.topology {
+                    "hubs" => a < hubs && (b < hubs || b % hubs == a),
                     "line" => b == a + 1,
                     "star" => a == 0,
                     _ => true,
@@ -564,6 +577,7 @@ impl Sim {
         let mut store =
             Store::open_with(&agent.dir, || actor).map_err(|e| format!("agent {i}: {e}"))?;
         store.set_doc_cache_max(SIM_DOC_CACHE_MAX);
+        store.set_log_raw_keep(SIM_LOG_RAW_KEEP);
         let columns: Vec<String> = COLUMNS.iter().map(|c| (*c).to_owned()).collect();
         let info = |identity, natural_key| CollectionInfo {
             mapping: Mapping::plain(&columns),

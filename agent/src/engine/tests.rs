@@ -947,3 +947,40 @@ fn a_captured_map_keeps_entries_the_tool_has_not_seen_yet() -> TestResult {
     );
     Ok(())
 }
+
+/// Log entries older than the newest `log_raw_keep` keep only their document, and a
+/// peer reading them from the start gets every record as it is now.
+#[test]
+fn old_log_entries_are_read_as_their_documents_changes() -> TestResult {
+    let (dir_a, dir_b) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let (mut a, mut b) = (engine(dir_a.path())?, engine(dir_b.path())?);
+    a.store().set_log_raw_keep(2);
+    let edits = [
+        ("1", "Ada"),
+        ("2", "Grace"),
+        ("1", "Ada L."),
+        ("3", "Edsger"),
+        ("2", "Grace H."),
+    ];
+    for (seq, (key, name)) in (1..).zip(edits) {
+        let mut batch = a.store().batch();
+        capture(&mut a, &mut batch, vec![captured(key, name)], seq)?;
+        a.store().commit(batch)?;
+    }
+    let log = a.reader().log_from("customers", 1, 10)?;
+    assert_eq!(log.len(), 5);
+    let raw: Vec<usize> = log.iter().map(|(_, e)| e.changes.len()).collect();
+    // Entries 1–3 were trimmed and are read from their documents, which hold two
+    // changes each by then; entries 4 and 5 keep the bytes they were logged with.
+    assert_eq!(raw, vec![2, 2, 2, 1, 1]);
+    replicate(&mut a, &mut b)?;
+    for (key, name) in [("1", "Ada L."), ("2", "Grace H."), ("3", "Edsger")] {
+        let state = b.store().doc(DocId::of("customers", key))?.read()?;
+        assert_eq!(
+            state.fields["name"],
+            Value::Text(name.to_owned()),
+            "record {key}"
+        );
+    }
+    Ok(())
+}
