@@ -65,8 +65,10 @@ pub const KEYS_MAX: u64 = 24;
 /// agent with the real bound.
 pub const SIM_DOC_CACHE_MAX: usize = 64;
 /// Log entries that keep their change bytes in a simulated store (a real one keeps
-/// `LOG_RAW_KEEP`): fewer than a bulk import, so peers read entries without them.
-pub const SIM_LOG_RAW_KEEP: u64 = 64;
+/// `LOG_RAW_KEEP`): fewer than a run appends, so peers that fall behind read entries
+/// without them, and more than one step appends, so the echo check, which reads
+/// each entry once after the step that committed it, still sees its own changes.
+pub const SIM_LOG_RAW_KEEP: u64 = 1024;
 /// Rows of a bulk import: more than the document cache holds.
 pub const BULK_ROWS: u64 = 150;
 /// How long a link may see nothing in one direction before it is closed (QUIC's idle timeout).
