@@ -31,8 +31,10 @@ use crate::engine::{ToolIx, WritePlan};
 use crate::progress::Progress;
 use crate::telemetry::Telemetry;
 
-/// How long after the last capture or write-back a polled tool counts as busy (it
-/// is polled at the connector's busy interval, then at its idle one).
+/// How long after the last capture that found changes a polled tool counts as busy
+/// (it is polled at the connector's busy interval, then at its idle one). A
+/// write-back does not count: it is the agent's own work, not the tool's users',
+/// and every agent of a mesh writes each change back.
 pub const CAPTURE_BUSY_WINDOW_MS: u64 = 2_000;
 /// Changes captured in one batch at most.
 pub const CAPTURE_BATCH_MAX: usize = 1024;
@@ -314,7 +316,7 @@ enum StepError {
 }
 
 /// One round: capture what is new, then run a plan if one comes within `wait`.
-/// Returns whether anything happened.
+/// Returns whether the tool had changes to capture.
 fn step(
     connector: &mut dyn Connector,
     io: &Io<'_>,
@@ -340,10 +342,7 @@ fn step(
         }
     }
     match io.events.recv_timeout(wait) {
-        Ok(ToolEvent::Plan(plan)) => {
-            write_back(connector, io, state, plan)?;
-            busy = true;
-        }
+        Ok(ToolEvent::Plan(plan)) => write_back(connector, io, state, plan)?,
         Ok(ToolEvent::Wake) => {
             woken.store(false, Ordering::Release);
             state.force = true;
