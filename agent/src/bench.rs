@@ -31,6 +31,10 @@ const SCHEMA: &str = "CREATE TABLE customers (
 const COLUMNS: [&str; 10] = [
     "name", "email", "city", "country", "phone", "balance", "score", "visits", "active", "created",
 ];
+/// Records in the initial sync unless told otherwise.
+pub const DEFAULT_RECORDS: usize = 100_000;
+/// Single-field edits timed for latency unless told otherwise.
+pub const DEFAULT_EDITS: usize = 1_000;
 /// How long the initial sync may take at most.
 const SYNC_TIMEOUT_S: u64 = 1800;
 /// The benchmark table in PostgreSQL.

@@ -350,8 +350,8 @@ fn main() -> anyhow::Result<()> {
                 }));
             }
             runtime()?.block_on(concord_agent::bench::run(concord_agent::bench::Options {
-                records: records.unwrap_or(100_000),
-                edits: edits.unwrap_or(1_000),
+                records: records.unwrap_or(concord_agent::bench::DEFAULT_RECORDS),
+                edits: edits.unwrap_or(concord_agent::bench::DEFAULT_EDITS),
                 sustain: std::time::Duration::from_secs(sustain_secs),
                 postgres,
                 mapped,

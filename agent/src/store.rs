@@ -335,8 +335,8 @@ pub struct Batch {
     inner: fjall::OwnedWriteBatch,
     /// Log entries appended, as (collection, seq), to announce after the commit.
     pub appended: Vec<(String, u64)>,
-    /// Writes that only move a cursor (`stage_cursor`): a batch of nothing else
-    /// stores no change, so it is committed without its own fsync.
+    /// Writes of a peer cursor or an anti-entropy mark (`stage_cursor`): a batch of
+    /// nothing else stores no change, so it is committed without its own fsync.
     cursor_writes: usize,
 }
 
@@ -433,9 +433,9 @@ impl Store {
     /// the background compaction would in time; returns each keyspace's name and disk
     /// space after it, in bytes. For measuring what a record costs on disk.
     pub fn compact(&self) -> Result<Vec<(&'static str, u64)>, StoreError> {
+        self.flush()?;
         let mut sizes = Vec::new();
         for (name, keyspace) in self.keyspaces() {
-            keyspace.rotate_memtable_and_wait()?;
             keyspace.major_compact()?;
             sizes.push((name, keyspace.disk_space()));
         }
@@ -515,8 +515,9 @@ impl Store {
         if batch.inner.len() == batch.cursor_writes {
             // Only cursors moved (a peer's entries that were all known already, as
             // in a mesh where every change arrives from every peer): nothing stored
-            // depends on them, and a cursor lost in a crash only brings entries
-            // again, which apply as nothing. The next fsynced batch persists it.
+            // depends on them: a cursor lost in a crash only brings entries again,
+            // which apply as nothing, and a lost mark only walks digests again.
+            // The next fsynced batch persists them.
             batch.inner = batch.inner.durability(None);
         }
         if !batch.inner.is_empty() {

@@ -319,13 +319,16 @@ impl RecordDoc {
             .iter()
             .map(|bytes| Change::from_bytes(bytes.clone()))
             .collect::<Result<Vec<_>, _>>()?;
-        let given: Vec<ChangeHash> = decoded.iter().map(Change::hash).collect();
         // The common case, one change into a document with none waiting for
         // dependencies: if the heads moved, that change is the one new change, and
         // reading it back out of the document (which re-encodes it) is not needed.
         let single = match (&decoded[..], self.doc.get_missing_deps(&[]).is_empty()) {
             ([change], true) => Some(change.raw_bytes().to_vec()),
             _ => None,
+        };
+        let given: Vec<ChangeHash> = match single {
+            Some(_) => Vec::new(),
+            None => decoded.iter().map(Change::hash).collect(),
         };
         self.doc.apply_changes(decoded)?;
         let after = self.doc.get_heads();
