@@ -89,7 +89,8 @@ pub struct LogEntry {
     /// The document the changes belong to.
     pub doc: [u8; 16],
     /// Automerge change bytes, in causal order. Empty in an entry older than the
-    /// newest [`LOG_RAW_KEEP`]: [`StoreReader::log_from`] reads the document's.
+    /// newest [`LOG_RAW_KEEP`]: [`StoreReader::log_from`] reads the document's (and
+    /// leaves it empty when an earlier entry of the same read carries them).
     pub changes: Vec<Vec<u8>>,
     /// The store these changes were learned from, if they came from a peer; they are
     /// not sent back to it.
@@ -1064,6 +1065,10 @@ impl StoreReader {
     }
 
     /// Up to `max` entries of `collection`'s log with seq ≥ `from`, in order.
+    ///
+    /// An entry trimmed of its bytes is read as its document's changes, as stored
+    /// now: those include every later entry's, so a later trimmed entry of the same
+    /// document in this read is left empty (there is nothing more to send for it).
     pub fn log_from(
         &self,
         collection: &str,
@@ -1072,6 +1077,7 @@ impl StoreReader {
     ) -> Result<Vec<(u64, LogEntry)>, StoreError> {
         let prefix = log_prefix(collection);
         let mut out = Vec::new();
+        let mut expanded = HashSet::new();
         for guard in self
             .log
             .range(log_key(collection, from)..log_key(collection, u64::MAX))
@@ -1080,6 +1086,7 @@ impl StoreReader {
             let (k, v) = guard.into_inner()?;
             let mut entry: LogEntry = decode(&v, "log entry")?;
             if entry.changes.is_empty()
+                && expanded.insert(entry.doc)
                 && let Some(stored) = self.docs.get(entry.doc)?
             {
                 entry.changes =

@@ -148,71 +148,52 @@ impl RecordDoc {
     /// The fields (and the tombstone) that hold concurrent values that differ, with
     /// every value and where it came from. Cheap when nothing is contested.
     pub fn contested(&mut self) -> Result<Vec<(Contested, Vec<Candidate>)>, ModelError> {
-        let mut ops: Vec<(Contested, Vec<(Value, OpKey)>)> = Vec::new();
         let conflicted: Vec<String> = self
             .doc
             .map_range(ObjId::Root, ..)
             .filter(|item| item.conflict)
             .map(|item| item.key.to_string())
             .collect();
+        let mut contested = Vec::new();
         for prop in conflicted {
             let Some(key) = Contested::of_prop(&prop) else {
                 continue;
             };
             let mut values = Vec::new();
             for (value, id) in self.doc.get_all(ObjId::Root, prop.as_str())? {
-                if let ObjId::Id(counter, actor, _) = &id {
+                if let ObjId::Id(_, actor, _) = &id {
                     let read = to_value(&self.doc, &value, &id, &prop)?;
-                    values.push((read, (*counter, actor.to_bytes().to_vec())));
+                    values.push((read, id.clone(), actor.to_bytes().to_vec()));
                 }
             }
-            let first = values.first().map(|(v, _)| v.clone());
-            if values.iter().any(|(v, _)| Some(v) != first.as_ref()) {
-                ops.push((key, values));
+            let first = values.first().map(|(v, _, _)| v.clone());
+            if values.iter().all(|(v, _, _)| Some(v) == first.as_ref()) {
+                continue;
             }
+            let candidates = values
+                .into_iter()
+                .map(|(value, id, actor)| {
+                    let (provenance, time_ms) = self.source(&id).unwrap_or_default();
+                    Candidate {
+                        value,
+                        provenance,
+                        time_ms,
+                        actor: hex(&actor),
+                    }
+                })
+                .collect();
+            contested.push((key, candidates));
         }
-        if ops.is_empty() {
-            return Ok(Vec::new());
-        }
-        let wanted: Vec<&OpKey> = ops
-            .iter()
-            .flat_map(|(_, v)| v.iter().map(|(_, k)| k))
-            .collect();
-        let sources = self.sources(&wanted);
-        Ok(ops
-            .into_iter()
-            .map(|(key, values)| {
-                let candidates = values
-                    .into_iter()
-                    .map(|(value, op)| {
-                        let (provenance, time_ms) = sources.get(&op).cloned().unwrap_or_default();
-                        Candidate {
-                            value,
-                            provenance,
-                            time_ms,
-                            actor: hex(&op.1),
-                        }
-                    })
-                    .collect();
-                (key, candidates)
-            })
-            .collect())
+        Ok(contested)
     }
 
-    /// The provenance and time of the changes that made each op of `ops`.
-    fn sources(&mut self, ops: &[&OpKey]) -> HashMap<OpKey, (Provenance, i64)> {
-        let mut found = HashMap::new();
-        for change in self.doc.get_changes(&[]) {
-            let range = change.start_op().get()..=change.max_op();
-            let actor = change.actor_id().to_bytes();
-            for op in ops {
-                if op.1 == actor && range.contains(&op.0) {
-                    let provenance = Provenance::decode(change.message());
-                    found.insert((*op).clone(), (provenance, change.timestamp()));
-                }
-            }
-        }
-        found
+    /// The provenance and time of the change that made the op `id`, found through
+    /// the change graph: the document's history is not walked (it grows with every
+    /// edit, and a record contested for long is settled on every change).
+    fn source(&mut self, id: &ObjId) -> Option<(Provenance, i64)> {
+        let hash = self.doc.hash_for_opid(id)?;
+        let meta = self.doc.get_change_meta_by_hash(&hash)?;
+        Some((Provenance::decode(meta.message.as_deref()), meta.timestamp))
     }
 
     /// Settles `key` on `value`: one change that supersedes every value `key` holds

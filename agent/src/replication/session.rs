@@ -758,8 +758,8 @@ impl Session {
     }
 
     /// Gives the session what a log read for [`Session::wants`] returned (`max` is
-    /// what was asked for). Entries the peer itself sent are not sent back; a read
-    /// holding nothing else sends nothing (the peer's cursor lags, and a replay
+    /// what was asked for). Entries the peer itself sent are not sent back, nor
+    /// entries with no changes; a read holding nothing else sends nothing (the peer's cursor lags, and a replay
     /// skips the same entries again).
     pub fn send_entries(
         &mut self,
@@ -787,7 +787,9 @@ impl Session {
                 stream.caught_up = false;
                 break;
             }
-            if entry.origin.is_some() && entry.origin == peer {
+            // An empty entry has nothing to send: a trimmed entry whose document's
+            // changes went out with an earlier entry of this read.
+            if entry.changes.is_empty() || (entry.origin.is_some() && entry.origin == peer) {
                 continue;
             }
             bytes += entry.changes.iter().map(Vec::len).sum::<usize>();
