@@ -76,8 +76,18 @@ pub const LINK_IDLE_TIMEOUT_MS: u64 = 10_000;
 /// Capture batches handed to an agent's core and not yet durable, at most.
 pub const CAPTURES_IN_FLIGHT_MAX: usize = 256;
 /// The chance that a user answers a row the agent just wrote: low enough that
-/// answers to answers die out instead of flooding the cluster.
+/// answers to answers die out instead of flooding the cluster (in a cluster of up
+/// to [`BUSY_AGENTS_MAX`]; wider ones scale it down, see [`Sim::busy_share`]).
 const ANSWER_CHANCE: f64 = 0.1;
+/// How often each user edits, on average, in clusters of up to [`BUSY_AGENTS_MAX`].
+const USER_EDIT_MS: f64 = 2_000.0;
+/// The widest cluster whose users edit at the full rate. In a wider one each user
+/// edits, and answers, that much less often, so the cluster as a whole edits as
+/// this many agents do. Otherwise an edit's answers grow with the agents (every
+/// agent writes every edit back, and each write is answered at [`ANSWER_CHANCE`]):
+/// past ten agents each edit brought more than one answer, the answers never died
+/// out, and a wide run flooded itself instead of testing its width.
+pub const BUSY_AGENTS_MAX: usize = 8;
 /// How long the probe's user commits without pause.
 pub const HOT_PROBE_MS: u64 = 5_000;
 /// The simulated wall clock starts here (2026-01-01), in ms since the Unix epoch.
@@ -166,6 +176,11 @@ pub struct Report {
     pub checks: u64,
     /// Group commits of more than one request.
     pub group_commits: u64,
+    /// Frames the sessions sent (lost ones included), and their bytes.
+    pub frames: u64,
+    pub frame_bytes: u64,
+    /// How long the cluster took to converge once healed, in simulated ms.
+    pub heal_ms: u64,
     /// The hash of everything that happened.
     pub trace_hash: [u8; 32],
     /// The first invariant violated, if any.
@@ -265,6 +280,9 @@ struct Sim {
     /// Changes captures committed: (document, change, the store that made it).
     acknowledged: Vec<(DocId, ChangeHash, Vec<u8>)>,
     frame_seq: u64,
+    frames: u64,
+    frame_bytes: u64,
+    heal_ms: u64,
     checks: u64,
     group_commits: u64,
     /// The first invariant broken while running (checked as it happens).
@@ -286,6 +304,9 @@ pub fn run(seed: u64, config: &Config) -> Report {
         edits: sim.agents.iter().map(|a| a.tool.edits).sum(),
         checks: sim.checks,
         group_commits: sim.group_commits,
+        frames: sim.frames,
+        frame_bytes: sim.frame_bytes,
+        heal_ms: sim.heal_ms,
         trace_hash: sim.hasher.clone().finalize().into(),
         failure,
         trace: sim.trace.take().unwrap_or_default(),
@@ -302,6 +323,9 @@ impl Report {
             edits: 0,
             checks: 0,
             group_commits: 0,
+            frames: 0,
+            frame_bytes: 0,
+            heal_ms: 0,
             trace_hash: [0; 32],
             failure: Some(failure),
             trace: Vec::new(),
@@ -426,6 +450,9 @@ impl Sim {
             trace: config.trace.then(Vec::new),
             acknowledged: Vec::new(),
             frame_seq: 0,
+            frames: 0,
+            frame_bytes: 0,
+            heal_ms: 0,
             checks: 0,
             group_commits: 0,
             broken: None,
@@ -472,7 +499,9 @@ impl Sim {
             self.tick()?;
         }
         self.heal();
+        let healed = self.now;
         self.converge()?;
+        self.heal_ms = self.now - healed;
         self.checks += 1;
         self.log("CONVERGED".to_owned());
         self.check_acknowledged()?;
@@ -886,7 +915,7 @@ impl Sim {
         for i in 0..self.agents.len() {
             // Users answer what they just received, or not at all.
             let written = std::mem::take(&mut self.agents[i].just_written);
-            if !written.is_empty() && self.rng.chance(ANSWER_CHANCE) {
+            if !written.is_empty() && self.rng.chance(ANSWER_CHANCE * self.busy_share()) {
                 let key = written[self.rng.below(written.len() as u64) as usize].clone();
                 if self.agents[i].tool.rows.contains_key(&key) {
                     let field = ["name", "qty", "note"][self.rng.below(3) as usize];
@@ -895,7 +924,10 @@ impl Sim {
                     self.agents[i].tool.user_edit(&key, Some(edit));
                 }
             }
-            if !self.rng.chance(TICK_MS as f64 / 2_000.0) {
+            if !self
+                .rng
+                .chance(TICK_MS as f64 / USER_EDIT_MS * self.busy_share())
+            {
                 continue;
             }
             // Orders (tool ids) are left out of runs that wipe stores: a rebuilt
@@ -940,6 +972,12 @@ impl Sim {
                 );
             }
         }
+    }
+
+    /// The share of the full edit and answer rates each user works at: 1 up to
+    /// [`BUSY_AGENTS_MAX`] agents, less beyond.
+    fn busy_share(&self) -> f64 {
+        (BUSY_AGENTS_MAX as f64 / self.agents.len() as f64).min(1.0)
     }
 
     /// Agent `i`'s user creates an order (its tool gives it the next id, which the
@@ -1195,6 +1233,8 @@ impl Sim {
     }
 
     fn transmit(&mut self, l: usize, side: usize, frame: Vec<u8>) {
+        self.frames += 1;
+        self.frame_bytes += frame.len() as u64;
         let (a, b) = (self.links[l].a, self.links[l].b);
         let (from, to) = if side == 0 { (a, b) } else { (b, a) };
         if self.rng.chance(self.swarm.loss) {

@@ -55,6 +55,7 @@ fn main() -> std::process::ExitCode {
     let mut faults: BTreeMap<&'static str, u64> = BTreeMap::new();
     let (mut runs, mut sim_ms, mut checks, mut edits, mut agents) = (0u64, 0u64, 0u64, 0u64, 0u64);
     let mut group_commits = 0u64;
+    let (mut frames, mut frame_bytes, mut heal_max_ms) = (0u64, 0u64, 0u64);
     let mut failures: Vec<Report> = Vec::new();
     for seed in cli.seeds.clone() {
         let report = run(seed, &config);
@@ -68,6 +69,9 @@ fn main() -> std::process::ExitCode {
         checks += report.checks;
         edits += report.edits;
         group_commits += report.group_commits;
+        frames += report.frames;
+        frame_bytes += report.frame_bytes;
+        heal_max_ms = heal_max_ms.max(report.heal_ms);
         agents += report.agents as u64;
         for (kind, n) in &report.faults {
             *faults.entry(kind).or_default() += n;
@@ -87,6 +91,15 @@ fn main() -> std::process::ExitCode {
     println!("user edits           {edits}");
     println!("invariant checks     {checks}");
     println!("group commits        {group_commits} (of two requests or more)");
+    println!(
+        "frames sent          {frames} ({:.1} MB)",
+        frame_bytes as f64 / 1e6
+    );
+    println!(
+        "longest heal         {:.1} s simulated (bound {:.0} s)",
+        heal_max_ms as f64 / 1000.0,
+        config.heal_bound_ms as f64 / 1000.0
+    );
     for (kind, n) in &faults {
         println!("fault {kind:<20} {n}");
     }

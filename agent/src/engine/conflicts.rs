@@ -210,6 +210,7 @@ impl Engine {
             }
         }
         if !changes.is_empty() {
+            self.stats.decided += changes.len() as u64;
             self.store.stage_doc(batch, id, collection, changes, None)?;
             self.set_pending_all(batch, collection, id, None);
         }

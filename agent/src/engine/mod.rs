@@ -92,6 +92,8 @@ pub struct EngineStats {
     pub captured: u64,
     /// Remote log entries that brought new changes.
     pub applied: u64,
+    /// Decisions written for contested fields and tombstones.
+    pub decided: u64,
     /// Rows written, updated or deleted in the local tool.
     pub writes: u64,
     /// Records set aside as dead letters.
