@@ -9,8 +9,9 @@
 use std::collections::{HashMap, HashSet};
 
 use automerge::transaction::Transactable;
-use automerge::{ChangeHash, ObjId, ObjType, ReadDoc};
+use automerge::{ActorId, ChangeHash, ObjId, ObjType, ReadDoc};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::document::{
     KEY_DELETED, ModelError, PREFIX_FIELD, RecordDoc, fill_object, scalar_of, to_value,
@@ -40,8 +41,9 @@ pub struct Decision {
     /// `delete_wins`, `edit_wins`).
     #[serde(rename = "p")]
     pub policy: String,
-    /// The agent that wrote the decision.
-    #[serde(rename = "by")]
+    /// The agent that wrote the decision; empty for a policy's decision, which
+    /// every agent writes alike ([`RecordDoc::decide_shared`]).
+    #[serde(rename = "by", default, skip_serializing_if = "String::is_empty")]
     pub by: String,
 }
 
@@ -141,6 +143,9 @@ pub struct HistoryEntry {
     pub current: bool,
 }
 
+/// Hashed before a document's heads into the actor of a shared decision.
+const DECISION_ACTOR_DOMAIN: &[u8] = b"concord decision actor";
+
 /// An op of a document: (counter, actor bytes).
 type OpKey = (u64, Vec<u8>);
 
@@ -236,6 +241,44 @@ impl RecordDoc {
             .doc
             .get_last_local_change()
             .map(|change| change.raw_bytes().to_vec()))
+    }
+
+    /// A policy's decision ([`RecordDoc::decide`]) written so that every agent
+    /// deciding it from the same document writes the same change: its actor comes
+    /// from the document's heads and everything the change holds (field, value,
+    /// provenance, time), and `provenance` names no deciding agent. Automerge takes
+    /// identical changes as one, so the agents that settle one conflict add one
+    /// change between them instead of one each (which every other agent then
+    /// applied: in a cluster of N, N decisions reaching N agents). Two decisions
+    /// that differ in anything have different actors, so they never claim the same
+    /// actor and sequence number.
+    pub fn decide_shared(
+        &mut self,
+        key: &Contested,
+        value: &Value,
+        provenance: &Provenance,
+        time_ms: i64,
+    ) -> Result<Option<Vec<u8>>, ModelError> {
+        let mut hasher = Sha256::new();
+        hasher.update(DECISION_ACTOR_DOMAIN);
+        for head in self.doc.get_heads() {
+            hasher.update(head.0);
+        }
+        for part in [
+            key.prop(),
+            serde_json::to_string(value).unwrap_or_default(),
+            provenance.encode(),
+            time_ms.to_string(),
+        ] {
+            hasher.update((part.len() as u64).to_le_bytes());
+            hasher.update(part.as_bytes());
+        }
+        let digest = hasher.finalize();
+        let own = self.doc.get_actor().clone();
+        self.doc.set_actor(ActorId::from(&digest[..16]));
+        let made = self.decide(key, value, provenance, time_ms);
+        self.doc.set_actor(own);
+        made
     }
 
     /// Whether the record is deleted by a change that an edit of its fields did not

@@ -111,6 +111,81 @@ fn a_decision_settles_a_contest_and_equal_decisions_do_not_contest() -> Result<(
     Ok(())
 }
 
+/// The decision of a conflict policy: no deciding agent, so every agent writes it alike.
+fn shared_decision(policy: &str, chosen: Provenance) -> Provenance {
+    Provenance {
+        decision: Some(Decision {
+            policy: policy.into(),
+            by: String::new(),
+        }),
+        ..chosen
+    }
+}
+
+#[test]
+fn agents_settling_one_conflict_alike_write_one_change_between_them() -> Result<(), ModelError> {
+    // Regression: every agent that saw a conflict wrote its own decision, so a
+    // conflict seen by N agents made N changes, each applied by all N agents.
+    let (mut a, mut b) = crossing_names()?;
+    let (from_a, from_b) = (changes(&mut a), changes(&mut b));
+    a.apply(&from_b)?;
+    b.apply(&from_a)?;
+    let winner = Value::Text("Ada K.".into());
+    let name = Contested::Field("name".into());
+    let by_policy = shared_decision("latest_edit", from("b", "erp"));
+    let made_a = a.decide_shared(&name, &winner, &by_policy, 3_000)?;
+    let made_b = b.decide_shared(&name, &winner, &by_policy, 3_000)?;
+    assert!(made_a.is_some());
+    assert_eq!(
+        made_a, made_b,
+        "the same decision from the same document is one change"
+    );
+    let applied = a.apply(&changes(&mut b))?;
+    assert!(
+        applied.new_changes.is_empty(),
+        "b's decision is already a's"
+    );
+    assert_eq!(a.heads(), b.heads());
+    assert!(a.contested()?.is_empty());
+    assert_eq!(a.read()?.fields["name"], winner);
+    // The deciding agents' own edits go on under their own actors.
+    a.edit("people", "1", &edit("name", "Ada", 4_000, from("a", "crm")))?;
+    let last = a.automerge().get_last_local_change().expect("an edit");
+    assert_eq!(last.actor_id().to_bytes(), &[1; 16]);
+    Ok(())
+}
+
+#[test]
+fn shared_decisions_that_differ_are_two_changes_that_both_apply() -> Result<(), ModelError> {
+    // Agents whose policies differ by mistake choose different values from the
+    // same document: their decisions must not claim one actor and sequence number
+    // (Automerge would refuse the second), but stay two values, contested again.
+    let (mut a, mut b) = crossing_names()?;
+    let (from_a, from_b) = (changes(&mut a), changes(&mut b));
+    a.apply(&from_b)?;
+    b.apply(&from_a)?;
+    let name = Contested::Field("name".into());
+    a.decide_shared(
+        &name,
+        &Value::Text("Ada K.".into()),
+        &shared_decision("latest_edit", from("b", "erp")),
+        3_000,
+    )?;
+    b.decide_shared(
+        &name,
+        &Value::Text("Ada L.".into()),
+        &shared_decision("system_of_record", from("a", "crm")),
+        2_000,
+    )?;
+    let (from_a, from_b) = (changes(&mut a), changes(&mut b));
+    a.apply(&from_b)?;
+    b.apply(&from_a)?;
+    assert_eq!(a.heads(), b.heads());
+    assert_eq!(a.contested()?.len(), 1);
+    assert_eq!(a.contested()?[0].1.len(), 2);
+    Ok(())
+}
+
 #[test]
 fn a_delete_concurrent_with_an_edit_is_told_apart_from_one_made_after_it() -> Result<(), ModelError>
 {

@@ -569,8 +569,10 @@ fn print_history_lines(entries: &[HistoryView], indent: &str) {
             value,
             source(&e.agent, &e.tool)
         );
-        if let (Some(policy), Some(on)) = (&e.decided_by_policy, &e.decided_on) {
-            line.push_str(&format!(", chosen by {policy} on {on}"));
+        match (&e.decided_by_policy, &e.decided_on) {
+            (Some(policy), Some(on)) => line.push_str(&format!(", chosen by {policy} on {on}")),
+            (Some(policy), None) => line.push_str(&format!(", chosen by {policy}")),
+            _ => {}
         }
         if e.current {
             line.push_str("  <- current");

@@ -124,7 +124,7 @@ impl HistoryView {
             agent: entry.provenance.agent.clone(),
             tool: entry.provenance.tool.clone(),
             decided_by_policy: decision.map(|d| d.policy.clone()),
-            decided_on: decision.map(|d| d.by.clone()),
+            decided_on: decision.filter(|d| !d.by.is_empty()).map(|d| d.by.clone()),
             current: entry.current,
         }
     }

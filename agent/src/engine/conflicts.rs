@@ -177,14 +177,18 @@ impl Engine {
             if chosen.provenance.decision.is_some() {
                 continue;
             }
+            // Every agent that sees this conflict chooses the same value: they all
+            // write the same change, which counts once.
             let provenance = Provenance {
                 decision: Some(Decision {
                     policy: name.to_owned(),
-                    by: me.clone(),
+                    by: String::new(),
                 }),
                 ..chosen.provenance.clone()
             };
-            if let Ok(Some(change)) = doc.decide(&key, &chosen.value, &provenance, chosen.time_ms) {
+            if let Ok(Some(change)) =
+                doc.decide_shared(&key, &chosen.value, &provenance, chosen.time_ms)
+            {
                 changes.push(change);
             }
         }

@@ -987,3 +987,47 @@ fn old_log_entries_are_read_as_their_documents_changes() -> TestResult {
     }
     Ok(())
 }
+
+/// Regression (one decision per agent): every agent that saw a conflict wrote a
+/// decision of its own, so one conflict seen by N agents made N changes, each of
+/// which all N agents then applied.
+#[test]
+fn agents_that_settle_the_same_conflict_write_one_decision_between_them() -> TestResult {
+    let dirs = [
+        tempfile::tempdir()?,
+        tempfile::tempdir()?,
+        tempfile::tempdir()?,
+    ];
+    let (mut a, mut b, mut c) = (
+        engine(dirs[0].path())?,
+        engine(dirs[1].path())?,
+        engine(dirs[2].path())?,
+    );
+    let mut batch = a.store().batch();
+    capture(&mut a, &mut batch, vec![captured("1", "Ada")], 1)?;
+    a.store().commit(batch)?;
+    replicate(&mut a, &mut b)?;
+    // A and B rename her concurrently, then each learns the other's name.
+    let mut batch = a.store().batch();
+    capture(&mut a, &mut batch, vec![captured("1", "Ada L.")], 2)?;
+    a.store().commit(batch)?;
+    let mut batch = b.store().batch();
+    capture(&mut b, &mut batch, vec![captured("1", "Ada K.")], 1)?;
+    b.store().commit(batch)?;
+    replicate(&mut a, &mut b)?;
+    replicate(&mut b, &mut a)?;
+    assert_eq!((a.stats().decided, b.stats().decided), (1, 1));
+    let id = DocId::of("customers", "1");
+    assert_eq!(a.store().doc(id)?.heads(), b.store().doc(id)?.heads());
+    // C hears of it from both. It decides too, on applying the second name, before
+    // the others' decision arrives: the very same change. The record holds the
+    // creation, two names and one decision.
+    replicate(&mut a, &mut c)?;
+    replicate(&mut b, &mut c)?;
+    assert_eq!(c.stats().decided, 1);
+    let doc = c.store().doc(id)?;
+    assert_eq!(doc.automerge().get_changes(&[]).len(), 4);
+    assert!(doc.contested()?.is_empty());
+    assert_eq!(name_of(&mut c, "1")?, name_of(&mut a, "1")?);
+    Ok(())
+}
