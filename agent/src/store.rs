@@ -90,7 +90,8 @@ pub struct LogEntry {
     pub doc: [u8; 16],
     /// Automerge change bytes, in causal order. Empty in an entry older than the
     /// newest [`LOG_RAW_KEEP`]: [`StoreReader::log_from`] reads the document's (and
-    /// leaves it empty when an earlier entry of the same read carries them).
+    /// leaves it empty when an earlier entry of the same read and origin carries
+    /// them).
     pub changes: Vec<Vec<u8>>,
     /// The store these changes were learned from, if they came from a peer; they are
     /// not sent back to it.
@@ -1068,7 +1069,10 @@ impl StoreReader {
     ///
     /// An entry trimmed of its bytes is read as its document's changes, as stored
     /// now: those include every later entry's, so a later trimmed entry of the same
-    /// document in this read is left empty (there is nothing more to send for it).
+    /// document and the same origin in this read is left empty (there is nothing
+    /// more to send for it). Only of the same origin: a session skips the entries
+    /// its peer sent, and an entry of another origin stands for changes that peer
+    /// may lack.
     pub fn log_from(
         &self,
         collection: &str,
@@ -1086,7 +1090,7 @@ impl StoreReader {
             let (k, v) = guard.into_inner()?;
             let mut entry: LogEntry = decode(&v, "log entry")?;
             if entry.changes.is_empty()
-                && expanded.insert(entry.doc)
+                && expanded.insert((entry.doc, entry.origin))
                 && let Some(stored) = self.docs.get(entry.doc)?
             {
                 entry.changes =

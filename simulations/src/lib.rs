@@ -411,9 +411,9 @@ impl Sim {
             });
         }
         let mut links = Vec::new();
+        let hubs = agents.isqrt();
         for a in 0..agents {
             for b in a + 1..agents {
-                let hubs = agents.isqrt();
                 let linked = match swarm.topology {
                     "hubs" => a < hubs && (b < hubs || b % hubs == a),
                     "line" => b == a + 1,

@@ -1031,3 +1031,42 @@ fn agents_that_settle_the_same_conflict_write_one_decision_between_them() -> Tes
     assert_eq!(name_of(&mut c, "1")?, name_of(&mut a, "1")?);
     Ok(())
 }
+
+/// Regression (trimmed entries of one document from different peers): a log read
+/// expanded a trimmed document at its first entry and left its later entries empty,
+/// even when that first entry came from the very peer being sent to, which never
+/// gets its own entries back: the later entries' changes, made here, never went out.
+#[test]
+fn a_trimmed_document_first_learned_from_a_peer_still_reaches_that_peer() -> TestResult {
+    let (dir_a, dir_b) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let (mut a, mut b) = (engine(dir_a.path())?, engine(dir_b.path())?);
+    let mut batch = b.store().batch();
+    capture(&mut b, &mut batch, vec![captured("1", "Ada")], 1)?;
+    b.store().commit(batch)?;
+    replicate(&mut b, &mut a)?;
+    // A renames her, then captures other records, so both entries of record 1 lose
+    // their bytes.
+    a.store().set_log_raw_keep(1);
+    for (seq, (key, name)) in (1..).zip([("1", "Ada L."), ("2", "Grace"), ("3", "Edsger")]) {
+        let mut batch = a.store().batch();
+        capture(&mut a, &mut batch, vec![captured(key, name)], seq)?;
+        a.store().commit(batch)?;
+    }
+    // What a session to B sends: everything but the entries B itself sent.
+    let log = a.reader().log_from("customers", 1, 10)?;
+    let upto = log.last().map(|(seq, _)| *seq);
+    let entries = log
+        .into_iter()
+        .filter(|(_, entry)| entry.origin != Some(b.store_id()) && !entry.changes.is_empty())
+        .map(|(seq, entry)| WireEntry {
+            seq,
+            doc: entry.doc,
+            changes: entry.changes,
+        })
+        .collect();
+    let mut batch = b.store().batch();
+    b.apply_remote(&mut batch, a.store_id(), "customers", upto, entries)?;
+    b.store().commit(batch)?;
+    assert_eq!(name_of(&mut b, "1")?, Some(Value::Text("Ada L.".into())));
+    Ok(())
+}

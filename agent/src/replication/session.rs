@@ -759,8 +759,8 @@ impl Session {
 
     /// Gives the session what a log read for [`Session::wants`] returned (`max` is
     /// what was asked for). Entries the peer itself sent are not sent back, nor
-    /// entries with no changes; a read holding nothing else sends nothing (the peer's cursor lags, and a replay
-    /// skips the same entries again).
+    /// entries with no changes; a read holding nothing else sends nothing (the
+    /// peer's cursor lags, and a replay skips the same entries again).
     pub fn send_entries(
         &mut self,
         now: Instant,
@@ -788,7 +788,7 @@ impl Session {
                 break;
             }
             // An empty entry has nothing to send: a trimmed entry whose document's
-            // changes went out with an earlier entry of this read.
+            // changes went out with an earlier entry of this read and origin.
             if entry.changes.is_empty() || (entry.origin.is_some() && entry.origin == peer) {
                 continue;
             }
