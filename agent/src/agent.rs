@@ -22,7 +22,7 @@ use crate::engine::{
 };
 use crate::identity::{Identity, IdentityError, PeerId};
 use crate::mapping;
-use crate::peers::{self, PeerContext, Registry};
+use crate::peers::{self, PeerContext, Registry, SharedFollowing};
 use crate::store::{Store, StoreError, StoreReader};
 use crate::telemetry::{AgentInfo, Telemetry, ToolInfo};
 use crate::tool::{ToolLoop, ToolThread};
@@ -130,6 +130,7 @@ pub async fn start(config: Config) -> Result<RunningAgent, StartError> {
         reader: reader.clone(),
         log_version: threads.log_version,
         registry: Registry::default(),
+        following: SharedFollowing::default(),
         shutdown: shutdown_rx,
         dials: AtomicU64::new(0),
         telemetry: telemetry.clone(),

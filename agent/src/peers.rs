@@ -23,7 +23,7 @@ use crate::engine::RemoteError;
 use crate::identity::PeerId;
 use crate::logs::RepeatLimiter;
 use crate::progress::Progress;
-use crate::replication::{Action, ProtocolError, Session};
+use crate::replication::{Action, Following, ProtocolError, Session};
 use crate::store::{StoreId, StoreReader};
 use crate::telemetry::{StreamProgress, Telemetry};
 use crate::transport::{FrameError, Transport, TransportError, read_frame, write_frame};
@@ -58,6 +58,8 @@ pub struct PeerContext {
     pub log_version: watch::Receiver<u64>,
     /// Live connections by peer.
     pub registry: Registry,
+    /// The stores whose logs this agent follows live, told to every peer.
+    pub following: SharedFollowing,
     /// Set to stop every driver.
     pub shutdown: watch::Receiver<bool>,
     /// Dial attempts made, for status and tests.
@@ -131,6 +133,41 @@ impl Registry {
             .keys()
             .copied()
             .collect()
+    }
+}
+
+/// The agent's [`Following`], shared by its sessions: each session adds itself once
+/// it subscribed and removes itself when it ends; every session watches the version.
+#[derive(Debug)]
+pub struct SharedFollowing {
+    inner: Mutex<Following>,
+    version: watch::Sender<u64>,
+}
+
+impl Default for SharedFollowing {
+    fn default() -> SharedFollowing {
+        SharedFollowing {
+            inner: Mutex::new(Following::default()),
+            version: watch::Sender::new(0),
+        }
+    }
+}
+
+impl SharedFollowing {
+    fn update(&self, change: impl FnOnce(&mut Following)) {
+        let mut inner = self.inner.lock().expect("following lock");
+        change(&mut inner);
+        let version = inner.version();
+        self.version
+            .send_if_modified(|v| std::mem::replace(v, version) != version);
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        self.inner.lock().expect("following lock").deadline()
+    }
+
+    fn tell(&self, session: &mut Session) {
+        session.follow(&self.inner.lock().expect("following lock"));
     }
 }
 
@@ -248,7 +285,16 @@ async fn run_connection_in_span(
     tracing::debug!(remote = %connection.remote_address(), dialed, "connection open");
     let mut established = false;
     let mut reporter = Reporter::new(&ctx.telemetry, peer);
-    let result = drive(&connection, dialed, &ctx, &mut established, &mut reporter).await;
+    let result = drive(
+        &connection,
+        dialed,
+        id,
+        &ctx,
+        &mut established,
+        &mut reporter,
+    )
+    .await;
+    ctx.following.update(|f| f.remove(id, Instant::now()));
     ctx.registry.remove(peer, id);
     reporter.ended(&result);
     let duplicate = matches!(
@@ -293,6 +339,7 @@ type PendingEvent = oneshot::Receiver<Result<Vec<Action>, RemoteError>>;
 async fn drive(
     connection: &quinn::Connection,
     dialed: bool,
+    id: u64,
     ctx: &PeerContext,
     established: &mut bool,
     reporter: &mut Reporter<'_>,
@@ -314,6 +361,7 @@ async fn drive(
         &mut session,
         &mut send,
         &mut frames_rx,
+        id,
         ctx,
         established,
         reporter,
@@ -330,6 +378,7 @@ async fn pump(
     session: &mut Session,
     send: &mut quinn::SendStream,
     frames_rx: &mut mpsc::Receiver<Result<Vec<u8>, FrameError>>,
+    id: u64,
     ctx: &PeerContext,
     established: &mut bool,
     reporter: &mut Reporter<'_>,
@@ -338,7 +387,38 @@ async fn pump(
     let mut pending: VecDeque<PendingEvent> = VecDeque::new();
     let mut log_version = ctx.log_version.clone();
     let mut shutdown = ctx.shutdown.clone();
+    let mut following = ctx.following.version.subscribe();
+    // Whether this session follows the peer's logs, and whether it told the peer
+    // what this agent follows since the hello.
+    let mut follows = false;
+    let mut told = false;
+    let mut walked = false;
+    let mut caught_up = false;
     loop {
+        if !follows && let Some((peer, collections)) = session.following() {
+            follows = true;
+            let collections = collections.to_vec();
+            ctx.following.update(|f| f.add(id, peer, collections));
+        }
+        if !told && session.peer().is_some() {
+            told = true;
+            following.mark_unchanged();
+            ctx.following.tell(session);
+        }
+        if !caught_up
+            && session.caught_up()
+            && let Some(peer) = session.peer()
+        {
+            caught_up = true;
+            ctx.following.update(|f| f.caught_up(peer));
+        }
+        if !walked
+            && session.caught_up_walk_done()
+            && let Some(peer) = session.peer()
+        {
+            walked = true;
+            ctx.following.update(|f| f.walked(peer));
+        }
         while let Some(event) = session.poll_event() {
             let peer = session
                 .peer()
@@ -366,7 +446,8 @@ async fn pump(
         let timeout = session
             .poll_timeout()
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600))
-            .min(reporter.due().unwrap_or(far_future()));
+            .min(reporter.due().unwrap_or(far_future()))
+            .min(ctx.following.deadline().unwrap_or(far_future()));
         tokio::select! {
             biased;
             _ = shutdown.changed() => return Err(DriveError::Stopping),
@@ -383,7 +464,12 @@ async fn pump(
                 session.handle(Instant::now(), &frame)?;
             }
             _ = log_version.changed() => session.log_grew(),
-            _ = tokio::time::sleep_until(timeout.into()) => session.handle_timeout(Instant::now())?,
+            _ = following.changed() => ctx.following.tell(session),
+            _ = tokio::time::sleep_until(timeout.into()) => {
+                let now = Instant::now();
+                ctx.following.update(|f| f.poll(now));
+                session.handle_timeout(now)?;
+            }
             _ = async {}, if more_to_read => {}
         }
     }

@@ -43,7 +43,7 @@ use concord_agent::engine::{
 };
 use concord_agent::mapping::{Mapping, NaturalKey};
 use concord_agent::peers::EVENTS_IN_FLIGHT_MAX;
-use concord_agent::replication::{Action, Session};
+use concord_agent::replication::{Action, Following, Session};
 use concord_agent::store::{Store, StoreId};
 use concord_agent::tool::{CAPTURE_BATCH_MAX, ToolLoop, all_stale};
 use connectors::{Connector, OpOutcome, WriteOp};
@@ -241,6 +241,9 @@ struct Agent {
     /// just received, while the agent's own bookkeeping of the write may still wait
     /// in the core's queue.
     just_written: Vec<String>,
+    /// The stores whose logs the agent follows live, as the QUIC driver keeps them
+    /// (session ids are link indexes).
+    following: Following,
 }
 
 /// A frame in flight: (arrival ms, send order, bytes).
@@ -259,6 +262,10 @@ struct Link {
     last_arrival: [u64; 2],
     /// The log version each end's session last read at.
     log_seen: [u64; 2],
+    /// Whether each end's session is in its agent's [`Following`].
+    follows: [bool; 2],
+    /// The [`Following::version`] each end's session was last told.
+    follow_seen: [Option<u64>; 2],
     partitioned_until: u64,
     /// A one-way block: direction and until when.
     oneway: Option<(usize, u64, u64)>,
@@ -408,6 +415,7 @@ impl Sim {
                 acked_seq: [0; 2],
                 values: 0,
                 just_written: Vec::new(),
+                following: Following::default(),
             });
         }
         let mut links = Vec::new();
@@ -429,6 +437,8 @@ impl Sim {
                         queues: [BinaryHeap::new(), BinaryHeap::new()],
                         last_arrival: [0, 0],
                         log_seen: [0, 0],
+                        follows: [false, false],
+                        follow_seen: [None, None],
                         partitioned_until: 0,
                         oneway: None,
                         reconnect_at: 0,
@@ -587,6 +597,10 @@ impl Sim {
                 self.start_agent(i)?;
             }
         }
+        let now = self.instant();
+        for agent in &mut self.agents {
+            agent.following.poll(now);
+        }
         for l in 0..self.links.len() {
             self.step_link(l)?;
         }
@@ -605,6 +619,8 @@ impl Sim {
         let actor = self.rng.bytes16();
         let agent = &mut self.agents[i];
         agent.restart_at = None;
+        // A new process: it follows nothing and has walked with no peer yet.
+        agent.following = Following::default();
         let mut store =
             Store::open_with(&agent.dir, || actor).map_err(|e| format!("agent {i}: {e}"))?;
         store.set_doc_cache_max(SIM_DOC_CACHE_MAX);
@@ -1080,7 +1096,13 @@ impl Sim {
         link.pending = [VecDeque::new(), VecDeque::new()];
         link.last_arrival = [0, 0];
         link.reconnect_at = self.now + backoff;
+        link.follows = [false, false];
+        link.follow_seen = [None, None];
         let (a, b) = (link.a, link.b);
+        let now = self.instant();
+        for i in [a, b] {
+            self.agents[i].following.remove(l as u64, now);
+        }
         self.log(format!("link {a}-{b} closed: {why}"));
     }
 
@@ -1164,6 +1186,7 @@ impl Sim {
         }
         for side in 0..2 {
             self.take_actions(l, side, &mut ends[side])?;
+            self.follow(l, side, agents[side], &mut ends[side]);
             ends[side]
                 .handle_timeout(now)
                 .map_err(|e| Pump::Closed(format!("{}: {e}", agents[side])))?;
@@ -1189,6 +1212,32 @@ impl Sim {
             }
         }
         Ok(())
+    }
+
+    /// Keeps agent `i`'s [`Following`] and its session on link `l` in step, as the
+    /// QUIC driver does: the session joins once it subscribed, and is told (after
+    /// the hello) whenever the agent's following changed.
+    fn follow(&mut self, l: usize, side: usize, i: usize, session: &mut Session) {
+        if !self.links[l].follows[side]
+            && let Some((peer, collections)) = session.following()
+        {
+            self.links[l].follows[side] = true;
+            let collections = collections.to_vec();
+            self.agents[i].following.add(l as u64, peer, collections);
+        }
+        let version = self.agents[i].following.version();
+        if session.peer().is_some() && self.links[l].follow_seen[side] != Some(version) {
+            self.links[l].follow_seen[side] = Some(version);
+            session.follow(&self.agents[i].following);
+        }
+        if let Some(peer) = session.peer() {
+            if session.caught_up() {
+                self.agents[i].following.caught_up(peer);
+            }
+            if session.caught_up_walk_done() {
+                self.agents[i].following.walked(peer);
+            }
+        }
     }
 
     /// Hands the session's events to agent `i`'s core queue.

@@ -85,6 +85,14 @@ pub enum Message {
         /// (document id, heads digest) of each document in it.
         docs: Vec<([u8; 16], u64)>,
     },
+    /// "I follow these stores' logs of `collection` live": do not relay to me the
+    /// entries you learned from them. Replaces what the sender said before.
+    Following {
+        /// The collection.
+        collection: String,
+        /// The stores followed.
+        stores: Vec<[u8; 16]>,
+    },
     /// Changes of one document, answering [`Message::NeedDoc`].
     DocChanges {
         /// The collection of the document.

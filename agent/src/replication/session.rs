@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use super::PROTOCOL_VERSION;
+use super::follow::{FollowMap, Following};
 use super::message::{Message, decode, encode};
 use super::policy::Action;
 use crate::engine::WireEntry;
@@ -36,6 +37,8 @@ pub const ACK_TIMEOUT_MS: u64 = 30_000;
 pub const SUBSCRIBE_TIMEOUT_MS: u64 = 10_000;
 /// How long a peer has to say hello.
 pub const HELLO_TIMEOUT_MS: u64 = 10_000;
+/// Stores named in one [`Message::Following`] at most.
+pub const FOLLOWED_STORES_MAX: usize = 4096;
 /// Repair requests (`NeedDoc`) sent and not yet answered, at most; more are not sent
 /// until answers arrive (the document stays waiting and is asked for again later).
 pub const NEED_DOCS_IN_FLIGHT_MAX: usize = 4096;
@@ -182,6 +185,8 @@ struct Stream {
 struct Inbound {
     /// The last `upto` received.
     upto: u64,
+    /// The last `upto` applied and durable.
+    applied: u64,
     /// The peer's last seq as of its hello.
     hello_head: u64,
 }
@@ -241,6 +246,35 @@ pub struct Session {
     acks_received: u64,
     /// Acknowledgements received and not yet taken: (collection, acked before, now).
     acked: Vec<(String, u64, u64)>,
+    /// This agent's log heads as of its hello: the peer's cursor is moved past them
+    /// even when every entry up to them is skipped, so the peer sees it caught up.
+    own_heads: BTreeMap<String, u64>,
+    /// The collections this agent subscribed to (set once it did).
+    subscribed: Option<Vec<String>>,
+    /// The stores the peer follows live, per collection: their entries are not
+    /// relayed to it.
+    peer_follows: FollowMap,
+    /// The stores this agent told the peer it follows, per collection.
+    announced: FollowMap,
+    /// The losses of followed stores seen (see [`Following::losses`]); `None` until
+    /// the first [`Session::follow`] after the hello.
+    losses_seen: Option<BTreeMap<String, u64>>,
+    /// The walk made once this agent caught up with the peer's logs.
+    catch_up_walk: CatchUpWalk,
+    /// The collections it walks: those whose cursor into the peer's log was
+    /// persisted before this session (from an earlier life of this agent, perhaps).
+    catch_up_collections: Vec<String>,
+}
+
+/// Where a session's catch-up walk stands (see [`Session::follow`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CatchUpWalk {
+    /// Due once every entry of the peer's logs as of its hello is applied.
+    Due,
+    /// Started: done when every walk of the session is.
+    Running,
+    /// Finished, or not needed (an earlier session with the peer finished one).
+    Done,
 }
 
 impl Session {
@@ -248,6 +282,7 @@ impl Session {
     /// logs end at `heads`; queues the hello.
     pub fn new(local: StoreId, heads: Vec<(String, u64)>, now: Instant) -> Session {
         let collections: Vec<String> = heads.iter().map(|(c, _)| c.clone()).collect();
+        let own_heads = heads.iter().cloned().collect();
         let mut session = Session {
             local,
             peer: None,
@@ -271,6 +306,13 @@ impl Session {
             received_entries: 0,
             acks_received: 0,
             acked: Vec::new(),
+            own_heads,
+            subscribed: None,
+            peer_follows: FollowMap::new(),
+            announced: FollowMap::new(),
+            losses_seen: None,
+            catch_up_walk: CatchUpWalk::Due,
+            catch_up_collections: Vec::new(),
         };
         session.queue(&Message::Hello {
             version: PROTOCOL_VERSION,
@@ -375,6 +417,15 @@ impl Session {
                 doc,
                 changes,
             } => self.on_doc_changes(collection, doc, changes),
+            Message::Following { collection, stores } => {
+                if stores.len() > FOLLOWED_STORES_MAX {
+                    return Err(ProtocolError::Limit("stores followed"));
+                }
+                self.check_collection(&collection)?;
+                self.peer_follows
+                    .insert(collection, stores.into_iter().collect());
+                Ok(())
+            }
         }
     }
 
@@ -551,17 +602,112 @@ impl Session {
                 collection.clone(),
                 Inbound {
                     upto: next.saturating_sub(1),
+                    applied: next.saturating_sub(1),
                     hello_head: self.hello_heads.get(collection).copied().unwrap_or(0),
                 },
             );
         }
+        self.subscribed = Some(cursors.iter().map(|(c, _)| c.clone()).collect());
+        // A log read from its start holds every entry the peer may have skipped
+        // before: only a cursor that moved needs the catch-up walk.
+        self.catch_up_collections = cursors
+            .iter()
+            .filter(|(_, next)| *next > 1)
+            .map(|(c, _)| c.clone())
+            .collect();
         self.queue(&Message::Subscribe { cursors });
+    }
+
+    /// The peer's store and the collections of its logs this agent subscribed to,
+    /// once it did: the driver adds them to its [`Following`].
+    pub fn following(&self) -> Option<(StoreId, &[String])> {
+        Some((self.peer?, self.subscribed.as_deref()?))
+    }
+
+    /// Tells the peer which stores this agent follows live (what changed since it was
+    /// last told), and walks the digests of each collection that lost a followed
+    /// store since the last call: the peer may have skipped relaying entries that
+    /// store then never delivered. Call it after the hello and whenever
+    /// [`Following::version`] changes.
+    ///
+    /// The first session with a peer since the agent started also walks once it has
+    /// caught up with the peer's logs: before a restart this agent may have told the
+    /// peer it followed a store that never delivered what the peer then skipped.
+    pub fn follow(&mut self, following: &Following) {
+        let Some(peer) = self.peer else {
+            return;
+        };
+        if self.losses_seen.is_none() && following.has_walked(&peer) {
+            self.catch_up_walk = CatchUpWalk::Done;
+        }
+        let collections: Vec<String> = self.collections.iter().cloned().collect();
+        for collection in &collections {
+            let mut stores = following.map().get(collection).cloned().unwrap_or_default();
+            stores.remove(&peer);
+            let told = self.announced.get(collection);
+            if told.map_or(stores.is_empty(), |told| *told == stores) {
+                continue;
+            }
+            self.queue(&Message::Following {
+                collection: collection.clone(),
+                stores: stores.iter().copied().collect(),
+            });
+            self.announced.insert(collection.clone(), stores);
+        }
+        // After the announcements: the peer stops skipping before it answers the
+        // walk, so nothing falls between the two.
+        let losses = following.losses();
+        if let Some(seen) = self.losses_seen.take() {
+            for collection in &collections {
+                let before = seen.get(collection).copied().unwrap_or(0);
+                if losses.get(collection).copied().unwrap_or(0) > before {
+                    self.start_anti_entropy(collection.clone());
+                }
+            }
+        }
+        self.losses_seen = Some(losses.clone());
+        self.walk_once_caught_up();
+    }
+
+    /// Whether every entry of the peer's logs as of its hello is applied here: the
+    /// driver tells its [`Following`] ([`Following::caught_up`]).
+    pub fn caught_up(&self) -> bool {
+        !self.inbound.is_empty() && self.inbound.values().all(|i| i.applied >= i.hello_head)
+    }
+
+    /// Whether this session finished its catch-up walk: the driver records it with
+    /// [`Following::walked`].
+    pub fn caught_up_walk_done(&self) -> bool {
+        self.catch_up_walk == CatchUpWalk::Done && self.losses_seen.is_some()
+    }
+
+    /// Starts the catch-up walk (see [`Session::follow`]) once it is due and every
+    /// entry of the peer's logs as of its hello is applied here.
+    fn walk_once_caught_up(&mut self) {
+        if self.catch_up_walk != CatchUpWalk::Due || self.losses_seen.is_none() || !self.caught_up()
+        {
+            return;
+        }
+        self.catch_up_walk = CatchUpWalk::Running;
+        let collections: Vec<String> = std::mem::take(&mut self.catch_up_collections)
+            .into_iter()
+            .filter(|c| !self.anti_entropy.contains_key(c))
+            .collect();
+        if collections.is_empty() && self.anti_entropy.is_empty() {
+            self.catch_up_walk = CatchUpWalk::Done;
+        }
+        for collection in collections {
+            self.start_anti_entropy(collection);
+        }
     }
 
     /// Acknowledges that `entries` entries up to `upto` of `collection` are persisted.
     /// Acknowledgements wait up to [`ACK_DELAY_MS`] to travel together, unless
     /// [`ACK_ENTRIES_MAX`] entries are waiting.
     pub fn applied(&mut self, now: Instant, collection: String, upto: u64, entries: usize) {
+        if let Some(inbound) = self.inbound.get_mut(&collection) {
+            inbound.applied = inbound.applied.max(upto);
+        }
         let acked = self.acks.entry(collection).or_default();
         *acked = (*acked).max(upto);
         self.ack_entries += entries;
@@ -687,6 +833,9 @@ impl Session {
             self.events.push_back(Event::AntiEntropyDone {
                 collection: collection.to_owned(),
             });
+            if self.catch_up_walk == CatchUpWalk::Running && self.anti_entropy.is_empty() {
+                self.catch_up_walk = CatchUpWalk::Done;
+            }
         }
     }
 
@@ -711,12 +860,16 @@ impl Session {
                 for collection in anti_entropy {
                     self.start_anti_entropy(collection);
                 }
+                self.walk_once_caught_up();
             }
             Action::Applied {
                 collection,
                 upto,
                 entries,
-            } => self.applied(now, collection, upto, entries),
+            } => {
+                self.applied(now, collection, upto, entries);
+                self.walk_once_caught_up();
+            }
             Action::Ask {
                 collection,
                 doc,
@@ -769,6 +922,8 @@ impl Session {
         max: usize,
     ) {
         let peer = self.peer;
+        let own_head = self.own_heads.get(collection).copied().unwrap_or(0);
+        let follows = self.peer_follows.get(collection);
         let Some(stream) = self.streams.get_mut(collection) else {
             return;
         };
@@ -788,8 +943,12 @@ impl Session {
                 break;
             }
             // An empty entry has nothing to send: a trimmed entry whose document's
-            // changes went out with an earlier entry of this read and origin.
-            if entry.changes.is_empty() || (entry.origin.is_some() && entry.origin == peer) {
+            // changes went out with an earlier entry of this read and origin. Nor
+            // are entries learned from the peer, or from a store it follows itself.
+            let learned_from = |store: &StoreId| {
+                Some(*store) == peer || follows.is_some_and(|f| f.contains(store))
+            };
+            if entry.changes.is_empty() || entry.origin.as_ref().is_some_and(learned_from) {
                 continue;
             }
             bytes += entry.changes.iter().map(Vec::len).sum::<usize>();
@@ -800,11 +959,16 @@ impl Session {
             });
         }
         stream.next = upto + 1;
-        // A read of only the peer's own entries sends nothing, except once a session
-        // when nothing was sent yet: an empty message then moves the peer's cursor, so
-        // a peer that only ever sent to this agent does not walk digests on every
-        // reconnect as if its cursor were lost.
-        if entries.is_empty() && (stream.advanced || !stream.caught_up) {
+        // A read of only skipped entries sends nothing, except an empty message that
+        // moves the peer's cursor: once a session when nothing was sent yet (so a
+        // peer that only ever sent to this agent does not walk digests on every
+        // reconnect as if its cursor were lost), once past this agent's hello head
+        // (so the peer sees it caught up), and whenever its cursor would lag a
+        // message's worth of entries (so a reconnect does not read them all again).
+        let first = !stream.advanced && stream.caught_up;
+        let past_hello = stream.sent_upto < own_head && upto >= own_head;
+        let lagging = upto - stream.sent_upto >= ENTRIES_PER_MESSAGE_MAX as u64;
+        if entries.is_empty() && !(first || past_hello || lagging) {
             return;
         }
         stream.advanced = true;
@@ -991,6 +1155,190 @@ mod tests {
             a.wants(),
             vec![("customers".to_owned(), 6, ENTRIES_PER_MESSAGE_MAX)]
         );
+        Ok(())
+    }
+
+    /// Two sessions past their hellos, B subscribed to A's log of `customers` from
+    /// `next` (A's log ends at `head`) and told what B's agent follows.
+    fn following_pair(
+        now: Instant,
+        head: u64,
+        next: u64,
+        b_follows: &Following,
+    ) -> Result<(Session, Session), ProtocolError> {
+        let mut a = Session::new([1; 16], vec![("customers".into(), head)], now);
+        let mut b = Session::new([2; 16], vec![("customers".into(), 0)], now);
+        deliver(&mut a, &mut b, now)?;
+        deliver(&mut b, &mut a, now)?;
+        a.poll_event();
+        b.poll_event();
+        b.follow(b_follows);
+        b.act(
+            now,
+            Action::Subscribe {
+                cursors: vec![("customers".into(), next)],
+                anti_entropy: Vec::new(),
+            },
+        );
+        deliver(&mut b, &mut a, now)?;
+        Ok((a, b))
+    }
+
+    #[test]
+    fn entries_learned_from_a_store_the_peer_follows_are_not_relayed_to_it()
+    -> Result<(), ProtocolError> {
+        let now = Instant::now();
+        let (s_id, t_id) = ([7; 16], [8; 16]);
+        let mut b_follows = Following::default();
+        b_follows.add(1, s_id, vec!["customers".into()]);
+        let (mut a, mut b) = following_pair(now, 0, 1, &b_follows)?;
+        let log = vec![
+            (1, entry(1, None)),
+            (2, entry(2, Some(s_id))),
+            (3, entry(3, Some(t_id))),
+        ];
+        a.send_entries(now, "customers", log, ENTRIES_PER_MESSAGE_MAX);
+        deliver(&mut a, &mut b, now)?;
+        match b.poll_event() {
+            Some(Event::Apply { upto, entries, .. }) => {
+                assert_eq!(upto, 3);
+                let seqs: Vec<u64> = entries.iter().map(|e| e.seq).collect();
+                assert_eq!(seqs, vec![1, 3], "B gets S's entry from S itself");
+            }
+            other => panic!("expected entries, got {other:?}"),
+        }
+        // B's agent no longer follows S: A relays S's entries again, and B walks.
+        b_follows.remove(1, now);
+        b_follows.poll(now + Duration::from_millis(super::super::follow::LOSS_GRACE_MS));
+        b.follow(&b_follows);
+        let mut frames = Vec::new();
+        while let Some(frame) = b.poll_transmit() {
+            frames.push(decode(&frame).expect("a message").1);
+        }
+        assert!(
+            matches!(&frames[..], [Message::Following { stores, .. }, Message::DigestQuery { depth: 0, .. }] if stores.is_empty()),
+            "the new claim goes before the walk: {frames:?}"
+        );
+        for message in &frames {
+            let frame = encode(a.recv_seq, message);
+            a.handle(now, &frame)?;
+        }
+        a.log_grew();
+        a.send_entries(
+            now,
+            "customers",
+            vec![(4, entry(4, Some(s_id)))],
+            ENTRIES_PER_MESSAGE_MAX,
+        );
+        deliver(&mut a, &mut b, now)?;
+        match b.poll_event() {
+            Some(Event::Apply { entries, .. }) => assert_eq!(entries.len(), 1),
+            other => panic!("expected S's entry relayed, got {other:?}"),
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_followed_store_that_comes_back_and_catches_up_costs_no_walk() -> Result<(), ProtocolError>
+    {
+        let now = Instant::now();
+        let s_id = [7; 16];
+        let mut b_follows = Following::default();
+        b_follows.add(1, s_id, vec!["customers".into()]);
+        let (_a, mut b) = following_pair(now, 0, 1, &b_follows)?;
+        while b.poll_transmit().is_some() {}
+        b_follows.remove(1, now);
+        b_follows.add(2, s_id, vec!["customers".into()]);
+        b_follows.caught_up(s_id);
+        b_follows.poll(now + Duration::from_millis(super::super::follow::LOSS_GRACE_MS));
+        b.follow(&b_follows);
+        while let Some(frame) = b.poll_transmit() {
+            let message = decode(&frame).expect("a message").1;
+            assert!(
+                !matches!(message, Message::DigestQuery { .. }),
+                "no walk: {message:?}"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn skipped_entries_still_move_the_peers_cursor_past_the_hello_head() -> Result<(), ProtocolError>
+    {
+        let now = Instant::now();
+        let s_id = [7; 16];
+        let mut b_follows = Following::default();
+        b_follows.add(1, s_id, vec!["customers".into()]);
+        let (mut a, mut b) = following_pair(now, 2, 1, &b_follows)?;
+        // Something was sent already, so only the hello head moves the cursor now.
+        a.send_entries(now, "customers", vec![(1, entry(1, None))], 1);
+        deliver(&mut a, &mut b, now)?;
+        b.poll_event();
+        assert!(!b.caught_up(), "A's hello head is 2");
+        a.send_entries(
+            now,
+            "customers",
+            vec![(2, entry(2, Some(s_id)))],
+            ENTRIES_PER_MESSAGE_MAX,
+        );
+        deliver(&mut a, &mut b, now)?;
+        match b.poll_event() {
+            Some(Event::Apply { upto, entries, .. }) => {
+                assert_eq!(upto, 2);
+                assert!(entries.is_empty());
+            }
+            other => panic!("expected an empty message, got {other:?}"),
+        }
+        b.applied(now, "customers".into(), 2, 0);
+        assert!(b.caught_up());
+        // Past the hello head, skipped entries send nothing.
+        a.log_grew();
+        a.send_entries(
+            now,
+            "customers",
+            vec![(3, entry(3, Some(s_id)))],
+            ENTRIES_PER_MESSAGE_MAX,
+        );
+        assert_eq!(deliver(&mut a, &mut b, now)?, 0);
+        Ok(())
+    }
+
+    #[test]
+    fn only_a_cursor_kept_from_before_walks_once_caught_up() -> Result<(), ProtocolError> {
+        let now = Instant::now();
+        let digest_queries = |session: &mut Session| {
+            let mut n = 0;
+            while let Some(frame) = session.poll_transmit() {
+                n += usize::from(matches!(
+                    decode(&frame).expect("a message").1,
+                    Message::DigestQuery { .. }
+                ));
+            }
+            n
+        };
+        // A log read from its start: nothing skipped before can be missing.
+        let (_a, mut b) = following_pair(now, 0, 1, &Following::default())?;
+        assert_eq!(digest_queries(&mut b), 0);
+        assert!(b.caught_up_walk_done());
+        // A cursor persisted before (by an earlier life of this agent, perhaps):
+        // walk once caught up with A's hello head.
+        let (_a, mut b) = following_pair(now, 5, 4, &Following::default())?;
+        assert_eq!(digest_queries(&mut b), 0, "not caught up yet");
+        b.act(
+            now,
+            Action::Applied {
+                collection: "customers".into(),
+                upto: 5,
+                entries: 1,
+            },
+        );
+        assert_eq!(digest_queries(&mut b), 1);
+        assert!(!b.caught_up_walk_done());
+        // A later session with the same peer in this life skips it.
+        let mut walked = Following::default();
+        walked.walked([1; 16]);
+        let (_a, mut b) = following_pair(now, 5, 5, &walked)?;
+        assert_eq!(digest_queries(&mut b), 0);
         Ok(())
     }
 
