@@ -284,7 +284,7 @@ async fn run_connection_in_span(
     let dialed = dialer == ctx.me;
     tracing::debug!(remote = %connection.remote_address(), dialed, "connection open");
     let mut established = false;
-    let mut reporter = Reporter::new(&ctx.telemetry, peer);
+    let mut reporter = Reporter::new(&ctx.telemetry, peer, &connection);
     let result = drive(
         &connection,
         dialed,
@@ -365,10 +365,9 @@ async fn drive(
         ctx,
         established,
         reporter,
-        connection,
     )
     .await;
-    reporter.report(&mut session, connection, true);
+    reporter.report(&mut session, true);
     result
 }
 
@@ -382,7 +381,6 @@ async fn pump(
     ctx: &PeerContext,
     established: &mut bool,
     reporter: &mut Reporter<'_>,
-    connection: &quinn::Connection,
 ) -> Result<(), DriveError> {
     let mut pending: VecDeque<PendingEvent> = VecDeque::new();
     let mut log_version = ctx.log_version.clone();
@@ -440,7 +438,7 @@ async fn pump(
             write_frame(send, &frame).await?;
         }
         let more_to_read = !session.wants().is_empty();
-        reporter.report(session, connection, false);
+        reporter.report(session, false);
         // A report held back by the interval is made when it is due, even if the
         // session goes quiet meanwhile.
         let timeout = session
@@ -502,6 +500,8 @@ async fn read_frames(
 struct Reporter<'a> {
     telemetry: &'a Telemetry,
     peer: PeerId,
+    /// The connection, for its statistics and address.
+    connection: &'a quinn::Connection,
     /// Whether the session was announced as up.
     announced: bool,
     last: Option<Instant>,
@@ -520,10 +520,15 @@ struct Reporter<'a> {
 }
 
 impl<'a> Reporter<'a> {
-    fn new(telemetry: &'a Telemetry, peer: PeerId) -> Reporter<'a> {
+    fn new(
+        telemetry: &'a Telemetry,
+        peer: PeerId,
+        connection: &'a quinn::Connection,
+    ) -> Reporter<'a> {
         Reporter {
             telemetry,
             peer,
+            connection,
             announced: false,
             last: None,
             dirty: false,
@@ -546,7 +551,8 @@ impl<'a> Reporter<'a> {
 
     /// Reports the session's progress: now if `now` or [`REPORT_INTERVAL_MS`] passed,
     /// else it is due later (see [`Reporter::due`]).
-    fn report(&mut self, session: &mut Session, connection: &quinn::Connection, now: bool) {
+    fn report(&mut self, session: &mut Session, now: bool) {
+        let connection = self.connection;
         let now_ms = crate::core::now_ms();
         for (collection, from, upto) in session.take_acked() {
             self.telemetry
