@@ -26,7 +26,7 @@ pub const CORE_QUEUE_MAX: usize = 256;
 /// Requests staged into one commit at most.
 pub const GROUP_COMMIT_REQUESTS_MAX: usize = 64;
 /// Writes planned for the tool in one write-back at most.
-pub const WRITE_BACK_BATCH_MAX: usize = 512;
+pub const WRITE_BACK_BATCH_MAX: usize = 4096;
 /// Write-back plans handed to one tool and not finished, at most.
 pub const WRITE_BACK_PLANS_IN_FLIGHT_MAX: usize = 1;
 

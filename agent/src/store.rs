@@ -31,7 +31,7 @@ use std::num::NonZeroUsize;
 use std::path::Path;
 
 use connectors::Cursor;
-use crdt_model::{ActorBytes, DocId, Record, RecordDoc};
+use crdt_model::{ActorBytes, DocId, Record, RecordDoc, RecordState};
 use fjall::config::PinningPolicy;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use lru::LruCache;
@@ -39,6 +39,9 @@ use serde::{Deserialize, Serialize};
 
 /// How many documents the cache holds at most (~20 KB each when loaded).
 pub const DOC_CACHE_MAX: usize = 1024;
+/// How many records read for a write-back are kept past their document's eviction
+/// (a few hundred bytes each, against ~20 KB for a loaded document).
+pub const READ_CACHE_MAX: usize = 16_384;
 /// fjall's block cache.
 pub const STORE_CACHE_BYTES_MAX: u64 = 16 * 1024 * 1024;
 /// Journal kept at most: beyond it the keyspaces holding its oldest writes are
@@ -252,6 +255,11 @@ pub struct Store {
     buckets: HashMap<String, Vec<u64>>,
     actor: StoreId,
     cache: LruCache<DocId, CachedDoc>,
+    /// What each document read as when a peer's change made it pending, until the
+    /// document is touched again: planning its write-back then needs no load of a
+    /// document the cache evicted meanwhile (loading it again took half the
+    /// receiving core when write-backs fell behind a first sync).
+    reads: LruCache<DocId, RecordState>,
     /// Next sequence number of each collection's log.
     log_next: HashMap<String, u64>,
     /// Live records per collection, counting the open batch (committed in
@@ -404,6 +412,7 @@ impl Store {
             db,
             actor,
             cache: LruCache::new(NonZeroUsize::new(DOC_CACHE_MAX).expect("DOC_CACHE_MAX > 0")),
+            reads: LruCache::new(NonZeroUsize::new(READ_CACHE_MAX).expect("READ_CACHE_MAX > 0")),
             log_next: HashMap::new(),
             records: HashMap::new(),
             staged: Staged::default(),
@@ -536,6 +545,7 @@ impl Store {
         }
         for id in staged.doc_ids {
             self.cache.pop(&id);
+            self.reads.pop(&id);
         }
         // Log seqs, bucket digests and record counts moved with what was staged:
         // rebuild them from disk.
@@ -545,9 +555,22 @@ impl Store {
     }
 
     /// Loads the document `id` into the cache (creating an empty one if unknown) and
-    /// returns it.
+    /// returns it. The caller may change it, so the read remembered for it is
+    /// dropped.
     pub fn doc(&mut self, id: DocId) -> Result<&mut RecordDoc, StoreError> {
+        self.reads.pop(&id);
         self.cached(id).map(|cached| &mut cached.doc)
+    }
+
+    /// Remembers what document `id` reads as now, for [`Store::remembered_read`],
+    /// until the document is next handed out by [`Store::doc`].
+    pub fn remember_read(&mut self, id: DocId, state: RecordState) {
+        self.reads.put(id, state);
+    }
+
+    /// What document `id` read as when remembered, if it was not handed out since.
+    pub fn remembered_read(&mut self, id: DocId) -> Option<RecordState> {
+        self.reads.get(&id).cloned()
     }
 
     /// Whether the store holds the document `id`.
@@ -1566,6 +1589,7 @@ impl Store {
     /// Drops the cached copy of document `id`, so the next use reloads what is
     /// stored or staged: changes made to it in memory and not staged are undone.
     pub fn forget(&mut self, id: DocId) {
+        self.reads.pop(&id);
         if let Some(old) = self.cache.pop(&id)
             && self.staged.doc_ids.contains(&id)
         {

@@ -153,6 +153,10 @@ impl RecordDoc {
     /// The fields (and the tombstone) that hold concurrent values that differ, with
     /// every value and where it came from. Cheap when nothing is contested.
     pub fn contested(&mut self) -> Result<Vec<(Contested, Vec<Candidate>)>, ModelError> {
+        if self.is_first_change() {
+            // One change holds no concurrent values.
+            return Ok(Vec::new());
+        }
         let conflicted: Vec<String> = self
             .doc
             .map_range(ObjId::Root, ..)
@@ -211,6 +215,7 @@ impl RecordDoc {
         provenance: &Provenance,
         time_ms: i64,
     ) -> Result<Option<Vec<u8>>, ModelError> {
+        self.materialize()?;
         let prop = key.prop();
         // Cleared first, so the decision is a value of its own even when it repeats
         // one the field holds: Automerge would otherwise only delete the other
@@ -259,6 +264,7 @@ impl RecordDoc {
         provenance: &Provenance,
         time_ms: i64,
     ) -> Result<Option<Vec<u8>>, ModelError> {
+        self.materialize()?;
         let mut hasher = Sha256::new();
         hasher.update(DECISION_ACTOR_DOMAIN);
         for head in self.doc.get_heads() {
@@ -285,6 +291,7 @@ impl RecordDoc {
     /// know of (the edit was made concurrently): what *edit wins* revives. A
     /// policy's decision is not an edit.
     pub fn edited_concurrently_with_delete(&mut self) -> Result<bool, ModelError> {
+        self.materialize()?;
         let deletes: Vec<OpKey> = self
             .doc
             .get_all(ObjId::Root, KEY_DELETED)?
@@ -356,6 +363,7 @@ impl RecordDoc {
     /// Every value each field and the tombstone were given, oldest first (in causal
     /// order), with where it came from and whether the record holds it now.
     pub fn history(&mut self) -> Result<Vec<HistoryEntry>, ModelError> {
+        self.materialize()?;
         let mut current: HashSet<OpKey> = HashSet::new();
         let props: Vec<String> = self.doc.keys(ObjId::Root).collect();
         for prop in &props {

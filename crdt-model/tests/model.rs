@@ -386,3 +386,116 @@ fn stored_bytes_give_back_every_change_whether_appended_or_saved() -> Result<(),
     assert!(RecordDoc::stored_changes(&[0x85, 0x6f, 0x4a]).is_err());
     Ok(())
 }
+
+/// A ten-field record as the tools hand it over, every kind of scalar.
+fn sample_edit() -> Edit {
+    Edit {
+        fields: fields(&[
+            ("name", text("Ada")),
+            (
+                "balance",
+                Value::Decimal(Decimal::parse("12.50").expect("a decimal")),
+            ),
+            ("score", Value::Float(0.5)),
+            ("visits", Value::Int(3)),
+            ("active", Value::Bool(true)),
+            (
+                "created",
+                Value::Timestamp(Timestamp::from_micros(1_700_000_000_000_000)),
+            ),
+            ("note", Value::Null),
+        ]),
+        external_id: Some(("crm".into(), "7".into())),
+        deleted: Some(false),
+        time_ms: 1_000,
+        ..Edit::default()
+    }
+}
+
+/// A document that took `change` through Automerge itself, not held.
+fn applied_whole(change: &[u8]) -> Result<RecordDoc, ModelError> {
+    let mut doc = RecordDoc::new(&[9; 16]);
+    doc.automerge()
+        .apply_changes([automerge::Change::from_bytes(change.to_vec())?])?;
+    Ok(doc)
+}
+
+#[test]
+fn a_held_first_change_reads_as_the_document_that_applied_it() -> Result<(), ModelError> {
+    let mut author = RecordDoc::new(&[1; 16]);
+    let change = author
+        .edit("customers", "7", &sample_edit())?
+        .expect("a new record makes a change");
+    let mut held = RecordDoc::new(&[2; 16]);
+    let applied = held.apply(std::slice::from_ref(&change))?;
+    assert_eq!(applied.new_changes, vec![change.clone()]);
+    let mut whole = applied_whole(&change)?;
+    for doc in [&mut author, &mut held] {
+        assert_eq!(doc.read()?, whole.read()?);
+        assert_eq!(doc.identity()?, whole.identity()?);
+        assert_eq!(doc.heads(), whole.heads());
+        assert_eq!(doc.is_deleted()?, whole.is_deleted()?);
+        assert!(!doc.is_empty());
+        doc.check_readable()?;
+        assert!(doc.contested()?.is_empty());
+        assert_eq!(doc.field_times()?, whole.field_times()?);
+        assert_eq!(
+            RecordDoc::load(&doc.save(), &[3; 16])?.read()?,
+            whole.read()?
+        );
+    }
+    // Replayed: nothing new.
+    assert!(held.apply(&[change])?.new_changes.is_empty());
+    Ok(())
+}
+
+#[test]
+fn a_held_first_change_takes_later_edits_and_changes_of_peers() -> Result<(), ModelError> {
+    let mut a = RecordDoc::new(&[1; 16]);
+    let first = a.edit("customers", "7", &sample_edit())?.expect("a change");
+    let mut b = RecordDoc::new(&[2; 16]);
+    b.apply(&[first])?;
+    // Both edit the held record: A's second change follows its first, B's
+    // follows A's; each takes the other's.
+    let from_a = a.edit("customers", "7", &edit(&[("visits", Value::Int(4))]))?;
+    let from_b = b.edit("customers", "7", &edit(&[("name", text("Ada L."))]))?;
+    b.apply(&[from_a.expect("a change")])?;
+    a.apply(&[from_b.expect("a change")])?;
+    let (sa, sb) = (a.read()?, b.read()?);
+    assert_eq!(sa, sb);
+    assert_eq!(sa.fields["visits"], Value::Int(4));
+    assert_eq!(sa.fields["name"], text("Ada L."));
+    assert_eq!(a.heads(), b.heads());
+    Ok(())
+}
+
+#[test]
+fn a_first_change_that_is_not_plain_is_applied_whole() -> Result<(), ModelError> {
+    // A nested value: the document makes the change through a transaction.
+    let nested = Edit {
+        fields: fields(&[("tags", Value::List(vec![text("a"), text("b")]))]),
+        ..Edit::default()
+    };
+    let mut a = RecordDoc::new(&[1; 16]);
+    let change = a.edit("customers", "1", &nested)?.expect("a change");
+    let mut b = RecordDoc::new(&[2; 16]);
+    b.apply(&[change])?;
+    assert_eq!(b.read()?.fields["tags"], nested.fields["tags"]);
+    // A first change that replaces a value it wrote (an op with a predecessor):
+    // applied whole, it reads as Automerge reads it.
+    let mut c = RecordDoc::new(&[3; 16]);
+    let am = c.automerge();
+    automerge::transaction::Transactable::put(am, automerge::ROOT, "collection", "customers")?;
+    automerge::transaction::Transactable::put(am, automerge::ROOT, "f:name", "x")?;
+    automerge::transaction::Transactable::put(am, automerge::ROOT, "f:name", "y")?;
+    am.commit();
+    let change = am
+        .get_last_local_change()
+        .expect("a change")
+        .raw_bytes()
+        .to_vec();
+    let mut d = RecordDoc::new(&[4; 16]);
+    d.apply(&[change])?;
+    assert_eq!(d.read()?.fields["name"], text("y"));
+    Ok(())
+}

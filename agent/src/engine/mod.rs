@@ -405,6 +405,9 @@ impl Engine {
         batch: &mut Batch,
         id: DocId,
     ) -> Result<Option<RecordState>, StoreError> {
+        if let Some(state) = self.store.remembered_read(id) {
+            return self.settled(id, state).map(Some);
+        }
         let doc = self.store.doc(id)?;
         match doc.read() {
             Ok(state) => self.settled(id, state).map(Some),

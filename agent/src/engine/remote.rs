@@ -152,6 +152,11 @@ impl Engine {
         self.set_pending_all(batch, collection, id, None);
         self.stats.applied += 1;
         self.settle_doc(batch, id, collection, self.now_ms)?;
+        // Its write-back is planned later, maybe after the cache evicted the
+        // document: keep what it reads as (readable: checked above).
+        if let Ok(state) = self.store.doc(id)?.read() {
+            self.store.remember_read(id, state);
+        }
         Ok(applied.missing_deps)
     }
 
