@@ -273,6 +273,15 @@ impl RecordDoc {
     /// Loads a document from bytes made by [`RecordDoc::save`], or by appending change bytes
     /// to those; local edits are made by `actor`.
     pub fn load(bytes: &[u8], actor: &ActorBytes) -> Result<RecordDoc, ModelError> {
+        // A record written once: its first change, held again.
+        if let Some((CHUNK_CHANGE, chunk, [])) = split_chunk(bytes)
+            && let Ok(change) = Change::from_bytes(chunk.to_vec())
+            && let Some(first) = FirstChange::read(change)
+        {
+            let mut doc = RecordDoc::new(actor);
+            doc.first = Some(Box::new(first));
+            return Ok(doc);
+        }
         let doc = AutoCommit::load(bytes)?.with_actor(ActorId::from(&actor[..]));
         Ok(RecordDoc { doc, first: None })
     }

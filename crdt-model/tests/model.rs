@@ -430,7 +430,9 @@ fn a_held_first_change_reads_as_the_document_that_applied_it() -> Result<(), Mod
     let applied = held.apply(std::slice::from_ref(&change))?;
     assert_eq!(applied.new_changes, vec![change.clone()]);
     let mut whole = applied_whole(&change)?;
-    for doc in [&mut author, &mut held] {
+    // Stored as its change alone, the record loads held again.
+    let mut loaded = RecordDoc::load(&change, &[3; 16])?;
+    for doc in [&mut author, &mut held, &mut loaded] {
         assert_eq!(doc.read()?, whole.read()?);
         assert_eq!(doc.identity()?, whole.identity()?);
         assert_eq!(doc.heads(), whole.heads());
