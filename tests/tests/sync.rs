@@ -340,7 +340,7 @@ async fn a_re_inserted_key_starts_from_the_new_row() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_tool_that_commits_continuously_still_receives_remote_edits() -> anyhow::Result<()> {
     use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     let tmp = tempfile::tempdir()?;
     let (a, b, agent_a, agent_b) = pair(tmp.path()).await?;
     b.db()?.execute(
@@ -351,19 +351,26 @@ async fn a_tool_that_commits_continuously_still_receives_remote_edits() -> anyho
 
     // B's user commits without pause, one small transaction after another.
     let stop = Arc::new(AtomicBool::new(false));
+    let commits = Arc::new(AtomicU64::new(0));
     let editor = {
-        let stop = stop.clone();
+        let (stop, commits) = (stop.clone(), commits.clone());
         let db = b.db()?;
-        std::thread::spawn(move || -> anyhow::Result<u64> {
-            let mut commits = 0u64;
+        std::thread::spawn(move || -> anyhow::Result<()> {
             // Bounded: the test stops it, or it gives up after a minute's worth.
-            while !stop.load(Ordering::Relaxed) && commits < 2_000_000 {
+            while !stop.load(Ordering::Relaxed) && commits.load(Ordering::Relaxed) < 2_000_000 {
                 db.execute("UPDATE customers SET age = age + 1 WHERE id = 1", [])?;
-                commits += 1;
+                commits.fetch_add(1, Ordering::Relaxed);
             }
-            Ok(commits)
+            Ok(())
         })
     };
+    concord_tests::wait_for(
+        "B's user to be committing",
+        concord_tests::CONVERGE_TIMEOUT,
+        || Ok(commits.load(Ordering::Relaxed) >= 100),
+    )
+    .await?;
+    let before = commits.load(Ordering::Relaxed);
     for id in 100..150 {
         a.db()?.execute(
             "INSERT INTO customers (id, name) VALUES (?1, 'remote')",
@@ -376,12 +383,16 @@ async fn a_tool_that_commits_continuously_still_receives_remote_edits() -> anyho
         || Ok(b.rows()?.iter().filter(|r| r.0 >= 100).count() == 50),
     )
     .await;
+    let during = commits.load(Ordering::Relaxed) - before;
     stop.store(true, Ordering::Relaxed);
-    let commits = editor
+    editor
         .join()
         .map_err(|_| anyhow::anyhow!("the editor panicked"))??;
     arrived?;
-    assert!(commits > 100, "the editor made only {commits} commits");
+    assert!(
+        during > 0,
+        "B's user made no commit while the inserts arrived"
+    );
     let rows = converged(&[&a, &b]).await?;
     assert_eq!(rows.len(), 51);
     agent_a.shutdown().await;
