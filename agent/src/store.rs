@@ -40,7 +40,7 @@ use serde::{Deserialize, Serialize};
 /// How many documents the cache holds at most (~20 KB each when loaded).
 pub const DOC_CACHE_MAX: usize = 1024;
 /// How many records read for a write-back are kept past their document's eviction
-/// (a few hundred bytes each, against ~20 KB for a loaded document).
+/// (about 3 KB each for a ten-field record, against ~20 KB for a built document).
 pub const READ_CACHE_MAX: usize = 16_384;
 /// fjall's block cache.
 pub const STORE_CACHE_BYTES_MAX: u64 = 16 * 1024 * 1024;
