@@ -691,7 +691,7 @@ struct Threads {
 }
 
 fn spawn_threads(
-    engine: Engine,
+    mut engine: Engine,
     tools: impl ExactSizeIterator<Item = ((Box<dyn Connector>, String), ToolLoop)>,
     telemetry: Arc<Telemetry>,
 ) -> Result<Threads, StartError> {
@@ -702,6 +702,7 @@ fn spawn_threads(
     let mut senders = Vec::with_capacity(tools.len());
     let mut pending_threads = Vec::with_capacity(tools.len());
     for (tool, ((connector, name), state)) in tools.enumerate() {
+        engine.set_writes_per_plan(tool, connector.writes_per_plan());
         let (events_tx, events) = std::sync::mpsc::sync_channel(core::TOOL_EVENTS_MAX);
         senders.push(events_tx.clone());
         let thread = ToolThread {

@@ -25,8 +25,6 @@ use crate::telemetry::Telemetry;
 pub const CORE_QUEUE_MAX: usize = 256;
 /// Requests staged into one commit at most.
 pub const GROUP_COMMIT_REQUESTS_MAX: usize = 64;
-/// Writes planned for the tool in one write-back at most.
-pub const WRITE_BACK_BATCH_MAX: usize = 4096;
 /// Write-back plans handed to one tool and not finished, at most.
 pub const WRITE_BACK_PLANS_IN_FLIGHT_MAX: usize = 1;
 
@@ -240,9 +238,8 @@ impl Core {
             self.plan_needed[tool] = false;
             self.engine.set_now(now_ms);
             let mut batch = self.engine.store().batch();
-            let plan = self
-                .engine
-                .plan_writes(&mut batch, tool, WRITE_BACK_BATCH_MAX, now_ms)?;
+            let max = self.engine.writes_per_plan(tool);
+            let plan = self.engine.plan_writes(&mut batch, tool, max, now_ms)?;
             self.engine.store().commit(batch)?;
             if !plan.writes.is_empty() {
                 self.write_back_in_flight[tool] = true;

@@ -343,6 +343,11 @@ pub enum Rejection {
 #[error("{0}")]
 pub struct ConnectorError(pub Box<dyn std::error::Error + Send + Sync>);
 
+/// Writes in one write-back plan for a tool that writes records one by one.
+pub const WRITES_PER_PLAN: usize = 512;
+/// Writes in one write-back plan for a tool that writes a plan in one transaction.
+pub const BULK_WRITES_PER_PLAN: usize = 4096;
+
 /// The contract every connector implements.
 ///
 /// A connector speaks native records and opaque cursors, never Automerge. It blocks;
@@ -362,6 +367,14 @@ pub struct ConnectorError(pub Box<dyn std::error::Error + Send + Sync>);
 pub trait Connector: Send + fmt::Debug {
     /// The tool's kind as users name it (`sqlite`, `postgres`).
     fn kind(&self) -> &'static str;
+
+    /// Writes one write-back plan holds at most. A tool that writes a plan in one
+    /// transaction takes [`BULK_WRITES_PER_PLAN`], so that writing back keeps up with
+    /// a first sync; one that writes each record with a request of its own keeps
+    /// plans small, so its loop gets back to capturing soon.
+    fn writes_per_plan(&self) -> usize {
+        WRITES_PER_PLAN
+    }
 
     /// How the connector learns of changes.
     fn change_feed(&self) -> ChangeFeed;

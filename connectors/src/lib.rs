@@ -67,6 +67,7 @@ pub mod sqlite;
 mod values;
 
 pub use contract::{
-    CaptureBatch, CapturedChange, ChangeFeed, CollectionSpec, Connector, ConnectorError, Cursor,
-    FieldType, InvalidValue, OpOutcome, RecordKey, Rejection, RowState, TableSchema, Wake, WriteOp,
+    BULK_WRITES_PER_PLAN, CaptureBatch, CapturedChange, ChangeFeed, CollectionSpec, Connector,
+    ConnectorError, Cursor, FieldType, InvalidValue, OpOutcome, RecordKey, Rejection, RowState,
+    TableSchema, WRITES_PER_PLAN, Wake, WriteOp,
 };

@@ -215,8 +215,20 @@ impl FirstChange {
     /// dependencies, the first of its actor, and only puts of scalar values that
     /// [`RecordDoc::read`] reads into distinct keys of the root map, none replacing
     /// an earlier value. `None` for anything else, which the document applies as
-    /// usual (and reports what is wrong with it).
-    fn read(change: Change) -> Option<FirstChange> {
+    /// usual (and reports what is wrong with it): given back as the error.
+    fn read(change: Change) -> Result<FirstChange, Box<Change>> {
+        match FirstChange::state(&change) {
+            Some((state, named)) => Ok(FirstChange {
+                change,
+                state,
+                named,
+            }),
+            None => Err(Box::new(change)),
+        }
+    }
+
+    /// What `change` reads as, and whether it names a collection, if it is plain.
+    fn state(change: &Change) -> Option<(RecordState, bool)> {
         use automerge::legacy::{Key, ObjectId, OpType};
         if !change.deps().is_empty() || change.seq() != 1 || change.start_op().get() != 1 {
             return None;
@@ -253,11 +265,7 @@ impl FirstChange {
                 state.fields.insert(field.to_owned(), value);
             }
         }
-        Some(FirstChange {
-            change,
-            state,
-            named,
-        })
+        Some((state, named))
     }
 }
 
@@ -276,7 +284,7 @@ impl RecordDoc {
         // A record written once: its first change, held again.
         if let Some((CHUNK_CHANGE, chunk, [])) = split_chunk(bytes)
             && let Ok(change) = Change::from_bytes(chunk.to_vec())
-            && let Some(first) = FirstChange::read(change)
+            && let Ok(first) = FirstChange::read(change)
         {
             let mut doc = RecordDoc::new(actor);
             doc.first = Some(Box::new(first));
@@ -371,9 +379,9 @@ impl RecordDoc {
             && let Some(change) = self.first_change(collection, key, edit)
         {
             let raw = change.raw_bytes().to_vec();
-            match FirstChange::read(change.clone()) {
-                Some(first) => self.first = Some(Box::new(first)),
-                None => self.doc.apply_changes([change])?,
+            match FirstChange::read(change) {
+                Ok(first) => self.first = Some(Box::new(first)),
+                Err(change) => self.doc.apply_changes([*change])?,
             }
             return Ok(Some(raw));
         }
@@ -497,15 +505,15 @@ impl RecordDoc {
         if let ([_], true) = (&decoded[..], self.is_empty()) {
             let change = decoded.pop().expect("one change");
             let raw = change.raw_bytes().to_vec();
-            match FirstChange::read(change.clone()) {
-                Some(first) => {
+            match FirstChange::read(change) {
+                Ok(first) => {
                     self.first = Some(Box::new(first));
                     return Ok(Applied {
                         new_changes: vec![raw],
                         ..Applied::default()
                     });
                 }
-                None => decoded.push(change),
+                Err(change) => decoded.push(*change),
             }
         }
         self.materialize()?;

@@ -149,6 +149,8 @@ struct ToolState {
     stale: HashMap<DocId, (u32, i64)>,
     /// What the tool's edits record as their provenance.
     provenance: Provenance,
+    /// Writes in one write-back plan at most ([`connectors::Connector::writes_per_plan`]).
+    writes_per_plan: usize,
     /// Documents whose delete from this tool waits for approval: not written to it.
     held: HashMap<DocId, String>,
     /// Documents whose write-back this tool refused (dead letters), with the
@@ -227,6 +229,7 @@ impl Engine {
                 decision: None,
             };
             states.push(ToolState {
+                writes_per_plan: connectors::WRITES_PER_PLAN,
                 counts: ToolCounts::default(),
                 lettered,
                 provenance,
@@ -316,6 +319,18 @@ impl Engine {
     /// How many tools the engine writes to.
     pub fn tool_count(&self) -> usize {
         self.tools.len()
+    }
+
+    /// Plans for `tool` hold at most `writes` writes (its connector's
+    /// [`connectors::Connector::writes_per_plan`]; [`connectors::WRITES_PER_PLAN`]
+    /// until set).
+    pub fn set_writes_per_plan(&mut self, tool: ToolIx, writes: usize) {
+        self.tools[tool].writes_per_plan = writes.max(1);
+    }
+
+    /// Writes in one write-back plan for `tool` at most.
+    pub fn writes_per_plan(&self, tool: ToolIx) -> usize {
+        self.tools[tool].writes_per_plan
     }
 
     /// What the engine did so far.

@@ -153,8 +153,14 @@ impl Engine {
         self.stats.applied += 1;
         self.settle_doc(batch, id, collection, self.now_ms)?;
         // Its write-back is planned later, maybe after the cache evicted the
-        // document: keep what it reads as (readable: checked above).
-        if let Ok(state) = self.store.doc(id)?.read() {
+        // document: keep what it reads as (readable: checked above). An agent with
+        // no tool of the collection writes nothing back.
+        if self
+            .collections
+            .get(collection)
+            .is_some_and(|t| !t.is_empty())
+            && let Ok(state) = self.store.doc(id)?.read()
+        {
             self.store.remember_read(id, state);
         }
         Ok(applied.missing_deps)

@@ -600,6 +600,11 @@ impl Connector for CsvConnector {
         "csv"
     }
 
+    /// The file is written once per plan.
+    fn writes_per_plan(&self) -> usize {
+        crate::BULK_WRITES_PER_PLAN
+    }
+
     fn change_feed(&self) -> ChangeFeed {
         ChangeFeed::Push {
             fallback: self.poll_interval,

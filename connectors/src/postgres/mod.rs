@@ -641,6 +641,11 @@ impl Connector for PostgresConnector {
         "postgres"
     }
 
+    /// One PostgreSQL transaction per plan.
+    fn writes_per_plan(&self) -> usize {
+        crate::BULK_WRITES_PER_PLAN
+    }
+
     fn field_types(&self, collection: &str) -> Option<&BTreeMap<String, FieldType>> {
         self.field_types(collection)
     }

@@ -756,6 +756,11 @@ impl Connector for SqliteConnector {
         "sqlite"
     }
 
+    /// One SQLite transaction per plan.
+    fn writes_per_plan(&self) -> usize {
+        crate::BULK_WRITES_PER_PLAN
+    }
+
     fn assigns_keys(&self, collection: &str) -> bool {
         self.by_collection
             .get(collection)
