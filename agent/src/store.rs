@@ -593,12 +593,17 @@ impl Store {
                             what: "document",
                             reason: format!("{id}: {e}"),
                         })?;
+                    // Changes held in one line are the stored bytes, chunk by chunk.
+                    // Otherwise how many were appended is not known: compact soon.
+                    let appends = match doc.held_changes() {
+                        Some(held) => u32::try_from(held - 1).unwrap_or(DOC_APPENDS_MAX),
+                        None => DOC_APPENDS_MAX - DOC_APPENDS_AFTER_LOAD_MAX,
+                    };
                     CachedDoc {
                         alive: alive(&doc),
                         doc,
                         stored: bytes.to_vec(),
-                        // How many changes were appended before is not known: compact soon.
-                        appends: DOC_APPENDS_MAX - DOC_APPENDS_AFTER_LOAD_MAX,
+                        appends,
                     }
                 }
                 None => CachedDoc {

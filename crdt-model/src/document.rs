@@ -16,11 +16,15 @@
 //! Automerge bytes tagged `d` followed by their canonical text, so they are never
 //! rounded through a float; timestamps are Automerge timestamps in microseconds.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::num::NonZeroU64;
 
+use automerge::legacy::OpId;
 use automerge::transaction::Transactable;
-use automerge::{ActorId, AutoCommit, Change, ChangeHash, ObjId, ObjType, ReadDoc, ScalarValue};
+use automerge::{
+    ActorId, AutoCommit, Change, ChangeHash, ExpandedChange, ObjId, ObjType, ReadDoc, ScalarValue,
+};
 use sha2::{Digest, Sha256};
 
 use crate::provenance::Provenance;
@@ -188,84 +192,213 @@ pub struct Applied {
 
 /// One record as an Automerge document.
 ///
-/// A document whose only change is a plain first change (puts of values into the
-/// root map: how a record is created) holds that change and what it reads as, and
-/// builds its Automerge document only when something needs it: building one (its
-/// column indexes, ~20 KB) and dropping it cost more than anything else per record
-/// in a first sync, where most records are created, stored, sent and read once.
+/// A document whose changes form one line of plain changes (each follows the one
+/// before and only puts values into the root map over the values it saw: how a
+/// record is created, then edited where nobody edits it concurrently) holds those
+/// changes and what they read as, and builds its Automerge document only when
+/// something needs it. Building one (its column indexes, ~20 KB) and dropping it
+/// cost more than anything else per record when each record is created or updated
+/// once, far more records than any cache holds: a first sync, or updates spread over
+/// a large table.
 #[derive(Debug)]
 pub struct RecordDoc {
-    /// The Automerge document; empty while `first` holds the only change.
+    /// The Automerge document; empty while `held` holds the changes.
     pub(crate) doc: AutoCommit,
-    /// The document's only change, not applied to `doc` yet.
-    first: Option<Box<FirstChange>>,
+    /// The document's changes, not applied to `doc` (`None` once `doc` holds them,
+    /// or while the document is empty).
+    held: Option<Box<Held>>,
 }
 
-/// A plain first change and what it reads as.
-#[derive(Debug)]
-struct FirstChange {
-    change: Change,
+/// Plain changes in one line, and what they read as.
+#[derive(Debug, Default)]
+struct Held {
+    /// The changes in order: the first depends on nothing, each later one on the
+    /// one before.
+    changes: Vec<Change>,
+    /// Each root key's value and the op that put it (the only op there: no two
+    /// changes were concurrent).
+    ops: HashMap<String, (Value, OpId)>,
+    /// What the changes read as.
     state: RecordState,
-    /// Whether the change names the record's collection.
+    /// Whether a change named the record's collection.
     named: bool,
+    /// The counter of the last op.
+    max_op: u64,
+    /// How many changes each actor made.
+    seqs: Vec<(ActorId, u64)>,
 }
 
-impl FirstChange {
-    /// `change` read without a document, if it is a plain first change: no
-    /// dependencies, the first of its actor, and only puts of scalar values that
-    /// [`RecordDoc::read`] reads into distinct keys of the root map, none replacing
-    /// an earlier value. `None` for anything else, which the document applies as
-    /// usual (and reports what is wrong with it): given back as the error.
-    fn read(change: Change) -> Result<FirstChange, Box<Change>> {
-        match FirstChange::state(&change) {
-            Some((state, named)) => Ok(FirstChange {
-                change,
-                state,
-                named,
-            }),
-            None => Err(Box::new(change)),
-        }
+/// The puts of a change that extends a [`Held`] line: (key, value, op).
+type Puts = Vec<(String, Value, OpId)>;
+
+impl Held {
+    /// The changes `actor` made.
+    fn seq_of(&self, actor: &ActorId) -> u64 {
+        self.seqs
+            .iter()
+            .find(|(a, _)| a == actor)
+            .map_or(0, |(_, seq)| *seq)
     }
 
-    /// What `change` reads as, and whether it names a collection, if it is plain.
-    fn state(change: &Change) -> Option<(RecordState, bool)> {
+    /// The puts of `change` if it extends the line plainly: it depends on the last
+    /// change alone (on nothing, for the first), is its actor's next, starts at the
+    /// next op, and only puts scalar values that [`RecordDoc::read`] reads into
+    /// distinct keys of the root map, each replacing exactly the value there.
+    /// `None` for anything else, which Automerge applies as usual (and reports what
+    /// is wrong with it).
+    fn puts(&self, change: &ExpandedChange) -> Option<Puts> {
         use automerge::legacy::{Key, ObjectId, OpType};
-        if !change.deps().is_empty() || change.seq() != 1 || change.start_op().get() != 1 {
+        let head = self.changes.last().map(Change::hash);
+        if change.deps.as_slice() != head.as_slice()
+            || change.seq != self.seq_of(&change.actor_id) + 1
+            || change.start_op.get() != self.max_op + 1
+            || change.operations.is_empty()
+        {
             return None;
         }
-        let mut state = RecordState::default();
-        let mut named = false;
-        let mut keys = std::collections::HashSet::new();
-        for op in change.decode().operations {
+        let mut puts: Puts = Vec::with_capacity(change.operations.len());
+        for (counter, op) in (change.start_op.get()..).zip(&change.operations) {
             let (ObjectId::Root, Key::Map(key), OpType::Put(scalar), false) =
                 (&op.obj, &op.key, &op.action, op.insert)
             else {
                 return None;
             };
-            if !op.pred.is_empty() || !keys.insert(key.clone()) {
+            let name: &str = key;
+            let replaced = self.ops.get(name).map(|(_, op)| op);
+            if op.pred.len() != usize::from(replaced.is_some())
+                || op.pred.get(0) != replaced
+                || puts.iter().any(|(k, _, _)| k == name)
+            {
                 return None;
             }
-            let name: &str = key;
             let label = name.strip_prefix(PREFIX_FIELD).unwrap_or(name);
             let value = scalar_value(scalar, label).ok()?;
-            let text = |value: Value| match value {
-                Value::Text(text) => Some(text),
-                _ => None,
+            let text_only =
+                name == KEY_COLLECTION || name == KEY_IDENTITY || name.starts_with(PREFIX_EXTERNAL);
+            if text_only && !matches!(value, Value::Text(_)) {
+                return None;
+            }
+            puts.push((
+                name.to_owned(),
+                value,
+                OpId(counter, change.actor_id.clone()),
+            ));
+        }
+        Some(puts)
+    }
+
+    /// Appends `change`, whose puts are `puts` (from [`Held::puts`]).
+    fn push(&mut self, change: Change, puts: Puts) {
+        let actor = change.actor_id();
+        match self.seqs.iter_mut().find(|(a, _)| a == actor) {
+            Some((_, seq)) => *seq = change.seq(),
+            None => self.seqs.push((actor.clone(), change.seq())),
+        }
+        self.max_op = change.max_op();
+        self.changes.push(change);
+        let state = &mut self.state;
+        for (name, value, op) in puts {
+            let text = || match &value {
+                Value::Text(text) => text.clone(),
+                _ => String::new(),
             };
             if name == KEY_COLLECTION {
-                state.collection = text(value)?;
-                named = true;
+                state.collection = text();
+                self.named = true;
             } else if name == KEY_IDENTITY {
-                state.key = text(value)?;
+                state.key = text();
             } else if name == KEY_DELETED {
                 state.deleted = value == Value::Bool(true);
             } else if let Some(tool) = name.strip_prefix(PREFIX_EXTERNAL) {
-                state.external_ids.insert(tool.to_owned(), text(value)?);
+                state.external_ids.insert(tool.to_owned(), text());
             } else if let Some(field) = name.strip_prefix(PREFIX_FIELD) {
-                state.fields.insert(field.to_owned(), value);
+                state.fields.insert(field.to_owned(), value.clone());
+            }
+            self.ops.insert(name, (value, op));
+        }
+    }
+
+    /// Appends the change `edit` makes, built by `actor` as a change rather than
+    /// through a transaction: a ten-field record's first change takes 4 µs this way
+    /// against 80 µs of transaction puts, each of which looks its key up. Returns
+    /// its bytes (`Some(None)`: the line holds everything already), or `None` when
+    /// the edit needs the Automerge document (a reset, or a nested value).
+    fn edit(
+        &mut self,
+        actor: &ActorId,
+        collection: &str,
+        key: &str,
+        edit: &Edit,
+    ) -> Option<Option<Vec<u8>>> {
+        use automerge::legacy::{Key, ObjectId, Op, OpType};
+        if edit.reset {
+            return None;
+        }
+        let mut operations = Vec::with_capacity(edit.fields.len() + 4);
+        // As `put_value`: only a value that differs from the one there is written.
+        let mut put = |name: String, value: &Value| -> Option<()> {
+            let current = self.ops.get(&name);
+            if current.is_some_and(|(now, _)| now == value) {
+                return Some(());
+            }
+            operations.push(Op {
+                action: OpType::Put(scalar_of(value)?),
+                obj: ObjectId::Root,
+                key: Key::Map(name.into()),
+                pred: current.map(|(_, op)| op.clone()).into_iter().collect(),
+                insert: false,
+            });
+            Some(())
+        };
+        if !self.ops.contains_key(KEY_COLLECTION) {
+            put(
+                KEY_COLLECTION.to_owned(),
+                &Value::Text(collection.to_owned()),
+            )?;
+            if !key.is_empty() {
+                put(KEY_IDENTITY.to_owned(), &Value::Text(key.to_owned()))?;
             }
         }
-        Some((state, named))
+        for (name, value) in &edit.fields {
+            put(format!("{PREFIX_FIELD}{name}"), value)?;
+        }
+        if let Some((tool, id)) = &edit.external_id {
+            put(format!("{PREFIX_EXTERNAL}{tool}"), &Value::Text(id.clone()))?;
+        }
+        if let Some(deleted) = edit.deleted {
+            put(KEY_DELETED.to_owned(), &Value::Bool(deleted))?;
+        }
+        if operations.is_empty() {
+            return Some(None);
+        }
+        let change = ExpandedChange {
+            operations,
+            actor_id: actor.clone(),
+            hash: None,
+            seq: self.seq_of(actor) + 1,
+            start_op: NonZeroU64::new(self.max_op + 1)?,
+            time: edit.time_ms,
+            message: edit.provenance.as_ref().map(Provenance::encode),
+            deps: self.changes.last().map(Change::hash).into_iter().collect(),
+            extra_bytes: Vec::new(),
+            author: None,
+        };
+        let puts = self.puts(&change)?;
+        let change = Change::from(change);
+        let raw = change.raw_bytes().to_vec();
+        self.push(change, puts);
+        Some(Some(raw))
+    }
+
+    /// Appends `change` if it extends the line plainly; gives it back otherwise.
+    fn extend(&mut self, change: Change) -> Result<(), Change> {
+        match self.puts(&change.decode()) {
+            Some(puts) => {
+                self.push(change, puts);
+                Ok(())
+            }
+            None => Err(change),
+        }
     }
 }
 
@@ -274,24 +407,29 @@ impl RecordDoc {
     pub fn new(actor: &ActorBytes) -> RecordDoc {
         RecordDoc {
             doc: AutoCommit::new().with_actor(ActorId::from(&actor[..])),
-            first: None,
+            held: None,
         }
     }
 
     /// Loads a document from bytes made by [`RecordDoc::save`], or by appending change bytes
     /// to those; local edits are made by `actor`.
     pub fn load(bytes: &[u8], actor: &ActorBytes) -> Result<RecordDoc, ModelError> {
-        // A record written once: its first change, held again.
-        if let Some((CHUNK_CHANGE, chunk, [])) = split_chunk(bytes)
+        // Change chunks in one line of plain changes: held again.
+        let mut held = Held::default();
+        let mut rest = bytes;
+        while let Some((CHUNK_CHANGE, chunk, tail)) = split_chunk(rest)
             && let Ok(change) = Change::from_bytes(chunk.to_vec())
-            && let Ok(first) = FirstChange::read(change)
+            && held.extend(change).is_ok()
         {
+            rest = tail;
+        }
+        if rest.is_empty() && !held.changes.is_empty() {
             let mut doc = RecordDoc::new(actor);
-            doc.first = Some(Box::new(first));
+            doc.held = Some(Box::new(held));
             return Ok(doc);
         }
         let doc = AutoCommit::load(bytes)?.with_actor(ActorId::from(&actor[..]));
-        Ok(RecordDoc { doc, first: None })
+        Ok(RecordDoc { doc, held: None })
     }
 
     /// The changes held in a document's stored bytes (change chunks, or a saved
@@ -320,15 +458,16 @@ impl RecordDoc {
         Ok(changes)
     }
 
-    /// Whether the document holds only a first change, not applied yet.
-    pub(crate) fn is_first_change(&self) -> bool {
-        self.first.is_some()
+    /// How many changes the document holds without having built its Automerge
+    /// document (`None`: it is built, or empty).
+    pub fn held_changes(&self) -> Option<usize> {
+        self.held.as_ref().map(|held| held.changes.len())
     }
 
-    /// Applies the first change held back, if any, to the Automerge document.
+    /// Applies the changes held back, if any, to the Automerge document.
     pub(crate) fn materialize(&mut self) -> Result<(), ModelError> {
-        if let Some(first) = self.first.take() {
-            self.doc.apply_changes([first.change])?;
+        if let Some(held) = self.held.take() {
+            self.doc.apply_changes(held.changes)?;
         }
         Ok(())
     }
@@ -337,29 +476,25 @@ impl RecordDoc {
     pub fn save(&mut self) -> Vec<u8> {
         match self.materialize() {
             Ok(()) => self.doc.save_nocompress(),
-            // Never reached (a checked first change applies to an empty
-            // document); its bytes load as the same document.
-            Err(_) => self
-                .first
-                .as_ref()
-                .map_or_else(Vec::new, |first| first.change.raw_bytes().to_vec()),
+            // Never reached (checked changes in one line apply to an empty document).
+            Err(_) => Vec::new(),
         }
     }
 
     /// The document's current heads.
     pub fn heads(&mut self) -> Vec<ChangeHash> {
-        match &self.first {
-            Some(first) => vec![first.change.hash()],
+        match &self.held {
+            Some(held) => held.changes.last().map(Change::hash).into_iter().collect(),
             None => self.doc.get_heads(),
         }
     }
 
     /// The underlying Automerge document, for the per-document sync protocol.
     pub fn automerge(&mut self) -> &mut AutoCommit {
-        // A checked first change always applies to an empty document; were it
+        // Checked changes in one line always apply to an empty document; were one
         // refused, the document would read as empty, which a peer repairs.
         if let Err(e) = self.materialize() {
-            debug_assert!(false, "a checked first change was refused: {e}");
+            debug_assert!(false, "a held change was refused: {e}");
         }
         &mut self.doc
     }
@@ -375,15 +510,15 @@ impl RecordDoc {
         key: &str,
         edit: &Edit,
     ) -> Result<Option<Vec<u8>>, ModelError> {
-        if self.is_empty()
-            && let Some(change) = self.first_change(collection, key, edit)
-        {
-            let raw = change.raw_bytes().to_vec();
-            match FirstChange::read(change) {
-                Ok(first) => self.first = Some(Box::new(first)),
-                Err(change) => self.doc.apply_changes([*change])?,
+        if self.doc.is_empty() {
+            let held = self.held.get_or_insert_default();
+            let made = held.edit(self.doc.get_actor(), collection, key, edit);
+            if held.changes.is_empty() {
+                self.held = None;
             }
-            return Ok(Some(raw));
+            if let Some(made) = made {
+                return Ok(made);
+            }
         }
         self.materialize()?;
         let root = ObjId::Root;
@@ -438,56 +573,6 @@ impl RecordDoc {
             .map(|change| change.raw_bytes().to_vec()))
     }
 
-    /// The first change of a document that holds none, as [`RecordDoc::edit`] would
-    /// make it, built as a change instead of through a transaction: a put into an
-    /// empty map looks nothing up, and a new ten-field record's change takes 4 µs
-    /// this way against 80 µs of transaction puts. `None` when a value is a map or a
-    /// list (those take the transaction).
-    fn first_change(&self, collection: &str, key: &str, edit: &Edit) -> Option<Change> {
-        use automerge::legacy::{Key, ObjectId, Op, OpType};
-        let mut operations = Vec::with_capacity(edit.fields.len() + 4);
-        let mut put = |key: String, value: ScalarValue| {
-            operations.push(Op {
-                action: OpType::Put(value),
-                obj: ObjectId::Root,
-                key: Key::Map(key.into()),
-                pred: Vec::new().into(),
-                insert: false,
-            });
-        };
-        put(
-            KEY_COLLECTION.to_owned(),
-            ScalarValue::Str(collection.into()),
-        );
-        if !key.is_empty() {
-            put(KEY_IDENTITY.to_owned(), ScalarValue::Str(key.into()));
-        }
-        for (name, value) in &edit.fields {
-            put(format!("{PREFIX_FIELD}{name}"), scalar_of(value)?);
-        }
-        if let Some((tool, id)) = &edit.external_id {
-            put(
-                format!("{PREFIX_EXTERNAL}{tool}"),
-                ScalarValue::Str(id.as_str().into()),
-            );
-        }
-        if let Some(deleted) = edit.deleted {
-            put(KEY_DELETED.to_owned(), ScalarValue::Boolean(deleted));
-        }
-        Some(Change::from(automerge::ExpandedChange {
-            operations,
-            actor_id: self.doc.get_actor().clone(),
-            hash: None,
-            seq: 1,
-            start_op: std::num::NonZeroU64::MIN,
-            time: edit.time_ms,
-            message: edit.provenance.as_ref().map(Provenance::encode),
-            deps: Vec::new(),
-            extra_bytes: Vec::new(),
-            author: None,
-        }))
-    }
-
     /// Applies change bytes received from a peer. Applying changes the document
     /// already holds does nothing, so replaying a message is harmless.
     pub fn apply(&mut self, changes: &[Vec<u8>]) -> Result<Applied, ModelError> {
@@ -495,26 +580,35 @@ impl RecordDoc {
             .iter()
             .map(|bytes| Change::from_bytes(bytes.clone()))
             .collect::<Result<Vec<_>, _>>()?;
-        // The held first change again (a replayed or relayed message): nothing new.
-        if let (Some(first), [change]) = (&self.first, &decoded[..])
-            && first.change.hash() == change.hash()
-        {
-            return Ok(Applied::default());
-        }
-        // A record's first change into an empty document: held, not applied.
-        if let ([_], true) = (&decoded[..], self.is_empty()) {
-            let change = decoded.pop().expect("one change");
-            let raw = change.raw_bytes().to_vec();
-            match FirstChange::read(change) {
-                Ok(first) => {
-                    self.first = Some(Box::new(first));
-                    return Ok(Applied {
-                        new_changes: vec![raw],
-                        ..Applied::default()
-                    });
+        let mut applied = Applied::default();
+        if self.doc.is_empty() {
+            // Changes that extend the held line are held too. The first that does not
+            // (concurrent with one held, waiting for a dependency, or not plain) and
+            // those after it take Automerge's path.
+            let held = self.held.get_or_insert_default();
+            let mut rest = Vec::new();
+            for change in decoded {
+                if !rest.is_empty() {
+                    rest.push(change);
+                    continue;
                 }
-                Err(change) => decoded.push(*change),
+                // Held already (a replayed or relayed message): nothing new.
+                if held.changes.iter().any(|c| c.hash() == change.hash()) {
+                    continue;
+                }
+                let raw = change.raw_bytes().to_vec();
+                match held.extend(change) {
+                    Ok(()) => applied.new_changes.push(raw),
+                    Err(change) => rest.push(change),
+                }
             }
+            if held.changes.is_empty() {
+                self.held = None;
+            }
+            if rest.is_empty() {
+                return Ok(applied);
+            }
+            decoded = rest;
         }
         self.materialize()?;
         let before = self.doc.get_heads();
@@ -531,7 +625,6 @@ impl RecordDoc {
         };
         self.doc.apply_changes(decoded)?;
         let after = self.doc.get_heads();
-        let mut applied = Applied::default();
         if let Some(raw) = single {
             if before != after {
                 applied.new_changes.push(raw);
@@ -550,9 +643,9 @@ impl RecordDoc {
     /// than a full [`RecordDoc::read`]. The key is empty for a record identified by
     /// tool ids.
     pub fn identity(&self) -> Result<Option<(String, String)>, ModelError> {
-        if let Some(first) = &self.first {
-            let state = &first.state;
-            return Ok(first
+        if let Some(held) = &self.held {
+            let state = &held.state;
+            return Ok(held
                 .named
                 .then(|| (state.collection.clone(), state.key.clone())));
         }
@@ -597,13 +690,13 @@ impl RecordDoc {
 
     /// Whether the document holds no change at all.
     pub fn is_empty(&self) -> bool {
-        self.first.is_none() && self.doc.is_empty()
+        self.held.is_none() && self.doc.is_empty()
     }
 
     /// Whether the record's tombstone is set: it was deleted and not created again.
     pub fn is_deleted(&self) -> Result<bool, ModelError> {
-        if let Some(first) = &self.first {
-            return Ok(first.state.deleted);
+        if let Some(held) = &self.held {
+            return Ok(held.state.deleted);
         }
         Ok(matches!(
             read_value(&self.doc, &ObjId::Root, KEY_DELETED)?,
@@ -615,8 +708,8 @@ impl RecordDoc {
     /// read, without building the record: cheaper than reading, for refusing a peer's
     /// change before it is stored.
     pub fn check_readable(&self) -> Result<(), ModelError> {
-        if self.first.is_some() {
-            // Every value was read when the change was held.
+        if self.held.is_some() {
+            // Every value was read when its change was held.
             return Ok(());
         }
         for item in self.doc.map_range(ObjId::Root, ..) {
@@ -648,8 +741,8 @@ impl RecordDoc {
 
     /// Reads the merged record and any concurrent values.
     pub fn read(&self) -> Result<RecordState, ModelError> {
-        if let Some(first) = &self.first {
-            return Ok(first.state.clone());
+        if let Some(held) = &self.held {
+            return Ok(held.state.clone());
         }
         let mut state = RecordState::default();
         for item in self.doc.map_range(ObjId::Root, ..) {

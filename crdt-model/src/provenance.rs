@@ -153,8 +153,8 @@ impl RecordDoc {
     /// The fields (and the tombstone) that hold concurrent values that differ, with
     /// every value and where it came from. Cheap when nothing is contested.
     pub fn contested(&mut self) -> Result<Vec<(Contested, Vec<Candidate>)>, ModelError> {
-        if self.is_first_change() {
-            // One change holds no concurrent values.
+        if self.held_changes().is_some() {
+            // Changes in one line hold no concurrent values.
             return Ok(Vec::new());
         }
         let conflicted: Vec<String> = self
