@@ -228,6 +228,17 @@ struct CachedDoc {
     appends: u32,
     /// Whether `stored` holds a live record (created and not deleted).
     alive: bool,
+    /// The heads digest of `stored` (0: nothing stored), which the `digests`
+    /// keyspace holds for it too: a document is staged with its digest in one batch,
+    /// always under its own collection. Known here, a change needs no read of it.
+    digest: u64,
+}
+
+/// The heads digest of `doc`, as stored under `id`.
+fn digest_of(id: DocId, doc: &mut RecordDoc) -> u64 {
+    let mut heads = doc.heads();
+    heads.sort();
+    heads_digest(id, &heads)
 }
 
 /// Whether `doc` holds a live record: created and not deleted.
@@ -588,7 +599,7 @@ impl Store {
             };
             let entry = match bytes {
                 Some(bytes) => {
-                    let doc =
+                    let mut doc =
                         RecordDoc::load(&bytes, &self.actor).map_err(|e| StoreError::Corrupt {
                             what: "document",
                             reason: format!("{id}: {e}"),
@@ -601,6 +612,7 @@ impl Store {
                     };
                     CachedDoc {
                         alive: alive(&doc),
+                        digest: digest_of(id, &mut doc),
                         doc,
                         stored: bytes.to_vec(),
                         appends,
@@ -611,6 +623,7 @@ impl Store {
                     stored: Vec::new(),
                     appends: 0,
                     alive: false,
+                    digest: 0,
                 },
             };
             if let Some((evicted, old)) = self.cache.push(id, entry)
@@ -636,7 +649,6 @@ impl Store {
     ) -> Result<(), StoreError> {
         let docs = self.docs.clone();
         let cached = self.cached(id)?;
-        let new_doc = cached.stored.is_empty();
         if cached.appends >= DOC_APPENDS_MAX {
             cached.stored = cached.doc.save();
             cached.appends = 0;
@@ -647,15 +659,15 @@ impl Store {
             cached.appends += 1;
         }
         batch.inner.insert(&docs, id.0, cached.stored.as_slice());
-        let mut heads = cached.doc.heads();
-        heads.sort();
+        let digest = digest_of(id, &mut cached.doc);
+        let old_digest = std::mem::replace(&mut cached.digest, digest);
         let now_alive = alive(&cached.doc);
         let was_alive = std::mem::replace(&mut cached.alive, now_alive);
         if now_alive != was_alive {
             self.count_record(collection, now_alive)?;
         }
         self.staged.doc_ids.insert(id);
-        self.stage_digest(batch, collection, id, heads_digest(id, &heads), new_doc)?;
+        self.stage_digest(batch, collection, id, old_digest, digest)?;
         let seq = self.next_seq(collection)?;
         let entry = LogEntry {
             doc: id.0,
@@ -1365,22 +1377,25 @@ fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8], what: &'static str) -> Res
 }
 
 impl Store {
-    /// Records the heads digest of document `id` and updates its bucket.
+    /// Records the heads digest of document `id`, `old` before, and updates its
+    /// bucket.
     fn stage_digest(
         &mut self,
         batch: &mut Batch,
         collection: &str,
         id: DocId,
+        old: u64,
         digest: u64,
-        new_doc: bool,
     ) -> Result<(), StoreError> {
         let key = (collection.to_owned(), id);
-        let old = match self.staged.digests.get(&key) {
-            Some(old) => *old,
-            // A document never stored before has no digest yet: no read needed.
-            None if new_doc => 0,
-            None => committed_digest(&self.digests, collection, id)?,
-        };
+        debug_assert_eq!(
+            old,
+            match self.staged.digests.get(&key) {
+                Some(staged) => *staged,
+                None => committed_digest(&self.digests, collection, id)?,
+            },
+            "the cached digest of {id} is the stored one"
+        );
         self.load_buckets(collection)?;
         let buckets = self.buckets.get_mut(collection).expect("just loaded");
         buckets[bucket_of(id)] ^= old ^ digest;
