@@ -16,11 +16,11 @@
 //! Automerge bytes tagged `d` followed by their canonical text, so they are never
 //! rounded through a float; timestamps are Automerge timestamps in microseconds.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::num::NonZeroU64;
 
-use automerge::legacy::OpId;
+use automerge::legacy::{Key, OpId};
 use automerge::transaction::Transactable;
 use automerge::{
     ActorId, AutoCommit, Change, ChangeHash, ExpandedChange, ObjId, ObjType, ReadDoc, ScalarValue,
@@ -215,9 +215,12 @@ struct Held {
     /// The changes in order: the first depends on nothing, each later one on the
     /// one before.
     changes: Vec<Change>,
-    /// Each root key's value and the op that put it (the only op there: no two
-    /// changes were concurrent).
-    ops: HashMap<String, (Value, OpId)>,
+    /// Each root key and the op that put its value (the only op there: no two
+    /// changes were concurrent). Keys are short and inline; the values are in
+    /// `state`, and `deleted`.
+    ops: Vec<(Key, OpId)>,
+    /// The tombstone's value as put (`None`: never put).
+    deleted: Option<Value>,
     /// What the changes read as.
     state: RecordState,
     /// Whether a change named the record's collection.
@@ -229,9 +232,47 @@ struct Held {
 }
 
 /// The puts of a change that extends a [`Held`] line: (key, value, op).
-type Puts = Vec<(String, Value, OpId)>;
+type Puts = Vec<(Key, Value, OpId)>;
+
+/// The name of a map key (empty for a list position, which a held line never has).
+fn key_name(key: &Key) -> &str {
+    match key {
+        Key::Map(name) => name,
+        Key::Seq(_) => "",
+    }
+}
 
 impl Held {
+    /// The op that put the value of root key `name`.
+    fn op_of(&self, name: &str) -> Option<&OpId> {
+        self.ops
+            .iter()
+            .find(|(key, _)| key_name(key) == name)
+            .map(|(_, op)| op)
+    }
+
+    /// Whether root key `name` holds `value`, compared as `put_value` compares.
+    fn holds(&self, name: &str, value: &Value) -> bool {
+        if self.op_of(name).is_none() {
+            return false;
+        }
+        let text = |held: &str| matches!(value, Value::Text(text) if text == held);
+        let state = &self.state;
+        if name == KEY_COLLECTION {
+            text(&state.collection)
+        } else if name == KEY_IDENTITY {
+            text(&state.key)
+        } else if name == KEY_DELETED {
+            self.deleted.as_ref() == Some(value)
+        } else if let Some(tool) = name.strip_prefix(PREFIX_EXTERNAL) {
+            state.external_ids.get(tool).is_some_and(|id| text(id))
+        } else if let Some(field) = name.strip_prefix(PREFIX_FIELD) {
+            state.fields.get(field) == Some(value)
+        } else {
+            false
+        }
+    }
+
     /// The changes `actor` made.
     fn seq_of(&self, actor: &ActorId) -> u64 {
         self.seqs
@@ -247,7 +288,7 @@ impl Held {
     /// `None` for anything else, which Automerge applies as usual (and reports what
     /// is wrong with it).
     fn puts(&self, change: &ExpandedChange) -> Option<Puts> {
-        use automerge::legacy::{Key, ObjectId, OpType};
+        use automerge::legacy::{ObjectId, OpType};
         let head = self.changes.last().map(Change::hash);
         if change.deps.as_slice() != head.as_slice()
             || change.seq != self.seq_of(&change.actor_id) + 1
@@ -264,10 +305,10 @@ impl Held {
                 return None;
             };
             let name: &str = key;
-            let replaced = self.ops.get(name).map(|(_, op)| op);
+            let replaced = self.op_of(name);
             if op.pred.len() != usize::from(replaced.is_some())
                 || op.pred.get(0) != replaced
-                || puts.iter().any(|(k, _, _)| k == name)
+                || puts.iter().any(|(k, _, _)| key_name(k) == name)
             {
                 return None;
             }
@@ -279,7 +320,7 @@ impl Held {
                 return None;
             }
             puts.push((
-                name.to_owned(),
+                op.key.clone(),
                 value,
                 OpId(counter, change.actor_id.clone()),
             ));
@@ -297,24 +338,29 @@ impl Held {
         self.max_op = change.max_op();
         self.changes.push(change);
         let state = &mut self.state;
-        for (name, value, op) in puts {
-            let text = || match &value {
-                Value::Text(text) => text.clone(),
+        for (key, value, op) in puts {
+            let name = key_name(&key);
+            let text = |value: Value| match value {
+                Value::Text(text) => text,
                 _ => String::new(),
             };
             if name == KEY_COLLECTION {
-                state.collection = text();
+                state.collection = text(value);
                 self.named = true;
             } else if name == KEY_IDENTITY {
-                state.key = text();
+                state.key = text(value);
             } else if name == KEY_DELETED {
                 state.deleted = value == Value::Bool(true);
+                self.deleted = Some(value);
             } else if let Some(tool) = name.strip_prefix(PREFIX_EXTERNAL) {
-                state.external_ids.insert(tool.to_owned(), text());
+                state.external_ids.insert(tool.to_owned(), text(value));
             } else if let Some(field) = name.strip_prefix(PREFIX_FIELD) {
-                state.fields.insert(field.to_owned(), value.clone());
+                state.fields.insert(field.to_owned(), value);
             }
-            self.ops.insert(name, (value, op));
+            match self.ops.iter_mut().find(|(held, _)| *held == key) {
+                Some((_, held)) => *held = op,
+                None => self.ops.push((key, op)),
+            }
         }
     }
 
@@ -330,27 +376,27 @@ impl Held {
         key: &str,
         edit: &Edit,
     ) -> Option<Option<Vec<u8>>> {
-        use automerge::legacy::{Key, ObjectId, Op, OpType};
+        use automerge::legacy::{ObjectId, Op, OpType};
         if edit.reset {
             return None;
         }
         let mut operations = Vec::with_capacity(edit.fields.len() + 4);
         // As `put_value`: only a value that differs from the one there is written.
         let mut put = |name: String, value: &Value| -> Option<()> {
-            let current = self.ops.get(&name);
-            if current.is_some_and(|(now, _)| now == value) {
+            if self.holds(&name, value) {
                 return Some(());
             }
+            let current = self.op_of(&name);
             operations.push(Op {
                 action: OpType::Put(scalar_of(value)?),
                 obj: ObjectId::Root,
                 key: Key::Map(name.into()),
-                pred: current.map(|(_, op)| op.clone()).into_iter().collect(),
+                pred: current.cloned().into_iter().collect(),
                 insert: false,
             });
             Some(())
         };
-        if !self.ops.contains_key(KEY_COLLECTION) {
+        if self.op_of(KEY_COLLECTION).is_none() {
             put(
                 KEY_COLLECTION.to_owned(),
                 &Value::Text(collection.to_owned()),
