@@ -47,8 +47,10 @@ pub const STORE_CACHE_BYTES_MAX: u64 = 16 * 1024 * 1024;
 /// Journal kept at most: beyond it the keyspaces holding its oldest writes are
 /// flushed, which bounds what a start after a crash replays (fjall's least).
 pub const STORE_JOURNAL_BYTES_MAX: u64 = 64 * 1024 * 1024;
-/// One keyspace's memtable before it is flushed to disk.
-pub const STORE_MEMTABLE_BYTES_MAX: u64 = 4 * 1024 * 1024;
+/// One keyspace's memtable before it is flushed to disk: fewer, larger flushes
+/// leave fjall's workers less to compact (4 MiB before: 300,000 records synced
+/// 10-13% and updated 4-12% slower, for 70-95 MiB less RSS).
+pub const STORE_MEMTABLE_BYTES_MAX: u64 = 16 * 1024 * 1024;
 /// How many changes are appended to a stored document before it is saved whole again.
 pub const DOC_APPENDS_MAX: u32 = 32;
 
