@@ -437,13 +437,13 @@ impl Held {
     }
 
     /// Appends `change` if it extends the line plainly; gives it back otherwise.
-    fn extend(&mut self, change: Change) -> Result<(), Change> {
+    fn extend(&mut self, change: Change) -> Result<(), Box<Change>> {
         match self.puts(&change.decode()) {
             Some(puts) => {
                 self.push(change, puts);
                 Ok(())
             }
-            None => Err(change),
+            None => Err(Box::new(change)),
         }
     }
 }
@@ -645,7 +645,7 @@ impl RecordDoc {
                 let raw = change.raw_bytes().to_vec();
                 match held.extend(change) {
                     Ok(()) => applied.new_changes.push(raw),
-                    Err(change) => rest.push(change),
+                    Err(change) => rest.push(*change),
                 }
             }
             if held.changes.is_empty() {
