@@ -223,12 +223,6 @@ struct Held {
     deleted: Option<Value>,
     /// What the changes read as.
     state: RecordState,
-    /// Whether a change named the record's collection.
-    named: bool,
-    /// The counter of the last op.
-    max_op: u64,
-    /// How many changes each actor made.
-    seqs: Vec<(ActorId, u64)>,
 }
 
 /// The puts of a change that extends a [`Held`] line: (key, value, op).
@@ -273,12 +267,20 @@ impl Held {
         }
     }
 
-    /// The changes `actor` made.
+    /// The changes `actor` made (a line holds at most a store's appends between
+    /// whole saves, so counting them is cheap).
     fn seq_of(&self, actor: &ActorId) -> u64 {
-        self.seqs
+        self.changes
             .iter()
-            .find(|(a, _)| a == actor)
-            .map_or(0, |(_, seq)| *seq)
+            .filter(|change| change.actor_id() == actor)
+            .map(Change::seq)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The counter of the last op.
+    fn max_op(&self) -> u64 {
+        self.changes.last().map_or(0, Change::max_op)
     }
 
     /// The puts of `change` if it extends the line plainly: it depends on the last
@@ -292,7 +294,7 @@ impl Held {
         let head = self.changes.last().map(Change::hash);
         if change.deps.as_slice() != head.as_slice()
             || change.seq != self.seq_of(&change.actor_id) + 1
-            || change.start_op.get() != self.max_op + 1
+            || change.start_op.get() != self.max_op() + 1
             || change.operations.is_empty()
         {
             return None;
@@ -330,12 +332,6 @@ impl Held {
 
     /// Appends `change`, whose puts are `puts` (from [`Held::puts`]).
     fn push(&mut self, change: Change, puts: Puts) {
-        let actor = change.actor_id();
-        match self.seqs.iter_mut().find(|(a, _)| a == actor) {
-            Some((_, seq)) => *seq = change.seq(),
-            None => self.seqs.push((actor.clone(), change.seq())),
-        }
-        self.max_op = change.max_op();
         self.changes.push(change);
         let state = &mut self.state;
         for (key, value, op) in puts {
@@ -346,7 +342,6 @@ impl Held {
             };
             if name == KEY_COLLECTION {
                 state.collection = text(value);
-                self.named = true;
             } else if name == KEY_IDENTITY {
                 state.key = text(value);
             } else if name == KEY_DELETED {
@@ -422,7 +417,7 @@ impl Held {
             actor_id: actor.clone(),
             hash: None,
             seq: self.seq_of(actor) + 1,
-            start_op: NonZeroU64::new(self.max_op + 1)?,
+            start_op: NonZeroU64::new(self.max_op() + 1)?,
             time: edit.time_ms,
             message: edit.provenance.as_ref().map(Provenance::encode),
             deps: self.changes.last().map(Change::hash).into_iter().collect(),
@@ -692,7 +687,8 @@ impl RecordDoc {
         if let Some(held) = &self.held {
             let state = &held.state;
             return Ok(held
-                .named
+                .op_of(KEY_COLLECTION)
+                .is_some()
                 .then(|| (state.collection.clone(), state.key.clone())));
         }
         if self.doc.get(ObjId::Root, KEY_COLLECTION)?.is_none() {
