@@ -14,7 +14,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinError;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument;
 
@@ -30,6 +32,8 @@ use crate::transport::{FrameError, Transport, TransportError, read_frame, write_
 
 /// Frames read ahead of the session per connection at most.
 pub const INBOUND_FRAMES_MAX: usize = 16;
+/// Frames handed to a connection's writer and not yet written, at most.
+pub const OUTBOUND_FRAMES_MAX: usize = 16;
 /// Session events handed to the core and not yet answered, per connection, at most.
 pub const EVENTS_IN_FLIGHT_MAX: usize = 8;
 /// Shortest and longest wait between dial attempts.
@@ -344,7 +348,7 @@ async fn drive(
     established: &mut bool,
     reporter: &mut Reporter<'_>,
 ) -> Result<(), DriveError> {
-    let (mut send, recv) = if dialed {
+    let (send, recv) = if dialed {
         connection.open_bi().await?
     } else {
         connection.accept_bi().await?
@@ -352,6 +356,8 @@ async fn drive(
     let (frames_tx, mut frames_rx) =
         mpsc::channel::<Result<Vec<u8>, FrameError>>(INBOUND_FRAMES_MAX);
     let _reader = AbortOnDropHandle::new(tokio::spawn(read_frames(recv, frames_tx)));
+    let (outbound, outbound_rx) = mpsc::channel::<Vec<u8>>(OUTBOUND_FRAMES_MAX);
+    let mut writer = AbortOnDropHandle::new(tokio::spawn(write_frames(send, outbound_rx)));
     let mut heads = Vec::with_capacity(ctx.collections.len());
     for collection in &ctx.collections {
         heads.push((collection.clone(), ctx.reader.log_head(collection)?));
@@ -359,8 +365,11 @@ async fn drive(
     let mut session = Session::new(ctx.store, heads, Instant::now());
     let result = pump(
         &mut session,
-        &mut send,
-        &mut frames_rx,
+        Stream {
+            inbound: &mut frames_rx,
+            outbound: &outbound,
+            writer: &mut writer,
+        },
         id,
         ctx,
         established,
@@ -371,18 +380,37 @@ async fn drive(
     result
 }
 
+/// A connection's stream as the pump sees it: frames read by one task and written
+/// by another, so that the pump reads while a write waits for the peer.
+struct Stream<'a> {
+    inbound: &'a mut mpsc::Receiver<Result<Vec<u8>, FrameError>>,
+    outbound: &'a mpsc::Sender<Vec<u8>>,
+    /// The task writing `outbound`'s frames; it ends only when a write fails.
+    writer: &'a mut AbortOnDropHandle<Result<(), FrameError>>,
+}
+
 /// Moves frames, events and log reads between the session, the stream and the core
 /// until the session ends.
+///
+/// The pump never waits on a write: a frame the writer has no room for is held
+/// (`outbox`) while frames keep being read, and no log is read until it goes. Two
+/// agents each writing more than the other buffers would otherwise both wait to
+/// write with neither reading, and stop for good.
 async fn pump(
     session: &mut Session,
-    send: &mut quinn::SendStream,
-    frames_rx: &mut mpsc::Receiver<Result<Vec<u8>, FrameError>>,
+    stream: Stream<'_>,
     id: u64,
     ctx: &PeerContext,
     established: &mut bool,
     reporter: &mut Reporter<'_>,
 ) -> Result<(), DriveError> {
+    let Stream {
+        inbound: frames_rx,
+        outbound,
+        writer,
+    } = stream;
     let mut pending: VecDeque<PendingEvent> = VecDeque::new();
+    let mut outbox: Option<Vec<u8>> = None;
     let mut log_version = ctx.log_version.clone();
     let mut shutdown = ctx.shutdown.clone();
     let mut following = ctx.following.version.subscribe();
@@ -430,14 +458,22 @@ async fn pump(
                 .map_err(|_| DriveError::Stopping)?;
             pending.push_back(answer);
         }
-        for (collection, from, max) in session.wants() {
-            let read = ctx.reader.log_from(&collection, from, max)?;
-            session.send_entries(Instant::now(), &collection, read, max);
+        if outbox.is_none() {
+            for (collection, from, max) in session.wants() {
+                let read = ctx.reader.log_from(&collection, from, max)?;
+                session.send_entries(Instant::now(), &collection, read, max);
+            }
         }
-        while let Some(frame) = session.poll_transmit() {
-            write_frame(send, &frame).await?;
+        while outbox.is_none()
+            && let Some(frame) = session.poll_transmit()
+        {
+            match outbound.try_send(frame) {
+                Ok(()) => {}
+                Err(TrySendError::Full(frame)) => outbox = Some(frame),
+                Err(TrySendError::Closed(_)) => return Err(writer_ended((&mut *writer).await)),
+            }
         }
-        let more_to_read = !session.wants().is_empty();
+        let more_to_read = outbox.is_none() && !session.wants().is_empty();
         reporter.report(session, false);
         // A report held back by the interval is made when it is due, even if the
         // session goes quiet meanwhile.
@@ -449,6 +485,11 @@ async fn pump(
         tokio::select! {
             biased;
             _ = shutdown.changed() => return Err(DriveError::Stopping),
+            written = &mut *writer => return Err(writer_ended(written)),
+            permit = outbound.reserve(), if outbox.is_some() => match permit {
+                Ok(permit) => permit.send(outbox.take().expect("guarded")),
+                Err(_) => return Err(writer_ended((&mut *writer).await)),
+            },
             reply = async { (pending.front_mut().expect("guarded")).await }, if !pending.is_empty() => {
                 pending.pop_front();
                 let actions = reply.map_err(|_| DriveError::Stopping)?.map_err(DriveError::Refused)?;
@@ -470,6 +511,25 @@ async fn pump(
             }
             _ = async {}, if more_to_read => {}
         }
+    }
+}
+
+/// Writes `frames` to the stream until the pump drops their sender or a write fails.
+async fn write_frames(
+    mut send: quinn::SendStream,
+    mut frames: mpsc::Receiver<Vec<u8>>,
+) -> Result<(), FrameError> {
+    while let Some(frame) = frames.recv().await {
+        write_frame(&mut send, &frame).await?;
+    }
+    Ok(())
+}
+
+/// Why the pump stops when its writer ended, which it does only on a failed write.
+fn writer_ended(written: Result<Result<(), FrameError>, JoinError>) -> DriveError {
+    match written {
+        Ok(Err(e)) => DriveError::Frame(e),
+        Ok(Ok(())) | Err(_) => DriveError::Stopping,
     }
 }
 

@@ -448,3 +448,64 @@ async fn written_timestamps_keep_the_receiving_columns_format() -> anyhow::Resul
     agent_b.shutdown().await;
     Ok(())
 }
+
+/// Regression (a stall in the connection pump): the driver of a connection read no
+/// frame while a frame it wrote waited for the peer's receive window. Two agents
+/// each sending the other a backlog larger than what the peer buffers then both
+/// waited to write, neither read, and the connection stopped for good while still
+/// up. The backlogs here are a few times what one side buffers (its reader's frames,
+/// the events with its core and the stream's window).
+#[tokio::test(flavor = "multi_thread")]
+async fn two_agents_sending_each_other_large_backlogs_at_once_do_not_stall() -> anyhow::Result<()> {
+    const ROWS: usize = 500;
+    const NAME_CHARS: usize = 128 * 1024;
+    let tmp = tempfile::tempdir()?;
+    let mut a = Node::new(tmp.path(), "a")?;
+    let mut b = Node::new(tmp.path(), "b")?;
+    // Names that do not compress, so each change stays about as large as its row.
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut name = || -> String {
+        const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+        (0..NAME_CHARS)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                ALPHABET[(state % ALPHABET.len() as u64) as usize] as char
+            })
+            .collect()
+    };
+    for (node, first_id) in [(&a, 1), (&b, 1_000_001)] {
+        let mut db = node.db()?;
+        let tx = db.transaction()?;
+        for i in 0..ROWS {
+            tx.execute(
+                "INSERT INTO customers (id, name, age) VALUES (?1, ?2, ?3)",
+                (first_id + i as i64, name(), i as i64),
+            )?;
+        }
+        tx.commit()?;
+    }
+    // Each agent captures its backlog alone first, so both start sending at once.
+    for node in [&mut a, &mut b] {
+        node.configure("127.0.0.1:0", &[])?;
+        let agent = node.start().await?;
+        concord_tests::eventually("the backlog to be captured", async || {
+            Ok((agent.reader().log_head("customers")? >= ROWS as u64).then_some(()))
+        })
+        .await?;
+        agent.shutdown().await;
+    }
+    a.configure("127.0.0.1:0", &[(b.id(), None)])?;
+    let agent_a = a.start().await?;
+    b.configure(
+        "127.0.0.1:0",
+        &[(a.id(), Some(agent_a.local_addr().to_string()))],
+    )?;
+    let agent_b = b.start().await?;
+    let rows = converged(&[&a, &b]).await?;
+    assert_eq!(rows.len(), 2 * ROWS);
+    agent_a.shutdown().await;
+    agent_b.shutdown().await;
+    Ok(())
+}
