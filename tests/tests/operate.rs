@@ -329,12 +329,18 @@ async fn sigterm_under_load_then_a_restart_resends_nothing_and_loses_nothing() -
     let pa = Process::start(&a)?;
     let pb = Process::start(&b)?;
     // A writer keeps inserting into A's database while A is stopped and restarted.
+    // It waits after half the rows until A is about to be stopped, so the stop comes
+    // under load however slowly the agents start.
+    let (go, resume) = std::sync::mpsc::channel::<()>();
     let writer = {
         let db = a.files.db.clone();
         std::thread::spawn(move || -> anyhow::Result<()> {
             let db = rusqlite::Connection::open(db)?;
             db.busy_timeout(Duration::from_secs(10))?;
             for i in 0..ROWS {
+                if i == ROWS / 2 {
+                    resume.recv_timeout(Duration::from_secs(60))?;
+                }
                 db.execute(
                     "INSERT INTO customers (name, email, city, age) VALUES (?1, ?2, 'Oslo', 30)",
                     (format!("c{i}"), format!("c{i}@example.com")),
@@ -350,7 +356,7 @@ async fn sigterm_under_load_then_a_restart_resends_nothing_and_loses_nothing() -
         Ok((b.rows()?.len() >= ROWS / 3).then_some(()))
     })
     .await?;
-    assert!(!writer.is_finished(), "the agent is stopped under load");
+    go.send(())?;
     let (status, took) = pa.signal("TERM", Duration::from_secs(15))?;
     assert!(status.success(), "SIGTERM: {status}");
     writer
