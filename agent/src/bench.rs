@@ -1017,6 +1017,19 @@ async fn restart(
     sink: &Sink,
     records: usize,
 ) -> anyhow::Result<Restart> {
+    // Updates coalesce per row: B can hold every row's last value while A still
+    // walks outbox entries of rows it already captured. Let A finish them first, so
+    // the edit after the restart does not queue behind them.
+    let drain = Instant::now();
+    while db.query_row("SELECT COUNT(*) FROM _concord_outbox", [], |row| {
+        row.get::<_, i64>(0)
+    })? > 0
+    {
+        if drain.elapsed() > Duration::from_secs(DRAIN_TIMEOUT_S) {
+            bail!("agent A did not drain its outbox within {DRAIN_TIMEOUT_S} s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     proc.stop();
     let started = Instant::now();
     *proc = AgentProcess::start(config)?;
