@@ -93,8 +93,9 @@ pub enum StoreError {
 pub struct LogEntry {
     /// The document the changes belong to.
     pub doc: [u8; 16],
-    /// Automerge change bytes, in causal order. Empty in an entry older than the
-    /// newest [`LOG_RAW_KEEP`]: [`StoreReader::log_from`] reads the document's (and
+    /// Automerge change bytes, in causal order. Stored apart (the `log_raw`
+    /// keyspace) and dropped once the entry is older than the newest
+    /// [`LOG_RAW_KEEP`]: [`StoreReader::log_from`] then reads the document's (and
     /// leaves it empty when an earlier entry of the same read and origin carries
     /// them).
     pub changes: Vec<Vec<u8>>,
@@ -253,6 +254,8 @@ pub struct Store {
     db: Database,
     docs: Keyspace,
     log: Keyspace,
+    /// The change bytes of the newest [`LOG_RAW_KEEP`] log entries, by log key.
+    log_raw: Keyspace,
     ext: Keyspace,
     links: Keyspace,
     shadow: Keyspace,
@@ -308,6 +311,8 @@ struct Staged {
     links: HashMap<Vec<u8>, Option<String>>,
     /// Collections whose record count changed.
     records: HashSet<String>,
+    /// The first log seq of each collection this batch appended.
+    log_first: HashMap<String, u64>,
 }
 
 impl Staged {
@@ -334,6 +339,7 @@ impl std::fmt::Debug for Store {
 #[derive(Clone)]
 pub struct StoreReader {
     log: Keyspace,
+    log_raw: Keyspace,
     digests: Keyspace,
     cursors: Keyspace,
     shadow: Keyspace,
@@ -410,6 +416,7 @@ impl Store {
         let store = Store {
             docs: open("docs")?,
             log: open("log")?,
+            log_raw: open("log_raw")?,
             ext: open("ext")?,
             links: open("links")?,
             shadow: open("shadow")?,
@@ -476,10 +483,11 @@ impl Store {
     }
 
     /// Every keyspace with its name.
-    fn keyspaces(&self) -> [(&'static str, &Keyspace); 13] {
+    fn keyspaces(&self) -> [(&'static str, &Keyspace); 14] {
         [
             ("docs", &self.docs),
             ("log", &self.log),
+            ("log_raw", &self.log_raw),
             ("ext", &self.ext),
             ("links", &self.links),
             ("shadow", &self.shadow),
@@ -498,6 +506,7 @@ impl Store {
     pub fn reader(&self) -> StoreReader {
         StoreReader {
             log: self.log.clone(),
+            log_raw: self.log_raw.clone(),
             digests: self.digests.clone(),
             cursors: self.cursors.clone(),
             shadow: self.shadow.clone(),
@@ -671,37 +680,29 @@ impl Store {
         self.staged.doc_ids.insert(id);
         self.stage_digest(batch, collection, id, old_digest, digest)?;
         let seq = self.next_seq(collection)?;
-        let entry = LogEntry {
-            doc: id.0,
-            changes,
-            origin,
-        };
+        let first = *self
+            .staged
+            .log_first
+            .entry(collection.to_owned())
+            .or_insert(seq);
+        let key = log_key(collection, seq);
         batch
             .inner
-            .insert(&self.log, log_key(collection, seq), encode(&entry));
-        batch.appended.push((collection.to_owned(), seq));
-        if let Some(old) = seq.checked_sub(self.log_raw_keep) {
-            self.stage_log_trim(batch, collection, old)?;
-        }
-        Ok(())
-    }
-
-    /// Drops the change bytes of log entry `seq` of `collection`, which its
-    /// document holds too. An entry staged in the same batch is left as it is.
-    fn stage_log_trim(
-        &mut self,
-        batch: &mut Batch,
-        collection: &str,
-        seq: u64,
-    ) -> Result<(), StoreError> {
-        let key = log_key(collection, seq);
-        let Some(bytes) = self.log.get(&key)? else {
-            return Ok(());
+            .insert(&self.log_raw, key.clone(), encode(&changes));
+        let entry = LogEntry {
+            doc: id.0,
+            changes: Vec::new(),
+            origin,
         };
-        let mut entry: LogEntry = decode(&bytes, "log entry")?;
-        if !entry.changes.is_empty() {
-            entry.changes.clear();
-            batch.inner.insert(&self.log, key, encode(&entry));
+        batch.inner.insert(&self.log, key, encode(&entry));
+        batch.appended.push((collection.to_owned(), seq));
+        // The change bytes of the entry that falls out of the newest kept go; its
+        // document holds them too. Removed blind: reading it back to rewrite it was
+        // 4% of a first sync. One staged in this batch stays as it is.
+        if let Some(old) = seq.checked_sub(self.log_raw_keep)
+            && old < first
+        {
+            batch.inner.remove(&self.log_raw, log_key(collection, old));
         }
         Ok(())
     }
@@ -1124,13 +1125,25 @@ impl StoreReader {
         let prefix = log_prefix(collection);
         let mut out = Vec::new();
         let mut expanded = HashSet::new();
-        for guard in self
-            .log
-            .range(log_key(collection, from)..log_key(collection, u64::MAX))
-            .take(max)
-        {
+        let range = log_key(collection, from)..log_key(collection, u64::MAX);
+        // The entries' change bytes where still kept: the newest entries, so a
+        // second walk in step with the first.
+        let mut raw = self.log_raw.range(range.clone());
+        let mut next_raw = raw.next().map(|g| g.into_inner()).transpose()?;
+        for guard in self.log.range(range).take(max) {
             let (k, v) = guard.into_inner()?;
             let mut entry: LogEntry = decode(&v, "log entry")?;
+            while let Some((rk, _)) = &next_raw
+                && *rk < k
+            {
+                next_raw = raw.next().map(|g| g.into_inner()).transpose()?;
+            }
+            if let Some((rk, rv)) = &next_raw
+                && *rk == k
+            {
+                entry.changes = decode(rv, "log entry's changes")?;
+                next_raw = raw.next().map(|g| g.into_inner()).transpose()?;
+            }
             if entry.changes.is_empty()
                 && expanded.insert((entry.doc, entry.origin))
                 && let Some(stored) = self.docs.get(entry.doc)?
