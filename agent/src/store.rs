@@ -95,9 +95,10 @@ pub struct LogEntry {
     pub doc: [u8; 16],
     /// Automerge change bytes, in causal order. Stored apart (the `log_raw`
     /// keyspace) and dropped once the entry is older than the newest
-    /// [`LOG_RAW_KEEP`]: [`StoreReader::log_from`] then reads the document's (and
-    /// leaves it empty when an earlier entry of the same read and origin carries
-    /// them).
+    /// [`LOG_RAW_KEEP`], or never stored for a document's first changes (the
+    /// document is stored as just those): [`StoreReader::log_from`] then reads the
+    /// document's (and leaves it empty when an earlier entry of the same read and
+    /// origin carries them).
     pub changes: Vec<Vec<u8>>,
     /// The store these changes were learned from, if they came from a peer; they are
     /// not sent back to it.
@@ -660,6 +661,9 @@ impl Store {
     ) -> Result<(), StoreError> {
         let docs = self.docs.clone();
         let cached = self.cached(id)?;
+        // A new document is stored as exactly these changes: the entry is read as
+        // its document's, with no copy of its own.
+        let first = cached.stored.is_empty();
         if cached.appends >= DOC_APPENDS_MAX {
             cached.stored = cached.doc.save();
             cached.appends = 0;
@@ -680,15 +684,17 @@ impl Store {
         self.staged.doc_ids.insert(id);
         self.stage_digest(batch, collection, id, old_digest, digest)?;
         let seq = self.next_seq(collection)?;
-        let first = *self
+        let first_staged = *self
             .staged
             .log_first
             .entry(collection.to_owned())
             .or_insert(seq);
         let key = log_key(collection, seq);
-        batch
-            .inner
-            .insert(&self.log_raw, key.clone(), encode(&changes));
+        if !first {
+            batch
+                .inner
+                .insert(&self.log_raw, key.clone(), encode(&changes));
+        }
         let entry = LogEntry {
             doc: id.0,
             changes: Vec::new(),
@@ -700,7 +706,7 @@ impl Store {
         // document holds them too. Removed blind: reading it back to rewrite it was
         // 4% of a first sync. One staged in this batch stays as it is.
         if let Some(old) = seq.checked_sub(self.log_raw_keep)
-            && old < first
+            && old < first_staged
         {
             batch.inner.remove(&self.log_raw, log_key(collection, old));
         }

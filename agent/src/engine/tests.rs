@@ -576,7 +576,12 @@ fn capture_at(engine: &mut Engine, changes: Vec<CapturedChange>, now_ms: i64) ->
 
 /// Everything `from` logged, applied to `to` as a peer's changes.
 fn replicate(from: &mut Engine, to: &mut Engine) -> TestResult {
-    let log = from.reader().log_from("customers", 1, 1000)?;
+    replicate_from(from, to, 1)
+}
+
+/// Sends `to` the entries of `from`'s log from seq `first` on.
+fn replicate_from(from: &mut Engine, to: &mut Engine, first: u64) -> TestResult {
+    let log = from.reader().log_from("customers", first, 1000)?;
     let upto = log.last().map(|(seq, _)| *seq);
     let entries = log
         .into_iter()
@@ -1007,6 +1012,7 @@ fn agents_that_settle_the_same_conflict_write_one_decision_between_them() -> Tes
     capture(&mut a, &mut batch, vec![captured("1", "Ada")], 1)?;
     a.store().commit(batch)?;
     replicate(&mut a, &mut b)?;
+    replicate(&mut a, &mut c)?;
     // A and B rename her concurrently, then each learns the other's name.
     let mut batch = a.store().batch();
     capture(&mut a, &mut batch, vec![captured("1", "Ada L.")], 2)?;
@@ -1014,16 +1020,18 @@ fn agents_that_settle_the_same_conflict_write_one_decision_between_them() -> Tes
     let mut batch = b.store().batch();
     capture(&mut b, &mut batch, vec![captured("1", "Ada K.")], 1)?;
     b.store().commit(batch)?;
-    replicate(&mut a, &mut b)?;
-    replicate(&mut b, &mut a)?;
+    // Each reads the other's log past the creation, as a session past its cursor.
+    replicate_from(&mut a, &mut b, 2)?;
+    replicate_from(&mut b, &mut a, 2)?;
     assert_eq!((a.stats().decided, b.stats().decided), (1, 1));
     let id = DocId::of("customers", "1");
     assert_eq!(a.store().doc(id)?.heads(), b.store().doc(id)?.heads());
-    // C hears of it from both. It decides too, on applying the second name, before
-    // the others' decision arrives: the very same change. The record holds the
-    // creation, two names and one decision.
-    replicate(&mut a, &mut c)?;
-    replicate(&mut b, &mut c)?;
+    // C hears of it from both, past the creation it has (a read from the creation
+    // would send the document whole). It decides too, on applying the second name,
+    // before the others' decision arrives: the very same change. The record holds
+    // the creation, two names and one decision.
+    replicate_from(&mut a, &mut c, 2)?;
+    replicate_from(&mut b, &mut c, 2)?;
     assert_eq!(c.stats().decided, 1);
     let doc = c.store().doc(id)?;
     assert_eq!(doc.automerge().get_changes(&[]).len(), 4);
