@@ -591,9 +591,10 @@ impl Store {
         self.reads.put(id, state);
     }
 
-    /// What document `id` read as when remembered, if it was not handed out since.
+    /// What document `id` read as when remembered, if it was not handed out since;
+    /// given away, not copied (a second tool planning the same document loads it).
     pub fn remembered_read(&mut self, id: DocId) -> Option<RecordState> {
-        self.reads.get(&id).cloned()
+        self.reads.pop(&id)
     }
 
     /// Whether the store holds the document `id`.
