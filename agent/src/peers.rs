@@ -11,12 +11,13 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio::task::JoinError;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument;
 
@@ -32,8 +33,6 @@ use crate::transport::{FrameError, Transport, TransportError, read_frame, write_
 
 /// Frames read ahead of the session per connection at most.
 pub const INBOUND_FRAMES_MAX: usize = 16;
-/// Frames handed to a connection's writer and not yet written, at most.
-pub const OUTBOUND_FRAMES_MAX: usize = 16;
 /// Session events handed to the core and not yet answered, per connection, at most.
 pub const EVENTS_IN_FLIGHT_MAX: usize = 8;
 /// Shortest and longest wait between dial attempts.
@@ -356,8 +355,6 @@ async fn drive(
     let (frames_tx, mut frames_rx) =
         mpsc::channel::<Result<Vec<u8>, FrameError>>(INBOUND_FRAMES_MAX);
     let _reader = AbortOnDropHandle::new(tokio::spawn(read_frames(recv, frames_tx)));
-    let (outbound, outbound_rx) = mpsc::channel::<Vec<u8>>(OUTBOUND_FRAMES_MAX);
-    let mut writer = AbortOnDropHandle::new(tokio::spawn(write_frames(send, outbound_rx)));
     let mut heads = Vec::with_capacity(ctx.collections.len());
     for collection in &ctx.collections {
         heads.push((collection.clone(), ctx.reader.log_head(collection)?));
@@ -365,11 +362,8 @@ async fn drive(
     let mut session = Session::new(ctx.store, heads, Instant::now());
     let result = pump(
         &mut session,
-        Stream {
-            inbound: &mut frames_rx,
-            outbound: &outbound,
-            writer: &mut writer,
-        },
+        &mut frames_rx,
+        Writer::Idle(send),
         id,
         ctx,
         established,
@@ -380,37 +374,84 @@ async fn drive(
     result
 }
 
-/// A connection's stream as the pump sees it: frames read by one task and written
-/// by another, so that the pump reads while a write waits for the peer.
-struct Stream<'a> {
-    inbound: &'a mut mpsc::Receiver<Result<Vec<u8>, FrameError>>,
-    outbound: &'a mpsc::Sender<Vec<u8>>,
-    /// The task writing `outbound`'s frames; it ends only when a write fails.
-    writer: &'a mut AbortOnDropHandle<Result<(), FrameError>>,
+/// The write of one frame, which gives the stream back.
+type Write = Pin<Box<dyn Future<Output = (quinn::SendStream, Result<(), FrameError>)> + Send>>;
+
+/// The writing side of a connection's stream: idle, or writing one frame. The pump
+/// polls a write alongside everything else, so it keeps reading while a write
+/// waits for the peer.
+enum Writer {
+    Idle(quinn::SendStream),
+    Busy(Write),
+    /// Only between the two.
+    Gone,
+}
+
+impl Writer {
+    /// Starts writing `frame`; the writer is idle.
+    fn start(&mut self, frame: Vec<u8>) {
+        let Writer::Idle(mut send) = std::mem::replace(self, Writer::Gone) else {
+            unreachable!("a frame is only started on an idle writer");
+        };
+        *self = Writer::Busy(Box::pin(async move {
+            let written = write_frame(&mut send, &frame).await;
+            (send, written)
+        }));
+    }
+
+    fn busy(&self) -> bool {
+        matches!(self, Writer::Busy(_))
+    }
+
+    /// Waits for the frame being written; never ready while idle.
+    async fn written(&mut self) -> (quinn::SendStream, Result<(), FrameError>) {
+        match self {
+            Writer::Busy(write) => write.await,
+            _ => std::future::pending().await,
+        }
+    }
+
+    /// Writes the session's frames while the stream takes them at once, and leaves
+    /// the first that must wait in progress.
+    async fn write_ready(&mut self, session: &mut Session) -> Result<(), FrameError> {
+        loop {
+            match self {
+                Writer::Busy(write) => {
+                    let Poll::Ready((send, written)) =
+                        std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await
+                    else {
+                        return Ok(());
+                    };
+                    written?;
+                    *self = Writer::Idle(send);
+                }
+                Writer::Idle(_) => match session.poll_transmit() {
+                    Some(frame) => self.start(frame),
+                    None => return Ok(()),
+                },
+                Writer::Gone => unreachable!("the writer is never left gone"),
+            }
+        }
+    }
 }
 
 /// Moves frames, events and log reads between the session, the stream and the core
 /// until the session ends.
 ///
-/// The pump never waits on a write: a frame the writer has no room for is held
-/// (`outbox`) while frames keep being read, and no log is read until it goes. Two
-/// agents each writing more than the other buffers would otherwise both wait to
-/// write with neither reading, and stop for good.
+/// The pump never waits on a write: a frame the stream cannot take yet stays in
+/// progress (`writer`) while frames keep being read, and no log is read until it is
+/// written. Two agents each writing more than the other buffers would otherwise
+/// both wait to write with neither reading, and stop for good.
 async fn pump(
     session: &mut Session,
-    stream: Stream<'_>,
+    frames_rx: &mut mpsc::Receiver<Result<Vec<u8>, FrameError>>,
+    mut writer: Writer,
     id: u64,
     ctx: &PeerContext,
     established: &mut bool,
     reporter: &mut Reporter<'_>,
 ) -> Result<(), DriveError> {
-    let Stream {
-        inbound: frames_rx,
-        outbound,
-        writer,
-    } = stream;
     let mut pending: VecDeque<PendingEvent> = VecDeque::new();
-    let mut outbox: Option<Vec<u8>> = None;
     let mut log_version = ctx.log_version.clone();
     let mut shutdown = ctx.shutdown.clone();
     let mut following = ctx.following.version.subscribe();
@@ -458,22 +499,14 @@ async fn pump(
                 .map_err(|_| DriveError::Stopping)?;
             pending.push_back(answer);
         }
-        if outbox.is_none() {
+        if !writer.busy() {
             for (collection, from, max) in session.wants() {
                 let read = ctx.reader.log_from(&collection, from, max)?;
                 session.send_entries(Instant::now(), &collection, read, max);
             }
         }
-        while outbox.is_none()
-            && let Some(frame) = session.poll_transmit()
-        {
-            match outbound.try_send(frame) {
-                Ok(()) => {}
-                Err(TrySendError::Full(frame)) => outbox = Some(frame),
-                Err(TrySendError::Closed(_)) => return Err(writer_ended((&mut *writer).await)),
-            }
-        }
-        let more_to_read = outbox.is_none() && !session.wants().is_empty();
+        writer.write_ready(session).await?;
+        let more_to_read = !writer.busy() && !session.wants().is_empty();
         reporter.report(session, false);
         // A report held back by the interval is made when it is due, even if the
         // session goes quiet meanwhile.
@@ -485,11 +518,10 @@ async fn pump(
         tokio::select! {
             biased;
             _ = shutdown.changed() => return Err(DriveError::Stopping),
-            written = &mut *writer => return Err(writer_ended(written)),
-            permit = outbound.reserve(), if outbox.is_some() => match permit {
-                Ok(permit) => permit.send(outbox.take().expect("guarded")),
-                Err(_) => return Err(writer_ended((&mut *writer).await)),
-            },
+            (send, written) = writer.written(), if writer.busy() => {
+                written?;
+                writer = Writer::Idle(send);
+            }
             reply = async { (pending.front_mut().expect("guarded")).await }, if !pending.is_empty() => {
                 pending.pop_front();
                 let actions = reply.map_err(|_| DriveError::Stopping)?.map_err(DriveError::Refused)?;
@@ -511,25 +543,6 @@ async fn pump(
             }
             _ = async {}, if more_to_read => {}
         }
-    }
-}
-
-/// Writes `frames` to the stream until the pump drops their sender or a write fails.
-async fn write_frames(
-    mut send: quinn::SendStream,
-    mut frames: mpsc::Receiver<Vec<u8>>,
-) -> Result<(), FrameError> {
-    while let Some(frame) = frames.recv().await {
-        write_frame(&mut send, &frame).await?;
-    }
-    Ok(())
-}
-
-/// Why the pump stops when its writer ended, which it does only on a failed write.
-fn writer_ended(written: Result<Result<(), FrameError>, JoinError>) -> DriveError {
-    match written {
-        Ok(Err(e)) => DriveError::Frame(e),
-        Ok(Ok(())) | Err(_) => DriveError::Stopping,
     }
 }
 
