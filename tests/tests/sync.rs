@@ -13,6 +13,18 @@ async fn pair(
 )> {
     let mut a = Node::new(root, "a")?;
     let mut b = Node::new(root, "b")?;
+    let (agent_a, agent_b) = start_pair(&mut a, &mut b).await?;
+    Ok((a, b, agent_a, agent_b))
+}
+
+/// Configures `a` to accept `b` and `b` to dial `a`, and starts both.
+async fn start_pair(
+    a: &mut Node,
+    b: &mut Node,
+) -> anyhow::Result<(
+    concord_agent::agent::RunningAgent,
+    concord_agent::agent::RunningAgent,
+)> {
     a.configure("127.0.0.1:0", &[(b.id(), None)])?;
     let agent_a = a.start().await?;
     b.configure(
@@ -20,7 +32,7 @@ async fn pair(
         &[(a.id(), Some(agent_a.local_addr().to_string()))],
     )?;
     let agent_b = b.start().await?;
-    Ok((a, b, agent_a, agent_b))
+    Ok((agent_a, agent_b))
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -496,13 +508,7 @@ async fn two_agents_sending_each_other_large_backlogs_at_once_do_not_stall() -> 
         .await?;
         agent.shutdown().await;
     }
-    a.configure("127.0.0.1:0", &[(b.id(), None)])?;
-    let agent_a = a.start().await?;
-    b.configure(
-        "127.0.0.1:0",
-        &[(a.id(), Some(agent_a.local_addr().to_string()))],
-    )?;
-    let agent_b = b.start().await?;
+    let (agent_a, agent_b) = start_pair(&mut a, &mut b).await?;
     let rows = converged(&[&a, &b]).await?;
     assert_eq!(rows.len(), 2 * ROWS);
     agent_a.shutdown().await;
