@@ -26,7 +26,7 @@
 //! Documents are loaded on demand through a bounded LRU cache, so memory does not
 //! grow with the number of records.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::num::NonZeroUsize;
 use std::path::Path;
 
@@ -279,6 +279,11 @@ pub struct Store {
     reads: LruCache<DocId, RecordState>,
     /// Next sequence number of each collection's log.
     log_next: HashMap<String, u64>,
+    /// Per collection, the seqs of the entries whose change bytes `log_raw` holds,
+    /// oldest first (read from it on first use): only those are removed once older
+    /// than the newest kept, so a document's first entry, which has none, costs no
+    /// tombstone. At most [`LOG_RAW_KEEP`] seqs and a batch's.
+    raw_seqs: HashMap<String, VecDeque<u64>>,
     /// Live records per collection, counting the open batch (committed in
     /// `cursors` under [`records_counter`]); read from disk on first use.
     records: HashMap<String, u64>,
@@ -435,6 +440,7 @@ impl Store {
             cache: LruCache::new(NonZeroUsize::new(DOC_CACHE_MAX).expect("DOC_CACHE_MAX > 0")),
             reads: LruCache::new(NonZeroUsize::new(READ_CACHE_MAX).expect("READ_CACHE_MAX > 0")),
             log_next: HashMap::new(),
+            raw_seqs: HashMap::new(),
             records: HashMap::new(),
             staged: Staged::default(),
             log_raw_keep: LOG_RAW_KEEP,
@@ -454,6 +460,17 @@ impl Store {
     /// entries without their bytes.
     pub fn set_log_raw_keep(&mut self, entries: u64) {
         self.log_raw_keep = entries.max(1);
+    }
+
+    /// The seqs of `collection`'s log entries whose change bytes are kept, as
+    /// committed.
+    #[cfg(test)]
+    pub fn kept_raw_seqs(&self, collection: &str) -> Result<Vec<u64>, StoreError> {
+        let mut fresh = HashMap::new();
+        Ok(raw_seqs_of(&mut fresh, &self.log_raw, collection)?
+            .iter()
+            .copied()
+            .collect())
     }
 
     /// This store's actor id, which also names it to peers.
@@ -573,6 +590,7 @@ impl Store {
         // Log seqs, bucket digests and record counts moved with what was staged:
         // rebuild them from disk.
         self.log_next.clear();
+        self.raw_seqs.clear();
         self.buckets.clear();
         self.records.clear();
     }
@@ -691,10 +709,12 @@ impl Store {
             .entry(collection.to_owned())
             .or_insert(seq);
         let key = log_key(collection, seq);
+        let raw_seqs = raw_seqs_of(&mut self.raw_seqs, &self.log_raw, collection)?;
         if !first {
             batch
                 .inner
                 .insert(&self.log_raw, key.clone(), encode(&changes));
+            raw_seqs.push_back(seq);
         }
         let entry = LogEntry {
             doc: id.0,
@@ -703,13 +723,20 @@ impl Store {
         };
         batch.inner.insert(&self.log, key, encode(&entry));
         batch.appended.push((collection.to_owned(), seq));
-        // The change bytes of the entry that falls out of the newest kept go; its
-        // document holds them too. Removed blind: reading it back to rewrite it was
-        // 4% of a first sync. One staged in this batch stays as it is.
-        if let Some(old) = seq.checked_sub(self.log_raw_keep)
-            && old < first_staged
-        {
-            batch.inner.remove(&self.log_raw, log_key(collection, old));
+        // The change bytes of entries that fall out of the newest kept go; their
+        // documents hold them too. Removed without reading them (reading each back
+        // to rewrite it was 4% of a first sync). One staged in this batch waits for
+        // a later one.
+        if let Some(old) = seq.checked_sub(self.log_raw_keep) {
+            while let Some(&front) = raw_seqs.front()
+                && front <= old
+                && front < first_staged
+            {
+                raw_seqs.pop_front();
+                batch
+                    .inner
+                    .remove(&self.log_raw, log_key(collection, front));
+            }
         }
         Ok(())
     }
@@ -1559,6 +1586,24 @@ fn committed_cursor(cursors: &Keyspace, name: &str) -> Result<u64, StoreError> {
         Some(bytes) => decode_seq(&bytes),
         None => Ok(0),
     }
+}
+
+/// The seqs of `collection`'s entries whose change bytes `log_raw` holds, read from
+/// it on first use.
+fn raw_seqs_of<'a>(
+    raw_seqs: &'a mut HashMap<String, VecDeque<u64>>,
+    log_raw: &Keyspace,
+    collection: &str,
+) -> Result<&'a mut VecDeque<u64>, StoreError> {
+    if !raw_seqs.contains_key(collection) {
+        let prefix = log_prefix(collection);
+        let mut seqs = VecDeque::new();
+        for guard in log_raw.prefix(&prefix) {
+            seqs.push_back(decode_seq(&guard.key()?[prefix.len()..])?);
+        }
+        raw_seqs.insert(collection.to_owned(), seqs);
+    }
+    Ok(raw_seqs.get_mut(collection).expect("just filled"))
 }
 
 fn committed_log_head(log: &Keyspace, collection: &str) -> Result<u64, StoreError> {

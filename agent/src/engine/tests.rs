@@ -993,6 +993,44 @@ fn old_log_entries_are_read_as_their_documents_changes() -> TestResult {
     Ok(())
 }
 
+/// Change bytes are kept for the newest entries only, and never for a document's
+/// first entry (the document is stored as just those), also across a restart.
+#[test]
+fn change_bytes_are_kept_for_the_newest_entries_but_first_ones() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let edits = [
+        ("1", "Ada"),
+        ("1", "Ada L."),
+        ("2", "Grace"),
+        ("2", "Grace H."),
+        ("1", "Ada Lovelace"),
+    ];
+    {
+        let mut a = engine(dir.path())?;
+        a.store().set_log_raw_keep(3);
+        for (seq, (key, name)) in (1..).zip(&edits[..4]) {
+            let mut batch = a.store().batch();
+            capture(&mut a, &mut batch, vec![captured(key, name)], seq)?;
+            a.store().commit(batch)?;
+        }
+        // Entries 1 and 3 are first entries; 2 and 4 keep their bytes.
+        assert_eq!(a.store().kept_raw_seqs("customers")?, vec![2, 4]);
+    }
+    let mut a = engine(dir.path())?;
+    a.store().set_log_raw_keep(3);
+    let mut batch = a.store().batch();
+    capture(
+        &mut a,
+        &mut batch,
+        vec![captured(edits[4].0, edits[4].1)],
+        5,
+    )?;
+    a.store().commit(batch)?;
+    // Entry 5 pushed entry 2 out of the newest three, after the restart too.
+    assert_eq!(a.store().kept_raw_seqs("customers")?, vec![4, 5]);
+    Ok(())
+}
+
 /// Regression (one decision per agent): every agent that saw a conflict wrote a
 /// decision of its own, so one conflict seen by N agents made N changes, each of
 /// which all N agents then applied.
