@@ -289,6 +289,9 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let sync_bytes = relay.bytes.load(Ordering::Relaxed);
     let rate = records as f64 / sync_time.as_secs_f64();
     let (rss_a, rss_b) = (proc_a.peak_rss_kib()?, proc_b.peak_rss_kib()?);
+    // CPU time is steadier than wall time on a shared machine, and says which side
+    // costs what.
+    let (cpu_a, cpu_b) = (proc_a.cpu_ms()?, proc_b.cpu_ms()?);
 
     // Edit latency: one field of one row in A, until B's row shows it.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -374,6 +377,14 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         "  bytes on the wire     {:>10} ({:.0} per record)",
         sync_bytes,
         sync_bytes as f64 / records as f64
+    );
+    let per_record_us = |ms: u64| ms as f64 * 1000.0 / records.max(1) as f64;
+    println!(
+        "  CPU per record        {:>10.1} µs  (agent A {:.1}, agent B {:.1}; the floor's serial time {:.1})",
+        per_record_us(cpu_a + cpu_b),
+        per_record_us(cpu_a),
+        per_record_us(cpu_b),
+        floor_built.as_secs_f64() * 1e6 / records.max(1) as f64
     );
     println!("  peak RSS agent A      {:>10} KiB", rss_a);
     println!("  peak RSS agent B      {:>10} KiB", rss_b);
@@ -1070,7 +1081,7 @@ impl Disk {
     /// Measures the store in `dir` (no agent may hold it), then compacts it.
     fn measure(dir: &Path) -> anyhow::Result<Disk> {
         let left = dir_bytes(dir)?;
-        let store = crate::store::Store::open(dir)?;
+        let mut store = crate::store::Store::open(dir)?;
         let compacted = store.compact()?;
         Ok(Disk { left, compacted })
     }
