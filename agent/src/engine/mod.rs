@@ -104,6 +104,8 @@ pub struct EngineStats {
     pub quarantined: u64,
     /// New records left unmatched because their natural key is not unique in their tool.
     pub ambiguous: u64,
+    /// Stored documents saved again as one, smaller, by the idle compaction.
+    pub docs_compacted: u64,
 }
 
 /// The agent's decision logic over its store.
@@ -304,6 +306,11 @@ impl Engine {
     /// Read access to the committed store.
     pub fn reader(&self) -> StoreReader {
         self.store.reader()
+    }
+
+    /// Counts documents the idle compaction saved again as one.
+    pub fn docs_compacted(&mut self, n: u64) {
+        self.stats.docs_compacted += n;
     }
 
     /// The id of the engine's store (its actor id).

@@ -1116,3 +1116,67 @@ fn a_trimmed_document_first_learned_from_a_peer_still_reaches_that_peer() -> Tes
     assert_eq!(name_of(&mut b, "1")?, Some(Value::Text("Ada L.".into())));
     Ok(())
 }
+
+/// A record updated many times is stored as its first change with every update
+/// appended; a tick that finds the agent idle saves it again as one document,
+/// smaller, which reads the same, syncs whole to a new peer, and takes further
+/// changes. A record of one change is left as it is.
+#[test]
+fn an_idle_tick_saves_a_document_of_many_changes_again_as_one() -> TestResult {
+    use crate::core::{Core, CoreRequest};
+    let (dir_a, dir_b) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let (ada, grace) = (DocId::of("customers", "1"), DocId::of("customers", "2"));
+    let before = {
+        let mut a = engine(dir_a.path())?;
+        let mut changes = vec![captured("2", "Grace")];
+        for seq in 1..=20 {
+            changes.push(captured("1", &format!("Ada {seq}")));
+            let mut batch = a.store().batch();
+            capture(&mut a, &mut batch, std::mem::take(&mut changes), seq)?;
+            a.store().commit(batch)?;
+        }
+        (
+            a.store().stored_doc(ada)?.ok_or("Ada stored")?,
+            a.store().stored_doc(grace)?.ok_or("Grace stored")?,
+        )
+    };
+    assert_eq!(RecordDoc::stored_chunks(&before.0), 20);
+    // Opened again, nothing is cached: the tick compacts what is on disk.
+    let mut core = Core::new(engine(dir_a.path())?);
+    let heads = core.engine().store().committed_digest("customers", ada)?;
+    let now = 1_000_000;
+    core.step(vec![CoreRequest::Tick], now)?;
+    assert_eq!(core.engine().stats().docs_compacted, 1);
+    let after = core.engine().store().stored_doc(ada)?.ok_or("Ada stored")?;
+    assert_eq!(RecordDoc::stored_chunks(&after), 1);
+    assert!(
+        after.len() * 2 < before.0.len(),
+        "{} bytes saved, {} appended",
+        after.len(),
+        before.0.len()
+    );
+    assert_eq!(core.engine().store().stored_doc(grace)?, Some(before.1));
+    assert_eq!(
+        core.engine().store().committed_digest("customers", ada)?,
+        heads
+    );
+    assert_eq!(
+        name_of(core.engine(), "1")?,
+        Some(Value::Text("Ada 20".into()))
+    );
+
+    // A new peer reads the log from its start: the first entry expands to the saved
+    // document, the rest to their own changes.
+    let mut b = engine(dir_b.path())?;
+    replicate(core.engine(), &mut b)?;
+    assert_eq!(name_of(&mut b, "1")?, Some(Value::Text("Ada 20".into())));
+    assert_eq!(b.store().committed_digest("customers", ada)?, heads);
+
+    // The saved document takes the next change, which reaches the peer.
+    let mut batch = core.engine().store().batch();
+    capture(core.engine(), &mut batch, vec![captured("1", "Ada 21")], 21)?;
+    core.engine().store().commit(batch)?;
+    replicate_from(core.engine(), &mut b, 21)?;
+    assert_eq!(name_of(&mut b, "1")?, Some(Value::Text("Ada 21".into())));
+    Ok(())
+}
