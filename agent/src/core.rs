@@ -218,7 +218,7 @@ pub struct Core {
 /// pass starts [`DOC_COMPACT_PASS_PAUSE_MS`] after it ended.
 #[derive(Debug, Clone, Copy, Default)]
 enum DocCompactionCursor {
-    /// The next slice starts at this document (`None`: the first).
+    /// The next slice starts a pass at the first document.
     #[default]
     Start,
     /// The next slice starts at this document.
