@@ -211,11 +211,15 @@ pub struct Core {
     plan_needed: Vec<bool>,
     /// Where the idle compaction of documents goes on.
     doc_compaction: DocCompactionCursor,
+    /// Whether a log entry was appended (so a document changed) since the last
+    /// pass of the idle compaction started: without, a pass would find nothing.
+    docs_changed: bool,
 }
 
 /// Where the idle compaction of stored documents ([`crate::store::Store::compact_docs`])
 /// stands: a pass walks every document in slices, one per idle tick, and the next
-/// pass starts [`DOC_COMPACT_PASS_PAUSE_MS`] after it ended.
+/// pass starts [`DOC_COMPACT_PASS_PAUSE_MS`] after it ended, if a document changed
+/// since the last started.
 #[derive(Debug, Clone, Copy, Default)]
 enum DocCompactionCursor {
     /// The next slice starts a pass at the first document.
@@ -239,6 +243,7 @@ impl Core {
             write_back_in_flight: vec![false; tools],
             plan_needed: vec![true; tools],
             doc_compaction: DocCompactionCursor::default(),
+            docs_changed: false,
         }
     }
 
@@ -249,9 +254,16 @@ impl Core {
         let from = match self.doc_compaction {
             DocCompactionCursor::Start => None,
             DocCompactionCursor::At(id) => Some(id),
-            DocCompactionCursor::Ended(at) if now_ms - at >= DOC_COMPACT_PASS_PAUSE_MS => None,
+            DocCompactionCursor::Ended(at)
+                if self.docs_changed && now_ms - at >= DOC_COMPACT_PASS_PAUSE_MS =>
+            {
+                None
+            }
             DocCompactionCursor::Ended(_) => return Ok(()),
         };
+        if from.is_none() {
+            self.docs_changed = false;
+        }
         let done = self.engine.store().compact_docs(
             from,
             DOC_COMPACT_SCAN_MAX,
@@ -418,6 +430,7 @@ impl Core {
             heads,
         };
         self.engine.store().commit(batch)?;
+        self.docs_changed |= committed.appended > 0;
         for reply in replies {
             reply();
         }

@@ -116,8 +116,6 @@ pub struct LogEntry {
 /// What one pass of [`Store::compact_docs`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DocCompaction {
-    /// Documents looked at.
-    pub scanned: usize,
     /// Documents saved again as one, smaller.
     pub rewritten: usize,
     /// Bytes they shrank by, in all (before fjall's own compression).
@@ -495,6 +493,12 @@ impl Store {
         Ok(self.docs.get(id.0)?.map(|bytes| bytes.to_vec()))
     }
 
+    /// Stores `bytes` as document `id`, as a damaged disk might have left them.
+    #[cfg(test)]
+    pub fn put_stored_doc(&self, id: DocId, bytes: &[u8]) -> Result<(), StoreError> {
+        Ok(self.docs.insert(id.0, bytes)?)
+    }
+
     /// The seqs of `collection`'s log entries whose change bytes are kept, as
     /// committed.
     #[cfg(test)]
@@ -550,7 +554,7 @@ impl Store {
     ) -> Result<DocCompaction, StoreError> {
         let start = from.map(|id| id.0).unwrap_or_default();
         let mut rewritten = Vec::new();
-        let (mut scanned, mut next) = (0, None);
+        let (mut scanned, mut next) = (0usize, None);
         for guard in self.docs.range(start..) {
             let (key, value) = guard.into_inner()?;
             let id = DocId(
@@ -568,16 +572,17 @@ impl Store {
             {
                 continue;
             }
-            let saved = RecordDoc::compact_stored(&value).map_err(|e| StoreError::Corrupt {
-                what: "document",
-                reason: format!("{id}: {e}"),
-            })?;
-            if let Some(saved) = saved {
-                rewritten.push((id, value.len() - saved.len(), saved));
+            // A document that does not load is left as it is: reading it quarantines
+            // it, as anywhere else.
+            match RecordDoc::compact_stored(&value) {
+                Ok(Some(saved)) => rewritten.push((id, value.len() - saved.len(), saved)),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(doc = %id, "left a document that does not load uncompacted: {e}")
+                }
             }
         }
         let compaction = DocCompaction {
-            scanned,
             rewritten: rewritten.len(),
             bytes_saved: rewritten.iter().map(|(_, saved, _)| *saved as u64).sum(),
             next,

@@ -1180,3 +1180,82 @@ fn an_idle_tick_saves_a_document_of_many_changes_again_as_one() -> TestResult {
     assert_eq!(name_of(&mut b, "1")?, Some(Value::Text("Ada 21".into())));
     Ok(())
 }
+
+/// The idle compaction walks the documents again only after one changed, and
+/// leaves a document that does not load as it is (reading it quarantines it), with
+/// the core going on.
+#[test]
+fn idle_compaction_waits_for_a_change_and_passes_over_a_damaged_document() -> TestResult {
+    use crate::core::{Core, CoreRequest, DOC_COMPACT_PASS_PAUSE_MS};
+    let dir = tempfile::tempdir()?;
+    let (ada, grace) = (DocId::of("customers", "1"), DocId::of("customers", "2"));
+    let appended = {
+        let mut a = engine(dir.path())?;
+        for seq in 1..=10 {
+            let mut batch = a.store().batch();
+            capture(
+                &mut a,
+                &mut batch,
+                vec![captured("1", &format!("Ada {seq}"))],
+                seq,
+            )?;
+            a.store().commit(batch)?;
+        }
+        a.store().stored_doc(ada)?.ok_or("Ada stored")?
+    };
+    let mut core = Core::new(engine(dir.path())?);
+    let now = 1_000_000;
+    core.step(vec![CoreRequest::Tick], now)?;
+    assert_eq!(core.engine().stats().docs_compacted, 1);
+
+    // Grace's document, many chunks, one of them damaged, and a copy of Ada's
+    // under a third id, both put where no change was logged.
+    let mut damaged = appended.clone();
+    let middle = damaged.len() / 2;
+    damaged[middle] ^= 0xff;
+    core.engine().store().put_stored_doc(grace, &damaged)?;
+    let copy = DocId::of("customers", "copy");
+    core.engine().store().put_stored_doc(copy, &appended)?;
+    let chunks = |core: &mut Core, id| -> Result<usize, Box<dyn std::error::Error>> {
+        let stored = core.engine().store().stored_doc(id)?.ok_or("stored")?;
+        Ok(RecordDoc::stored_chunks(&stored))
+    };
+    // No document changed since the last pass: the pause alone starts none.
+    core.step(vec![CoreRequest::Tick], now + DOC_COMPACT_PASS_PAUSE_MS)?;
+    assert_eq!(chunks(&mut core, copy)?, 10);
+    let mut mark = 10u64;
+    let mut capture_one = |core: &mut Core, at| -> TestResult {
+        mark += 1;
+        let (reply, _answer) = tokio::sync::oneshot::channel();
+        let batch = CaptureBatch {
+            changes: vec![captured(&mark.to_string(), "Hedy")],
+            cursor: Cursor(mark.to_be_bytes().to_vec()),
+            rescan: false,
+        };
+        core.step(
+            vec![CoreRequest::Capture {
+                tool: 0,
+                batch,
+                mark,
+                reply,
+            }],
+            at,
+        )?;
+        Ok(())
+    };
+    capture_one(&mut core, now + DOC_COMPACT_PASS_PAUSE_MS)?;
+    let second = now + DOC_COMPACT_PASS_PAUSE_MS + 1;
+    core.step(vec![CoreRequest::Tick], second)?;
+    assert_eq!(core.engine().stats().docs_compacted, 2);
+    assert_eq!(chunks(&mut core, copy)?, 1);
+    assert_eq!(core.engine().store().stored_doc(grace)?, Some(damaged));
+
+    // A change right after a pass waits for the pause.
+    core.engine().store().put_stored_doc(copy, &appended)?;
+    capture_one(&mut core, second)?;
+    core.step(vec![CoreRequest::Tick], second + 1)?;
+    assert_eq!(chunks(&mut core, copy)?, 10);
+    core.step(vec![CoreRequest::Tick], second + DOC_COMPACT_PASS_PAUSE_MS)?;
+    assert_eq!(chunks(&mut core, copy)?, 1);
+    Ok(())
+}
