@@ -5,8 +5,9 @@
 //! | keyspace  | key                                   | value                              |
 //! |-----------|---------------------------------------|------------------------------------|
 //! | `meta`    | `actor`                               | this store's actor id (16 bytes)   |
-//! | `docs`    | doc id (16 bytes)                     | saved document, then appended changes |
+//! | `docs`    | doc id (16 bytes)                     | the document's newest log entry ([`DOC_HEAD_LEN`] bytes), then its saved document and appended changes |
 //! | `log`     | collection, 0, seq (u64 BE)           | [`LogEntry`]                       |
+//! | `log_raw` | collection, 0, seq (u64 BE)           | the newest entries' change bytes and the entry each supersedes |
 //! | `ext`     | tool, 0, collection, 0, external id   | doc id (the record's document)     |
 //! | `links`   | tool, 0, doc id                       | the external id of the document's record in the tool |
 //! | `shadow`  | tool, 0, collection, 0, key           | the record the tool is known to hold |
@@ -33,7 +34,7 @@ use std::path::Path;
 use connectors::Cursor;
 use crdt_model::{ActorBytes, DocId, Record, RecordDoc, RecordState};
 use fjall::config::PinningPolicy;
-use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable};
 use lru::LruCache;
 use serde::{Deserialize, Serialize};
 
@@ -97,6 +98,12 @@ pub enum StoreError {
 }
 
 /// One entry of a collection's change log: the changes a step added to one document.
+///
+/// A document's entry supersedes its previous one when every peer sent the previous
+/// is sent this one too: this one is the agent's own (no origin), or came from the
+/// same store. Once the superseding entry is trimmed of its bytes, so that it reads
+/// as the whole document, the superseded entry is removed: a record updated
+/// a thousand times keeps one entry, not a thousand.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LogEntry {
     /// The document the changes belong to.
@@ -245,7 +252,8 @@ pub struct Quarantined {
 
 struct CachedDoc {
     doc: RecordDoc,
-    /// The bytes stored for this document.
+    /// The value stored for this document: its head ([`DOC_HEAD_LEN`] bytes), then
+    /// its bytes. Empty for a document never stored.
     stored: Vec<u8>,
     /// How many change chunks were appended to `stored` since the last whole save.
     appends: u32,
@@ -255,6 +263,73 @@ struct CachedDoc {
     /// keyspace holds for it too: a document is staged with its digest in one batch,
     /// always under its own collection. Known here, a change needs no read of it.
     digest: u64,
+}
+
+/// Bytes a document's value in `docs` starts with: [`DOC_HEAD_TAG`], then its
+/// newest log entry: the seq (u64 BE; 0 if not known, in a value stored before
+/// heads were), a byte 1 if the entry came from a peer and that store's id, or 0
+/// and 16 zeros. A change's entry learns from it, with no read, which entry it
+/// supersedes ([`LogEntry`]).
+pub const DOC_HEAD_LEN: usize = 26;
+/// The first byte of a document's head (a saved document or change chunk, as stored
+/// before heads were, starts with Automerge's magic bytes instead).
+const DOC_HEAD_TAG: u8 = 1;
+
+/// A document's newest log entry, as its head records it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct NewestEntry {
+    seq: u64,
+    origin: Option<StoreId>,
+}
+
+/// The head of a document whose newest entry is `seq`, from `origin`.
+fn doc_head(seq: u64, origin: Option<StoreId>) -> [u8; DOC_HEAD_LEN] {
+    let mut head = [0; DOC_HEAD_LEN];
+    head[0] = DOC_HEAD_TAG;
+    head[1..9].copy_from_slice(&seq.to_be_bytes());
+    if let Some(origin) = origin {
+        head[9] = 1;
+        head[10..].copy_from_slice(&origin);
+    }
+    head
+}
+
+/// A stored document's value split into its newest entry, if the head names one,
+/// and the document's bytes. A value with no head (stored before heads were) is all
+/// document.
+fn split_doc_value(value: &[u8]) -> (Option<NewestEntry>, &[u8]) {
+    if value.len() < DOC_HEAD_LEN || value[0] != DOC_HEAD_TAG {
+        return (None, value);
+    }
+    let seq = u64::from_be_bytes(value[1..9].try_into().expect("8 bytes"));
+    let origin = (value[9] == 1).then(|| value[10..DOC_HEAD_LEN].try_into().expect("16 bytes"));
+    let newest = (seq > 0).then_some(NewestEntry { seq, origin });
+    (newest, &value[DOC_HEAD_LEN..])
+}
+
+/// A stored document's bytes, without its head.
+fn doc_bytes(value: &[u8]) -> &[u8] {
+    split_doc_value(value).1
+}
+
+/// What `log_raw` holds for an entry: its change bytes, and the entry it supersedes,
+/// removed with these bytes.
+#[derive(Serialize, Deserialize)]
+struct RawEntry {
+    changes: Vec<Vec<u8>>,
+    supersedes: Option<u64>,
+}
+
+/// An entry's value in `log_raw`; one stored before entries superseded others holds
+/// the change bytes alone.
+fn decode_raw(bytes: &[u8]) -> Result<RawEntry, StoreError> {
+    match postcard::from_bytes::<RawEntry>(bytes) {
+        Ok(raw) => Ok(raw),
+        Err(_) => Ok(RawEntry {
+            changes: decode(bytes, "log entry's changes")?,
+            supersedes: None,
+        }),
+    }
 }
 
 /// The heads digest of `doc`, as stored under `id`.
@@ -301,8 +376,9 @@ pub struct Store {
     /// Per collection, the seqs of the entries whose change bytes `log_raw` holds,
     /// oldest first (read from it on first use): only those are removed once older
     /// than the newest kept, so a document's first entry, which has none, costs no
-    /// tombstone. At most [`LOG_RAW_KEEP`] seqs and a batch's.
-    raw_seqs: HashMap<String, VecDeque<u64>>,
+    /// tombstone. Each with the entry it supersedes, removed with its bytes. At
+    /// most [`LOG_RAW_KEEP`] seqs and a batch's.
+    raw_seqs: HashMap<String, VecDeque<(u64, Option<u64>)>>,
     /// Live records per collection, counting the open batch (committed in
     /// `cursors` under [`records_counter`]); read from disk on first use.
     records: HashMap<String, u64>,
@@ -363,6 +439,7 @@ impl std::fmt::Debug for Store {
 /// Read access to the store for other tasks (log and cursor reads), without the cache.
 #[derive(Clone)]
 pub struct StoreReader {
+    db: Database,
     log: Keyspace,
     log_raw: Keyspace,
     digests: Keyspace,
@@ -487,13 +564,14 @@ impl Store {
         committed_digest(&self.digests, collection, id)
     }
 
-    /// The bytes stored for document `id`, as committed.
+    /// The bytes stored for document `id`, as committed, without their head.
     #[cfg(test)]
     pub fn stored_doc(&self, id: DocId) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.docs.get(id.0)?.map(|bytes| bytes.to_vec()))
+        Ok(self.docs.get(id.0)?.map(|value| doc_bytes(&value).to_vec()))
     }
 
-    /// Stores `bytes` as document `id`, as a damaged disk might have left them.
+    /// Stores `bytes` as document `id`, as a damaged disk might have left them (with
+    /// no head).
     #[cfg(test)]
     pub fn put_stored_doc(&self, id: DocId, bytes: &[u8]) -> Result<(), StoreError> {
         Ok(self.docs.insert(id.0, bytes)?)
@@ -506,7 +584,7 @@ impl Store {
         let mut fresh = HashMap::new();
         Ok(raw_seqs_of(&mut fresh, &self.log_raw, collection)?
             .iter()
-            .copied()
+            .map(|(seq, _)| *seq)
             .collect())
     }
 
@@ -568,14 +646,18 @@ impl Store {
                 break;
             }
             scanned += 1;
-            if RecordDoc::stored_chunks(&value) < DOC_COMPACT_CHUNKS_MIN || self.cache.contains(&id)
+            let bytes = doc_bytes(&value);
+            if RecordDoc::stored_chunks(bytes) < DOC_COMPACT_CHUNKS_MIN || self.cache.contains(&id)
             {
                 continue;
             }
             // A document that does not load is left as it is: reading it quarantines
             // it, as anywhere else.
-            match RecordDoc::compact_stored(&value) {
-                Ok(Some(saved)) => rewritten.push((id, value.len() - saved.len(), saved)),
+            match RecordDoc::compact_stored(bytes) {
+                Ok(Some(saved)) => {
+                    let head = &value[..value.len() - bytes.len()];
+                    rewritten.push((id, bytes.len() - saved.len(), [head, &saved].concat()))
+                }
                 Ok(None) => {}
                 Err(e) => {
                     tracing::warn!(doc = %id, "left a document that does not load uncompacted: {e}")
@@ -629,6 +711,7 @@ impl Store {
     /// A read handle for other tasks.
     pub fn reader(&self) -> StoreReader {
         StoreReader {
+            db: self.db.clone(),
             log: self.log.clone(),
             log_raw: self.log_raw.clone(),
             digests: self.digests.clone(),
@@ -735,9 +818,10 @@ impl Store {
                 None => self.docs.get(id.0)?,
             };
             let entry = match bytes {
-                Some(bytes) => {
+                Some(value) => {
+                    let (newest, bytes) = split_doc_value(&value);
                     let mut doc =
-                        RecordDoc::load(&bytes, &self.actor).map_err(|e| StoreError::Corrupt {
+                        RecordDoc::load(bytes, &self.actor).map_err(|e| StoreError::Corrupt {
                             what: "document",
                             reason: format!("{id}: {e}"),
                         })?;
@@ -747,11 +831,22 @@ impl Store {
                         Some(held) => u32::try_from(held - 1).unwrap_or(DOC_APPENDS_MAX),
                         None => DOC_APPENDS_MAX - DOC_APPENDS_AFTER_LOAD_MAX,
                     };
+                    let stored = match newest {
+                        // Stored with its head: as it is.
+                        Some(_) => value.to_vec(),
+                        // With none, or one naming no entry: a head naming none.
+                        None => {
+                            let mut stored = Vec::with_capacity(DOC_HEAD_LEN + bytes.len());
+                            stored.extend_from_slice(&doc_head(0, None));
+                            stored.extend_from_slice(bytes);
+                            stored
+                        }
+                    };
                     CachedDoc {
                         alive: alive(&doc),
                         digest: digest_of(id, &mut doc),
                         doc,
-                        stored: bytes.to_vec(),
+                        stored,
                         appends,
                     }
                 }
@@ -785,19 +880,30 @@ impl Store {
         origin: Option<StoreId>,
     ) -> Result<(), StoreError> {
         let docs = self.docs.clone();
+        let seq = self.next_seq(collection)?;
         let cached = self.cached(id)?;
         // A new document is stored as exactly these changes: the entry is read as
         // its document's, with no copy of its own.
         let first = cached.stored.is_empty();
+        let supersedes = match split_doc_value(&cached.stored).0 {
+            Some(newest) if origin.is_none() || newest.origin == origin => Some(newest.seq),
+            _ => None,
+        };
         if cached.appends >= DOC_APPENDS_MAX {
-            cached.stored = cached.doc.save();
+            let saved = cached.doc.save();
+            cached.stored.truncate(DOC_HEAD_LEN);
+            cached.stored.extend_from_slice(&saved);
             cached.appends = 0;
         } else {
+            if first {
+                cached.stored.resize(DOC_HEAD_LEN, 0);
+            }
             for change in &changes {
                 cached.stored.extend_from_slice(change);
             }
             cached.appends += 1;
         }
+        cached.stored[..DOC_HEAD_LEN].copy_from_slice(&doc_head(seq, origin));
         batch.inner.insert(&docs, id.0, cached.stored.as_slice());
         let digest = digest_of(id, &mut cached.doc);
         let old_digest = std::mem::replace(&mut cached.digest, digest);
@@ -808,7 +914,6 @@ impl Store {
         }
         self.staged.doc_ids.insert(id);
         self.stage_digest(batch, collection, id, old_digest, digest)?;
-        let seq = self.next_seq(collection)?;
         let first_staged = *self
             .staged
             .log_first
@@ -817,10 +922,12 @@ impl Store {
         let key = log_key(collection, seq);
         let raw_seqs = raw_seqs_of(&mut self.raw_seqs, &self.log_raw, collection)?;
         if !first {
-            batch
-                .inner
-                .insert(&self.log_raw, key.clone(), encode(&changes));
-            raw_seqs.push_back(seq);
+            let raw = RawEntry {
+                changes,
+                supersedes,
+            };
+            batch.inner.insert(&self.log_raw, key.clone(), encode(&raw));
+            raw_seqs.push_back((seq, supersedes));
         }
         let entry = LogEntry {
             doc: id.0,
@@ -832,9 +939,10 @@ impl Store {
         // The change bytes of entries that fall out of the newest kept go; their
         // documents hold them too. Removed without reading them (reading each back
         // to rewrite it was 4% of a first sync). One staged in this batch waits for
-        // a later one.
+        // a later one. An entry read as its document from now on stands for the
+        // entry it supersedes, which goes (trimmed before it, or never kept).
         if let Some(old) = seq.checked_sub(self.log_raw_keep) {
-            while let Some(&front) = raw_seqs.front()
+            while let Some(&(front, superseded)) = raw_seqs.front()
                 && front <= old
                 && front < first_staged
             {
@@ -842,6 +950,11 @@ impl Store {
                 batch
                     .inner
                     .remove(&self.log_raw, log_key(collection, front));
+                if let Some(superseded) = superseded {
+                    batch
+                        .inner
+                        .remove(&self.log, log_key(collection, superseded));
+                }
             }
         }
         Ok(())
@@ -885,8 +998,8 @@ impl Store {
             let Ok(id) = <[u8; 16]>::try_from(&key[prefix.len()..]) else {
                 continue;
             };
-            if let Some(bytes) = self.docs.get(id)?
-                && RecordDoc::load(&bytes, &self.actor).is_ok_and(|doc| alive(&doc))
+            if let Some(value) = self.docs.get(id)?
+                && RecordDoc::load(doc_bytes(&value), &self.actor).is_ok_and(|doc| alive(&doc))
             {
                 count += 1;
             }
@@ -1266,11 +1379,15 @@ impl StoreReader {
         let mut out = Vec::new();
         let mut expanded = HashSet::new();
         let range = log_key(collection, from)..log_key(collection, u64::MAX);
+        // One snapshot for all three keyspaces: the commit that trims an entry of
+        // its bytes removes the entry it supersedes, and a read that saw the one but
+        // not the other would send neither the superseded changes nor the document.
+        let snapshot = self.db.snapshot();
         // The entries' change bytes where still kept: the newest entries, so a
         // second walk in step with the first.
-        let mut raw = self.log_raw.range(range.clone());
+        let mut raw = snapshot.range(&self.log_raw, range.clone());
         let mut next_raw = raw.next().map(|g| g.into_inner()).transpose()?;
-        for guard in self.log.range(range).take(max) {
+        for guard in snapshot.range(&self.log, range).take(max) {
             let (k, v) = guard.into_inner()?;
             let mut entry: LogEntry = decode(&v, "log entry")?;
             while let Some((rk, _)) = &next_raw
@@ -1281,18 +1398,19 @@ impl StoreReader {
             if let Some((rk, rv)) = &next_raw
                 && *rk == k
             {
-                entry.changes = decode(rv, "log entry's changes")?;
+                entry.changes = decode_raw(rv)?.changes;
                 next_raw = raw.next().map(|g| g.into_inner()).transpose()?;
             }
             if entry.changes.is_empty()
                 && expanded.insert((entry.doc, entry.origin))
-                && let Some(stored) = self.docs.get(entry.doc)?
+                && let Some(stored) = snapshot.get(&self.docs, entry.doc)?
             {
-                entry.changes =
-                    RecordDoc::stored_changes(&stored).map_err(|e| StoreError::Corrupt {
+                entry.changes = RecordDoc::stored_changes(doc_bytes(&stored)).map_err(|e| {
+                    StoreError::Corrupt {
                         what: "document",
                         reason: format!("{}: {e}", DocId(entry.doc)),
-                    })?;
+                    }
+                })?;
             }
             out.push((decode_seq(&k[prefix.len()..])?, entry));
         }
@@ -1397,10 +1515,10 @@ impl StoreReader {
     /// Document `id` as committed, loaded read-only (local edits would be made by a
     /// zero actor: callers only read it).
     pub fn load_doc(&self, id: DocId) -> Result<Option<RecordDoc>, StoreError> {
-        let Some(bytes) = self.docs.get(id.0)? else {
+        let Some(value) = self.docs.get(id.0)? else {
             return Ok(None);
         };
-        RecordDoc::load(&bytes, &[0; 16])
+        RecordDoc::load(doc_bytes(&value), &[0; 16])
             .map(Some)
             .map_err(|e| StoreError::Corrupt {
                 what: "document",
@@ -1697,15 +1815,17 @@ fn committed_cursor(cursors: &Keyspace, name: &str) -> Result<u64, StoreError> {
 /// The seqs of `collection`'s entries whose change bytes `log_raw` holds, read from
 /// it on first use.
 fn raw_seqs_of<'a>(
-    raw_seqs: &'a mut HashMap<String, VecDeque<u64>>,
+    raw_seqs: &'a mut HashMap<String, VecDeque<(u64, Option<u64>)>>,
     log_raw: &Keyspace,
     collection: &str,
-) -> Result<&'a mut VecDeque<u64>, StoreError> {
+) -> Result<&'a mut VecDeque<(u64, Option<u64>)>, StoreError> {
     if !raw_seqs.contains_key(collection) {
         let prefix = log_prefix(collection);
         let mut seqs = VecDeque::new();
         for guard in log_raw.prefix(&prefix) {
-            seqs.push_back(decode_seq(&guard.key()?[prefix.len()..])?);
+            let (k, v) = guard.into_inner()?;
+            let seq = decode_seq(&k[prefix.len()..])?;
+            seqs.push_back((seq, decode_raw(&v)?.supersedes));
         }
         raw_seqs.insert(collection.to_owned(), seqs);
     }
