@@ -5,7 +5,7 @@
 //! | keyspace  | key                                   | value                              |
 //! |-----------|---------------------------------------|------------------------------------|
 //! | `meta`    | `actor`                               | this store's actor id (16 bytes)   |
-//! | `docs`    | doc id (16 bytes)                     | the document's newest log entry ([`DOC_HEAD_LEN`] bytes), then its saved document and appended changes |
+//! | `docs`    | doc id (16 bytes)                     | a head naming the document's newest log entry, then its saved document and appended changes |
 //! | `log`     | collection, 0, seq (u64 BE)           | [`LogEntry`]                       |
 //! | `log_raw` | collection, 0, seq (u64 BE)           | the newest entries' change bytes and the entry each supersedes |
 //! | `ext`     | tool, 0, collection, 0, external id   | doc id (the record's document)     |
@@ -252,8 +252,8 @@ pub struct Quarantined {
 
 struct CachedDoc {
     doc: RecordDoc,
-    /// The value stored for this document: its head ([`DOC_HEAD_LEN`] bytes), then
-    /// its bytes. Empty for a document never stored.
+    /// The value stored for this document: its head ([`doc_head`]), then its
+    /// bytes. Empty for a document never stored.
     stored: Vec<u8>,
     /// How many change chunks were appended to `stored` since the last whole save.
     appends: u32,
@@ -265,15 +265,12 @@ struct CachedDoc {
     digest: u64,
 }
 
-/// Bytes a document's value in `docs` starts with: [`DOC_HEAD_TAG`], then its
-/// newest log entry: the seq (u64 BE; 0 if not known, in a value stored before
-/// heads were), a byte 1 if the entry came from a peer and that store's id, or 0
-/// and 16 zeros. A change's entry learns from it, with no read, which entry it
-/// supersedes ([`LogEntry`]).
-pub const DOC_HEAD_LEN: usize = 26;
-/// The first byte of a document's head (a saved document or change chunk, as stored
-/// before heads were, starts with Automerge's magic bytes instead).
+/// The first byte of a document's value in `docs`: its head follows (a saved
+/// document or change chunk, as stored before heads were, starts with Automerge's
+/// magic bytes instead).
 const DOC_HEAD_TAG: u8 = 1;
+/// The longest head: the tag, a seq of ten bytes, the origin's flag and id.
+const DOC_HEAD_MAX: usize = 28;
 
 /// A document's newest log entry, as its head records it.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -282,14 +279,27 @@ struct NewestEntry {
     origin: Option<StoreId>,
 }
 
-/// The head of a document whose newest entry is `seq`, from `origin`.
-fn doc_head(seq: u64, origin: Option<StoreId>) -> [u8; DOC_HEAD_LEN] {
-    let mut head = [0; DOC_HEAD_LEN];
-    head[0] = DOC_HEAD_TAG;
-    head[1..9].copy_from_slice(&seq.to_be_bytes());
-    if let Some(origin) = origin {
-        head[9] = 1;
-        head[10..].copy_from_slice(&origin);
+/// The head a document's value in `docs` starts with: [`DOC_HEAD_TAG`], then its
+/// newest log entry: the seq (LEB128; 0 if not known, for a value stored before
+/// heads were), then 0 if the entry is the agent's own, or 1 and the id of the
+/// store its changes came from. A change's entry learns from it, with no read,
+/// which entry it supersedes ([`LogEntry`]). Five bytes for an entry of the
+/// agent's own below seq 2^21.
+fn doc_head(seq: u64, origin: Option<StoreId>) -> Vec<u8> {
+    let mut head = Vec::with_capacity(DOC_HEAD_MAX);
+    head.push(DOC_HEAD_TAG);
+    let mut rest = seq;
+    while rest >= 0x80 {
+        head.push((rest as u8) | 0x80);
+        rest >>= 7;
+    }
+    head.push(rest as u8);
+    match origin {
+        Some(origin) => {
+            head.push(1);
+            head.extend_from_slice(&origin);
+        }
+        None => head.push(0),
     }
     head
 }
@@ -298,13 +308,36 @@ fn doc_head(seq: u64, origin: Option<StoreId>) -> [u8; DOC_HEAD_LEN] {
 /// and the document's bytes. A value with no head (stored before heads were) is all
 /// document.
 fn split_doc_value(value: &[u8]) -> (Option<NewestEntry>, &[u8]) {
-    if value.len() < DOC_HEAD_LEN || value[0] != DOC_HEAD_TAG {
-        return (None, value);
-    }
-    let seq = u64::from_be_bytes(value[1..9].try_into().expect("8 bytes"));
-    let origin = (value[9] == 1).then(|| value[10..DOC_HEAD_LEN].try_into().expect("16 bytes"));
-    let newest = (seq > 0).then_some(NewestEntry { seq, origin });
-    (newest, &value[DOC_HEAD_LEN..])
+    let parse = || {
+        let rest = value.strip_prefix(&[DOC_HEAD_TAG])?;
+        let (mut seq, mut at) = (0u64, 0usize);
+        loop {
+            let byte = *rest.get(at)?;
+            seq |= u64::from(byte & 0x7f).checked_shl(7 * at as u32)?;
+            at += 1;
+            if byte & 0x80 == 0 {
+                break;
+            }
+            if at == 10 {
+                return None;
+            }
+        }
+        let (origin, bytes) = match rest.get(at)? {
+            0 => (None, &rest[at + 1..]),
+            1 => {
+                let id = rest.get(at + 1..at + 17)?;
+                (Some(StoreId::try_from(id).ok()?), &rest[at + 17..])
+            }
+            _ => return None,
+        };
+        Some(((seq > 0).then_some(NewestEntry { seq, origin }), bytes))
+    };
+    parse().unwrap_or((None, value))
+}
+
+/// The length of the head `value` starts with (0: none).
+fn head_len(value: &[u8]) -> usize {
+    value.len() - split_doc_value(value).1.len()
 }
 
 /// A stored document's bytes, without its head.
@@ -836,8 +869,7 @@ impl Store {
                         Some(_) => value.to_vec(),
                         // With none, or one naming no entry: a head naming none.
                         None => {
-                            let mut stored = Vec::with_capacity(DOC_HEAD_LEN + bytes.len());
-                            stored.extend_from_slice(&doc_head(0, None));
+                            let mut stored = doc_head(0, None);
                             stored.extend_from_slice(bytes);
                             stored
                         }
@@ -889,21 +921,19 @@ impl Store {
             Some(newest) if origin.is_none() || newest.origin == origin => Some(newest.seq),
             _ => None,
         };
+        let head = doc_head(seq, origin);
         if cached.appends >= DOC_APPENDS_MAX {
-            let saved = cached.doc.save();
-            cached.stored.truncate(DOC_HEAD_LEN);
-            cached.stored.extend_from_slice(&saved);
+            cached.stored = head;
+            cached.stored.extend_from_slice(&cached.doc.save());
             cached.appends = 0;
         } else {
-            if first {
-                cached.stored.resize(DOC_HEAD_LEN, 0);
-            }
+            let old_head = head_len(&cached.stored);
+            cached.stored.splice(..old_head, head);
             for change in &changes {
                 cached.stored.extend_from_slice(change);
             }
             cached.appends += 1;
         }
-        cached.stored[..DOC_HEAD_LEN].copy_from_slice(&doc_head(seq, origin));
         batch.inner.insert(&docs, id.0, cached.stored.as_slice());
         let digest = digest_of(id, &mut cached.doc);
         let old_digest = std::mem::replace(&mut cached.digest, digest);
@@ -1909,5 +1939,33 @@ impl Store {
             // Its stored bytes are what the open batch staged.
             self.staged.docs.insert(id, old.stored);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A head names the newest entry and where it came from; a value stored before
+    /// heads were, or one whose head is cut short, reads as all document.
+    #[test]
+    fn a_documents_head_names_its_newest_entry_and_the_rest_is_the_document() {
+        let doc = [0x85, 0x6f, 0x4a, 0x83, 9, 9];
+        for (seq, origin) in [(1, None), (300, Some([7; 16])), (u64::MAX, None)] {
+            let mut value = doc_head(seq, origin);
+            value.extend_from_slice(&doc);
+            assert_eq!(
+                split_doc_value(&value),
+                (Some(NewestEntry { seq, origin }), &doc[..])
+            );
+            assert_eq!(head_len(&value), value.len() - doc.len());
+        }
+        assert_eq!(doc_head(2_000_000, None).len(), 5);
+        let mut unknown = doc_head(0, None);
+        unknown.extend_from_slice(&doc);
+        assert_eq!(split_doc_value(&unknown), (None, &doc[..]));
+        assert_eq!(split_doc_value(&doc), (None, &doc[..]));
+        let cut = &doc_head(300, Some([7; 16]))[..10];
+        assert_eq!(split_doc_value(cut), (None, cut));
     }
 }
