@@ -1121,21 +1121,6 @@ impl Store {
         Ok(())
     }
 
-    /// Stages the record index entry alone (record to document), for a record whose
-    /// key names its document (a shared key).
-    pub fn stage_external_id(
-        &mut self,
-        batch: &mut Batch,
-        tool: &str,
-        collection: &str,
-        external: &str,
-        id: DocId,
-    ) {
-        let k = record_key(tool, collection, external);
-        batch.inner.insert(&self.ext, k.clone(), id.0.to_vec());
-        self.staged.ext.insert(k, Some(id));
-    }
-
     /// Stages that the record `external` of `collection` in `tool` is linked to no
     /// document any more (its key changed).
     pub fn stage_unlink_record(

@@ -242,13 +242,19 @@ async fn a_manual_conflict_waits_in_the_queue_until_resolved_with_the_cli() -> a
         })
         .await?;
     }
-    let history = cli(&b, &["history", "customers", "1"])?;
-    assert!(
-        history.lines().any(|l| l.contains("Marseille")
-            && l.contains("chosen by manual")
-            && l.contains("<- current")),
-        "{history}"
-    );
+    // Named by its key in the tool too: a shared key needs no link to find it.
+    for args in [
+        &["history", "customers", "1"][..],
+        &["history", "customers", "1", "--tool", "app"],
+    ] {
+        let history = cli(&b, args)?;
+        assert!(
+            history.lines().any(|l| l.contains("Marseille")
+                && l.contains("chosen by manual")
+                && l.contains("<- current")),
+            "{args:?}: {history}"
+        );
+    }
     // Resolving it again is refused with a clear message.
     let again = cli(&a, &["conflicts", "resolve", &id, "--pick", "0"]);
     assert!(

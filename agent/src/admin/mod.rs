@@ -540,10 +540,17 @@ fn find_record(
             state.tools.iter().map(String::as_str).collect()
         }
     };
-    for tool in tools {
+    for tool in &tools {
         if let Some(id) = state.reader.linked_doc(tool, collection, key)? {
-            found.push((tool.to_owned(), id));
+            found.push(((*tool).to_owned(), id));
         }
+    }
+    // A shared key names the same record in every tool, with no link.
+    if let [tool] = tools.as_slice()
+        && found.is_empty()
+        && in_collection(DocId::of(collection, key))?
+    {
+        found.push(((*tool).to_owned(), DocId::of(collection, key)));
     }
     found.dedup_by_key(|(_, id)| *id);
     match found.as_slice() {

@@ -297,17 +297,12 @@ impl Engine {
         let name = self.tools[tool].name.clone();
         let (collection, key) = (row.collection, row.key);
         self.clear_row_letter(batch, tool, collection, key);
-        if after.is_some() && edit.external_id.is_some() {
-            match info.identity {
-                // The key names the document: the record index is enough.
-                RecordIdentity::SharedKey => {
-                    self.store
-                        .stage_external_id(batch, &name, collection, key, id);
-                }
-                RecordIdentity::ToolIds | RecordIdentity::NaturalKey => {
-                    self.store.stage_link(batch, &name, collection, key, id)?;
-                }
-            }
+        // A shared key names its document itself: no link to keep.
+        if after.is_some()
+            && edit.external_id.is_some()
+            && info.identity != RecordIdentity::SharedKey
+        {
+            self.store.stage_link(batch, &name, collection, key, id)?;
         }
         self.store
             .stage_shadow(batch, &name, collection, key, after.as_ref());
