@@ -5,9 +5,9 @@
 //! | keyspace  | key                                   | value                              |
 //! |-----------|---------------------------------------|------------------------------------|
 //! | `meta`    | `actor`                               | this store's actor id (16 bytes)   |
-//! | `docs`    | doc id (16 bytes)                     | a head naming the document's newest log entry, then its saved document and appended changes |
+//! | `docs`    | doc id (16 bytes)                     | a head naming the document's standing log entries ([`doc_head`]), then its saved document and appended changes |
 //! | `log`     | collection, 0, seq (u64 BE)           | [`LogEntry`]                       |
-//! | `log_raw` | collection, 0, seq (u64 BE)           | the newest entries' change bytes and the entry each supersedes |
+//! | `log_raw` | collection, 0, seq (u64 BE)           | the newest entries' change bytes and the entries each supersedes |
 //! | `ext`     | tool, 0, collection, 0, external id   | doc id (the record's document)     |
 //! | `links`   | tool, 0, doc id                       | the external id of the document's record in the tool |
 //! | `shadow`  | tool, 0, collection, 0, key           | the record the tool is known to hold |
@@ -99,11 +99,12 @@ pub enum StoreError {
 
 /// One entry of a collection's change log: the changes a step added to one document.
 ///
-/// A document's entry supersedes its previous one when every peer sent the previous
-/// is sent this one too: this one is the agent's own (no origin), or came from the
-/// same store. Once the superseding entry is trimmed of its bytes, so that it reads
-/// as the whole document, the superseded entry is removed: a record updated
-/// a thousand times keeps one entry, not a thousand.
+/// A new entry of a document supersedes the document's earlier entries that every
+/// peer sent them is sent it too: all of them if it is the agent's own (no origin),
+/// else the one from the same store ([`supersede`]). Once the superseding entry is
+/// trimmed of its bytes, so that it reads as the whole document, the superseded
+/// ones are removed: a record updated a thousand times keeps the newest few
+/// entries and one, not a thousand.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LogEntry {
     /// The document the changes belong to.
@@ -255,6 +256,8 @@ struct CachedDoc {
     /// The value stored for this document: its head ([`doc_head`]), then its
     /// bytes. Empty for a document never stored.
     stored: Vec<u8>,
+    /// The document's standing log entries, as its head names them.
+    standing: Vec<Standing>,
     /// How many change chunks were appended to `stored` since the last whole save.
     appends: u32,
     /// Whether `stored` holds a live record (created and not deleted).
@@ -269,75 +272,79 @@ struct CachedDoc {
 /// document or change chunk, as stored before heads were, starts with Automerge's
 /// magic bytes instead).
 const DOC_HEAD_TAG: u8 = 1;
-/// The longest head: the tag, a seq of ten bytes, the origin's flag and id.
-const DOC_HEAD_MAX: usize = 28;
+/// Standing entries a head names at most: past it the oldest is no longer named,
+/// and so stays in the log for good (safe, only not reclaimed). One per peer store
+/// that changed the document since the agent last did, so rarely more than two.
+const DOC_STANDING_MAX: usize = 8;
 
-/// A document's newest log entry, as its head records it.
+/// A log entry of a document that no later entry stands for yet.
 #[derive(Debug, Clone, Copy, PartialEq)]
-struct NewestEntry {
+struct Standing {
     seq: u64,
+    /// The store its changes came from (`None`: the agent's own).
     origin: Option<StoreId>,
 }
 
-/// The head a document's value in `docs` starts with: [`DOC_HEAD_TAG`], then its
-/// newest log entry: the seq (LEB128; 0 if not known, for a value stored before
-/// heads were), then 0 if the entry is the agent's own, or 1 and the id of the
-/// store its changes came from. A change's entry learns from it, with no read,
-/// which entry it supersedes ([`LogEntry`]). Five bytes for an entry of the
-/// agent's own below seq 2^21.
-fn doc_head(seq: u64, origin: Option<StoreId>) -> Vec<u8> {
-    let mut head = Vec::with_capacity(DOC_HEAD_MAX);
+/// The head a document's value in `docs` starts with: [`DOC_HEAD_TAG`], how many
+/// entries it names, then each of the document's standing entries, oldest first:
+/// its seq (LEB128), then 0 if it is the agent's own, or 1 and the id of the store
+/// its changes came from. A change's entry learns from it, with no read, which
+/// entries it supersedes ([`LogEntry`]). Six bytes for a document whose newest entry
+/// is the agent's own, below seq 2^21.
+fn doc_head(standing: &[Standing]) -> Vec<u8> {
+    let mut head = Vec::with_capacity(2 + standing.len() * 12);
     head.push(DOC_HEAD_TAG);
-    let mut rest = seq;
-    while rest >= 0x80 {
-        head.push((rest as u8) | 0x80);
-        rest >>= 7;
-    }
-    head.push(rest as u8);
-    match origin {
-        Some(origin) => {
-            head.push(1);
-            head.extend_from_slice(&origin);
+    head.push(u8::try_from(standing.len()).expect("at most DOC_STANDING_MAX"));
+    for entry in standing {
+        let mut rest = entry.seq;
+        while rest >= 0x80 {
+            head.push((rest as u8) | 0x80);
+            rest >>= 7;
         }
-        None => head.push(0),
+        head.push(rest as u8);
+        match entry.origin {
+            Some(origin) => {
+                head.push(1);
+                head.extend_from_slice(&origin);
+            }
+            None => head.push(0),
+        }
     }
     head
 }
 
-/// A stored document's value split into its newest entry, if the head names one,
-/// and the document's bytes. A value with no head (stored before heads were) is all
-/// document.
-fn split_doc_value(value: &[u8]) -> (Option<NewestEntry>, &[u8]) {
+/// A stored document's value split into the standing entries its head names and
+/// the document's bytes. A value with no head (stored before heads were), or one
+/// whose head does not parse, is all document and names none.
+fn split_doc_value(value: &[u8]) -> (Vec<Standing>, &[u8]) {
     let parse = || {
         let rest = value.strip_prefix(&[DOC_HEAD_TAG])?;
-        let (mut seq, mut at) = (0u64, 0usize);
-        loop {
-            let byte = *rest.get(at)?;
-            seq |= u64::from(byte & 0x7f).checked_shl(7 * at as u32)?;
-            at += 1;
-            if byte & 0x80 == 0 {
-                break;
+        let (&count, mut rest) = rest.split_first()?;
+        let mut standing = Vec::with_capacity(usize::from(count));
+        for _ in 0..count {
+            let (mut seq, mut at) = (0u64, 0usize);
+            loop {
+                let byte = *rest.get(at)?;
+                seq |= u64::from(byte & 0x7f).checked_shl(7 * at as u32)?;
+                at += 1;
+                if byte & 0x80 == 0 {
+                    break;
+                }
+                if at == 10 {
+                    return None;
+                }
             }
-            if at == 10 {
-                return None;
-            }
+            let origin = match rest.get(at)? {
+                0 => None,
+                1 => Some(StoreId::try_from(rest.get(at + 1..at + 17)?).ok()?),
+                _ => return None,
+            };
+            rest = &rest[at + 1 + if origin.is_some() { 16 } else { 0 }..];
+            standing.push(Standing { seq, origin });
         }
-        let (origin, bytes) = match rest.get(at)? {
-            0 => (None, &rest[at + 1..]),
-            1 => {
-                let id = rest.get(at + 1..at + 17)?;
-                (Some(StoreId::try_from(id).ok()?), &rest[at + 17..])
-            }
-            _ => return None,
-        };
-        Some(((seq > 0).then_some(NewestEntry { seq, origin }), bytes))
+        Some((standing, rest))
     };
-    parse().unwrap_or((None, value))
-}
-
-/// The length of the head `value` starts with (0: none).
-fn head_len(value: &[u8]) -> usize {
-    value.len() - split_doc_value(value).1.len()
+    parse().unwrap_or((Vec::new(), value))
 }
 
 /// A stored document's bytes, without its head.
@@ -345,22 +352,52 @@ fn doc_bytes(value: &[u8]) -> &[u8] {
     split_doc_value(value).1
 }
 
-/// What `log_raw` holds for an entry: its change bytes, and the entry it supersedes,
-/// removed with these bytes.
+/// The entries a new entry from `origin` supersedes among a document's `standing`
+/// ones, which it leaves as they are after it (`seq`): every one if it is the
+/// agent's own, sent to every peer; else the one from the same store, which the
+/// same sessions skip. An entry from a peer never stands for one of another origin:
+/// some peer is sent that one and not this.
+fn supersede(standing: &mut Vec<Standing>, seq: u64, origin: Option<StoreId>) -> Vec<u64> {
+    let mut superseded = Vec::new();
+    standing.retain(|entry| {
+        let goes = origin.is_none() || entry.origin == origin;
+        if goes {
+            superseded.push(entry.seq);
+        }
+        !goes
+    });
+    if standing.len() == DOC_STANDING_MAX {
+        standing.remove(0);
+    }
+    standing.push(Standing { seq, origin });
+    superseded
+}
+
+/// What `log_raw` holds for an entry: its change bytes, and the entries it
+/// supersedes, removed with these bytes.
 #[derive(Serialize, Deserialize)]
 struct RawEntry {
     changes: Vec<Vec<u8>>,
-    supersedes: Option<u64>,
+    supersedes: Vec<u64>,
+}
+
+/// [`RawEntry`] read for what it supersedes, its change bytes not copied.
+#[derive(Deserialize)]
+struct RawEntryRef<'a> {
+    #[serde(borrow)]
+    _changes: Vec<&'a [u8]>,
+    supersedes: Vec<u64>,
 }
 
 /// An entry's value in `log_raw`; one stored before entries superseded others holds
-/// the change bytes alone.
+/// the change bytes alone (and so always fails to read as a [`RawEntry`], which
+/// ends with what it supersedes).
 fn decode_raw(bytes: &[u8]) -> Result<RawEntry, StoreError> {
     match postcard::from_bytes::<RawEntry>(bytes) {
         Ok(raw) => Ok(raw),
         Err(_) => Ok(RawEntry {
             changes: decode(bytes, "log entry's changes")?,
-            supersedes: None,
+            supersedes: Vec::new(),
         }),
     }
 }
@@ -409,9 +446,9 @@ pub struct Store {
     /// Per collection, the seqs of the entries whose change bytes `log_raw` holds,
     /// oldest first (read from it on first use): only those are removed once older
     /// than the newest kept, so a document's first entry, which has none, costs no
-    /// tombstone. Each with the entry it supersedes, removed with its bytes. At
+    /// tombstone. Each with the entries it supersedes, removed with its bytes. At
     /// most [`LOG_RAW_KEEP`] seqs and a batch's.
-    raw_seqs: HashMap<String, VecDeque<(u64, Option<u64>)>>,
+    raw_seqs: HashMap<String, VecDeque<(u64, Vec<u64>)>>,
     /// Live records per collection, counting the open batch (committed in
     /// `cursors` under [`records_counter`]); read from disk on first use.
     records: HashMap<String, u64>,
@@ -852,7 +889,7 @@ impl Store {
             };
             let entry = match bytes {
                 Some(value) => {
-                    let (newest, bytes) = split_doc_value(&value);
+                    let (standing, bytes) = split_doc_value(&value);
                     let mut doc =
                         RecordDoc::load(bytes, &self.actor).map_err(|e| StoreError::Corrupt {
                             what: "document",
@@ -864,27 +901,19 @@ impl Store {
                         Some(held) => u32::try_from(held - 1).unwrap_or(DOC_APPENDS_MAX),
                         None => DOC_APPENDS_MAX - DOC_APPENDS_AFTER_LOAD_MAX,
                     };
-                    let stored = match newest {
-                        // Stored with its head: as it is.
-                        Some(_) => value.to_vec(),
-                        // With none, or one naming no entry: a head naming none.
-                        None => {
-                            let mut stored = doc_head(0, None);
-                            stored.extend_from_slice(bytes);
-                            stored
-                        }
-                    };
                     CachedDoc {
                         alive: alive(&doc),
                         digest: digest_of(id, &mut doc),
                         doc,
-                        stored,
+                        stored: value.to_vec(),
+                        standing,
                         appends,
                     }
                 }
                 None => CachedDoc {
                     doc: RecordDoc::new(&self.actor),
                     stored: Vec::new(),
+                    standing: Vec::new(),
                     appends: 0,
                     alive: false,
                     digest: 0,
@@ -913,21 +942,21 @@ impl Store {
     ) -> Result<(), StoreError> {
         let docs = self.docs.clone();
         let seq = self.next_seq(collection)?;
+        // Staged before it changes, so that a batch given up drops the cached copy.
+        self.staged.doc_ids.insert(id);
         let cached = self.cached(id)?;
         // A new document is stored as exactly these changes: the entry is read as
         // its document's, with no copy of its own.
         let first = cached.stored.is_empty();
-        let supersedes = match split_doc_value(&cached.stored).0 {
-            Some(newest) if origin.is_none() || newest.origin == origin => Some(newest.seq),
-            _ => None,
-        };
-        let head = doc_head(seq, origin);
+        let supersedes = supersede(&mut cached.standing, seq, origin);
+        let head = doc_head(&cached.standing);
         if cached.appends >= DOC_APPENDS_MAX {
             cached.stored = head;
             cached.stored.extend_from_slice(&cached.doc.save());
             cached.appends = 0;
         } else {
-            let old_head = head_len(&cached.stored);
+            // The head it had (none for a value stored before heads were).
+            let old_head = cached.stored.len() - doc_bytes(&cached.stored).len();
             cached.stored.splice(..old_head, head);
             for change in &changes {
                 cached.stored.extend_from_slice(change);
@@ -942,7 +971,6 @@ impl Store {
         if now_alive != was_alive {
             self.count_record(collection, now_alive)?;
         }
-        self.staged.doc_ids.insert(id);
         self.stage_digest(batch, collection, id, old_digest, digest)?;
         let first_staged = *self
             .staged
@@ -957,7 +985,7 @@ impl Store {
                 supersedes,
             };
             batch.inner.insert(&self.log_raw, key.clone(), encode(&raw));
-            raw_seqs.push_back((seq, supersedes));
+            raw_seqs.push_back((seq, raw.supersedes));
         }
         let entry = LogEntry {
             doc: id.0,
@@ -972,18 +1000,16 @@ impl Store {
         // a later one. An entry read as its document from now on stands for the
         // entry it supersedes, which goes (trimmed before it, or never kept).
         if let Some(old) = seq.checked_sub(self.log_raw_keep) {
-            while let Some(&(front, superseded)) = raw_seqs.front()
-                && front <= old
-                && front < first_staged
+            while let Some((front, _)) = raw_seqs.front()
+                && *front <= old
+                && *front < first_staged
             {
-                raw_seqs.pop_front();
+                let (front, superseded) = raw_seqs.pop_front().expect("just seen");
                 batch
                     .inner
                     .remove(&self.log_raw, log_key(collection, front));
-                if let Some(superseded) = superseded {
-                    batch
-                        .inner
-                        .remove(&self.log, log_key(collection, superseded));
+                for seq in superseded {
+                    batch.inner.remove(&self.log, log_key(collection, seq));
                 }
             }
         }
@@ -1830,17 +1856,21 @@ fn committed_cursor(cursors: &Keyspace, name: &str) -> Result<u64, StoreError> {
 /// The seqs of `collection`'s entries whose change bytes `log_raw` holds, read from
 /// it on first use.
 fn raw_seqs_of<'a>(
-    raw_seqs: &'a mut HashMap<String, VecDeque<(u64, Option<u64>)>>,
+    raw_seqs: &'a mut HashMap<String, VecDeque<(u64, Vec<u64>)>>,
     log_raw: &Keyspace,
     collection: &str,
-) -> Result<&'a mut VecDeque<(u64, Option<u64>)>, StoreError> {
+) -> Result<&'a mut VecDeque<(u64, Vec<u64>)>, StoreError> {
     if !raw_seqs.contains_key(collection) {
         let prefix = log_prefix(collection);
         let mut seqs = VecDeque::new();
         for guard in log_raw.prefix(&prefix) {
             let (k, v) = guard.into_inner()?;
             let seq = decode_seq(&k[prefix.len()..])?;
-            seqs.push_back((seq, decode_raw(&v)?.supersedes));
+            // Written before entries superseded others: none.
+            let supersedes = postcard::from_bytes::<RawEntryRef<'_>>(&v)
+                .map(|raw| raw.supersedes)
+                .unwrap_or_default();
+            seqs.push_back((seq, supersedes));
         }
         raw_seqs.insert(collection.to_owned(), seqs);
     }
@@ -1931,26 +1961,46 @@ impl Store {
 mod tests {
     use super::*;
 
-    /// A head names the newest entry and where it came from; a value stored before
-    /// heads were, or one whose head is cut short, reads as all document.
+    /// A head names the standing entries and where each came from; a value stored
+    /// before heads were, or one whose head is cut short, reads as all document.
     #[test]
-    fn a_documents_head_names_its_newest_entry_and_the_rest_is_the_document() {
+    fn a_documents_head_names_its_standing_entries_and_the_rest_is_the_document() {
         let doc = [0x85, 0x6f, 0x4a, 0x83, 9, 9];
-        for (seq, origin) in [(1, None), (300, Some([7; 16])), (u64::MAX, None)] {
-            let mut value = doc_head(seq, origin);
+        let own = |seq| Standing { seq, origin: None };
+        let from = |seq, store| Standing {
+            seq,
+            origin: Some([store; 16]),
+        };
+        for standing in [vec![], vec![own(1)], vec![from(300, 7), own(u64::MAX)]] {
+            let mut value = doc_head(&standing);
             value.extend_from_slice(&doc);
-            assert_eq!(
-                split_doc_value(&value),
-                (Some(NewestEntry { seq, origin }), &doc[..])
-            );
-            assert_eq!(head_len(&value), value.len() - doc.len());
+            assert_eq!(split_doc_value(&value), (standing, &doc[..]));
         }
-        assert_eq!(doc_head(2_000_000, None).len(), 5);
-        let mut unknown = doc_head(0, None);
-        unknown.extend_from_slice(&doc);
-        assert_eq!(split_doc_value(&unknown), (None, &doc[..]));
-        assert_eq!(split_doc_value(&doc), (None, &doc[..]));
-        let cut = &doc_head(300, Some([7; 16]))[..10];
-        assert_eq!(split_doc_value(cut), (None, cut));
+        assert_eq!(doc_head(&[own(2_000_000)]).len(), 6);
+        assert_eq!(split_doc_value(&doc), (vec![], &doc[..]));
+        let cut = &doc_head(&[from(300, 7)])[..10];
+        assert_eq!(split_doc_value(cut), (vec![], cut));
+    }
+
+    /// The agent's own entry stands for every entry before it; a peer's, for the
+    /// entry before it from the same peer only.
+    #[test]
+    fn an_entry_supersedes_what_every_peer_it_reaches_was_sent() {
+        let (x, y) = (Some([1; 16]), Some([2; 16]));
+        let mut standing = Vec::new();
+        assert_eq!(supersede(&mut standing, 1, None), Vec::<u64>::new());
+        assert_eq!(supersede(&mut standing, 2, x), Vec::<u64>::new());
+        assert_eq!(supersede(&mut standing, 3, y), Vec::<u64>::new());
+        assert_eq!(supersede(&mut standing, 4, x), vec![2]);
+        let seqs = |standing: &[Standing]| standing.iter().map(|e| e.seq).collect::<Vec<_>>();
+        assert_eq!(seqs(&standing), vec![1, 3, 4]);
+        assert_eq!(supersede(&mut standing, 5, None), vec![1, 3, 4]);
+        assert_eq!(seqs(&standing), vec![5]);
+        // Past the most a head names, the oldest stays in the log for good.
+        for (seq, store) in (6..).zip(1..=8u8) {
+            supersede(&mut standing, seq, Some([store; 16]));
+        }
+        assert_eq!(standing.len(), DOC_STANDING_MAX);
+        assert_eq!(standing[0].seq, 6);
     }
 }

@@ -1046,7 +1046,9 @@ fn a_record_updated_many_times_keeps_one_log_entry_beyond_the_newest() -> TestRe
 /// An entry learned from a peer is not sent back to it, so a later entry of the
 /// agent's own stands for it; but a later entry learned from a peer does not stand
 /// for one of the agent's own: that peer is never sent the later entry, and an
-/// entry of its own is all that carries the agent's change to it.
+/// entry of its own is all that carries the agent's change to it. A record edited
+/// on both sides in turn still keeps one entry: the agent's next own entry stands
+/// for both.
 #[test]
 fn an_entry_learned_from_a_peer_stands_only_for_entries_from_the_same_peer() -> TestResult {
     let (dir_a, dir_b) = (tempfile::tempdir()?, tempfile::tempdir()?);
@@ -1083,6 +1085,19 @@ fn an_entry_learned_from_a_peer_stands_only_for_entries_from_the_same_peer() -> 
         .map(|(seq, _)| seq)
         .collect();
     assert_eq!(to_b, vec![2, 4, 5]);
+    // A renames her once more (6, its own): that entry reaches every peer, so once
+    // two more records push it out of the newest two, it stands for both before it.
+    let mut batch = a.store().batch();
+    capture(&mut a, &mut batch, vec![captured("1", "Ada B.")], 4)?;
+    a.store().commit(batch)?;
+    for (seq, (key, name)) in (5..).zip([("4", "Barbara"), ("5", "Frances")]) {
+        let mut batch = a.store().batch();
+        capture(&mut a, &mut batch, vec![captured(key, name)], seq)?;
+        a.store().commit(batch)?;
+    }
+    assert_eq!(entries_of(&mut a, "1")?, vec![6]);
+    replicate_from(&mut a, &mut b, 4)?;
+    assert_eq!(name_of(&mut b, "1")?, Some(Value::Text("Ada B.".into())));
     Ok(())
 }
 
