@@ -278,73 +278,30 @@ const DOC_HEAD_TAG: u8 = 1;
 const DOC_STANDING_MAX: usize = 8;
 
 /// A log entry of a document that no later entry stands for yet.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 struct Standing {
     seq: u64,
     /// The store its changes came from (`None`: the agent's own).
     origin: Option<StoreId>,
 }
 
-/// The head a document's value in `docs` starts with: [`DOC_HEAD_TAG`], how many
-/// entries it names, then each of the document's standing entries, oldest first:
-/// its seq (LEB128), then 0 if it is the agent's own, or 1 and the id of the store
-/// its changes came from. A change's entry learns from it, with no read, which
-/// entries it supersedes ([`LogEntry`]). Six bytes for a document whose newest entry
-/// is the agent's own, below seq 2^21.
+/// The head a document's value in `docs` starts with: [`DOC_HEAD_TAG`], then the
+/// document's standing entries, oldest first (postcard: a count, then each seq as
+/// a varint and its origin as an option). A change's entry learns from it, with no
+/// read, which entries it supersedes ([`LogEntry`]). Six bytes for a document
+/// whose newest entry is the agent's own, below seq 2^21.
 fn doc_head(standing: &[Standing]) -> Vec<u8> {
-    let mut head = Vec::with_capacity(2 + standing.len() * 12);
-    head.push(DOC_HEAD_TAG);
-    head.push(u8::try_from(standing.len()).expect("at most DOC_STANDING_MAX"));
-    for entry in standing {
-        let mut rest = entry.seq;
-        while rest >= 0x80 {
-            head.push((rest as u8) | 0x80);
-            rest >>= 7;
-        }
-        head.push(rest as u8);
-        match entry.origin {
-            Some(origin) => {
-                head.push(1);
-                head.extend_from_slice(&origin);
-            }
-            None => head.push(0),
-        }
-    }
-    head
+    postcard::to_extend(standing, vec![DOC_HEAD_TAG]).expect("in-memory values always encode")
 }
 
 /// A stored document's value split into the standing entries its head names and
 /// the document's bytes. A value with no head (stored before heads were), or one
 /// whose head does not parse, is all document and names none.
 fn split_doc_value(value: &[u8]) -> (Vec<Standing>, &[u8]) {
-    let parse = || {
-        let rest = value.strip_prefix(&[DOC_HEAD_TAG])?;
-        let (&count, mut rest) = rest.split_first()?;
-        let mut standing = Vec::with_capacity(usize::from(count));
-        for _ in 0..count {
-            let (mut seq, mut at) = (0u64, 0usize);
-            loop {
-                let byte = *rest.get(at)?;
-                seq |= u64::from(byte & 0x7f).checked_shl(7 * at as u32)?;
-                at += 1;
-                if byte & 0x80 == 0 {
-                    break;
-                }
-                if at == 10 {
-                    return None;
-                }
-            }
-            let origin = match rest.get(at)? {
-                0 => None,
-                1 => Some(StoreId::try_from(rest.get(at + 1..at + 17)?).ok()?),
-                _ => return None,
-            };
-            rest = &rest[at + 1 + if origin.is_some() { 16 } else { 0 }..];
-            standing.push(Standing { seq, origin });
-        }
-        Some((standing, rest))
-    };
-    parse().unwrap_or((Vec::new(), value))
+    value
+        .strip_prefix(&[DOC_HEAD_TAG])
+        .and_then(|rest| postcard::take_from_bytes::<Vec<Standing>>(rest).ok())
+        .unwrap_or((Vec::new(), value))
 }
 
 /// A stored document's bytes, without its head.
